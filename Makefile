@@ -1,0 +1,44 @@
+# Two commands on a fresh clone: `make demo` runs the pipeline, `make test` runs the tests.
+# Either creates .venv and installs the project into it on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+MODELS ?= vgg16 resnet50
+WEIGHTS ?= imagenet
+IMAGE_SIZE ?= 224
+MODELS_DIR ?= models
+PYTEST_ARGS ?=
+
+.PHONY: help install test test-fast models demo clean
+
+help:
+	@echo "make demo        run the pipeline end to end on built-in data"
+	@echo "make test        run the test suite (make test-fast skips the slow parity tests)"
+	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' WEIGHTS=$(WEIGHTS) IMAGE_SIZE=$(IMAGE_SIZE)"
+	@echo "make install     only create $(VENV) and install the project"
+	@echo "make clean       remove $(VENV) (models/ and features/ are kept)"
+
+$(INSTALLED): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(INSTALLED)
+
+test: $(INSTALLED)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(INSTALLED)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+models: $(INSTALLED)
+	$(PY) -m pipeline.export --model $(MODELS) --weights $(WEIGHTS) --image-size $(IMAGE_SIZE) --out $(MODELS_DIR)
+
+demo: $(INSTALLED)
+	$(PY) -m pipeline.demo --models-dir $(MODELS_DIR)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

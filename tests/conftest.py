@@ -1,0 +1,68 @@
+"""Shared fixtures: seeded torchvision state dicts saved to disk, and models exported from them once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from pipeline.export import ExportResult, export_backbone
+
+STATE_DICT_SEED = 1234
+
+
+def make_state_dict(model: str, seed: int = STATE_DICT_SEED) -> dict[str, torch.Tensor]:
+    """A seeded untrained torchvision state dict whose batch-norm statistics are not the identity.
+
+    torchvision initialises running means to 0 and variances to 1; randomising them makes the parity
+    tests check that batch norm is folded into the exported graph correctly.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    state = getattr(torchvision.models, model)(weights=None).state_dict()
+    for key, tensor in state.items():
+        if key.endswith("running_mean") or key.endswith("bn1.bias") or key.endswith("bn2.bias"):
+            state[key] = 0.1 * torch.randn(tensor.shape, generator=generator)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + torch.rand(tensor.shape, generator=generator)
+    return state
+
+
+@pytest.fixture(scope="session")
+def state_dict_file(tmp_path_factory) -> Callable[..., Path]:
+    """Factory ``(model, seed=1234, suffix=".pth") -> Path`` of a saved seeded state dict, made once per session."""
+    made: dict[tuple, Path] = {}
+
+    def make(model: str, seed: int = STATE_DICT_SEED, suffix: str = ".pth") -> Path:
+        key = (model, seed, suffix)
+        if key not in made:
+            path = tmp_path_factory.mktemp("weights") / f"{model}-seed{seed}{suffix}"
+            state = make_state_dict(model, seed)
+            if suffix == ".safetensors":
+                from safetensors.torch import save_file
+
+                save_file(state, str(path))
+            else:
+                torch.save(state, path)
+            made[key] = path
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, state_dict_file) -> Callable[[str, int], ExportResult]:
+    """Factory ``(model, image_size) -> ExportResult`` exporting from the seeded state dict, once per session."""
+    made: dict[tuple, ExportResult] = {}
+
+    def make(model: str, image_size: int = 224) -> ExportResult:
+        key = (model, image_size)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"models-{model}-{image_size}")
+            made[key] = export_backbone(model, str(state_dict_file(model)), image_size, out)
+        return made[key]
+
+    return make

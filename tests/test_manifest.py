@@ -1,0 +1,47 @@
+"""Model manifests: round trip, identities, and clear errors for missing or damaged files."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.manifest import ModelManifest, model_paths, weights_id
+
+MANIFEST = ModelManifest(
+    model="resnet50",
+    onnx_file="resnet50.onnx",
+    onnx_sha256="ab" * 32,
+    weights={"source": "random", "seed": 3, "sha256": "cd" * 32},
+    input={"size": 224},
+    output={"name": "embedding", "dim": 2048},
+    opset=18,
+    versions={"torch": "x"},
+    created="2026-01-01T00:00:00+00:00",
+)
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "resnet50.json"
+    MANIFEST.save(path)
+    assert ModelManifest.load(path) == MANIFEST
+    assert MANIFEST.untrained and MANIFEST.weights_id == "random:seed=3"
+
+
+def test_weights_identities():
+    assert weights_id({"source": "imagenet", "name": "IMAGENET1K_V2"}) == "imagenet:IMAGENET1K_V2"
+    assert weights_id({"source": "file", "sha256": "ef" * 32}) == "file:" + "ef" * 32
+
+
+def test_missing_and_damaged_manifests_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="export the model first"):
+        ModelManifest.load(tmp_path / "vgg16.json")
+    (tmp_path / "vgg16.json").write_text("{not json")
+    with pytest.raises(UserError, match="is not a model manifest"):
+        ModelManifest.load(tmp_path / "vgg16.json")
+    (tmp_path / "vgg16.json").write_text('{"model": "vgg16"}')
+    with pytest.raises(UserError, match="is not a model manifest"):
+        ModelManifest.load(tmp_path / "vgg16.json")
+
+
+def test_model_paths(tmp_path):
+    assert model_paths(tmp_path, "vgg16") == (tmp_path / "vgg16.onnx", tmp_path / "vgg16.json")
