@@ -1,0 +1,118 @@
+"""Stage 2: decode an image file into each backbone's uint8 crop, exactly as torchvision prepares a PIL image."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.backbones import Preprocessing
+
+PIXELS_SIZE = 32
+# The raw-pixel baseline: a 32x32 thumbnail by the same resize-then-crop recipe (resize 37, crop 32).
+PIXELS_PREPROCESSING = Preprocessing(resize_size=round(PIXELS_SIZE * 256 / 224), crop_size=PIXELS_SIZE)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """The result of decoding one file: its content hash, and either its crops or why it failed.
+
+    Attributes
+    ----------
+    sha256 : str
+        Hex sha256 of the bytes that were decoded ("" if the file could not be read).
+    crops : tuple of numpy.ndarray
+        One uint8 ``[S, S, 3]`` crop per requested preprocessing; empty on failure.
+    pixels : numpy.ndarray or None
+        The raw-pixel baseline: float32 ``[32 * 32 * 3]`` in [0, 1].
+    error : str
+        Why the file was skipped; ``""`` when it decoded.
+    """
+
+    sha256: str
+    crops: tuple[np.ndarray, ...] = ()
+    pixels: np.ndarray | None = None
+    error: str = ""
+
+
+def decode_file(path: str | os.PathLike, preprocessings: Sequence[Preprocessing]) -> DecodedImage:
+    """Read, hash and decode one image file; never raises for a bad file.
+
+    Parameters
+    ----------
+    path : path-like
+        The image file.
+    preprocessings : sequence of Preprocessing
+        The recipes to crop with (one per distinct backbone input).
+
+    Returns
+    -------
+    DecodedImage
+        With ``error`` set, and no crops, when the file cannot be read or decoded.
+    """
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except OSError as error:
+        return DecodedImage("", error=f"unreadable: {error.strerror or error}")
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        image = load_rgb(data)
+        crops = tuple(resize_center_crop(image, p) for p in preprocessings)
+        pixels = resize_center_crop(image, PIXELS_PREPROCESSING).reshape(-1).astype(np.float32) / 255.0
+    except Exception as error:  # Pillow raises many types for damaged or hostile files; each one is a skip
+        return DecodedImage(sha256, error=_reason(error))
+    return DecodedImage(sha256, crops, pixels)
+
+
+def load_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes to an 8-bit RGB PIL image, upright.
+
+    The first frame of an animation is used; EXIF orientation is applied; grayscale, CMYK, palette and
+    alpha images become RGB through ``convert("RGB")`` as torchvision's default loader does. 16-bit
+    (and 32-bit integer) grayscale is scaled to 8 bits rather than clipped to white by ``convert``.
+    """
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.seek(0)
+        image = ImageOps.exif_transpose(opened)
+        image.load()
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(image, dtype=np.float32), 0, 65535)
+        image = Image.fromarray(np.rint(values / 257.0).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1.0  # float images are usually in [0, 1]
+        image = Image.fromarray(np.rint(np.clip(np.nan_to_num(values) * scale, 0, 255)).astype(np.uint8), mode="L")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def resize_center_crop(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
+    """torchvision's ``Resize(resize_size)`` then ``CenterCrop(crop_size)`` on a PIL image, as uint8 ``[S, S, 3]``.
+
+    The shorter side becomes ``resize_size`` (the longer one scaled and truncated, as torchvision does),
+    with Pillow's antialiased filter; the crop offsets round half to even like torchvision's.
+    """
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = preprocessing.resize_size, int(preprocessing.resize_size * long / short)
+    size = (new_short, new_long) if width <= height else (new_long, new_short)
+    if size != image.size:
+        image = image.resize(size, _RESAMPLING[preprocessing.interpolation])
+    crop = preprocessing.crop_size
+    top = int(round((size[1] - crop) / 2.0))
+    left = int(round((size[0] - crop) / 2.0))
+    return np.asarray(image.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image Pillow can decode (unknown format or damaged header)"
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}"[:300] if text else type(error).__name__

@@ -1,0 +1,145 @@
+"""Stage 1: find the images of a dataset (class folders, split folders, a flat folder or a CSV) and their labels."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from pipeline.errors import UserError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+)
+SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation", "test": "test"}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a dataset.
+
+    Attributes
+    ----------
+    path : str
+        POSIX path relative to the dataset root: the image's identity in the store.
+    label : str or None
+        Class name, None when unlabelled.
+    split : str
+        ``train``, ``validation``, ``test``, or ``""`` when the layout has no splits.
+    """
+
+    path: str
+    label: str | None = None
+    split: str = ""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The images found under ``root``, sorted by path, and how they were laid out."""
+
+    root: Path
+    layout: str  # "classes", "splits", "flat" or "csv"
+    records: tuple[ImageRecord, ...]
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted class names present in the dataset."""
+        return sorted({r.label for r in self.records if r.label is not None})
+
+    def absolute(self, record: ImageRecord) -> Path:
+        """The file a record points to."""
+        return self.root / record.path
+
+
+def discover(source: str | os.PathLike) -> Dataset:
+    """Find the images of a dataset folder or CSV manifest.
+
+    Layouts, detected in this order:
+
+    - a CSV file ``path,label[,split]`` (header optional; paths relative to the CSV's folder or absolute);
+    - split folders ``DATA/{train,validation|val,test}/<class>/**/<image>``;
+    - class folders ``DATA/<class>/**/<image>``;
+    - a flat folder of unlabelled images (images directly in ``DATA`` are unlabelled in any layout).
+
+    Hidden files and folders and files without an image extension are ignored.
+
+    Raises
+    ------
+    UserError
+        If ``source`` does not exist, or holds no images.
+    """
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise UserError(f"{source} does not exist; pass an image folder or a CSV manifest (path,label[,split]).")
+    if source.is_file():
+        dataset = _from_csv(source)
+    else:
+        dataset = _from_folder(source.resolve())
+    if not dataset.records:
+        raise UserError(
+            f"no images found in {source}; expected {', '.join(sorted(IMAGE_EXTENSIONS))} files "
+            "in class folders, split folders or directly in the folder."
+        )
+    return dataset
+
+
+def _from_folder(root: Path) -> Dataset:
+    splits = {entry: SPLIT_NAMES[entry.lower()] for entry in _subfolders(root) if entry.lower() in SPLIT_NAMES}
+    records: list[ImageRecord] = []
+    if splits:
+        for folder, split in splits.items():
+            records += [ImageRecord(path, label, split) for path, label in _labelled_images(root, folder)]
+        records += [ImageRecord(p, None, "") for p, _ in _labelled_images(root, "") if "/" not in p]
+        layout = "splits"
+    else:
+        records = [ImageRecord(path, label) for path, label in _labelled_images(root, "")]
+        layout = "classes" if any(r.label is not None for r in records) else "flat"
+    return Dataset(root, layout, tuple(sorted(records, key=lambda r: r.path)))
+
+
+def _subfolders(root: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _labelled_images(root: Path, prefix: str) -> list[tuple[str, str | None]]:
+    """Images under ``root/prefix``, labelled by their first folder below it (None for files directly in it)."""
+    base = root / prefix
+    found = []
+    for folder, dirs, files in os.walk(base):  # followlinks=False: no symlink loops
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        relative = PurePosixPath(Path(folder).relative_to(base).as_posix())
+        for name in sorted(files):
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            parts = relative.parts if relative.parts != (".",) else ()
+            label = parts[0] if parts else None
+            path = PurePosixPath(prefix, *parts, name).as_posix() if prefix else PurePosixPath(*parts, name).as_posix()
+            found.append((path, label))
+    return found
+
+
+def _from_csv(path: Path) -> Dataset:
+    root = path.resolve().parent
+    records, seen = [], set()
+    with open(path, newline="", encoding="utf-8-sig") as stream:
+        for number, row in enumerate(csv.reader(stream), start=1):
+            if not row or not row[0].strip() or (number == 1 and row[0].strip().lower() == "path"):
+                continue
+            if len(row) > 3:
+                raise UserError(f"{path} line {number} has {len(row)} fields; expected path,label[,split].")
+            image = Path(row[0].strip())
+            image = image if image.is_absolute() else root / image
+            label = row[1].strip() if len(row) > 1 and row[1].strip() else None
+            split_text = row[2].strip().lower() if len(row) > 2 else ""
+            if split_text and split_text not in SPLIT_NAMES:
+                raise UserError(f"{path} line {number}: split {row[2]!r} is not one of train, validation, test.")
+            try:
+                relative = Path(os.path.normpath(image)).relative_to(root).as_posix()
+            except ValueError:
+                raise UserError(f"{path} line {number}: {image} is outside the CSV's folder {root}.") from None
+            if relative in seen:
+                raise UserError(f"{path} line {number}: {relative} is listed twice; keep one line per image.")
+            seen.add(relative)
+            records.append(ImageRecord(relative, label, SPLIT_NAMES.get(split_text, "")))
+    return Dataset(root, "csv", tuple(sorted(records, key=lambda r: r.path)))

@@ -1,0 +1,370 @@
+"""Stage driver: ``python -m pipeline.extract DATA``: discover, decode in threads, embed on onnxruntime, store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.backbones import BACKBONES, Preprocessing
+from pipeline.decode import PIXELS_PREPROCESSING, PIXELS_SIZE, DecodedImage, decode_file
+from pipeline.discover import Dataset, ImageRecord, discover
+from pipeline.errors import UserError, run_cli
+from pipeline.manifest import ModelManifest, model_paths
+from pipeline.runtime import DEVICES, BackboneSession, available_cores, open_backbone
+from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
+
+EXIT_SKIPPED = 1  # with --strict: the run finished but some files could not be decoded
+PIXELS_FINGERPRINT = f"pixels:{PIXELS_SIZE}:v1"
+JOURNAL_ROWS = 512  # results are journaled at least every this many images...
+JOURNAL_SECONDS = 30.0  # ...or this many seconds, so a kill loses at most that much work
+
+
+@dataclass
+class FeatureSpec:
+    """One feature set to compute: a backbone session, or the raw-pixel baseline (``session`` None)."""
+
+    name: str
+    fingerprint: str
+    attrs: dict
+    session: BackboneSession | None = None
+    crop_index: int = 0
+    seconds: float = 0.0
+    embedded: int = 0
+    skipped: int = 0
+
+    def features(self, decoded: Sequence[DecodedImage]) -> np.ndarray:
+        """Features of successfully decoded images, ``[N, D]`` float32."""
+        if self.session is None:
+            return np.stack([d.pixels for d in decoded])
+        started = time.perf_counter()
+        result = self.session.embed(np.stack([d.crops[self.crop_index] for d in decoded]))
+        self.seconds += time.perf_counter() - started
+        return result
+
+
+@dataclass
+class WorkItem:
+    """An image that at least one feature set still needs, with the file state it had when listed."""
+
+    record: ImageRecord
+    state: FileState | None  # None: the file vanished or cannot be stat'ed
+    needed: list[str] = field(default_factory=list)
+
+
+def model_manifest(models_dir: Path, model: str, weights: str) -> ModelManifest:
+    """The manifest of ``model``, exporting it first (with ``weights``) when it is missing."""
+    onnx_path, manifest_path = model_paths(models_dir, model)
+    if manifest_path.exists() and onnx_path.exists():
+        return ModelManifest.load(manifest_path)
+    try:
+        from pipeline.export import UNTRAINED_BANNER, describe, export_backbone
+    except ImportError:
+        raise UserError(
+            f"{onnx_path} is missing and exporting it needs torch; install the export extra "
+            "(pip install -e .[export]) or copy the exported model there."
+        ) from None
+    print(f"{model}: {onnx_path} is missing; exporting it with --weights {weights} first.", file=sys.stderr)
+    result = export_backbone(model, weights, out_dir=models_dir)
+    if result.manifest.untrained:
+        print(UNTRAINED_BANNER.format(model=model), file=sys.stderr)
+    print(describe(result), file=sys.stderr)
+    return result.manifest
+
+
+def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec], list[Preprocessing]]:
+    """Feature sets for the sessions plus the pixel baseline, and the distinct crops they need."""
+    preprocessings: list[Preprocessing] = []
+    specs = []
+    for session in sessions:
+        manifest = session.manifest
+        spec_input = manifest.input
+        preprocessing = Preprocessing(
+            spec_input["resize_size"], spec_input["size"], tuple(spec_input["mean"]), tuple(spec_input["std"]),
+            spec_input["interpolation"],
+        )
+        if preprocessing not in preprocessings:
+            preprocessings.append(preprocessing)
+        attrs = {
+            "kind": "onnx",
+            "model": manifest.model,
+            "fingerprint": manifest.onnx_sha256,
+            "onnx_file": manifest.onnx_file,
+            "onnx_sha256": manifest.onnx_sha256,
+            "weights_source": manifest.weights["source"],
+            "weights_id": manifest.weights_id,
+            "weights_sha256": manifest.weights.get("sha256", ""),
+            "weights": json.dumps(manifest.weights),
+            "untrained": manifest.untrained,
+            "image_size": spec_input["size"],
+            "resize_size": spec_input["resize_size"],
+            "interpolation": spec_input["interpolation"],
+            "precision": "fp32",
+            "provider": session.provider,
+            "embedding_dim": manifest.output["dim"],
+            "embedding_layer": manifest.output["layer"],
+        }
+        specs.append(FeatureSpec(manifest.model, manifest.onnx_sha256, attrs, session, preprocessings.index(preprocessing)))
+    pixel_attrs = {
+        "kind": "pixels",
+        "fingerprint": PIXELS_FINGERPRINT,
+        "image_size": PIXELS_SIZE,
+        "resize_size": PIXELS_PREPROCESSING.resize_size,
+        "interpolation": PIXELS_PREPROCESSING.interpolation,
+        "embedding_dim": PIXELS_SIZE * PIXELS_SIZE * 3,
+        "description": "raw-pixel baseline: 32x32 RGB center crop, flattened (HWC), scaled to [0, 1]",
+    }
+    specs.append(FeatureSpec(PIXELS, PIXELS_FINGERPRINT, pixel_attrs))
+    return specs, preprocessings
+
+
+def check_store(store: EmbeddingStore, dataset: Dataset, specs: Sequence[FeatureSpec], overwrite: bool) -> None:
+    """Refuse to mix another dataset or other models' embeddings into the store, unless ``overwrite``."""
+    root = store.root_attrs().get("dataset_root")
+    if root and root != str(dataset.root):
+        if not overwrite:
+            raise UserError(
+                f"{store.path} holds images of {root}, not {dataset.root}; use another --cache, "
+                "or --overwrite to replace it."
+            )
+        store.path.unlink()
+        store.clear_journal()
+    for spec in specs:
+        if spec.name not in store.feature_sets():
+            continue
+        attrs = store.load_attrs(spec.name)
+        if attrs.get("fingerprint") != spec.fingerprint and not overwrite:
+            raise UserError(
+                f"{store.path} holds {spec.name} features from another model file "
+                f"({_describe(attrs)}; now {_describe(spec.attrs)}); pass --overwrite to replace them, "
+                "or use another --cache."
+            )
+
+
+def _describe(attrs: dict) -> str:
+    if attrs.get("kind") == "pixels":
+        return f"pixels {attrs.get('image_size')} px"
+    return (
+        f"weights {attrs.get('weights_id')}, {attrs.get('image_size')} px, {attrs.get('precision')}, "
+        f"ONNX sha256 {str(attrs.get('onnx_sha256'))[:12]}"
+    )
+
+
+def plan(dataset: Dataset, store: EmbeddingStore, specs: Sequence[FeatureSpec]) -> list[WorkItem]:
+    """The images some feature set still lacks: new files, changed files (size or mtime) and unseen ones."""
+    known = {spec.name: store.state(spec.name, spec.fingerprint) for spec in specs}
+    work = []
+    for record in dataset.records:
+        try:
+            stat = os.stat(dataset.absolute(record))
+            state = FileState("", stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            state = None
+        item = WorkItem(record, state)
+        for spec in specs:
+            embedded, failed = known[spec.name]
+            done = embedded.get(record.path) or failed.get(record.path)
+            if state is None or done is None or (done.size, done.mtime_ns) != (state.size, state.mtime_ns):
+                item.needed.append(spec.name)
+        if item.needed:
+            work.append(item)
+    return work
+
+
+def decode_stream(
+    items: Sequence[WorkItem], dataset: Dataset, preprocessings: Sequence[Preprocessing], workers: int, window: int
+) -> Iterator[tuple[WorkItem, DecodedImage]]:
+    """Decode ``items`` in ``workers`` threads, in order, at most ``window`` ahead: memory stays flat."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        remaining = iter(items)
+        for item in remaining:
+            pending.append((item, pool.submit(decode_file, dataset.absolute(item.record), preprocessings)))
+            if len(pending) >= window:
+                break
+        while pending:
+            item, future = pending.popleft()
+            following = next(remaining, None)
+            if following is not None:
+                pending.append((following, pool.submit(decode_file, dataset.absolute(following.record), preprocessings)))
+            yield item, future.result()
+
+
+def batches(stream: Iterable, size: int) -> Iterator[list]:
+    """Group a stream into lists of ``size`` (the last may be shorter)."""
+    batch = []
+    for element in stream:
+        batch.append(element)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def process_batch(batch: Sequence[tuple[WorkItem, DecodedImage]], specs: Sequence[FeatureSpec], segments: dict[str, Segment]) -> None:
+    """Compute every needed feature set for a batch of decoded images and add the rows to the segments."""
+    for spec in specs:
+        wanted = [(item, decoded) for item, decoded in batch if spec.name in item.needed]
+        good = [(item, decoded) for item, decoded in wanted if not decoded.error]
+        segment = segments[spec.name]
+        for item, decoded in wanted:
+            if decoded.error:
+                segment.failures.append((item.record.path, _final_state(item, decoded), decoded.error))
+                spec.skipped += 1
+        if good:
+            features = spec.features([decoded for _, decoded in good])
+            for (item, decoded), row in zip(good, features):
+                segment.records.append(item.record)
+                segment.states.append(_final_state(item, decoded))
+                segment.embeddings.append(np.asarray(row, dtype=np.float32))
+            spec.embedded += len(good)
+
+
+def _final_state(item: WorkItem, decoded: DecodedImage) -> FileState:
+    state = item.state or FileState("", -1, -1)
+    return FileState(decoded.sha256, state.size, state.mtime_ns)
+
+
+def run_extract(
+    data: str | os.PathLike,
+    models: Sequence[str] = tuple(BACKBONES),
+    cache: str | os.PathLike = "features/embeddings.h5",
+    batch_size: int = 16,
+    device: str = "auto",
+    workers: int | None = None,
+    models_dir: str | os.PathLike = "models",
+    weights: str = "imagenet",
+    overwrite: bool = False,
+    progress: bool | None = None,
+    journal_rows: int = JOURNAL_ROWS,
+) -> list[FeatureSpec]:
+    """Embed every image of ``data`` with each model (and the pixel baseline) into the store at ``cache``.
+
+    Already stored images are not computed again; new and changed ones are; a killed run resumes.
+    Results are journaled every ``journal_rows`` rows or 30 seconds, whichever comes first.
+
+    Returns
+    -------
+    list of FeatureSpec
+        Per feature set: images embedded and skipped in this run, and inference seconds.
+
+    Raises
+    ------
+    UserError
+        Bad arguments, no images, a store of another dataset or model, a model that cannot be exported.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1.")
+    if device not in DEVICES:
+        raise UserError(f"--device {device} is not one of {', '.join(DEVICES)}.")
+    for model in models:
+        if model not in BACKBONES:
+            raise UserError(f"unknown model {model!r}; choose from: {', '.join(BACKBONES)}.")
+    dataset = discover(data)
+    models_dir = Path(models_dir)
+    store = EmbeddingStore(cache)
+    with store.lock():
+        manifests = [model_manifest(models_dir, model, weights) for model in models]
+        sessions = [open_backbone(models_dir, m.model, device) for m in manifests]
+        specs, preprocessings = feature_specs(sessions)
+        check_store(store, dataset, specs, overwrite)
+        work = plan(dataset, store, specs)
+        segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs) for spec in specs}
+        workers = workers or available_cores()
+        stream = decode_stream(work, dataset, preprocessings, workers, window=2 * batch_size + workers)
+        bar = tqdm(total=len(work), unit="img", desc="extract", disable=None if progress is None else not progress)
+        last_journal = time.monotonic()
+        if not work and store.matches(dataset.records, [spec.name for spec in specs]):
+            bar.close()
+            return specs
+        try:
+            for batch in batches(stream, batch_size):
+                process_batch(batch, specs, segments)
+                bar.update(len(batch))
+                if sum(map(len, segments.values())) >= journal_rows or time.monotonic() - last_journal > JOURNAL_SECONDS:
+                    for segment in segments.values():
+                        store.append(segment)
+                    last_journal = time.monotonic()
+        finally:
+            bar.close()
+            for segment in segments.values():  # on Ctrl-C too: what was computed is kept
+                store.append(segment)
+            dropped = store.commit(dataset.root, dataset.records, {spec.name: spec.fingerprint for spec in specs})
+        for name, count in dropped.items():
+            if count:
+                print(f"notice: {name}: dropped {count} images that are no longer in {dataset.root}.", file=sys.stderr)
+    return specs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m pipeline.extract``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.extract",
+        description=(
+            "Embed every image of a dataset with the exported backbones (and a 32x32 raw-pixel baseline) into an "
+            "HDF5 store. Images already in the store are not computed again; an interrupted run resumes."
+        ),
+        epilog=(
+            "Layouts: DATA/<class>/**/<image>; DATA/{train,validation|val,test}/<class>/**/<image>; a flat folder "
+            "of unlabelled images; or a CSV file path,label[,split]. Exit status: 0 when the run finished (skipped "
+            "files are listed in the store), 1 with --strict when some files could not be decoded, 2 for a usage "
+            "error, 130 when interrupted (the work done so far is kept)."
+        ),
+    )
+    parser.add_argument("data", help="image folder, or CSV manifest (path,label[,split])")
+    parser.add_argument(
+        "--models", nargs="+", default=list(BACKBONES), choices=sorted(BACKBONES), metavar="MODEL",
+        help=f"backbones to embed with (default: {' '.join(BACKBONES)})",
+    )
+    parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"), help="the HDF5 store (default: features/embeddings.h5)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default: 16)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when usable, else CPU (default: auto)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: the number of available cores)")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported models (default: models/)")
+    parser.add_argument(
+        "--weights", default="imagenet",
+        help="weights for models missing from --models-dir, exported first as by pipeline.export (default: imagenet)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace features of another model file or dataset in the store")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when any file could not be decoded")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the extraction and print one summary line per feature set."""
+    args = build_parser().parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers} must be at least 1.")
+    started = time.perf_counter()
+    specs = run_extract(
+        args.data, args.models, args.cache, args.batch_size, args.device, args.workers, args.models_dir,
+        args.weights, args.overwrite,
+    )
+    wall = time.perf_counter() - started
+    for spec in specs:
+        rate = spec.embedded / wall if spec.embedded else 0.0
+        where = f" on {spec.attrs['provider']}" if spec.session else ""
+        print(
+            f"{spec.name}: embedded {spec.embedded}, skipped {spec.skipped}, {wall:.1f} s, {rate:.1f} images/s{where}"
+            + (f" ({spec.seconds:.1f} s inference)" if spec.session else "")
+        )
+    print(f"store: {args.cache}")
+    skipped = max(spec.skipped for spec in specs)
+    if skipped:
+        print(f"{skipped} files could not be decoded; their reasons are in {args.cache} under /<model>/failures.", file=sys.stderr)
+    return EXIT_SKIPPED if args.strict and skipped else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,104 @@
+"""Stage 3: run an exported backbone on onnxruntime, on CUDA when it is actually usable, otherwise on the CPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+
+from pipeline.errors import UserError
+from pipeline.files import sha256_file
+from pipeline.manifest import ModelManifest, model_paths
+
+DEVICES = ("auto", "cuda", "cpu")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_FATAL_ONLY = 4  # onnxruntime log severity: keep a failed CUDA probe from dumping library errors
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (affinity and container limits included where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class BackboneSession:
+    """An onnxruntime session over one exported backbone, and the manifest that describes it."""
+
+    manifest: ModelManifest
+    onnx_path: Path
+    session: onnxruntime.InferenceSession
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that runs the graph: ``CUDAExecutionProvider`` or ``CPUExecutionProvider``."""
+        return self.session.get_providers()[0]
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        """Embed a batch of uint8 ``[N, S, S, 3]`` crops; returns float32 ``[N, D]``."""
+        inputs = {self.manifest.input["name"]: np.ascontiguousarray(crops, dtype=np.uint8)}
+        return self.session.run([self.manifest.output["name"]], inputs)[0]
+
+
+def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto") -> BackboneSession:
+    """Open ``models_dir/<model>.onnx`` after checking it against its manifest.
+
+    Parameters
+    ----------
+    models_dir : path-like
+        Folder of the exported models.
+    model : str
+        Backbone name.
+    device : {"auto", "cuda", "cpu"}
+        ``auto`` uses CUDA when a session can actually be created on it, otherwise the CPU with a notice.
+
+    Raises
+    ------
+    UserError
+        Missing model or manifest, an ONNX file that does not match its manifest, or ``cuda`` unavailable.
+    """
+    onnx_path, manifest_path = model_paths(models_dir, model)
+    manifest = ModelManifest.load(manifest_path)
+    if not onnx_path.exists() or sha256_file(onnx_path) != manifest.onnx_sha256:
+        raise UserError(
+            f"{onnx_path} does not match its manifest {manifest_path} (missing or changed since export); "
+            f"export it again: python -m pipeline.export --model {model} --force."
+        )
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = available_cores()
+    if device in ("auto", "cuda"):
+        session = _cuda_session(onnx_path, options)
+        if session is not None:
+            return BackboneSession(manifest, onnx_path, session)
+        if device == "cuda":
+            raise UserError(
+                "--device cuda was asked for but onnxruntime cannot run on CUDA here (no GPU, or the "
+                "onnxruntime-gpu package and its CUDA libraries are missing); use --device cpu or auto."
+            )
+        if CUDA in onnxruntime.get_available_providers():
+            print("notice: CUDA is not usable here; running on the CPU.", file=sys.stderr)
+    session = onnxruntime.InferenceSession(str(onnx_path), options, providers=[CPU])
+    return BackboneSession(manifest, onnx_path, session)
+
+
+def _cuda_session(onnx_path: Path, options: onnxruntime.SessionOptions) -> onnxruntime.InferenceSession | None:
+    if CUDA not in onnxruntime.get_available_providers():
+        return None
+    severity = options.log_severity_level
+    options.log_severity_level = _FATAL_ONLY
+    onnxruntime.set_default_logger_severity(_FATAL_ONLY)
+    try:
+        session = onnxruntime.InferenceSession(str(onnx_path), options, providers=[CUDA, CPU])
+    except Exception:  # a provider that fails to load raises; whatever it is, the CPU remains
+        return None
+    finally:
+        options.log_severity_level = severity
+        onnxruntime.set_default_logger_severity(2)
+    return session if session.get_providers()[0] == CUDA else None

@@ -1,0 +1,460 @@
+"""Stage 4: the HDF5 embedding store, with a journal so that a killed run loses nothing and the file always opens."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline.discover import ImageRecord
+from pipeline.errors import UserError
+from pipeline.files import atomic_path
+
+FORMAT_VERSION = 1
+ENCODING = "pipeline.embedding-store"
+PIXELS = "pixels"
+_STRING = h5py.string_dtype("utf-8")
+_CHUNK_BYTES = 1 << 20
+_COPY_BLOCK_ROWS = 4096
+_ROW_FIELDS = ("paths", "sha256", "file_size", "file_mtime_ns")
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What a store knows of one file: its content hash and the size and mtime it had when read."""
+
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """One group of a store loaded into memory (see :meth:`EmbeddingStore.load`).
+
+    Attributes
+    ----------
+    embeddings : numpy.ndarray
+        float32 ``[N, D]``.
+    labels : numpy.ndarray
+        int32 ``[N]``, indices into ``classes``; -1 for unlabelled images.
+    paths : numpy.ndarray
+        str ``[N]``, POSIX paths relative to the dataset root.
+    classes : numpy.ndarray
+        str ``[C]``.
+    splits : numpy.ndarray
+        str ``[N]``: ``train``, ``validation``, ``test`` or ``""``.
+    sha256 : numpy.ndarray
+        str ``[N]``, hex sha256 of each file's bytes.
+    attrs : dict
+        The group's attributes: how the embeddings were computed.
+    """
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    paths: np.ndarray
+    classes: np.ndarray
+    splits: np.ndarray
+    sha256: np.ndarray
+    attrs: dict[str, Any]
+
+
+@dataclass
+class Segment:
+    """Rows computed for one feature set and not yet merged into the store: a journal entry."""
+
+    name: str
+    fingerprint: str
+    attrs: dict[str, Any]
+    records: list[ImageRecord] = field(default_factory=list)
+    states: list[FileState] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    failures: list[tuple[str, FileState, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records) + len(self.failures)
+
+
+class EmbeddingStore:
+    """An HDF5 file of embeddings per feature set (one group per backbone, plus ``pixels``).
+
+    The file is only ever replaced whole (written beside it, then renamed), so it opens at every moment.
+    A run appends its results to a journal folder beside the file (``<store>.journal/``) in small segments,
+    each written atomically; :meth:`commit` merges the journal into a new file. A run killed before its
+    commit leaves only complete segments, which the next run counts as done and merges.
+
+    Parameters
+    ----------
+    path : path-like
+        The HDF5 file, e.g. ``features/embeddings.h5``.
+
+    Examples
+    --------
+    >>> features = EmbeddingStore("features/embeddings.h5").load("resnet50")  # doctest: +SKIP
+    >>> features.embeddings.shape, features.classes  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.journal = self.path.with_name(self.path.name + ".journal")
+
+    # ---- reading -------------------------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        """True when the store file exists."""
+        return self.path.exists()
+
+    def feature_sets(self) -> list[str]:
+        """Names of the feature sets in the store file."""
+        if not self.exists():
+            return []
+        with self._open() as store:
+            return sorted(name for name in store if isinstance(store[name], h5py.Group))
+
+    def root_attrs(self) -> dict[str, Any]:
+        """The file's root attributes (``format_version``, ``dataset_root``, ...); empty if there is no file."""
+        if not self.exists():
+            return {}
+        with self._open() as store:
+            return dict(store.attrs)
+
+    def load(self, name: str) -> FeatureSet:
+        """Load one feature set (a backbone name or ``"pixels"``) into memory.
+
+        Raises
+        ------
+        UserError
+            If the store or the feature set does not exist.
+        """
+        if self.journal.exists() and any(self.journal.iterdir()):
+            warnings.warn(
+                f"{self.journal} holds results of an interrupted run that are not in {self.path} yet; "
+                "run extract again to merge them.",
+                stacklevel=2,
+            )
+        if not self.exists():
+            raise UserError(f"no embedding store at {self.path}; run extract first (make extract DATA=...).")
+        with self._open() as store:
+            if name not in store:
+                present = ", ".join(sorted(store)) or "none"
+                raise UserError(f"{self.path} has no {name!r} features (it has: {present}); extract them first.")
+            group = store[name]
+            return FeatureSet(
+                embeddings=group["embeddings"][()],
+                labels=group["labels"][()],
+                paths=_strings(group["paths"]),
+                classes=_strings(store["classes"]),
+                splits=_strings(group["split"]),
+                sha256=_strings(group["sha256"]),
+                attrs=dict(group.attrs),
+            )
+
+    def load_attrs(self, name: str) -> dict[str, Any]:
+        """The attributes of feature set ``name`` (how its rows were computed)."""
+        with self._open() as store:
+            return dict(store[name].attrs)
+
+    def matches(self, records: Sequence[ImageRecord], names: Sequence[str]) -> bool:
+        """True when no journal is pending and each feature set in ``names`` covers exactly ``records``
+        (as rows or recorded failures) with the same labels and splits: then a commit would change nothing."""
+        if not self.exists() or (self.journal.exists() and any(self.journal.iterdir())):
+            return False
+        wanted = {r.path: (r.label or "", r.split) for r in records}
+        with self._open() as store:
+            classes = _strings(store["classes"])
+            for name in names:
+                if name not in store:
+                    return False
+                group = store[name]
+                labels = [classes[i] if i >= 0 else "" for i in group["labels"][()]]
+                stored = dict(zip(_strings(group["paths"]), zip(labels, _strings(group["split"]))))
+                failed = _strings(group["failures/paths"])
+                failed_set = set(failed)
+                if len(stored) + len(failed) != len(wanted) or any(
+                    stored.get(p) != v for p, v in wanted.items() if p not in failed_set
+                ):
+                    return False
+        return True
+
+    def state(self, name: str, fingerprint: str) -> tuple[dict[str, FileState], dict[str, FileState]]:
+        """What feature set ``name`` already holds, in the file and the journal: ``(embedded, failed)`` by path.
+
+        Rows computed with another fingerprint (another ONNX file) are not counted.
+        """
+        embedded: dict[str, FileState] = {}
+        failed: dict[str, FileState] = {}
+        if self.exists():
+            with self._open() as store:
+                if name in store and store[name].attrs.get("fingerprint") == fingerprint:
+                    embedded.update(_states(store[name]))
+                    failed.update(_states(store[name]["failures"]))
+        for segment in self._segments(name):
+            if segment["fingerprint"] != fingerprint:
+                continue
+            for path, state in _segment_states(segment, "").items():
+                embedded[path] = state
+                failed.pop(path, None)
+            for path, state in _segment_states(segment, "failed_").items():
+                failed[path] = state
+                embedded.pop(path, None)
+        return embedded, failed
+
+    # ---- writing -------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the store's lock for a run; a second run on the same store gets a clear error."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with open(lock_path, "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(
+                    f"another run is writing {self.path}; wait for it to finish, or use another --cache."
+                ) from None
+            yield
+
+    def append(self, segment: Segment) -> None:
+        """Write a segment to the journal atomically; after this returns, its rows survive a kill."""
+        if not len(segment):
+            return
+        self.journal.mkdir(parents=True, exist_ok=True)
+        number = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in self.journal.glob("*.npz")), default=0)
+        dim = int(segment.attrs["embedding_dim"])
+        arrays = {
+            "name": np.array(segment.name),
+            "fingerprint": np.array(segment.fingerprint),
+            "attrs": np.array(json.dumps(segment.attrs)),
+            "embeddings": np.stack(segment.embeddings) if segment.embeddings else np.zeros((0, dim), np.float32),
+            **_record_arrays("", segment.records, segment.states),
+            **_record_arrays("failed_", [ImageRecord(p) for p, _, _ in segment.failures], [s for _, s, _ in segment.failures]),
+            "failed_reasons": np.array([reason for _, _, reason in segment.failures], dtype=str),
+        }
+        with atomic_path(self.journal / f"{segment.name}-{number:06d}.npz") as tmp:
+            with open(tmp, "wb") as stream:
+                np.savez(stream, **arrays)
+        segment.records, segment.states, segment.embeddings, segment.failures = [], [], [], []
+
+    def commit(self, dataset_root: Path, records: Sequence[ImageRecord], fingerprints: dict[str, str]) -> dict[str, int]:
+        """Merge the journal into a new store file for the dataset's current ``records``, then replace the file.
+
+        Rows of files no longer in ``records`` are dropped, labels and splits follow ``records``, a journal
+        row replaces an older row of the same path, and feature sets whose fingerprint differs from
+        ``fingerprints`` (other models, after ``--overwrite``) are replaced by the journal's rows.
+
+        Returns
+        -------
+        dict
+            Per feature set, how many rows were dropped because their files are no longer in the dataset.
+        """
+        current = {r.path: r for r in records}
+        segments = list(self._segments())
+        old_classes = _strings_of(self, "classes")
+        classes = list(old_classes) + sorted({r.label for r in records if r.label} - set(old_classes))
+        class_index = {name: i for i, name in enumerate(classes)}
+        dropped: dict[str, int] = {}
+        with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as new:
+            new.attrs.update(
+                {"encoding": ENCODING, "format_version": FORMAT_VERSION, "dataset_root": str(dataset_root)}
+            )
+            new.create_dataset("classes", data=np.array(classes, dtype=object), dtype=_STRING)
+            old = h5py.File(self.path, "r") if self.exists() else None
+            try:
+                for name in sorted(set(old or ()) - set(fingerprints) - {"classes"}):
+                    old.copy(old[name], new, name)  # a feature set this run did not touch: raw chunks, as is
+                for name, fingerprint in fingerprints.items():
+                    group_old = old[name] if old is not None and name in old else None
+                    if group_old is not None and group_old.attrs.get("fingerprint") != fingerprint:
+                        group_old = None
+                    mine = [s for s in segments if s["name"] == name and s["fingerprint"] == fingerprint]
+                    dropped[name] = _merge_group(new, name, group_old, mine, current, class_index)
+            finally:
+                if old is not None:
+                    old.close()
+        shutil.rmtree(self.journal, ignore_errors=True)
+        return dropped
+
+    def clear_journal(self) -> None:
+        """Forget results of interrupted runs (used with ``--overwrite``)."""
+        shutil.rmtree(self.journal, ignore_errors=True)
+
+    # ---- internals -----------------------------------------------------------------------------------------
+
+    def _open(self) -> h5py.File:
+        try:
+            store = h5py.File(self.path, "r")
+        except OSError as error:
+            raise UserError(f"{self.path} is not a readable HDF5 store ({error}); move it away and extract again.") from None
+        if store.attrs.get("encoding") != ENCODING:
+            store.close()
+            raise UserError(f"{self.path} is not an embedding store written by this pipeline; use another --cache.")
+        return store
+
+    def _segments(self, name: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+        if not self.journal.exists():
+            return
+        pattern = f"{name}-*.npz" if name else "*.npz"
+        for path in sorted(self.journal.glob(pattern), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
+            with np.load(path, allow_pickle=False) as data:
+                segment = {key: data[key] for key in data.files}
+            segment["name"], segment["fingerprint"] = str(segment["name"]), str(segment["fingerprint"])
+            yield segment
+
+
+def _strings(dataset: h5py.Dataset) -> np.ndarray:
+    return dataset.asstr()[()].astype(str) if dataset.shape[0] else np.array([], dtype=str)
+
+
+def _strings_of(store: EmbeddingStore, name: str) -> list[str]:
+    if not store.exists():
+        return []
+    with store._open() as f:
+        return list(_strings(f[name])) if name in f else []
+
+
+def _states(group: h5py.Group) -> dict[str, FileState]:
+    paths, sha = _strings(group["paths"]), _strings(group["sha256"])
+    sizes, mtimes = group["file_size"][()], group["file_mtime_ns"][()]
+    return {p: FileState(s, int(z), int(m)) for p, s, z, m in zip(paths, sha, sizes, mtimes)}
+
+
+def _segment_states(segment: dict[str, np.ndarray], prefix: str) -> dict[str, FileState]:
+    return {
+        str(p): FileState(str(s), int(z), int(m))
+        for p, s, z, m in zip(
+            segment[prefix + "paths"], segment[prefix + "sha256"],
+            segment[prefix + "file_size"], segment[prefix + "file_mtime_ns"],
+        )
+    }
+
+
+def _record_arrays(prefix: str, records: Sequence[ImageRecord], states: Sequence[FileState]) -> dict[str, np.ndarray]:
+    return {
+        prefix + "paths": np.array([r.path for r in records], dtype=str),
+        prefix + "sha256": np.array([s.sha256 for s in states], dtype=str),
+        prefix + "file_size": np.array([s.size for s in states], dtype=np.int64),
+        prefix + "file_mtime_ns": np.array([s.mtime_ns for s in states], dtype=np.int64),
+    }
+
+
+def _merge_group(
+    new: h5py.File,
+    name: str,
+    old: h5py.Group | None,
+    segments: Sequence[dict[str, np.ndarray]],
+    current: dict[str, ImageRecord],
+    class_index: dict[str, int],
+) -> int:
+    """Write feature set ``name`` into ``new``: the old rows still current, then the journal's rows."""
+    fresh: dict[str, tuple[int, int]] = {}  # path -> (segment, row) of its newest journal row
+    failed: dict[str, tuple[FileState, str]] = {}
+    journal_failed: set[str] = set()
+    if old is not None:
+        reasons = _strings(old["failures/reason"])
+        failed = {p: (s, r) for (p, s), r in zip(_states(old["failures"]).items(), reasons)}
+    for number, segment in enumerate(segments):
+        for row, path in enumerate(segment["paths"]):
+            fresh[str(path)] = (number, row)
+            failed.pop(str(path), None)
+            journal_failed.discard(str(path))
+        for path, state, reason in zip(
+            segment["failed_paths"], _segment_states(segment, "failed_").values(), segment["failed_reasons"]
+        ):
+            failed[str(path)] = (state, str(reason))
+            journal_failed.add(str(path))
+            fresh.pop(str(path), None)
+    attrs = json.loads(str(segments[-1]["attrs"])) if segments else dict(old.attrs) if old is not None else None
+    if attrs is None:
+        return 0
+    group = new.create_group(name)
+    group.attrs.update(attrs)
+    old_paths = _strings(old["paths"]) if old is not None else np.array([], dtype=str)
+    superseded = set(fresh) | journal_failed
+    keep = np.array([p in current and p not in superseded for p in old_paths], dtype=bool)
+    fresh_paths = sorted(fresh, key=fresh.__getitem__)  # journal order: segment, then row
+    paths = list(old_paths[keep]) + fresh_paths
+    embeddings = _create_rows(group, "embeddings", int(attrs["embedding_dim"]), len(paths))
+    if old is not None and keep.any():
+        _copy_rows(old["embeddings"], embeddings, keep)
+    start = int(keep.sum())
+    for number, segment in enumerate(segments):
+        rows = [row for n, row in map(fresh.__getitem__, fresh_paths) if n == number]
+        if rows:
+            embeddings[start : start + len(rows)] = segment["embeddings"][rows]
+            start += len(rows)
+    states = {**(_states(old) if old is not None else {}), **_fresh_states(segments, fresh)}
+    _write_row_fields(group, paths, [states[p] for p in paths], current, class_index)
+    failed = {p: v for p, v in failed.items() if p in current}
+    failures = group.create_group("failures")
+    _write_strings(failures, "paths", list(failed))
+    _write_strings(failures, "sha256", [s.sha256 for s, _ in failed.values()])
+    failures.create_dataset("file_size", data=np.array([s.size for s, _ in failed.values()], dtype=np.int64))
+    failures.create_dataset("file_mtime_ns", data=np.array([s.mtime_ns for s, _ in failed.values()], dtype=np.int64))
+    _write_strings(failures, "reason", [r for _, r in failed.values()])
+    return sum(1 for p in old_paths if p not in current)
+
+
+def _fresh_states(segments: Sequence[dict[str, np.ndarray]], fresh: dict[str, tuple[int, int]]) -> dict[str, FileState]:
+    states = {}
+    for path, (number, row) in fresh.items():
+        segment = segments[number]
+        states[path] = FileState(
+            str(segment["sha256"][row]), int(segment["file_size"][row]), int(segment["file_mtime_ns"][row])
+        )
+    return states
+
+
+def _create_rows(group: h5py.Group, name: str, dim: int, rows: int) -> h5py.Dataset:
+    chunk_rows = max(1, min(max(rows, 1), _CHUNK_BYTES // (4 * dim)))
+    return group.create_dataset(
+        name, shape=(rows, dim), maxshape=(None, dim), dtype=np.float32,
+        chunks=(chunk_rows, dim), compression="gzip", compression_opts=4, shuffle=True,
+    )
+
+
+def _copy_rows(source: h5py.Dataset, target: h5py.Dataset, keep: np.ndarray) -> None:
+    """Copy the kept rows of ``source`` to the start of ``target`` in blocks, so memory stays bounded."""
+    written = 0
+    for start in range(0, source.shape[0], _COPY_BLOCK_ROWS):
+        mask = keep[start : start + _COPY_BLOCK_ROWS]
+        if mask.any():
+            block = source[start : start + len(mask)][mask]
+            target[written : written + len(block)] = block
+            written += len(block)
+
+
+def _write_strings(group: h5py.Group, name: str, values: Iterable[str]) -> None:
+    data = np.array(list(values), dtype=object)
+    group.create_dataset(
+        name, data=data, dtype=_STRING, maxshape=(None,),
+        chunks=(max(1, min(len(data), 4096)),), compression="gzip", compression_opts=4,
+    )
+
+
+def _write_row_fields(
+    group: h5py.Group,
+    paths: Sequence[str],
+    states: Sequence[FileState],
+    current: dict[str, ImageRecord],
+    class_index: dict[str, int],
+) -> None:
+    records = [current[p] for p in paths]
+    _write_strings(group, "paths", paths)
+    group.create_dataset(
+        "labels", data=np.array([class_index[r.label] if r.label else -1 for r in records], dtype=np.int32)
+    )
+    _write_strings(group, "split", [r.split for r in records])
+    _write_strings(group, "sha256", [s.sha256 for s in states])
+    group.create_dataset("file_size", data=np.array([s.size for s in states], dtype=np.int64))
+    group.create_dataset("file_mtime_ns", data=np.array([s.mtime_ns for s in states], dtype=np.int64))
