@@ -318,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Layouts: DATA/<class>/**/<image>; DATA/{train,validation|val,test}/<class>/**/<image>; a flat folder "
             "of unlabelled images; or a CSV file path,label[,split]. Exit status: 0 when the run finished (skipped "
-            "files are listed in the store), 1 with --strict when some files could not be decoded, 2 for a usage "
-            "error, 130 when interrupted (the work done so far is kept)."
+            "files are listed in the store), 1 with --strict when the store lists files of DATA that could not be "
+            "decoded, 2 for a usage error, 130 when interrupted (the work done so far is kept)."
         ),
     )
     parser.add_argument("data", help="image folder, or CSV manifest (path,label[,split])")
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights for models missing from --models-dir, exported first as by pipeline.export (default: imagenet)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace features of another model file or dataset in the store")
-    parser.add_argument("--strict", action="store_true", help="exit with status 1 when any file could not be decoded")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when any image of DATA could not be decoded")
     return parser
 
 
@@ -352,19 +352,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.weights, args.overwrite,
     )
     wall = time.perf_counter() - started
+    store = EmbeddingStore(args.cache)
+    skipped = 0
     for spec in specs:
+        rows, failures = store.counts(spec.name)
+        skipped = max(skipped, failures)
         rate = spec.embedded / wall if spec.embedded else 0.0
         where = f" on {spec.attrs['provider']}" if spec.session else ""
         print(
-            f"{spec.name}: embedded {spec.embedded}, skipped {spec.skipped}, {wall:.1f} s, {rate:.1f} images/s{where}"
-            + (f" ({spec.seconds:.1f} s inference)" if spec.session else "")
+            f"{spec.name}: embedded {spec.embedded}, skipped {spec.skipped} in {wall:.1f} s ({rate:.1f} images/s{where}); "
+            f"store holds {rows} embeddings, {failures} failures"
         )
     print(f"store: {args.cache}")
-    skipped = max(spec.skipped for spec in specs)
     if skipped:
-        print(f"{skipped} files could not be decoded; their reasons are in {args.cache} under /<model>/failures.", file=sys.stderr)
+        print(
+            f"{skipped} files could not be decoded; their paths and reasons are in {args.cache} under /<model>/failures.",
+            file=sys.stderr,
+        )
     return EXIT_SKIPPED if args.strict and skipped else 0
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -82,8 +82,7 @@ def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto
                 "--device cuda was asked for but onnxruntime cannot run on CUDA here (no GPU, or the "
                 "onnxruntime-gpu package and its CUDA libraries are missing); use --device cpu or auto."
             )
-        if CUDA in onnxruntime.get_available_providers():
-            print("notice: CUDA is not usable here; running on the CPU.", file=sys.stderr)
+        print(f"notice: no usable CUDA device for onnxruntime; running on the CPU ({options.intra_op_num_threads} threads).", file=sys.stderr)
     session = onnxruntime.InferenceSession(str(onnx_path), options, providers=[CPU])
     return BackboneSession(manifest, onnx_path, session)
 

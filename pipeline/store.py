@@ -26,7 +26,15 @@ PIXELS = "pixels"
 _STRING = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 1 << 20
 _COPY_BLOCK_ROWS = 4096
-_ROW_FIELDS = ("paths", "sha256", "file_size", "file_mtime_ns")
+SPEC = (
+    "Embedding store, format 1. /classes: UTF-8 class names [C]. One group per feature set (a backbone, or "
+    "'pixels' for the 32x32 raw-pixel baseline), rows aligned across its datasets: embeddings float32 [N, D]; "
+    "paths UTF-8 [N], POSIX, relative to the dataset_root attribute; labels int32 [N], index into /classes, -1 "
+    "when unlabelled; split UTF-8 [N] (train, validation, test or empty); sha256 UTF-8 [N] of each file's bytes; "
+    "file_size and file_mtime_ns int64 [N] as read. <group>/failures holds paths, reason, sha256, file_size, "
+    "file_mtime_ns of every file that could not be decoded. Group attributes say how the rows were computed "
+    "(fingerprint = ONNX sha256, weights provenance, image size, precision, provider)."
+)
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,7 @@ class EmbeddingStore:
             raise UserError(f"no embedding store at {self.path}; run extract first (make extract DATA=...).")
         with self._open() as store:
             if name not in store:
-                present = ", ".join(sorted(store)) or "none"
+                present = ", ".join(sorted(n for n in store if isinstance(store[n], h5py.Group))) or "none"
                 raise UserError(f"{self.path} has no {name!r} features (it has: {present}); extract them first.")
             group = store[name]
             return FeatureSet(
@@ -158,6 +166,15 @@ class EmbeddingStore:
                 sha256=_strings(group["sha256"]),
                 attrs=dict(group.attrs),
             )
+
+    def counts(self, name: str) -> tuple[int, int]:
+        """``(rows, failures)`` of feature set ``name`` in the store file; ``(0, 0)`` when it is absent."""
+        if not self.exists():
+            return 0, 0
+        with self._open() as store:
+            if name not in store:
+                return 0, 0
+            return store[name]["paths"].shape[0], store[name]["failures/paths"].shape[0]
 
     def load_attrs(self, name: str) -> dict[str, Any]:
         """The attributes of feature set ``name`` (how its rows were computed)."""
@@ -266,7 +283,7 @@ class EmbeddingStore:
         dropped: dict[str, int] = {}
         with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as new:
             new.attrs.update(
-                {"encoding": ENCODING, "format_version": FORMAT_VERSION, "dataset_root": str(dataset_root)}
+                {"encoding": ENCODING, "format_version": FORMAT_VERSION, "dataset_root": str(dataset_root), "spec": SPEC}
             )
             new.create_dataset("classes", data=np.array(classes, dtype=object), dtype=_STRING)
             old = h5py.File(self.path, "r") if self.exists() else None

@@ -1,0 +1,108 @@
+"""Decoding: torchvision-exact resize and crop, EXIF orientation, every image mode, and damaged files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+from torchvision import transforms
+
+from pipeline.backbones import Preprocessing
+from pipeline.decode import decode_file, load_rgb, resize_center_crop
+from tests.images import photo, save, with_orientation
+
+RECIPE = Preprocessing(256, 224)
+
+
+def torchvision_crop(image: Image.Image, recipe: Preprocessing) -> np.ndarray:
+    pipeline = transforms.Compose([transforms.Resize(recipe.resize_size), transforms.CenterCrop(recipe.crop_size)])
+    return np.asarray(pipeline(image))
+
+
+@pytest.mark.parametrize("height,width", [(300, 400), (400, 300), (256, 256), (100, 150), (257, 999), (333, 221)])
+@pytest.mark.parametrize("recipe", [RECIPE, Preprocessing(73, 64), Preprocessing(232, 224)])
+def test_resize_and_crop_equal_torchvision_bit_for_bit(height, width, recipe):
+    image = Image.fromarray(photo(height, width, seed=height + width))
+    ours = resize_center_crop(image, recipe)
+    assert ours.shape == (recipe.crop_size, recipe.crop_size, 3) and ours.dtype == np.uint8
+    np.testing.assert_array_equal(ours, torchvision_crop(image, recipe))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    pixels = photo(40, 64)
+    path = with_orientation(tmp_path / f"o{orientation}.jpg", pixels, orientation)
+    decoded = load_rgb(path.read_bytes())
+    with Image.open(path) as raw:
+        expected = ImageOps.exif_transpose(raw).convert("RGB")
+    assert decoded.size == expected.size == ((40, 64) if orientation >= 5 else (64, 40))
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(expected))
+
+
+@pytest.mark.parametrize(
+    "mode,suffix,options",
+    [("L", ".png", {}), ("LA", ".png", {}), ("RGBA", ".png", {}), ("P", ".png", {"transparency": 0}),
+     ("CMYK", ".jpg", {}), ("RGB", ".webp", {"lossless": True}), ("RGB", ".bmp", {}), ("RGB", ".tiff", {})],
+)
+def test_modes_and_formats_become_rgb_like_torchvision(tmp_path, mode, suffix, options):
+    image = Image.fromarray(photo(50, 70)).convert(mode)
+    path = tmp_path / f"image{suffix}"
+    image.save(path, **options)
+    decoded = decode_file(path, [Preprocessing(36, 32)])
+    assert not decoded.error
+    with Image.open(path) as reference:
+        expected = torchvision_crop(reference.convert("RGB"), Preprocessing(36, 32))
+    np.testing.assert_array_equal(decoded.crops[0], expected)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    values = np.full((40, 40), 32896, dtype=np.uint16)  # 128 * 257: mid grey in 16 bits
+    values[:, :20] = 65535
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode.startswith("I")
+        assert np.asarray(opened.convert("RGB")).min() == 255  # what convert("RGB") alone does: all white
+    rgb = np.asarray(load_rgb(path.read_bytes()))
+    assert (rgb[:, :20] == 255).all() and (rgb[:, 20:] == 128).all()
+
+
+def test_first_frame_of_an_animated_gif(tmp_path):
+    frames = [Image.fromarray(np.full((30, 30, 3), value, np.uint8)) for value in (10, 200)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50)
+    assert abs(int(np.asarray(load_rgb(path.read_bytes())).mean()) - 10) <= 2
+
+
+def test_decode_file_hashes_and_makes_pixels(tmp_path):
+    path = save(tmp_path / "a.png", photo(48, 64))
+    decoded = decode_file(path, [RECIPE, Preprocessing(73, 64)])
+    assert decoded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and not decoded.error
+    assert [c.shape for c in decoded.crops] == [(224, 224, 3), (64, 64, 3)]
+    assert decoded.pixels.shape == (3072,) and decoded.pixels.dtype == np.float32
+    assert 0 <= decoded.pixels.min() and decoded.pixels.max() <= 1
+    thumbnail = torchvision_crop(Image.open(path).convert("RGB"), Preprocessing(37, 32))
+    np.testing.assert_allclose(decoded.pixels, thumbnail.reshape(-1) / 255.0)
+
+
+def test_damaged_files_are_reasons_not_exceptions(tmp_path):
+    jpeg = io.BytesIO()
+    Image.fromarray(photo(200, 200)).save(jpeg, "JPEG")
+    cases = {
+        "text.jpg": b"hello, I am not a JPEG",
+        "html.jpg": b"<!DOCTYPE html><html><body>404</body></html>",
+        "empty.png": b"",
+        "truncated.jpg": jpeg.getvalue()[: len(jpeg.getvalue()) // 3],
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        decoded = decode_file(tmp_path / name, [RECIPE])
+        assert decoded.error and decoded.crops == () and decoded.pixels is None, name
+        assert decoded.sha256 == hashlib.sha256(data).hexdigest()
+    assert "not an image Pillow can decode" in decode_file(tmp_path / "text.jpg", [RECIPE]).error
+    assert "truncated" in decode_file(tmp_path / "truncated.jpg", [RECIPE]).error
+    missing = decode_file(tmp_path / "missing.jpg", [RECIPE])
+    assert missing.error.startswith("unreadable") and missing.sha256 == ""

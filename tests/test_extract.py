@@ -1,0 +1,273 @@
+"""extract end to end: stored embeddings equal torchvision's, incremental runs, layouts, kills and errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image, ImageOps
+from torchvision import transforms
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from pipeline import extract
+from pipeline.backbones import BACKBONES
+from pipeline.errors import UserError
+from pipeline.extract import run_extract
+from pipeline.store import PIXELS, EmbeddingStore
+from tests.conftest import make_state_dict
+from tests.images import class_folders, photo, save, with_orientation
+
+
+def reference_embeddings(model: str, root: Path, paths, size: int) -> np.ndarray:
+    """torchvision all the way: PIL loading (upright, RGB), Resize + CenterCrop + ToTensor + Normalize, the model."""
+    backbone = BACKBONES[model]
+    network = getattr(torchvision.models, model)()
+    network.load_state_dict(make_state_dict(model))
+    extractor = create_feature_extractor(network.eval(), {backbone.embedding_layer: "embedding"})
+    prepare = transforms.Compose([
+        transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size), transforms.ToTensor(),
+        transforms.Normalize(backbone.mean, backbone.std),
+    ])
+    images = []
+    for path in paths:
+        with Image.open(root / path) as image:
+            images.append(prepare(ImageOps.exif_transpose(image).convert("RGB")))
+    with torch.no_grad():
+        return extractor(torch.stack(images))["embedding"].flatten(1).numpy()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def pets(root: Path) -> Path:
+    """Two classes in nested folders, PNG and JPEG, an EXIF-rotated photo, a corrupt file, clutter."""
+    class_folders(root, {"cat": 4, "dog": 3})
+    with_orientation(root / "dog" / "rotated.jpg", photo(70, 110, seed=42), orientation=6)
+    save(root / "cat" / "gray.png", photo(90, 60, seed=7)[..., 0])
+    (root / "dog" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this JPEG stops here")
+    (root / "notes.txt").write_text("ignored")
+    return root
+
+
+@pytest.fixture
+def small_models(exported) -> Path:
+    """A models folder holding resnet50 exported at 64 px from the seeded state dict."""
+    return exported("resnet50", 64).onnx_path.parent
+
+
+def extract_quietly(data, cache, models_dir, **options):
+    return run_extract(data, ["resnet50"], cache, models_dir=models_dir, progress=False, **options)
+
+
+def test_embeddings_equal_torchvision_and_failures_are_recorded(tmp_path, small_models):
+    data = pets(tmp_path / "pets")
+    specs = extract_quietly(data, tmp_path / "e.h5", small_models, batch_size=3)
+    assert [(s.name, s.embedded, s.skipped) for s in specs] == [("resnet50", 9, 1), (PIXELS, 9, 1)]
+
+    store = EmbeddingStore(tmp_path / "e.h5")
+    features = store.load("resnet50")
+    assert sorted(features.paths) == sorted(
+        ["cat/0.jpg", "cat/1.jpg", "cat/sub/2.png", "cat/3.jpg", "cat/gray.png", "dog/0.jpg", "dog/1.jpg",
+         "dog/sub/2.png", "dog/rotated.jpg"]
+    )
+    want = reference_embeddings("resnet50", data, features.paths, 64)
+    assert cosine(features.embeddings, want).min() >= 0.999
+    np.testing.assert_allclose(features.embeddings, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    assert list(features.classes) == ["cat", "dog"]
+    assert [features.classes[i] for i in features.labels] == [p.split("/")[0] for p in features.paths]
+    assert features.attrs["image_size"] == 64 and features.attrs["precision"] == "fp32"
+    assert features.attrs["provider"] == "CPUExecutionProvider" and features.attrs["weights_source"] == "file"
+    assert features.attrs["onnx_sha256"] == features.attrs["fingerprint"]
+
+    pixels = store.load(PIXELS)
+    assert pixels.embeddings.shape == (9, 3072) and list(pixels.paths) == list(features.paths)
+    import h5py
+
+    with h5py.File(store.path) as raw:
+        assert list(raw["resnet50/failures/paths"].asstr()) == ["dog/corrupt.jpg"]
+        assert "Truncated" in raw["resnet50/failures/reason"].asstr()[0]
+        assert raw.attrs["dataset_root"] == str(data)
+
+
+def test_second_run_computes_nothing_and_changes_are_incremental(tmp_path, small_models):
+    data = pets(tmp_path / "pets")
+    cache = tmp_path / "e.h5"
+    extract_quietly(data, cache, small_models)
+    stamp = cache.stat().st_mtime_ns
+    again = extract_quietly(data, cache, small_models)
+    assert [(s.embedded, s.skipped) for s in again] == [(0, 0), (0, 0)]
+    assert cache.stat().st_mtime_ns == stamp  # not even rewritten
+
+    (data / "cat" / "0.jpg").unlink()
+    save(data / "cat" / "new.png", photo(64, 64, seed=99))
+    save(data / "dog" / "1.jpg", photo(80, 80, seed=100))  # same name, new content
+    os.utime(data / "dog" / "1.jpg", ns=(1, 1))
+    specs = extract_quietly(data, cache, small_models)
+    assert [(s.embedded, s.skipped) for s in specs] == [(2, 0), (2, 0)]
+    features = EmbeddingStore(cache).load("resnet50")
+    assert "cat/0.jpg" not in features.paths and len(features.paths) == len(set(features.paths)) == 9
+    row = list(features.paths).index("dog/1.jpg")
+    want = reference_embeddings("resnet50", data, ["dog/1.jpg"], 64)
+    assert cosine(features.embeddings[row : row + 1], want)[0] >= 0.999
+
+
+def test_split_layout_csv_and_flat_folders(tmp_path, small_models):
+    class_folders(tmp_path / "split" / "train", {"cat": 2, "dog": 2})
+    class_folders(tmp_path / "split" / "validation", {"cat": 1, "dog": 1}, seed=10)
+    extract_quietly(tmp_path / "split", tmp_path / "split.h5", small_models)
+    features = EmbeddingStore(tmp_path / "split.h5").load("resnet50")
+    assert sorted(set(features.splits)) == ["train", "validation"]
+    assert all(p.startswith(s + "/") for p, s in zip(features.paths, features.splits))
+
+    csv = tmp_path / "split" / "labels.csv"
+    csv.write_text("path,label,split\ntrain/cat/0.jpg,tabby,test\ntrain/dog/0.jpg,,\n")
+    extract_quietly(csv, tmp_path / "csv.h5", small_models)
+    features = EmbeddingStore(tmp_path / "csv.h5").load("resnet50")
+    rows = {p: (l, s) for p, l, s in zip(features.paths, features.labels, features.splits)}
+    assert rows == {"train/cat/0.jpg": (0, "test"), "train/dog/0.jpg": (-1, "")}
+    assert list(features.classes) == ["tabby"]
+
+    for i in range(2):
+        save(tmp_path / "flat" / f"{i}.jpg", photo(50, 50, seed=i))
+    extract_quietly(tmp_path / "flat", tmp_path / "flat.h5", small_models)
+    assert list(EmbeddingStore(tmp_path / "flat.h5").load("resnet50").labels) == [-1, -1]
+
+
+def test_other_models_and_datasets_never_mix_without_overwrite(tmp_path, small_models, exported):
+    data = pets(tmp_path / "pets")
+    cache = tmp_path / "e.h5"
+    extract_quietly(data, cache, small_models)
+    other_models = exported("resnet50", 224).onnx_path.parent
+    with pytest.raises(UserError, match=r"holds resnet50 features from another model file \(weights file:.*64 px"):
+        extract_quietly(data, cache, other_models)
+    specs = extract_quietly(data, cache, other_models, overwrite=True)
+    assert specs[0].embedded == 9 and specs[1].embedded == 0  # pixels are still valid
+    assert EmbeddingStore(cache).load("resnet50").attrs["image_size"] == 224
+
+    elsewhere = class_folders(tmp_path / "elsewhere", {"x": 1})
+    with pytest.raises(UserError, match="holds images of"):
+        extract_quietly(elsewhere, cache, other_models)
+
+
+def test_ctrl_c_keeps_finished_batches(tmp_path, small_models, monkeypatch):
+    data = pets(tmp_path / "pets")
+    cache = tmp_path / "e.h5"
+    calls = {"n": 0}
+    real = extract.process_batch
+
+    def interrupted_on_third_batch(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(extract, "process_batch", interrupted_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract_quietly(data, cache, small_models, batch_size=2)
+    monkeypatch.setattr(extract, "process_batch", real)
+    assert len(EmbeddingStore(cache).load("resnet50").paths) + 0 == 4  # two batches of two, committed
+    specs = extract_quietly(data, cache, small_models, batch_size=2)
+    assert specs[0].embedded == 5 and specs[0].skipped == 1
+    assert len(set(EmbeddingStore(cache).load("resnet50").paths)) == 9
+
+
+KILLED_RUN = """
+import sys
+from pipeline.extract import run_extract
+run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=2, models_dir=sys.argv[3], progress=False, journal_rows=2)
+"""
+
+
+def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, small_models):
+    data = tmp_path / "many"
+    class_folders(data, {"a": 20, "b": 20}, size=(300, 400))
+    uninterrupted = tmp_path / "whole.h5"
+    extract_quietly(data, uninterrupted, small_models)
+
+    cache = tmp_path / "killed.h5"
+    journal = tmp_path / "killed.h5.journal"
+    kills = 0
+    for delay in (0.0, 0.3):
+        process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(data), str(cache), str(small_models)])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if journal.exists() and len(list(journal.glob("resnet50-*.npz"))) >= 2:
+                time.sleep(delay)
+                break
+            time.sleep(0.01)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+        if cache.exists():
+            EmbeddingStore(cache).feature_sets()  # the file opens after every kill
+    assert kills >= 1
+
+    extract_quietly(data, cache, small_models)
+    assert not journal.exists()
+    whole, resumed = EmbeddingStore(uninterrupted).load("resnet50"), EmbeddingStore(cache).load("resnet50")
+    assert len(resumed.paths) == len(set(resumed.paths)) == 40
+    order = {p: i for i, p in enumerate(resumed.paths)}
+    rows = [order[p] for p in whole.paths]
+    np.testing.assert_allclose(resumed.embeddings[rows], whole.embeddings, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(resumed.labels[rows], whole.labels)
+
+
+def test_missing_models_are_exported_first(tmp_path, state_dict_file):
+    data = class_folders(tmp_path / "pets", {"cat": 1})
+    models_dir = tmp_path / "models"
+    specs = run_extract(
+        data, ["resnet50"], tmp_path / "e.h5", models_dir=models_dir, weights=str(state_dict_file("resnet50")),
+        progress=False,
+    )
+    assert (models_dir / "resnet50.onnx").exists() and specs[0].embedded == 1
+    assert EmbeddingStore(tmp_path / "e.h5").load("resnet50").attrs["weights_source"] == "file"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.extract", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_exit_status_and_summary(tmp_path, small_models):
+    data = pets(tmp_path / "pets")
+    common = ("--models", "resnet50", "--models-dir", str(small_models), "--cache", str(tmp_path / "e.h5"))
+    done = run_cli(str(data), *common)
+    assert done.returncode == 0, done.stderr
+    assert "resnet50: embedded 9, skipped 1 in" in done.stdout and "pixels: embedded 9, skipped 1 in" in done.stdout
+    assert "store holds 9 embeddings, 1 failures" in done.stdout and "1 files could not be decoded" in done.stderr
+    strict = run_cli(str(data), *common, "--strict")
+    assert strict.returncode == extract.EXIT_SKIPPED and "embedded 0, skipped 0 in" in strict.stdout
+    (data / "dog" / "corrupt.jpg").unlink()
+    assert run_cli(str(data), *common, "--strict").returncode == 0
+    missing = run_cli(str(tmp_path / "nowhere"), *common)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: ") and "does not exist" in missing.stderr
+    assert run_cli(str(data), *common, "--batch-size", "0").returncode == 2
+
+
+def test_help_documents_every_option():
+    text = extract.build_parser().format_help()
+    for option in ("--models", "--cache", "--batch-size", "--device", "--workers", "--models-dir", "--weights",
+                   "--overwrite", "--strict", "Exit status"):
+        assert option in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", BACKBONES)
+def test_full_size_embeddings_equal_torchvision(tmp_path, exported, model):
+    data = pets(tmp_path / "pets")
+    models_dir = exported(model, 224).onnx_path.parent
+    run_extract(data, [model], tmp_path / "e.h5", models_dir=models_dir, progress=False)
+    features = EmbeddingStore(tmp_path / "e.h5").load(model)
+    want = reference_embeddings(model, data, features.paths, 224)
+    assert features.embeddings.shape == (9, BACKBONES[model].embedding_dim)
+    assert cosine(features.embeddings, want).min() >= 0.999

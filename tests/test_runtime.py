@@ -1,0 +1,46 @@
+"""onnxruntime sessions: checked against the manifest, CPU fallback, embeddings of the right shape."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.runtime import CPU, _cuda_session, available_cores, open_backbone
+
+
+def test_cpu_session_embeds_batches(exported):
+    result = exported("resnet50", 64)
+    backbone = open_backbone(result.onnx_path.parent, "resnet50", device="cpu")
+    assert backbone.provider == CPU and backbone.manifest == result.manifest
+    crops = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    embeddings = backbone.embed(crops)
+    assert embeddings.shape == (5, 2048) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(backbone.embed(crops[2:3])[0], embeddings[2], rtol=1e-5, atol=1e-6)
+    assert backbone.session.get_session_options().intra_op_num_threads == available_cores()
+
+
+def test_auto_falls_back_to_the_cpu_with_a_notice(exported, capsys):
+    result = exported("resnet50", 64)
+    backbone = open_backbone(result.onnx_path.parent, "resnet50", device="auto")
+    if _cuda_session(result.onnx_path, __import__("onnxruntime").SessionOptions()) is None:
+        assert backbone.provider == CPU
+        assert capsys.readouterr().err.count("notice: no usable CUDA device") == 1
+        with pytest.raises(UserError, match="--device cuda was asked for"):
+            open_backbone(result.onnx_path.parent, "resnet50", device="cuda")
+    else:
+        assert backbone.provider == "CUDAExecutionProvider"
+
+
+def test_model_that_does_not_match_its_manifest_is_refused(exported, tmp_path):
+    result = exported("resnet50", 64)
+    shutil.copy(result.onnx_path.with_suffix(".json"), tmp_path / "resnet50.json")
+    with pytest.raises(UserError, match="does not match its manifest"):
+        open_backbone(tmp_path, "resnet50")
+    (tmp_path / "resnet50.onnx").write_bytes(b"changed")
+    with pytest.raises(UserError, match="--force"):
+        open_backbone(tmp_path, "resnet50")
+    with pytest.raises(UserError, match="export the model first"):
+        open_backbone(tmp_path, "vgg16")
