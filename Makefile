@@ -10,14 +10,18 @@ MODELS ?= vgg16 resnet50
 WEIGHTS ?= imagenet
 IMAGE_SIZE ?= 224
 MODELS_DIR ?= models
+CACHE ?= features/embeddings.h5
+DATA ?=
+EXTRACT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-fast models demo clean
+.PHONY: help install test test-fast models extract demo clean
 
 help:
 	@echo "make demo        run the pipeline end to end on built-in data"
 	@echo "make test        run the test suite (make test-fast skips the slow parity tests)"
 	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' WEIGHTS=$(WEIGHTS) IMAGE_SIZE=$(IMAGE_SIZE)"
+	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)'"
 	@echo "make install     only create $(VENV) and install the project"
 	@echo "make clean       remove $(VENV) (models/ and features/ are kept)"
 
@@ -36,6 +40,10 @@ test-fast: $(INSTALLED)
 
 models: $(INSTALLED)
 	$(PY) -m pipeline.export --model $(MODELS) --weights $(WEIGHTS) --image-size $(IMAGE_SIZE) --out $(MODELS_DIR)
+
+extract: $(INSTALLED)
+	@test -n "$(DATA)" || { echo "error: say which images to embed: make extract DATA=path/to/folder (or a CSV file)."; exit 2; }
+	$(PY) -m pipeline.extract "$(DATA)" --models $(MODELS) --cache $(CACHE) --models-dir $(MODELS_DIR) --weights $(WEIGHTS) $(EXTRACT_ARGS)
 
 demo: $(INSTALLED)
 	$(PY) -m pipeline.demo --models-dir $(MODELS_DIR)

@@ -1,16 +1,24 @@
-"""The one-command demo: runs every stage that exists on data that needs no download."""
+"""The one-command demo: every stage that exists, on scikit-learn's bundled digit scans (no download)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from pipeline.backbones import BACKBONES
 from pipeline.errors import run_cli
 from pipeline.export import UNTRAINED_BANNER, describe, export_backbone
+from pipeline.extract import run_extract
+from pipeline.store import EmbeddingStore
 from pipeline.weights import imagenet_cache_file
+
+TEST_FRACTION = 0.25
 
 
 def demo_weights(model: str) -> str:
@@ -20,21 +28,62 @@ def demo_weights(model: str) -> str:
     return "imagenet" if cache_file.exists() else "random"
 
 
+def write_digits(root: Path, per_class: int, seed: int = 0) -> int:
+    """Write scikit-learn's 8x8 digit scans as PNG split folders ``root/{train,test}/<digit>/<n>.png``.
+
+    Files that already exist are left alone, so a second demo finds the same bytes and reuses its work.
+    Returns the number of images.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    count = 0
+    for digit in range(10):
+        indices = rng.permutation(np.flatnonzero(digits.target == digit))[:per_class]
+        test_count = max(1, round(len(indices) * TEST_FRACTION))
+        for rank, index in enumerate(indices):
+            split = "test" if rank < test_count else "train"
+            path = root / split / str(digit) / f"{index:04d}.png"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pixels = np.rint(digits.images[index] * (255 / 16)).astype(np.uint8)
+                Image.fromarray(255 - pixels).save(path)  # dark ink on white, like a scan
+            count += 1
+    return count
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Export both backbones for the demo and say what was made."""
+    """Build the digits dataset, export both backbones, extract their embeddings, and report."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
-    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="where models go (default: models/)")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported models (default: models/)")
+    parser.add_argument("--data", type=Path, default=Path("data/digits"), help="where the images go (default: data/digits)")
+    parser.add_argument("--cache", type=Path, default=Path("features/demo.h5"), help="the store (default: features/demo.h5)")
+    parser.add_argument("--per-class", type=int, default=30, help="images per digit (default: 30, of about 180)")
     parser.add_argument("--image-size", type=int, default=224, help="input crop size in pixels (default: 224)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
+
+    count = write_digits(args.data, args.per_class)
+    print(f"demo data: {count} scans of handwritten digits from scikit-learn ({args.per_class} per digit, "
+          f"{TEST_FRACTION:.0%} held out as test) in {args.data}/{{train,test}}/<digit>/")
     for model in BACKBONES:
         weights = demo_weights(model)
         if weights == "random":
             _, cache_file = imagenet_cache_file(BACKBONES[model], BACKBONES[model].default_imagenet_weights)
             print(UNTRAINED_BANNER.format(model=model), file=sys.stderr)
             print(f"   (no ImageNet weights at {cache_file}; the demo uses seeded random weights)", file=sys.stderr)
-        result = export_backbone(model, weights, args.image_size, args.models_dir)
-        print(describe(result))
-    print("\nNext stages (extract, fit, classify) join this demo as they land; see README.md.")
+        print(describe(export_backbone(model, weights, args.image_size, args.models_dir)))
+
+    specs = run_extract(args.data, list(BACKBONES), args.cache, models_dir=args.models_dir)
+    store = EmbeddingStore(args.cache)
+    print(f"\nstore {args.cache}:")
+    for spec in specs:
+        rows, failures = store.counts(spec.name)
+        dim = spec.attrs["embedding_dim"]
+        print(f"  /{spec.name:<9} {rows} x {dim} ({spec.embedded} computed now, {failures} failed)")
+    print(f"\ndone in {time.perf_counter() - started:.0f} s. Load the embeddings with "
+          f"pipeline.EmbeddingStore({str(args.cache)!r}).load('resnet50'); fit and classify join this demo next.")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -82,9 +83,14 @@ def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto
                 "--device cuda was asked for but onnxruntime cannot run on CUDA here (no GPU, or the "
                 "onnxruntime-gpu package and its CUDA libraries are missing); use --device cpu or auto."
             )
-        print(f"notice: no usable CUDA device for onnxruntime; running on the CPU ({options.intra_op_num_threads} threads).", file=sys.stderr)
+        _cpu_notice(options.intra_op_num_threads)
     session = onnxruntime.InferenceSession(str(onnx_path), options, providers=[CPU])
     return BackboneSession(manifest, onnx_path, session)
+
+
+@functools.cache
+def _cpu_notice(threads: int) -> None:
+    print(f"notice: no usable CUDA device for onnxruntime; running on the CPU ({threads} threads).", file=sys.stderr)
 
 
 def _cuda_session(onnx_path: Path, options: onnxruntime.SessionOptions) -> onnxruntime.InferenceSession | None:

@@ -1,4 +1,4 @@
-"""The demo: ImageNet weights when cached, else random ones with a banner."""
+"""The demo: ImageNet weights when cached, else random ones with a banner; every stage that exists."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import pytest
 
 from pipeline import demo
 from pipeline.backbones import BACKBONES
+from pipeline.discover import discover
+from pipeline.store import EmbeddingStore
 from pipeline.weights import imagenet_cache_file
 
 
@@ -18,12 +20,26 @@ def test_demo_weights_follow_the_cache(tmp_path, monkeypatch):
     assert demo.demo_weights("resnet50") == "imagenet"
 
 
+def test_digits_are_written_once_as_split_class_folders(tmp_path):
+    assert demo.write_digits(tmp_path, per_class=4) == 40
+    dataset = discover(tmp_path)
+    assert dataset.layout == "splits" and dataset.classes == [str(d) for d in range(10)]
+    assert sum(r.split == "test" for r in dataset.records) == 10
+    stamp = (tmp_path / dataset.records[0].path).stat().st_mtime_ns
+    demo.write_digits(tmp_path, per_class=4)
+    assert (tmp_path / dataset.records[0].path).stat().st_mtime_ns == stamp
+
+
 @pytest.mark.slow
-def test_demo_exports_both_models_with_a_banner(tmp_path, monkeypatch, capsys):
+def test_demo_runs_every_stage_and_reuses_its_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    assert demo.main(["--models-dir", str(tmp_path / "models"), "--image-size", "32"]) == 0
+    args = ["--models-dir", str(tmp_path / "models"), "--data", str(tmp_path / "digits"),
+            "--cache", str(tmp_path / "demo.h5"), "--per-class", "3", "--image-size", "32"]
+    assert demo.main(args) == 0
     captured = capsys.readouterr()
     assert captured.err.count("UNTRAINED RANDOM WEIGHTS") == 2
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
-        "resnet50.json", "resnet50.onnx", "vgg16.json", "vgg16.onnx"
-    ]
+    assert "/vgg16     30 x 4096 (30 computed now" in captured.out
+    assert sorted(EmbeddingStore(tmp_path / "demo.h5").feature_sets()) == ["pixels", "resnet50", "vgg16"]
+    assert demo.main(args) == 0
+    again = capsys.readouterr().out
+    assert "up to date" in again and "(0 computed now" in again

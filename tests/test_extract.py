@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -264,10 +265,15 @@ def test_help_documents_every_option():
 @pytest.mark.slow
 @pytest.mark.parametrize("model", BACKBONES)
 def test_full_size_embeddings_equal_torchvision(tmp_path, exported, model):
+    import sklearn.datasets
+
     data = pets(tmp_path / "pets")
+    photos = Path(sklearn.datasets.__file__).parent / "images"  # two real JPEG photographs, 640x427
+    for name in ("china.jpg", "flower.jpg"):
+        shutil.copy(photos / name, data / "cat" / name)
     models_dir = exported(model, 224).onnx_path.parent
     run_extract(data, [model], tmp_path / "e.h5", models_dir=models_dir, progress=False)
     features = EmbeddingStore(tmp_path / "e.h5").load(model)
     want = reference_embeddings(model, data, features.paths, 224)
-    assert features.embeddings.shape == (9, BACKBONES[model].embedding_dim)
+    assert features.embeddings.shape == (11, BACKBONES[model].embedding_dim)
     assert cosine(features.embeddings, want).min() >= 0.999
