@@ -318,14 +318,15 @@ class EmbeddingStore:
             raise UserError(f"{self.path} is not an embedding store written by this pipeline; use another --cache.")
         return store
 
-    def _segments(self, name: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    def _segments(self, name: str | None = None) -> Iterator[dict[str, Any]]:
+        """Journal segments in the order written, without their embeddings (read later, one at a time)."""
         if not self.journal.exists():
             return
         pattern = f"{name}-*.npz" if name else "*.npz"
         for path in sorted(self.journal.glob(pattern), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
             with np.load(path, allow_pickle=False) as data:
-                segment = {key: data[key] for key in data.files}
-            segment["name"], segment["fingerprint"] = str(segment["name"]), str(segment["fingerprint"])
+                segment: dict[str, Any] = {key: data[key] for key in data.files if key != "embeddings"}
+            segment["name"], segment["fingerprint"], segment["file"] = str(segment["name"]), str(segment["fingerprint"]), path
             yield segment
 
 
@@ -408,7 +409,8 @@ def _merge_group(
     for number, segment in enumerate(segments):
         rows = [row for n, row in map(fresh.__getitem__, fresh_paths) if n == number]
         if rows:
-            embeddings[start : start + len(rows)] = segment["embeddings"][rows]
+            with np.load(segment["file"], allow_pickle=False) as data:
+                embeddings[start : start + len(rows)] = data["embeddings"][rows]
             start += len(rows)
     states = {**(_states(old) if old is not None else {}), **_fresh_states(segments, fresh)}
     _write_row_fields(group, paths, [states[p] for p in paths], current, class_index)

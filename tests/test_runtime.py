@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.runtime import CPU, _cuda_session, available_cores, open_backbone
+from pipeline.runtime import CPU, _cpu_notice, _cuda_session, available_cores, open_backbone
 
 
 def test_cpu_session_embeds_batches(exported):
@@ -24,7 +24,9 @@ def test_cpu_session_embeds_batches(exported):
 
 def test_auto_falls_back_to_the_cpu_with_a_notice(exported, capsys):
     result = exported("resnet50", 64)
+    _cpu_notice.cache_clear()  # the notice is printed once per process
     backbone = open_backbone(result.onnx_path.parent, "resnet50", device="auto")
+    open_backbone(result.onnx_path.parent, "resnet50", device="auto")
     if _cuda_session(result.onnx_path, __import__("onnxruntime").SessionOptions()) is None:
         assert backbone.provider == CPU
         assert capsys.readouterr().err.count("notice: no usable CUDA device") == 1
