@@ -67,15 +67,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     count = write_digits(args.data, args.per_class)
     print(f"demo data: {count} scans of handwritten digits from scikit-learn ({args.per_class} per digit, "
           f"{TEST_FRACTION:.0%} held out as test) in {args.data}/{{train,test}}/<digit>/")
+    missing = [model for model in BACKBONES if demo_weights(model) == "random"]
+    weights = "random" if missing else "imagenet"  # one kind of weights for both, so that they compare
     for model in BACKBONES:
-        weights = demo_weights(model)
         if weights == "random":
-            _, cache_file = imagenet_cache_file(BACKBONES[model], BACKBONES[model].default_imagenet_weights)
             print(UNTRAINED_BANNER.format(model=model), file=sys.stderr)
-            print(f"   (no ImageNet weights at {cache_file}; the demo uses seeded random weights)", file=sys.stderr)
         print(describe(export_backbone(model, weights, args.image_size, args.models_dir)))
+    if missing:
+        _, cache_file = imagenet_cache_file(BACKBONES[missing[0]], BACKBONES[missing[0]].default_imagenet_weights)
+        print(f"   (no ImageNet weights at {cache_file}: the demo uses seeded random weights; "
+              "see README.md, Weights, to add them)", file=sys.stderr)
 
-    specs = run_extract(args.data, list(BACKBONES), args.cache, models_dir=args.models_dir)
+    specs = run_extract(args.data, list(BACKBONES), args.cache, models_dir=args.models_dir, weights=weights)
     store = EmbeddingStore(args.cache)
     print(f"\nstore {args.cache}:")
     for spec in specs:

@@ -73,7 +73,12 @@ def discover(source: str | os.PathLike) -> Dataset:
     if not source.exists():
         raise UserError(f"{source} does not exist; pass an image folder or a CSV manifest (path,label[,split]).")
     if source.is_file():
-        dataset = _from_csv(source)
+        if source.suffix.lower() != ".csv":
+            raise UserError(f"{source} is a file, not a folder; pass an image folder or a .csv manifest (path,label[,split]).")
+        try:
+            dataset = _from_csv(source)
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise UserError(f"{source} is not a readable UTF-8 CSV file ({error}); expected lines path,label[,split].") from None
     else:
         dataset = _from_folder(source.resolve())
     if not dataset.records:
@@ -99,7 +104,7 @@ def _from_folder(root: Path) -> Dataset:
 
 
 def _subfolders(root: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
 
 
 def _labelled_images(root: Path, prefix: str) -> list[tuple[str, str | None]]:

@@ -28,6 +28,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as error:
+        print(f"error: cannot use {error.filename}: {error.strerror}; check the path and its permissions.", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted: everything written so far is kept; run the same command again to go on.", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

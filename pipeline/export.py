@@ -107,11 +107,13 @@ def export_backbone(
     trunk, provenance = load_trunk(backbone, request)
     preprocessing = backbone.preprocessing(request.name, image_size)
     net = EmbeddingNet(trunk, preprocessing.mean, preprocessing.std).eval()
-    manifest_path.unlink(missing_ok=True)  # from here until the new manifest lands, the old model is not current
     with atomic_path(onnx_path) as tmp:
         _export_onnx(net, tmp, image_size)
         onnx.checker.check_model(str(tmp), full_check=True)
         verification = _verify(net, tmp, image_size)
+        # The new file replaces the old one as this block ends; from then until the new manifest lands,
+        # no manifest claims it, so a kill in between leaves an unfinished export, never a wrong one.
+        manifest_path.unlink(missing_ok=True)
     manifest = ModelManifest(
         model=model,
         onnx_file=onnx_path.name,

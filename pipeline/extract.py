@@ -23,9 +23,11 @@ from pipeline.errors import UserError, run_cli
 from pipeline.manifest import ModelManifest, model_paths
 from pipeline.runtime import DEVICES, BackboneSession, available_cores, open_backbone
 from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
+from pipeline.weights import parse_weights
 
 EXIT_SKIPPED = 1  # with --strict: the run finished but some files could not be decoded
 PIXELS_FINGERPRINT = f"pixels:{PIXELS_SIZE}:v1"
+UNREADABLE = FileState("", -1, -1)
 JOURNAL_ROWS = 512  # results are journaled at least every this many images...
 JOURNAL_SECONDS = 30.0  # ...or this many seconds, so a kill loses at most that much work
 
@@ -58,24 +60,29 @@ class WorkItem:
     """An image that at least one feature set still needs, with the file state it had when listed."""
 
     record: ImageRecord
-    state: FileState | None  # None: the file vanished or cannot be stat'ed
+    state: FileState  # UNREADABLE when the file vanished or cannot be stat'ed
     needed: list[str] = field(default_factory=list)
 
 
 def model_manifest(models_dir: Path, model: str, weights: str) -> ModelManifest:
-    """The manifest of ``model``, exporting it first (with ``weights``) when it is missing."""
+    """The manifest of ``model``, exporting it first when it is missing or was exported with other weights."""
     onnx_path, manifest_path = model_paths(models_dir, model)
+    image_size = BACKBONES[model].crop_size
     if manifest_path.exists() and onnx_path.exists():
-        return ModelManifest.load(manifest_path)
+        manifest = ModelManifest.load(manifest_path)
+        if manifest.weights_id == parse_weights(BACKBONES[model], weights).identity():
+            return manifest
+        image_size = manifest.input["size"]
+        print(f"{model}: {onnx_path} has weights {manifest.weights_id}, not {weights}.", file=sys.stderr)
     try:
         from pipeline.export import UNTRAINED_BANNER, describe, export_backbone
     except ImportError:
         raise UserError(
-            f"{onnx_path} is missing and exporting it needs torch; install the export extra "
+            f"exporting {onnx_path} needs torch; install the export extra "
             "(pip install -e .[export]) or copy the exported model there."
         ) from None
-    print(f"{model}: {onnx_path} is missing; exporting it with --weights {weights} first.", file=sys.stderr)
-    result = export_backbone(model, weights, out_dir=models_dir)
+    print(f"{model}: exporting {onnx_path} with --weights {weights} first.", file=sys.stderr)
+    result = export_backbone(model, weights, image_size, out_dir=models_dir)
     if result.manifest.untrained:
         print(UNTRAINED_BANNER.format(model=model), file=sys.stderr)
     print(describe(result), file=sys.stderr)
@@ -139,6 +146,14 @@ def check_store(store: EmbeddingStore, dataset: Dataset, specs: Sequence[Feature
             )
         store.path.unlink()
         store.clear_journal()
+    others = store.journal_roots() - {str(dataset.root)}
+    if others:
+        if not overwrite:
+            raise UserError(
+                f"{store.journal} holds results of an interrupted run on {sorted(others)[0]}; run extract on that "
+                "folder again to finish it, or pass --overwrite to discard them."
+            )
+        store.clear_journal()
     for spec in specs:
         if spec.name not in store.feature_sets():
             continue
@@ -169,12 +184,13 @@ def plan(dataset: Dataset, store: EmbeddingStore, specs: Sequence[FeatureSpec]) 
             stat = os.stat(dataset.absolute(record))
             state = FileState("", stat.st_size, stat.st_mtime_ns)
         except OSError:
-            state = None
+            state = UNREADABLE
         item = WorkItem(record, state)
         for spec in specs:
             embedded, failed = known[spec.name]
             done = embedded.get(record.path) or failed.get(record.path)
-            if state is None or done is None or (done.size, done.mtime_ns) != (state.size, state.mtime_ns):
+            # A file that could not even be read (no hash) is tried again: permissions may have been fixed.
+            if done is None or not done.sha256 or (done.size, done.mtime_ns) != (state.size, state.mtime_ns):
                 item.needed.append(spec.name)
         if item.needed:
             work.append(item)
@@ -232,8 +248,7 @@ def process_batch(batch: Sequence[tuple[WorkItem, DecodedImage]], specs: Sequenc
 
 
 def _final_state(item: WorkItem, decoded: DecodedImage) -> FileState:
-    state = item.state or FileState("", -1, -1)
-    return FileState(decoded.sha256, state.size, state.mtime_ns)
+    return FileState(decoded.sha256, item.state.size, item.state.mtime_ns)
 
 
 def run_extract(
@@ -280,27 +295,26 @@ def run_extract(
         specs, preprocessings = feature_specs(sessions)
         check_store(store, dataset, specs, overwrite)
         work = plan(dataset, store, specs)
-        segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs) for spec in specs}
-        workers = workers or available_cores()
-        stream = decode_stream(work, dataset, preprocessings, workers, window=2 * batch_size + workers)
-        bar = tqdm(total=len(work), unit="img", desc="extract", disable=None if progress is None else not progress)
-        last_journal = time.monotonic()
         if not work and store.matches(dataset.records, [spec.name for spec in specs]):
-            bar.close()
             return specs
-        try:
-            for batch in batches(stream, batch_size):
-                process_batch(batch, specs, segments)
-                bar.update(len(batch))
-                if sum(map(len, segments.values())) >= journal_rows or time.monotonic() - last_journal > JOURNAL_SECONDS:
-                    for segment in segments.values():
-                        store.append(segment)
-                    last_journal = time.monotonic()
-        finally:
-            bar.close()
-            for segment in segments.values():  # on Ctrl-C too: what was computed is kept
-                store.append(segment)
-            dropped = store.commit(dataset.root, dataset.records, {spec.name: spec.fingerprint for spec in specs})
+        root = str(dataset.root)
+        segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs, root) for spec in specs}
+        workers = workers or available_cores()
+        stream = decode_stream(work, dataset, preprocessings, workers, window=2 * batch_size)
+        last_journal = time.monotonic()
+        with tqdm(total=len(work), unit="img", desc="extract", disable=None if progress is None else not progress) as bar:
+            try:
+                for batch in batches(stream, batch_size):
+                    process_batch(batch, specs, segments)
+                    bar.update(len(batch))
+                    if sum(map(len, segments.values())) >= journal_rows or time.monotonic() - last_journal > JOURNAL_SECONDS:
+                        for segment in segments.values():
+                            store.append(segment)
+                        last_journal = time.monotonic()
+            finally:
+                for segment in segments.values():  # on Ctrl-C or an error too: the next run merges it
+                    store.append(segment)
+        dropped = store.commit(dataset.root, dataset.records, {spec.name: spec.fingerprint for spec in specs})
         for name, count in dropped.items():
             if count:
                 print(f"notice: {name}: dropped {count} images that are no longer in {dataset.root}.", file=sys.stderr)
@@ -334,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported models (default: models/)")
     parser.add_argument(
         "--weights", default="imagenet",
-        help="weights for models missing from --models-dir, exported first as by pipeline.export (default: imagenet)",
+        help="weights the models must have: a model missing from --models-dir, or exported with other weights, is "
+        "exported first as by pipeline.export (default: imagenet)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace features of another model file or dataset in the store")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any image of DATA could not be decoded")

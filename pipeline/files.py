@@ -37,6 +37,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600 files; a replaced file gets the usual permissions
     try:
         yield tmp
+        with open(tmp, "rb+") as written:  # on disk before the rename, so a power cut leaves old or new
+            os.fsync(written.fileno())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

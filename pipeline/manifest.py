@@ -87,7 +87,7 @@ class ModelManifest:
             return cls(**data)
         except FileNotFoundError:
             raise UserError(f"no model manifest at {path}; export the model first (make models).") from None
-        except (json.JSONDecodeError, TypeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
             raise UserError(f"{path} is not a model manifest ({error}); delete it and export again.") from None
 
 

@@ -70,7 +70,8 @@ def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto
     if not onnx_path.exists() or sha256_file(onnx_path) != manifest.onnx_sha256:
         raise UserError(
             f"{onnx_path} does not match its manifest {manifest_path} (missing or changed since export); "
-            f"export it again: python -m pipeline.export --model {model} --force."
+            f"export it again: python -m pipeline.export --model {model} {_weights_option(manifest)} "
+            f"--image-size {manifest.input['size']} --force."
         )
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = available_cores()
@@ -86,6 +87,15 @@ def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto
         _cpu_notice(options.intra_op_num_threads)
     session = onnxruntime.InferenceSession(str(onnx_path), options, providers=[CPU])
     return BackboneSession(manifest, onnx_path, session)
+
+
+def _weights_option(manifest: ModelManifest) -> str:
+    weights = manifest.weights
+    if weights["source"] == "imagenet":
+        return f"--weights {weights['name']}"
+    if weights["source"] == "random":
+        return f"--weights random --seed {weights['seed']}"
+    return f"--weights {weights['file']}"
 
 
 @functools.cache

@@ -84,6 +84,7 @@ class Segment:
     name: str
     fingerprint: str
     attrs: dict[str, Any]
+    dataset_root: str
     records: list[ImageRecord] = field(default_factory=list)
     states: list[FileState] = field(default_factory=list)
     embeddings: list[np.ndarray] = field(default_factory=list)
@@ -240,6 +241,8 @@ class EmbeddingStore:
                 raise UserError(
                     f"another run is writing {self.path}; wait for it to finish, or use another --cache."
                 ) from None
+            for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # from a run killed mid-commit
+                stale.unlink(missing_ok=True)
             yield
 
     def append(self, segment: Segment) -> None:
@@ -252,6 +255,7 @@ class EmbeddingStore:
         arrays = {
             "name": np.array(segment.name),
             "fingerprint": np.array(segment.fingerprint),
+            "dataset_root": np.array(segment.dataset_root),
             "attrs": np.array(json.dumps(segment.attrs)),
             "embeddings": np.stack(segment.embeddings) if segment.embeddings else np.zeros((0, dim), np.float32),
             **_record_arrays("", segment.records, segment.states),
@@ -266,9 +270,10 @@ class EmbeddingStore:
     def commit(self, dataset_root: Path, records: Sequence[ImageRecord], fingerprints: dict[str, str]) -> dict[str, int]:
         """Merge the journal into a new store file for the dataset's current ``records``, then replace the file.
 
-        Rows of files no longer in ``records`` are dropped, labels and splits follow ``records``, a journal
-        row replaces an older row of the same path, and feature sets whose fingerprint differs from
-        ``fingerprints`` (other models, after ``--overwrite``) are replaced by the journal's rows.
+        Every feature set, computed by this run or not, is brought up to date: rows of files no longer in
+        ``records`` are dropped, labels and splits follow ``records``, and a journal row or failure replaces
+        an older one of the same path. Sets whose fingerprint differs from ``fingerprints`` (other models,
+        after ``--overwrite``) are replaced by the journal's rows.
 
         Returns
         -------
@@ -276,7 +281,7 @@ class EmbeddingStore:
             Per feature set, how many rows were dropped because their files are no longer in the dataset.
         """
         current = {r.path: r for r in records}
-        segments = list(self._segments())
+        segments = [s for s in self._segments() if s["dataset_root"] == str(dataset_root)]
         old_classes = _strings_of(self, "classes")
         classes = list(old_classes) + sorted({r.label for r in records if r.label} - set(old_classes))
         class_index = {name: i for i, name in enumerate(classes)}
@@ -288,10 +293,14 @@ class EmbeddingStore:
             new.create_dataset("classes", data=np.array(classes, dtype=object), dtype=_STRING)
             old = h5py.File(self.path, "r") if self.exists() else None
             try:
-                for name in sorted(set(old or ()) - set(fingerprints) - {"classes"}):
-                    old.copy(old[name], new, name)  # a feature set this run did not touch: raw chunks, as is
-                for name, fingerprint in fingerprints.items():
-                    group_old = old[name] if old is not None and name in old else None
+                old_groups = {n for n in (old or ()) if isinstance(old[n], h5py.Group)}
+                for name in sorted(set(fingerprints) | old_groups | {s["name"] for s in segments}):
+                    group_old = old[name] if name in old_groups else None
+                    # Sets this run did not compute keep their own fingerprint (or their journal's newest).
+                    fingerprint = fingerprints.get(name) or (
+                        group_old.attrs.get("fingerprint") if group_old is not None
+                        else [s for s in segments if s["name"] == name][-1]["fingerprint"]
+                    )
                     if group_old is not None and group_old.attrs.get("fingerprint") != fingerprint:
                         group_old = None
                     mine = [s for s in segments if s["name"] == name and s["fingerprint"] == fingerprint]
@@ -301,6 +310,10 @@ class EmbeddingStore:
                     old.close()
         shutil.rmtree(self.journal, ignore_errors=True)
         return dropped
+
+    def journal_roots(self) -> set[str]:
+        """Dataset roots of the results an interrupted run left in the journal."""
+        return {s["dataset_root"] for s in self._segments()}
 
     def clear_journal(self) -> None:
         """Forget results of interrupted runs (used with ``--overwrite``)."""
@@ -326,7 +339,9 @@ class EmbeddingStore:
         for path in sorted(self.journal.glob(pattern), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
             with np.load(path, allow_pickle=False) as data:
                 segment: dict[str, Any] = {key: data[key] for key in data.files if key != "embeddings"}
-            segment["name"], segment["fingerprint"], segment["file"] = str(segment["name"]), str(segment["fingerprint"]), path
+            for key in ("name", "fingerprint", "dataset_root"):
+                segment[key] = str(segment[key])
+            segment["file"] = path
             yield segment
 
 
@@ -370,51 +385,55 @@ def _merge_group(
     new: h5py.File,
     name: str,
     old: h5py.Group | None,
-    segments: Sequence[dict[str, np.ndarray]],
+    segments: Sequence[dict[str, Any]],
     current: dict[str, ImageRecord],
     class_index: dict[str, int],
 ) -> int:
-    """Write feature set ``name`` into ``new``: the old rows still current, then the journal's rows."""
-    fresh: dict[str, tuple[int, int]] = {}  # path -> (segment, row) of its newest journal row
-    failed: dict[str, tuple[FileState, str]] = {}
-    journal_failed: set[str] = set()
+    """Write feature set ``name`` into ``new``: the old rows still current, then the journal's newest rows.
+
+    Returns how many old rows were dropped because their files left the dataset.
+    """
+    # The latest outcome per path, oldest source first: ("failed", state, reason) or ("row", segment, row).
+    outcome: dict[str, tuple] = {}
     if old is not None:
-        reasons = _strings(old["failures/reason"])
-        failed = {p: (s, r) for (p, s), r in zip(_states(old["failures"]).items(), reasons)}
+        for (path, state), reason in zip(_states(old["failures"]).items(), _strings(old["failures/reason"])):
+            outcome[path] = ("failed", state, reason)
     for number, segment in enumerate(segments):
         for row, path in enumerate(segment["paths"]):
-            fresh[str(path)] = (number, row)
-            failed.pop(str(path), None)
-            journal_failed.discard(str(path))
-        for path, state, reason in zip(
-            segment["failed_paths"], _segment_states(segment, "failed_").values(), segment["failed_reasons"]
-        ):
-            failed[str(path)] = (state, str(reason))
-            journal_failed.add(str(path))
-            fresh.pop(str(path), None)
+            outcome[str(path)] = ("row", number, row)
+        failed_states = _segment_states(segment, "failed_")
+        for (path, state), reason in zip(failed_states.items(), segment["failed_reasons"]):
+            outcome[path] = ("failed", state, str(reason))
     attrs = json.loads(str(segments[-1]["attrs"])) if segments else dict(old.attrs) if old is not None else None
     if attrs is None:
         return 0
-    group = new.create_group(name)
-    group.attrs.update(attrs)
     old_paths = _strings(old["paths"]) if old is not None else np.array([], dtype=str)
-    superseded = set(fresh) | journal_failed
-    keep = np.array([p in current and p not in superseded for p in old_paths], dtype=bool)
+    keep = np.array([p in current and p not in outcome for p in old_paths], dtype=bool)
+    if old is not None and keep.any() and segments and "provider" in attrs:
+        providers = set(str(old.attrs.get("provider", "")).split(",")) | {attrs["provider"]}
+        attrs["provider"] = ",".join(sorted(p for p in providers if p))
+    fresh = {p: o[1:] for p, o in outcome.items() if o[0] == "row" and p in current}
+    failed = {p: o[1:] for p, o in outcome.items() if o[0] == "failed" and p in current}
     fresh_paths = sorted(fresh, key=fresh.__getitem__)  # journal order: segment, then row
     paths = list(old_paths[keep]) + fresh_paths
-    embeddings = _create_rows(group, "embeddings", int(attrs["embedding_dim"]), len(paths))
-    if old is not None and keep.any():
-        _copy_rows(old["embeddings"], embeddings, keep)
-    start = int(keep.sum())
-    for number, segment in enumerate(segments):
-        rows = [row for n, row in map(fresh.__getitem__, fresh_paths) if n == number]
-        if rows:
-            with np.load(segment["file"], allow_pickle=False) as data:
-                embeddings[start : start + len(rows)] = data["embeddings"][rows]
-            start += len(rows)
+
+    group = new.create_group(name)
+    group.attrs.update(attrs)
+    if old is not None and keep.all() and not fresh:
+        new.copy(old["embeddings"], group, "embeddings")  # nothing changed: raw compressed chunks, as they are
+    else:
+        embeddings = _create_rows(group, "embeddings", int(attrs["embedding_dim"]), len(paths))
+        if old is not None and keep.any():
+            _copy_rows(old["embeddings"], embeddings, keep)
+        start = int(keep.sum())
+        for number, segment in enumerate(segments):
+            rows = [row for n, row in map(fresh.__getitem__, fresh_paths) if n == number]
+            if rows:
+                with np.load(segment["file"], allow_pickle=False) as data:
+                    embeddings[start : start + len(rows)] = data["embeddings"][rows]
+                start += len(rows)
     states = {**(_states(old) if old is not None else {}), **_fresh_states(segments, fresh)}
     _write_row_fields(group, paths, [states[p] for p in paths], current, class_index)
-    failed = {p: v for p, v in failed.items() if p in current}
     failures = group.create_group("failures")
     _write_strings(failures, "paths", list(failed))
     _write_strings(failures, "sha256", [s.sha256 for s, _ in failed.values()])

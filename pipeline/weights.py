@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import torch
-import torchvision
-from torch import nn
+from typing import TYPE_CHECKING
 
 from pipeline.backbones import Backbone
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that parsing --weights needs only the run-time deps
+    import torch
+    from torch import nn
+
 
 RANDOM = "random"
 IMAGENET = "imagenet"
@@ -106,6 +109,9 @@ def load_trunk(backbone: Backbone, request: WeightsRequest) -> tuple[nn.Module, 
         ImageNet weights that can neither be found in the cache nor downloaded, or a state-dict file that
         is unreadable or does not fit the architecture.
     """
+    import torch
+    from torch import nn
+
     if request.source == RANDOM:
         torch.manual_seed(request.seed)
         model = _build(backbone)
@@ -127,30 +133,42 @@ def imagenet_cache_file(backbone: Backbone, name: str) -> tuple[str, Path]:
 
     The cache folder is torch.hub's: ``$TORCH_HOME/hub/checkpoints`` (``~/.cache/torch`` by default).
     """
+    import torch
+    import torchvision
+
     url = getattr(torchvision.models, backbone.weights_enum)[name].url
     return url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
 def _build(backbone: Backbone) -> nn.Module:
+    import torchvision
+
     return getattr(torchvision.models, backbone.name)(weights=None)
 
 
 def _imagenet_state_dict(backbone: Backbone, name: str) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]]:
+    import torchvision
+
     url, cache_file = imagenet_cache_file(backbone, name)
     if cache_file.exists():
         _check_official_hash(cache_file)
     weights = getattr(torchvision.models, backbone.weights_enum)[name]
     try:
         state_dict = weights.get_state_dict(progress=True, check_hash=True)
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
-        reason = getattr(error, "reason", error)
+    except urllib.error.URLError as error:
         raise UserError(
-            f"could not download the {name} weights of {backbone.name} ({reason}); with no network, put "
+            f"could not download the {name} weights of {backbone.name} ({error.reason}); with no network, put "
             f"{url} at {cache_file} (TORCH_HOME moves that cache), or pass --weights PATH to a state dict."
         ) from None
-    except RuntimeError as error:
+    except OSError as error:  # an unwritable cache folder, a full disk, a dropped connection
         raise UserError(
-            f"the cached weights {cache_file} could not be loaded ({error}); delete the file and run again."
+            f"could not fetch {url} into {cache_file} ({error}); check that folder (TORCH_HOME moves it) and "
+            "the network, or pass --weights PATH to a state dict."
+        ) from None
+    except RuntimeError as error:  # a download that fails its hash check, or a damaged cached file
+        raise UserError(
+            f"the {name} weights at {cache_file} could not be loaded ({str(error).splitlines()[0]}); delete the "
+            "file if it exists and run again."
         ) from None
     return state_dict, {
         "source": IMAGENET,
@@ -162,6 +180,8 @@ def _imagenet_state_dict(backbone: Backbone, name: str) -> tuple[Mapping[str, to
 
 
 def _check_official_hash(cache_file: Path) -> None:
+    import torch
+
     # torchvision names each weights file after the first hex digits of its sha256 (resnet50-0676ba61.pth);
     # torch.hub checks them only while downloading, so a damaged or substituted cache file would pass unseen.
     match = re.search(torch.hub.HASH_REGEX, cache_file.name)
@@ -173,6 +193,8 @@ def _check_official_hash(cache_file: Path) -> None:
 
 
 def _read_state_dict(path: Path) -> Mapping[str, Any]:
+    import torch
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -187,6 +209,8 @@ def _read_state_dict(path: Path) -> Mapping[str, Any]:
 
 
 def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     # Training checkpoints often nest the weights ({"state_dict": ...}) and DataParallel prefixes "module.".
     if isinstance(state, Mapping):
         for key in _STATE_DICT_WRAPPERS:

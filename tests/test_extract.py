@@ -61,15 +61,28 @@ def pets(root: Path) -> Path:
 
 @pytest.fixture
 def small_models(exported) -> Path:
-    """A models folder holding resnet50 exported at 64 px from the seeded state dict."""
+    """A models folder holding resnet50 exported at 64 px from the seeded state dict (do not write to it)."""
     return exported("resnet50", 64).onnx_path.parent
 
 
-def extract_quietly(data, cache, models_dir, **options):
-    return run_extract(data, ["resnet50"], cache, models_dir=models_dir, progress=False, **options)
+@pytest.fixture
+def seeded_weights(state_dict_file) -> str:
+    """The weights the exported test models have, as ``--weights`` names them."""
+    return str(state_dict_file("resnet50"))
 
 
-def test_embeddings_equal_torchvision_and_failures_are_recorded(tmp_path, small_models):
+@pytest.fixture
+def extract_quietly(seeded_weights):
+    """``run_extract`` for resnet50 with the test models' weights and no progress bar."""
+
+    def run(data, cache, models_dir, **options):
+        options.setdefault("weights", seeded_weights)
+        return run_extract(data, ["resnet50"], cache, models_dir=models_dir, progress=False, **options)
+
+    return run
+
+
+def test_embeddings_equal_torchvision_and_failures_are_recorded(tmp_path, small_models, extract_quietly):
     data = pets(tmp_path / "pets")
     specs = extract_quietly(data, tmp_path / "e.h5", small_models, batch_size=3)
     assert [(s.name, s.embedded, s.skipped) for s in specs] == [("resnet50", 9, 1), (PIXELS, 9, 1)]
@@ -99,7 +112,7 @@ def test_embeddings_equal_torchvision_and_failures_are_recorded(tmp_path, small_
         assert raw.attrs["dataset_root"] == str(data)
 
 
-def test_second_run_computes_nothing_and_changes_are_incremental(tmp_path, small_models):
+def test_second_run_computes_nothing_and_changes_are_incremental(tmp_path, small_models, extract_quietly):
     data = pets(tmp_path / "pets")
     cache = tmp_path / "e.h5"
     extract_quietly(data, cache, small_models)
@@ -121,7 +134,7 @@ def test_second_run_computes_nothing_and_changes_are_incremental(tmp_path, small
     assert cosine(features.embeddings[row : row + 1], want)[0] >= 0.999
 
 
-def test_split_layout_csv_and_flat_folders(tmp_path, small_models):
+def test_split_layout_csv_and_flat_folders(tmp_path, small_models, extract_quietly):
     class_folders(tmp_path / "split" / "train", {"cat": 2, "dog": 2})
     class_folders(tmp_path / "split" / "validation", {"cat": 1, "dog": 1}, seed=10)
     extract_quietly(tmp_path / "split", tmp_path / "split.h5", small_models)
@@ -143,7 +156,7 @@ def test_split_layout_csv_and_flat_folders(tmp_path, small_models):
     assert list(EmbeddingStore(tmp_path / "flat.h5").load("resnet50").labels) == [-1, -1]
 
 
-def test_other_models_and_datasets_never_mix_without_overwrite(tmp_path, small_models, exported):
+def test_other_models_and_datasets_never_mix_without_overwrite(tmp_path, small_models, exported, extract_quietly):
     data = pets(tmp_path / "pets")
     cache = tmp_path / "e.h5"
     extract_quietly(data, cache, small_models)
@@ -159,9 +172,10 @@ def test_other_models_and_datasets_never_mix_without_overwrite(tmp_path, small_m
         extract_quietly(elsewhere, cache, other_models)
 
 
-def test_ctrl_c_keeps_finished_batches(tmp_path, small_models, monkeypatch):
+def test_ctrl_c_keeps_finished_batches(tmp_path, small_models, monkeypatch, extract_quietly):
     data = pets(tmp_path / "pets")
     cache = tmp_path / "e.h5"
+    extract_quietly(class_folders(tmp_path / "first", {"x": 1}), tmp_path / "other.h5", small_models)
     calls = {"n": 0}
     real = extract.process_batch
 
@@ -175,7 +189,8 @@ def test_ctrl_c_keeps_finished_batches(tmp_path, small_models, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         extract_quietly(data, cache, small_models, batch_size=2)
     monkeypatch.setattr(extract, "process_batch", real)
-    assert len(EmbeddingStore(cache).load("resnet50").paths) + 0 == 4  # two batches of two, committed
+    embedded, failed = EmbeddingStore(cache).state("resnet50", EmbeddingStore(tmp_path / "other.h5").load_attrs("resnet50")["fingerprint"])
+    assert len(embedded) + len(failed) == 4  # two batches of two, in the journal
     specs = extract_quietly(data, cache, small_models, batch_size=2)
     assert specs[0].embedded == 5 and specs[0].skipped == 1
     assert len(set(EmbeddingStore(cache).load("resnet50").paths)) == 9
@@ -184,11 +199,12 @@ def test_ctrl_c_keeps_finished_batches(tmp_path, small_models, monkeypatch):
 KILLED_RUN = """
 import sys
 from pipeline.extract import run_extract
-run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=2, models_dir=sys.argv[3], progress=False, journal_rows=2)
+run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=2, models_dir=sys.argv[3], weights=sys.argv[4],
+            progress=False, journal_rows=2)
 """
 
 
-def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, small_models):
+def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, small_models, extract_quietly, seeded_weights):
     data = tmp_path / "many"
     class_folders(data, {"a": 20, "b": 20}, size=(300, 400))
     uninterrupted = tmp_path / "whole.h5"
@@ -198,7 +214,7 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, small_
     journal = tmp_path / "killed.h5.journal"
     kills = 0
     for delay in (0.0, 0.3):
-        process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(data), str(cache), str(small_models)])
+        process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(data), str(cache), str(small_models), seeded_weights])
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             if journal.exists() and len(list(journal.glob("resnet50-*.npz"))) >= 2:
@@ -234,13 +250,40 @@ def test_missing_models_are_exported_first(tmp_path, state_dict_file):
     assert EmbeddingStore(tmp_path / "e.h5").load("resnet50").attrs["weights_source"] == "file"
 
 
+def test_models_with_other_weights_are_exported_again_not_used(tmp_path, small_models, capsys):
+    models_dir = tmp_path / "models"
+    shutil.copytree(small_models, models_dir)
+    data = class_folders(tmp_path / "pets", {"cat": 1})
+    specs = run_extract(data, ["resnet50"], tmp_path / "e.h5", models_dir=models_dir, weights="random", progress=False)
+    assert "has weights file:" in capsys.readouterr().err
+    attrs = EmbeddingStore(tmp_path / "e.h5").load("resnet50").attrs
+    assert attrs["weights_id"] == "random:seed=0" and attrs["image_size"] == 64 and specs[0].embedded == 1
+
+
+def test_unreadable_files_are_failures_and_tried_again(tmp_path, small_models, extract_quietly):
+    data = class_folders(tmp_path / "pets", {"cat": 2})
+    (data / "cat" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    cache = tmp_path / "e.h5"
+    assert extract_quietly(data, cache, small_models)[0].skipped == 1
+    import h5py
+
+    with h5py.File(cache) as raw:
+        assert list(raw["resnet50/failures/paths"].asstr()) == ["cat/dangling.jpg"]
+        assert raw["resnet50/failures/reason"].asstr()[0].startswith("unreadable")
+    save(tmp_path / "nowhere.jpg", photo(40, 40))  # the link now resolves
+    specs = extract_quietly(data, cache, small_models)
+    assert (specs[0].embedded, specs[0].skipped) == (1, 0)
+    assert len(EmbeddingStore(cache).load("resnet50").paths) == 3
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.extract", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_cli_exit_status_and_summary(tmp_path, small_models):
+def test_cli_exit_status_and_summary(tmp_path, small_models, seeded_weights):
     data = pets(tmp_path / "pets")
-    common = ("--models", "resnet50", "--models-dir", str(small_models), "--cache", str(tmp_path / "e.h5"))
+    common = ("--models", "resnet50", "--models-dir", str(small_models), "--cache", str(tmp_path / "e.h5"),
+              "--weights", seeded_weights)
     done = run_cli(str(data), *common)
     assert done.returncode == 0, done.stderr
     assert "resnet50: embedded 9, skipped 1 in" in done.stdout and "pixels: embedded 9, skipped 1 in" in done.stdout
@@ -264,7 +307,7 @@ def test_help_documents_every_option():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", BACKBONES)
-def test_full_size_embeddings_equal_torchvision(tmp_path, exported, model):
+def test_full_size_embeddings_equal_torchvision(tmp_path, exported, state_dict_file, model):
     import sklearn.datasets
 
     data = pets(tmp_path / "pets")
@@ -272,8 +315,26 @@ def test_full_size_embeddings_equal_torchvision(tmp_path, exported, model):
     for name in ("china.jpg", "flower.jpg"):
         shutil.copy(photos / name, data / "cat" / name)
     models_dir = exported(model, 224).onnx_path.parent
-    run_extract(data, [model], tmp_path / "e.h5", models_dir=models_dir, progress=False)
+    weights = str(state_dict_file(model))
+    run_extract(data, [model], tmp_path / "e.h5", models_dir=models_dir, weights=weights, progress=False)
     features = EmbeddingStore(tmp_path / "e.h5").load(model)
     want = reference_embeddings(model, data, features.paths, 224)
     assert features.embeddings.shape == (11, BACKBONES[model].embedding_dim)
     assert cosine(features.embeddings, want).min() >= 0.999
+
+
+def test_journal_of_another_folder_is_not_mixed_in(tmp_path, small_models, extract_quietly):
+    from pipeline.discover import ImageRecord
+    from pipeline.store import FileState, Segment
+
+    cache = tmp_path / "e.h5"
+    leftover = Segment("resnet50", "f", {"embedding_dim": 2048}, "/some/other/folder")
+    leftover.records.append(ImageRecord("cat/0.jpg"))
+    leftover.states.append(FileState("x", 1, 1))
+    leftover.embeddings.append(np.zeros(2048, np.float32))
+    EmbeddingStore(cache).append(leftover)
+    data = class_folders(tmp_path / "pets", {"cat": 1})
+    with pytest.raises(UserError, match="interrupted run on /some/other/folder"):
+        extract_quietly(data, cache, small_models)
+    assert extract_quietly(data, cache, small_models, overwrite=True)[0].embedded == 1
+    assert list(EmbeddingStore(cache).load("resnet50").paths) == ["cat/0.jpg"]

@@ -24,7 +24,7 @@ def records(*items: tuple[str, str | None, str]) -> list[ImageRecord]:
 
 def segment(rows: dict[str, float], failures: dict[str, str] = {}, name="m", fingerprint="f1") -> Segment:
     """A segment whose embedding for each path is filled with the given value."""
-    result = Segment(name, fingerprint, {**ATTRS, "fingerprint": fingerprint})
+    result = Segment(name, fingerprint, {**ATTRS, "fingerprint": fingerprint}, str(ROOT))
     for path, value in rows.items():
         result.records.append(ImageRecord(path))
         result.states.append(FileState(f"sha-{path}", 10, int(value)))
@@ -162,3 +162,38 @@ def test_missing_store_set_and_foreign_files_are_user_errors(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"junk")
     with pytest.raises(UserError, match="not a readable HDF5 store"):
         EmbeddingStore(tmp_path / "junk.h5").load("m")
+
+
+def test_journal_rows_of_files_gone_since_a_killed_run_are_dropped(tmp_path):
+    store = EmbeddingStore(tmp_path / "e.h5")
+    store.append(segment({"cat/a.jpg": 1, "dog/b.jpg": 2}, {"c.jpg": "broken"}))  # then the run was killed
+    store.commit(ROOT, DATASET[:1], {"m": "f1"})  # dog/b.jpg and c.jpg were deleted meanwhile
+    assert by_path(store) == {"cat/a.jpg": 1}
+    assert store.counts("m") == (1, 0)
+
+
+def test_every_feature_set_is_merged_and_follows_the_dataset(tmp_path):
+    store = EmbeddingStore(tmp_path / "e.h5")
+    store.append(segment({"cat/a.jpg": 1, "dog/b.jpg": 2}, name="vgg", fingerprint="v"))
+    store.append(segment({"cat/a.jpg": 3, "dog/b.jpg": 4}))
+    store.commit(ROOT, DATASET[:2], {"m": "f1"})  # this run computed "m" only; "vgg" came from a killed run
+    assert by_path(store, "vgg") == {"cat/a.jpg": 1, "dog/b.jpg": 2}
+    relabelled = records(("cat/a.jpg", "lynx", "train"))
+    store.commit(ROOT, relabelled, {"m": "f1"})  # dog/b.jpg deleted, cat/a.jpg relabelled
+    for name in ("vgg", "m"):
+        loaded = store.load(name)
+        assert list(loaded.paths) == ["cat/a.jpg"] and loaded.classes[loaded.labels[0]] == "lynx"
+
+
+def test_journal_roots_and_providers_are_recorded(tmp_path):
+    store = EmbeddingStore(tmp_path / "e.h5")
+    first = segment({"cat/a.jpg": 1})
+    first.attrs["provider"] = "CUDAExecutionProvider"
+    store.append(first)
+    assert store.journal_roots() == {str(ROOT)}
+    store.commit(ROOT, DATASET[:2], {"m": "f1"})
+    second = segment({"dog/b.jpg": 2})
+    second.attrs["provider"] = "CPUExecutionProvider"
+    store.append(second)
+    store.commit(ROOT, DATASET[:2], {"m": "f1"})
+    assert store.load_attrs("m")["provider"] == "CPUExecutionProvider,CUDAExecutionProvider"
