@@ -373,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, failures = store.counts(spec.name)
         skipped = max(skipped, failures)
         rate = spec.embedded / wall if spec.embedded else 0.0
-        where = f" on {spec.attrs['provider']}" if spec.session else ""
+        where = f" on {spec.attrs['provider']}, {spec.seconds:.1f} s of it inference" if spec.session else ""
         print(
             f"{spec.name}: embedded {spec.embedded}, skipped {spec.skipped} in {wall:.1f} s ({rate:.1f} images/s{where}); "
             f"store holds {rows} embeddings, {failures} failures"
