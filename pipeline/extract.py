@@ -267,7 +267,7 @@ def run_extract(
     """Embed every image of ``data`` with each model (and the pixel baseline) into the store at ``cache``.
 
     Already stored images are not computed again; new and changed ones are; a killed run resumes.
-    Results are journaled every ``journal_rows`` rows or 30 seconds, whichever comes first.
+    Results are journaled every ``journal_rows`` images or 30 seconds, whichever comes first.
 
     Returns
     -------
@@ -307,7 +307,7 @@ def run_extract(
                 for batch in batches(stream, batch_size):
                     process_batch(batch, specs, segments)
                     bar.update(len(batch))
-                    if sum(map(len, segments.values())) >= journal_rows or time.monotonic() - last_journal > JOURNAL_SECONDS:
+                    if max(map(len, segments.values())) >= journal_rows or time.monotonic() - last_journal > JOURNAL_SECONDS:
                         for segment in segments.values():
                             store.append(segment)
                         last_journal = time.monotonic()
