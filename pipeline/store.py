@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import filelock
 import h5py
 import numpy as np
 
@@ -233,17 +233,19 @@ class EmbeddingStore:
     def lock(self) -> Iterator[None]:
         """Hold the store's lock for a run; a second run on the same store gets a clear error."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        with open(lock_path, "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserError(
-                    f"another run is writing {self.path}; wait for it to finish, or use another --cache."
-                ) from None
+        lock = filelock.FileLock(self.path.with_name(self.path.name + ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise UserError(
+                f"another run is writing {self.path}; wait for it to finish, or use another --cache."
+            ) from None
+        try:
             for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # from a run killed mid-commit
                 stale.unlink(missing_ok=True)
             yield
+        finally:
+            lock.release()
 
     def append(self, segment: Segment) -> None:
         """Write a segment to the journal atomically; after this returns, its rows survive a kill."""
