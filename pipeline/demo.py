@@ -69,14 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{TEST_FRACTION:.0%} held out as test) in {args.data}/{{train,test}}/<digit>/")
     missing = [model for model in BACKBONES if demo_weights(model) == "random"]
     weights = "random" if missing else "imagenet"  # one kind of weights for both, so that they compare
-    for model in BACKBONES:
-        if weights == "random":
-            print(UNTRAINED_BANNER.format(model=model), file=sys.stderr)
-        print(describe(export_backbone(model, weights, args.image_size, args.models_dir)))
     if missing:
-        _, cache_file = imagenet_cache_file(BACKBONES[missing[0]], BACKBONES[missing[0]].default_imagenet_weights)
-        print(f"   (no ImageNet weights at {cache_file}: the demo uses seeded random weights; "
-              "see README.md, Weights, to add them)", file=sys.stderr)
+        files = [str(imagenet_cache_file(BACKBONES[m], BACKBONES[m].default_imagenet_weights)[1]) for m in missing]
+        print(UNTRAINED_BANNER.format(model=" and ".join(BACKBONES)), file=sys.stderr)
+        print(f"   No ImageNet weights at {' or '.join(files)}, so the demo uses seeded random weights;\n"
+              "   README.md (export, Weights) says how to add them.", file=sys.stderr)
+    for model in BACKBONES:
+        print(describe(export_backbone(model, weights, args.image_size, args.models_dir)))
 
     specs = run_extract(args.data, list(BACKBONES), args.cache, models_dir=args.models_dir, weights=weights)
     store = EmbeddingStore(args.cache)

@@ -317,7 +317,7 @@ def run_extract(
         dropped = store.commit(dataset.root, dataset.records, {spec.name: spec.fingerprint for spec in specs})
         for name, count in dropped.items():
             if count:
-                print(f"notice: {name}: dropped {count} images that are no longer in {dataset.root}.", file=sys.stderr)
+                print(f"notice: {name}: dropped {_count(count, 'image')} no longer in {dataset.root}.", file=sys.stderr)
     return specs
 
 
@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Layouts: DATA/<class>/**/<image>; DATA/{train,validation|val,test}/<class>/**/<image>; a flat folder "
             "of unlabelled images; or a CSV file path,label[,split]. Exit status: 0 when the run finished (skipped "
             "files are listed in the store), 1 with --strict when the store lists files of DATA that could not be "
-            "decoded, 2 for a usage error, 130 when interrupted (the work done so far is kept)."
+            "decoded, 2 for an error you can fix (a bad option or path, weights that cannot be had, a store of "
+            "another dataset): one line, no traceback; 130 when interrupted (the work done so far is kept)."
         ),
     )
     parser.add_argument("data", help="image folder, or CSV manifest (path,label[,split])")
@@ -368,23 +369,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     wall = time.perf_counter() - started
     store = EmbeddingStore(args.cache)
-    skipped = 0
+    if not any(spec.embedded or spec.skipped for spec in specs):
+        print("nothing to do: every image is already in the store.")
+    failed_sets = []
     for spec in specs:
         rows, failures = store.counts(spec.name)
-        skipped = max(skipped, failures)
+        if failures:
+            failed_sets.append((spec.name, failures))
         rate = spec.embedded / wall if spec.embedded else 0.0
         where = f" on {spec.attrs['provider']}, {spec.seconds:.1f} s of it inference" if spec.session else ""
+        untrained = " [UNTRAINED random weights]" if spec.attrs.get("untrained") else ""
         print(
-            f"{spec.name}: embedded {spec.embedded}, skipped {spec.skipped} in {wall:.1f} s ({rate:.1f} images/s{where}); "
-            f"store holds {rows} embeddings, {failures} failures"
+            f"{spec.name}{untrained}: embedded {spec.embedded}, skipped {spec.skipped} in {wall:.1f} s "
+            f"({rate:.1f} images/s{where}); the store holds {_count(rows, 'embedding')}, {failures} failed"
         )
     print(f"store: {args.cache}")
-    if skipped:
+    if failed_sets:
+        name, failures = failed_sets[0]
         print(
-            f"{skipped} files could not be decoded; their paths and reasons are in {args.cache} under /<model>/failures.",
+            f"{_count(failures, 'image')} of the dataset could not be decoded; paths and reasons: "
+            f"h5dump -d /{name}/failures/reason {args.cache} (or /{name}/failures/paths).",
             file=sys.stderr,
         )
-    return EXIT_SKIPPED if args.strict and skipped else 0
+    return EXIT_SKIPPED if args.strict and failed_sets else 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 if __name__ == "__main__":
     run_cli(main)

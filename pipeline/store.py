@@ -152,7 +152,8 @@ class EmbeddingStore:
                 stacklevel=2,
             )
         if not self.exists():
-            raise UserError(f"no embedding store at {self.path}; run extract first (make extract DATA=...).")
+            pending = " again to merge the interrupted run's results" if self.journal.exists() else " first"
+            raise UserError(f"no embedding store at {self.path}; run extract{pending} (make extract DATA=...).")
         with self._open() as store:
             if name not in store:
                 present = ", ".join(sorted(n for n in store if isinstance(store[n], h5py.Group))) or "none"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -87,8 +88,10 @@ def parse_weights(backbone: Backbone, text: str, seed: int = 0) -> WeightsReques
         return WeightsRequest(IMAGENET, name=text)
     path = Path(text).expanduser()
     if not path.is_file():
+        close = difflib.get_close_matches(text, [IMAGENET, RANDOM, *backbone.imagenet_weights], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(
-            f"weights file {path} does not exist; pass imagenet, random, or the path of a torchvision state dict."
+            f"weights file {path} does not exist{hint}; pass imagenet, random, or the path of a torchvision state dict."
         )
     return WeightsRequest("file", path=path.resolve())
 
@@ -158,7 +161,8 @@ def _imagenet_state_dict(backbone: Backbone, name: str) -> tuple[Mapping[str, to
     except urllib.error.URLError as error:
         raise UserError(
             f"could not download the {name} weights of {backbone.name} ({error.reason}); with no network, put "
-            f"{url} at {cache_file} (TORCH_HOME moves that cache), or pass --weights PATH to a state dict."
+            f"{url} at {cache_file} (TORCH_HOME moves that cache), or pass --weights PATH to a state dict "
+            "(WEIGHTS=PATH with make), or --weights random for untrained weights."
         ) from None
     except OSError as error:  # an unwritable cache folder, a full disk, a dropped connection
         raise UserError(

@@ -287,9 +287,11 @@ def test_cli_exit_status_and_summary(tmp_path, small_models, seeded_weights):
     done = run_cli(str(data), *common)
     assert done.returncode == 0, done.stderr
     assert "resnet50: embedded 9, skipped 1 in" in done.stdout and "pixels: embedded 9, skipped 1 in" in done.stdout
-    assert "store holds 9 embeddings, 1 failures" in done.stdout and "1 files could not be decoded" in done.stderr
+    assert "the store holds 9 embeddings, 1 failed" in done.stdout
+    assert "1 image of the dataset could not be decoded" in done.stderr and "/resnet50/failures/reason" in done.stderr
     strict = run_cli(str(data), *common, "--strict")
     assert strict.returncode == extract.EXIT_SKIPPED and "embedded 0, skipped 0 in" in strict.stdout
+    assert "nothing to do" in strict.stdout
     (data / "dog" / "corrupt.jpg").unlink()
     assert run_cli(str(data), *common, "--strict").returncode == 0
     missing = run_cli(str(tmp_path / "nowhere"), *common)

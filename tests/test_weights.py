@@ -33,6 +33,8 @@ def test_parse_weights_names():
         parse_weights(BACKBONES["vgg16"], "IMAGENET1K_V2")
     with pytest.raises(UserError, match="does not exist"):
         parse_weights(RESNET, "no/such/file.pth")
+    with pytest.raises(UserError, match=r"did you mean imagenet\?"):
+        parse_weights(RESNET, "imagent")
 
 
 def test_imagenet_offline_names_the_file_to_put_in_the_cache(offline_cache):
@@ -42,6 +44,7 @@ def test_imagenet_offline_names_the_file_to_put_in_the_cache(offline_cache):
         load_trunk(RESNET, parse_weights(RESNET, "imagenet"))
     message = str(raised.value)
     assert url in message and str(cache_file) in message and "--weights PATH" in message
+    assert "--weights random" in message
     assert not cache_file.exists()
 
 
