@@ -116,15 +116,14 @@ def load_trunk(backbone: Backbone, request: WeightsRequest) -> tuple[nn.Module, 
     from torch import nn
 
     if request.source == RANDOM:
-        torch.manual_seed(request.seed)
-        model = _build(backbone)
+        torch.manual_seed(request.seed)  # torchvision initialises the layers from the global generator
+    model = _build(backbone)
+    if request.source == RANDOM:
         provenance = {"source": RANDOM, "seed": request.seed, "sha256": _state_dict_sha256(model.state_dict())}
     elif request.source == IMAGENET:
-        model = _build(backbone)
         state_dict, provenance = _imagenet_state_dict(backbone, request.name)
         model.load_state_dict(state_dict)
     else:
-        model = _build(backbone)
         _load_user_state_dict(backbone, model, request.path)
         provenance = {"source": "file", "file": str(request.path), "sha256": sha256_file(request.path)}
     model.set_submodule(backbone.head, nn.Identity())
