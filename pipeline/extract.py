@@ -290,8 +290,9 @@ def run_extract(
     models_dir = Path(models_dir)
     store = EmbeddingStore(cache)
     with store.lock():
-        manifests = [model_manifest(models_dir, model, weights) for model in models]
-        sessions = [open_backbone(models_dir, m.model, device) for m in manifests]
+        for model in models:
+            model_manifest(models_dir, model, weights)  # exports the model first when it must
+        sessions = [open_backbone(models_dir, model, device) for model in models]
         specs, preprocessings = feature_specs(sessions)
         check_store(store, dataset, specs, overwrite)
         work = plan(dataset, store, specs)

@@ -152,8 +152,6 @@ def _imagenet_state_dict(backbone: Backbone, name: str) -> tuple[Mapping[str, to
     import torchvision
 
     url, cache_file = imagenet_cache_file(backbone, name)
-    if cache_file.exists():
-        _check_official_hash(cache_file)
     weights = getattr(torchvision.models, backbone.weights_enum)[name]
     try:
         state_dict = weights.get_state_dict(progress=True, check_hash=True)
@@ -178,21 +176,24 @@ def _imagenet_state_dict(backbone: Backbone, name: str) -> tuple[Mapping[str, to
         "name": name,
         "url": url,
         "file": cache_file.name,
-        "sha256": sha256_file(cache_file),
+        "sha256": _official_sha256(cache_file),
     }
 
 
-def _check_official_hash(cache_file: Path) -> None:
+def _official_sha256(cache_file: Path) -> str:
+    """The sha256 of a cached ImageNet weights file, refused unless it matches the hash in the file's name."""
     import torch
 
     # torchvision names each weights file after the first hex digits of its sha256 (resnet50-0676ba61.pth);
     # torch.hub checks them only while downloading, so a damaged or substituted cache file would pass unseen.
+    digest = sha256_file(cache_file)
     match = re.search(torch.hub.HASH_REGEX, cache_file.name)
-    if match and not sha256_file(cache_file).startswith(match.group(1)):
+    if match and not digest.startswith(match.group(1)):
         raise UserError(
             f"the cached weights {cache_file} are not the official file (its sha256 does not start with "
             f"{match.group(1)}); delete it so that it downloads again, or pass it as --weights PATH."
         )
+    return digest
 
 
 def _read_state_dict(path: Path) -> Mapping[str, Any]:
