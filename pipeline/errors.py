@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 EXIT_USER_ERROR = 2
@@ -23,6 +24,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     argv : sequence of str, optional
         Command-line arguments; ``sys.argv[1:]`` when omitted.
     """
+    warnings.formatwarning = _one_line
     try:
         status = main(argv)
     except UserError as error:
@@ -35,3 +37,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         print("interrupted: everything written so far is kept; run the same command again to go on.", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(status or 0)
+
+
+def _one_line(message: Warning | str, category: type[Warning], *_args: object, **_kwargs: object) -> str:
+    """Warnings on the command line read like the errors: one line, no source excerpt."""
+    return f"warning: {message}\n"

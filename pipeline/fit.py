@@ -1,0 +1,388 @@
+"""Stage driver: ``python -m pipeline.fit``: split the stored embeddings, fit and score the heads, save and report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import clone
+
+from pipeline.backbones import BACKBONES
+from pipeline.bundle import ClassifierBundle, library_versions, provenance_of
+from pipeline.errors import UserError, run_cli
+from pipeline.heads import CLASSIFIERS, FOLDS, FittedHead, describe_classifier, fit_head
+from pipeline.report import (
+    comparison_rows,
+    confusion_figure,
+    evaluate,
+    learning_curve_figure,
+    text_table,
+    write_report,
+)
+from pipeline.store import PIXELS, EmbeddingStore, FeatureSet
+
+CURVE_PER_CLASS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+CURVE_REPEATS = 3  # random draws averaged per point of the learning curve
+MIN_TRAIN_PER_CLASS = 2
+
+
+@dataclass
+class Split:
+    """Labelled rows common to every feature set, and which part each belongs to.
+
+    Attributes
+    ----------
+    paths : numpy.ndarray
+        str ``[N]``, the rows' image paths (the key that aligns feature sets).
+    labels : numpy.ndarray
+        int ``[N]``, indices into ``classes``.
+    classes : list of str
+        The classes that have labelled rows.
+    part : numpy.ndarray
+        str ``[N]``: ``train``, ``validation`` or ``test``.
+    source : str
+        Where the split came from, in words.
+    """
+
+    paths: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    part: np.ndarray
+    source: str
+
+    @property
+    def train(self) -> np.ndarray:
+        """Rows used for fitting, validation rows included (they score the hyper-parameters)."""
+        return self.part != "test"
+
+    @property
+    def test(self) -> np.ndarray:
+        return self.part == "test"
+
+
+def load_features(store: EmbeddingStore, models: Sequence[str] | None) -> dict[str, FeatureSet]:
+    """The feature sets to fit: ``models`` (default: every backbone in the store), then the pixel baseline."""
+    present = store.feature_sets()
+    if not store.exists():
+        store.load(PIXELS)  # raises the store's own "run extract first" error
+    names = list(models) if models else [name for name in BACKBONES if name in present]
+    if not names:
+        raise UserError(f"{store.path} holds no backbone features (it has: {', '.join(present) or 'none'}); run extract.")
+    if PIXELS in present:
+        names.append(PIXELS)
+    else:
+        warnings.warn(f"{store.path} has no pixels feature set, so the report has no raw-pixel baseline.", stacklevel=2)
+    features = {}
+    for name in names:
+        feature_set = store.load(name)
+        finite = np.isfinite(feature_set.embeddings).all(axis=1)
+        if not finite.all():
+            raise UserError(
+                f"{store.path}: {(~finite).sum()} {name} embeddings hold NaN or infinite values (first: "
+                f"{feature_set.paths[~finite][0]}); the model file is broken: export it again and extract with --overwrite."
+            )
+        features[name] = feature_set
+    return features
+
+
+def make_split(features: dict[str, FeatureSet], test_size: float, seed: int, store_path: Path) -> Split:
+    """Align the labelled rows of every feature set by path and assign train, validation and test.
+
+    The split recorded by extract is used when the store has one; otherwise ``test_size`` of each class is
+    held out at random (seeded), keeping at least two training images per class.
+    """
+    first = next(iter(features.values()))
+    common = None
+    for feature_set in features.values():
+        labelled = set(feature_set.paths[feature_set.labels >= 0].tolist())
+        common = labelled if common is None else common & labelled
+    if not common:
+        raise UserError(
+            f"{store_path} has no labelled images to fit on; extract a folder of class sub-folders "
+            "(DATA/<class>/<image>) or a CSV with a label column."
+        )
+    lost = {name: int((fs.labels >= 0).sum()) - len(common) for name, fs in features.items()}
+    if any(lost.values()):
+        warnings.warn(f"fitting on the {len(common)} labelled images every feature set has "
+                      f"(others skipped: {lost}); run extract again to complete the store.", stacklevel=2)
+    order = np.flatnonzero(np.isin(first.paths, sorted(common)))
+    paths, store_labels, recorded = first.paths[order], first.labels[order], first.splits[order]
+    present = np.unique(store_labels)
+    if len(present) < 2:
+        raise UserError(
+            f"{store_path} has labelled images of only one class ({str(first.classes[present[0]])!r}); a classifier "
+            "needs at least two: add a folder per class."
+        )
+    classes = [str(first.classes[i]) for i in present]
+    labels = np.searchsorted(present, store_labels)
+    if (recorded == "test").any():
+        part = np.where(np.isin(recorded, ["validation", "test"]), recorded, "train").astype(object)
+        source = "the train/validation/test split recorded by extract"
+    else:
+        part = _hold_out(labels, test_size, seed)
+        part[recorded == "validation"] = np.where(part[recorded == "validation"] == "test", "test", "validation")
+        source = f"a stratified hold-out of {test_size:.0%} per class (seed {seed})"
+    split = Split(paths, labels, classes, part.astype(str), source)
+    counts = np.bincount(labels[split.train], minlength=len(classes))
+    if counts.min() < MIN_TRAIN_PER_CLASS:
+        name = classes[int(counts.argmin())]
+        raise UserError(
+            f"class {name!r} has {counts.min()} training image(s) in {store_path}; fitting needs at least "
+            f"{MIN_TRAIN_PER_CLASS} per class: add images of it, or leave it out of the dataset."
+        )
+    return split
+
+
+def _hold_out(labels: np.ndarray, test_size: float, seed: int) -> np.ndarray:
+    """Per class, ``test_size`` of the rows (rounded) as test, keeping at least two for training."""
+    if not 0 <= test_size < 1:
+        raise UserError(f"--test-size {test_size} must be at least 0 and below 1.")
+    rng = np.random.default_rng(seed)
+    part = np.full(len(labels), "train", dtype=object)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        count = min(round(len(members) * test_size), len(members) - MIN_TRAIN_PER_CLASS)
+        part[members[:max(count, 0)]] = "test"
+    return part
+
+
+def rows_of(feature_set: FeatureSet, paths: np.ndarray) -> np.ndarray:
+    """The embeddings of ``paths`` (all present) in that order."""
+    index = {path: i for i, path in enumerate(feature_set.paths.tolist())}
+    return feature_set.embeddings[[index[path] for path in paths.tolist()]]
+
+
+def learning_curve(
+    head: FittedHead, X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, seed: int
+) -> dict[str, list]:
+    """Test accuracy of ``head``'s chosen pipeline trained on 1, 2, 5, ... images per class, then on all."""
+    smallest = int(np.bincount(y).min())
+    rng = np.random.default_rng(seed)
+    per_class, accuracy = [], []
+    for n in [n for n in CURVE_PER_CLASS if n < smallest]:
+        scores = []
+        for _ in range(CURVE_REPEATS):
+            rows = np.concatenate([rng.choice(np.flatnonzero(y == c), n, replace=False) for c in np.unique(y)])
+            model = clone(head.pipeline).fit(X[rows], y[rows])
+            scores.append(float((model.predict(X_test) == y_test).mean()))
+        per_class.append(n)
+        accuracy.append(float(np.mean(scores)))
+    per_class.append(round(len(y) / len(np.unique(y)), 1))
+    accuracy.append(float((head.pipeline.predict(X_test) == y_test).mean()))
+    return {"per_class": per_class, "accuracy": accuracy}
+
+
+def feature_description(name: str, attrs: dict[str, Any]) -> str:
+    """One line saying how a feature set was computed."""
+    if attrs.get("kind") == "pixels":
+        return str(attrs.get("description", "raw pixels"))
+    return (
+        f"{name} {attrs.get('embedding_layer')} ({attrs.get('embedding_dim')}-d) at {attrs.get('image_size')} px, "
+        f"weights {attrs.get('weights_id')}, ONNX sha256 {str(attrs.get('onnx_sha256'))[:12]}"
+    )
+
+
+def run_fit(
+    cache: str | Path = "features/embeddings.h5",
+    models: Sequence[str] | None = None,
+    classifiers: Sequence[str] = CLASSIFIERS,
+    out: str | Path = "models/classifiers",
+    test_size: float = 0.2,
+    seed: int = 0,
+    n_jobs: int | None = -1,
+    folds: int = FOLDS,
+    class_weight: str | None = None,
+    curve: bool = True,
+) -> dict[str, Any]:
+    """Fit every classifier on every feature set of the store, score them on the test part, save and report.
+
+    Returns
+    -------
+    dict
+        The report, as written to ``out/report.json``.
+
+    Raises
+    ------
+    UserError
+        No store, labels or classes to fit on; a class with fewer than two training images; a backbone
+        missing from the store; non-finite embeddings.
+    """
+    for name in classifiers:
+        if name not in CLASSIFIERS:
+            raise UserError(f"unknown classifier {name!r}; choose from: {', '.join(CLASSIFIERS)}.")
+    if folds < 2:
+        raise UserError(f"--folds {folds} must be at least 2.")
+    store = EmbeddingStore(cache)
+    features = load_features(store, models)
+    split = make_split(features, test_size, seed, store.path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    y = split.labels
+    y_train, y_test = y[split.train], y[split.test]
+    validation = (split.part[split.train] == "validation") if (split.part == "validation").any() else None
+    results, curves = [], {}
+    for name, feature_set in features.items():
+        X = rows_of(feature_set, split.paths)
+        X_train, X_test = X[split.train], X[split.test]
+        for classifier in classifiers:
+            head = fit_head(classifier, X_train, y_train, validation=validation, seed=seed, folds=folds,
+                            n_jobs=n_jobs, class_weight=class_weight)
+            result = _result(name, classifier, feature_set.attrs, head, split)
+            if len(y_test):
+                result["test"] = evaluate(head.pipeline.predict_proba(X_test), y_test, split.classes)
+                figure = f"confusion-{name}-{classifier}.png"
+                confusion_figure(np.array(result["test"]["confusion"]), split.classes,
+                                 f"{name} + {classifier}: test accuracy {result['test']['accuracy']:.3f}", out / figure)
+                result["confusion_figure"] = figure
+            bundle = ClassifierBundle(
+                head.pipeline, split.classes, name, classifier, provenance_of(feature_set.attrs), head.params,
+                {"validation_score": head.validation_score, "test": result["test"]}, seed,
+            )
+            bundle_path = out / f"{name}-{classifier}.joblib"
+            result["bundle"] = {"path": bundle_path.name, "sha256": bundle.save(bundle_path)}
+            results.append(result)
+            if classifier == "logreg" and curve and len(y_test):
+                curves[name] = learning_curve(head, X_train, y_train, X_test, y_test, seed)
+        del X, X_train, X_test
+    report = _report(store, features, split, results, curves, seed, out)
+    write_report(out, report)
+    return report
+
+
+def _result(name: str, classifier: str, attrs: dict[str, Any], head: FittedHead, split: Split) -> dict[str, Any]:
+    return {
+        "features": name,
+        "classifier": classifier,
+        "untrained": bool(attrs.get("untrained", False)),
+        "description": describe_classifier(classifier, int(split.train.sum())),
+        "selection": head.selection,
+        "params": head.params,
+        "validation_score": head.validation_score,
+        "train_seconds": round(head.seconds, 2),
+        "n_train": int(split.train.sum()),
+        "n_test": int(split.test.sum()),
+        "notes": head.notes,
+        "test": None,
+        "confusion_figure": None,
+        "bundle": None,
+    }
+
+
+def _report(
+    store: EmbeddingStore, features: dict[str, FeatureSet], split: Split, results: list[dict], curves: dict,
+    seed: int, out: Path,
+) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "store": str(store.path),
+        "seed": seed,
+        "versions": library_versions(),
+        "features": {
+            name: {
+                "description": feature_description(name, fs.attrs),
+                "untrained": bool(fs.attrs.get("untrained", False)),
+                "provenance": provenance_of(fs.attrs) | (
+                    {"weights": json.loads(fs.attrs["weights"])} if "weights" in fs.attrs else {}
+                ),
+            }
+            for name, fs in features.items()
+        },
+        "data": {
+            "dataset_root": str(store.root_attrs().get("dataset_root", "")),
+            "classes": len(split.classes),
+            "class_names": split.classes,
+            "split": split.source,
+            "n_train": int(split.train.sum()),
+            "n_validation": int((split.part == "validation").sum()),
+            "n_test": int(split.test.sum()),
+        },
+        "results": results,
+        "bundles": [
+            {"path": r["bundle"]["path"], "sha256": r["bundle"]["sha256"], "features": r["features"],
+             "classifier": r["classifier"], "validation_score": r["validation_score"]}
+            for r in results
+        ],
+        "learning_curve": None,
+    }
+    if curves:
+        learning_curve_figure(curves, "Test accuracy against training images per class (logreg)", out / "learning-curve.png")
+        report["learning_curve"] = {
+            "figure": "learning-curve.png",
+            "classifier": "logreg",
+            "description": (
+                "Logistic regression with each feature set's chosen hyper-parameters, trained on n random images "
+                f"per class (mean of {CURVE_REPEATS} draws) and scored on the whole test part; the last point uses "
+                "every training image. The gap between the pixel baseline and a backbone is what transfer "
+                "learning adds on this data."
+            ),
+            "curves": curves,
+        }
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m pipeline.fit``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.fit",
+        description=(
+            "Fit logistic regression and SVM classifiers on stored embeddings and on the raw-pixel baseline, choose "
+            "their hyper-parameters by cross-validation on the training part, score them on the test part, and "
+            "save the classifiers and a report (JSON, Markdown, PNG figures)."
+        ),
+        epilog="Exit status: 0 when done; 2 for an error you can fix (no store, no labels, one class...): one line.",
+    )
+    parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"), help="the HDF5 store (default: features/embeddings.h5)")
+    parser.add_argument("--models", nargs="+", choices=sorted(BACKBONES), metavar="MODEL",
+                        help="backbones to fit on (default: every backbone in the store); the pixel baseline is added")
+    parser.add_argument("--classifiers", nargs="+", choices=CLASSIFIERS, default=list(CLASSIFIERS), metavar="NAME",
+                        help=f"classifiers to fit (default: {' '.join(CLASSIFIERS)})")
+    parser.add_argument("--out", type=Path, default=Path("models/classifiers"), help="bundles and report (default: models/classifiers)")
+    parser.add_argument("--test-size", type=float, default=0.2,
+                        help="share of each class held out for testing when the store has no recorded test split (default: 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, folds and SVMs (default: 0)")
+    parser.add_argument("--n-jobs", type=int, default=-1, help="parallel fits during the search (default: -1, every core)")
+    parser.add_argument("--folds", type=int, default=FOLDS, help=f"cross-validation folds (default: {FOLDS})")
+    parser.add_argument("--class-weight", choices=("none", "balanced"), default="none",
+                        help="balanced: weight classes inversely to their frequency (default: none)")
+    parser.add_argument("--no-learning-curve", action="store_true", help="skip the learning-curve figure")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Fit, then print the comparison table and where the report is."""
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    report = run_fit(
+        args.cache, args.models, args.classifiers, args.out, args.test_size, args.seed, args.n_jobs,
+        args.folds, None if args.class_weight == "none" else args.class_weight, not args.no_learning_curve,
+    )
+    print_summary(report, args.out, time.perf_counter() - started)
+    return 0
+
+
+def print_summary(report: dict[str, Any], out: Path, seconds: float) -> None:
+    """Print the provenance, the comparison table and where the report, figures and bundles are."""
+    for name, source in report["features"].items():
+        flag = "  ** UNTRAINED random weights: not a transfer-learning result **" if source["untrained"] else ""
+        print(f"{name}: {source['description']}{flag}")
+    data = report["data"]
+    print(f"\n{data['classes']} classes, {data['n_train']} training / {data['n_test']} test images; split: {data['split']}\n")
+    print(text_table(comparison_rows(report["results"])))
+    for result in report["results"]:
+        for note in result["notes"]:
+            print(f"note: {result['features']} + {result['classifier']}: {note}", file=sys.stderr)
+    print(f"\nreport: {out / 'report.md'} (and report.json, PNG figures); classifiers: {out}/*.joblib; "
+          f"{seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    run_cli(main)

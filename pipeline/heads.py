@@ -1,0 +1,207 @@
+"""Stage 5a: the classifier heads, scikit-learn pipelines whose hyper-parameters are chosen by cross-validation."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from sklearn.utils import check_random_state
+
+CLASSIFIERS = ("logreg", "svm")
+SCALERS = {"standard": StandardScaler(), "l2": Normalizer()}
+LOGREG_C = (0.01, 0.1, 1.0, 10.0)
+SVM_C = (0.1, 1.0, 10.0)
+RBF_GAMMA_FACTORS = (0.1, 1.0, 10.0)  # times scikit-learn's "scale" value on the scaled features
+RBF_MAX_TRAIN = 5_000  # above this many training images the SVM is linear: an RBF kernel grows as n^2
+SEARCH_MAX_TRAIN = 5_000  # hyper-parameters are chosen on at most this many training images (stratified)
+FOLDS = 3
+
+
+@dataclass
+class FittedHead:
+    """A classifier fitted on the training part, and how it was chosen.
+
+    Attributes
+    ----------
+    pipeline : sklearn.pipeline.Pipeline
+        ``scale`` (StandardScaler or Normalizer) then ``clf``; has ``predict_proba``.
+    params : dict
+        The chosen hyper-parameters, JSON-ready (e.g. ``{"scale": "standard", "C": 0.1}``).
+    validation_score : float
+        Mean accuracy of the chosen setting on the validation folds (or the validation split).
+    selection : str
+        How it was chosen, in words.
+    seconds : float
+        Wall time of the search and the final fit.
+    notes : list of str
+        Fallbacks and warnings met on the way (e.g. fewer folds, no convergence).
+    """
+
+    pipeline: Pipeline
+    params: dict[str, Any]
+    validation_score: float
+    selection: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def describe_classifier(name: str, n_train: int) -> str:
+    """What ``name`` means for a training set of ``n_train`` images, in words."""
+    if name == "logreg":
+        return "multinomial logistic regression (lbfgs)"
+    if n_train <= RBF_MAX_TRAIN:
+        return "RBF-kernel SVC with sigmoid-calibrated probabilities"
+    return "linear SVM (LinearSVC) with sigmoid-calibrated probabilities"
+
+
+def search_space(
+    name: str, X: np.ndarray, seed: int, class_weight: str | None
+) -> tuple[Pipeline, list[dict[str, list]]]:
+    """The uncalibrated pipeline for ``name`` and its grid, sized for the training features ``X``."""
+    if name not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {name!r}; choose from {', '.join(CLASSIFIERS)}")
+    if name == "logreg":
+        clf = LogisticRegression(max_iter=2000, class_weight=class_weight)
+        grid = [{"scale": list(SCALERS.values()), "clf__C": list(LOGREG_C)}]
+    elif len(X) <= RBF_MAX_TRAIN:
+        clf = SVC(kernel="rbf", class_weight=class_weight, random_state=seed)
+        # gamma is relative to each scaling: a standardised and an L2-normalised row differ in norm by sqrt(D)
+        grid = []
+        for scaler in SCALERS.values():
+            scale_gamma = 1.0 / (X.shape[1] * max(float(clone(scaler).fit_transform(X).var()), 1e-12))
+            grid.append({
+                "scale": [scaler], "clf__C": list(SVM_C), "clf__gamma": [scale_gamma * f for f in RBF_GAMMA_FACTORS],
+            })
+    else:
+        clf = LinearSVC(C=1.0, class_weight=class_weight, random_state=seed, max_iter=5000)
+        grid = [{"scale": list(SCALERS.values()), "clf__C": [c / 10 for c in SVM_C]}]
+    return Pipeline([("scale", StandardScaler()), ("clf", clf)]), grid
+
+
+def fit_head(
+    name: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    validation: np.ndarray | None = None,
+    seed: int = 0,
+    folds: int = FOLDS,
+    n_jobs: int | None = None,
+    class_weight: str | None = None,
+) -> FittedHead:
+    """Choose hyper-parameters for classifier ``name`` on ``(X, y)`` and fit it on all of them.
+
+    Parameters
+    ----------
+    name : {"logreg", "svm"}
+        The classifier.
+    X, y : numpy.ndarray
+        Training features ``[N, D]`` and integer labels ``[N]``.
+    validation : numpy.ndarray of bool, optional
+        Rows that form a recorded validation split: when given, settings are scored on them (trained on
+        the rest) instead of by cross-validation, and the final fit uses every row.
+    seed : int
+        Seeds the folds, the search subsample and the SVMs; the same seed gives the same result.
+    folds : int
+        Stratified cross-validation folds; fewer when the smallest class has fewer images (noted). Every
+        class needs at least two training images.
+    n_jobs : int, optional
+        Parallel fits through joblib.
+    class_weight : {None, "balanced"}
+        Weight classes inversely to their frequency.
+
+    Returns
+    -------
+    FittedHead
+    """
+    started = time.perf_counter()
+    notes: list[str] = []
+    estimator, grid = search_space(name, X, seed, class_weight)
+    rows = _search_rows(y, validation, seed)
+    if len(rows) < len(y):
+        notes.append(f"hyper-parameters chosen on a stratified sample of {len(rows)} of {len(y)} training images")
+    Xs, ys = X[rows], y[rows]
+    if validation is not None and validation.any():
+        splitter: Any = PredefinedSplit(np.where(validation[rows], 0, -1))
+        selection = "scored on the recorded validation split"
+    else:
+        smallest = _smallest_class(ys)
+        n_splits = max(2, min(folds, smallest))
+        if n_splits < folds:
+            notes.append(f"{n_splits} folds instead of {folds}: the smallest class has {smallest} training images")
+        splitter = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+        selection = f"{n_splits}-fold stratified cross-validation"
+    search = GridSearchCV(estimator, grid, scoring="accuracy", cv=splitter, n_jobs=n_jobs, refit=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        search.fit(Xs, ys)
+    notes += _convergence_notes(caught, "during the search")
+    chosen = clone(estimator).set_params(**search.best_params_)
+    score = float(search.best_score_)
+    final = _calibrated(chosen, y) if name == "svm" else chosen
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        final.fit(X, y)
+    notes += _convergence_notes(caught, "in the final fit")
+    return FittedHead(final, _params(chosen), score, selection, time.perf_counter() - started, notes)
+
+
+def _search_rows(y: np.ndarray, validation: np.ndarray | None, seed: int) -> np.ndarray:
+    """Indices of a stratified sample of at most SEARCH_MAX_TRAIN rows (all rows when fewer)."""
+    if len(y) <= SEARCH_MAX_TRAIN:
+        return np.arange(len(y))
+    rng = check_random_state(seed)
+    keep = []
+    for part in ([validation, ~validation] if validation is not None else [np.ones(len(y), bool)]):
+        for label in np.unique(y[part]):
+            members = np.flatnonzero(part & (y == label))
+            count = max(2, round(len(members) * SEARCH_MAX_TRAIN / len(y)))
+            keep.append(rng.choice(members, size=min(count, len(members)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def _calibrated(chosen: Pipeline, y: np.ndarray) -> Pipeline:
+    """The chosen SVM pipeline with sigmoid-calibrated probabilities (cross-validated, one final SVM)."""
+    return Pipeline([
+        ("scale", chosen.named_steps["scale"]),
+        ("clf", CalibratedClassifierCV(
+            chosen.named_steps["clf"], method="sigmoid", cv=min(3, _smallest_class(y)), ensemble=False,
+        )),
+    ])
+
+
+def _smallest_class(y: np.ndarray) -> int:
+    counts = np.bincount(y)
+    return int(counts[counts > 0].min())
+
+
+def _params(chosen: Pipeline) -> dict[str, Any]:
+    scaler = chosen.named_steps["scale"]
+    params: dict[str, Any] = {"scale": "standard" if isinstance(scaler, StandardScaler) else "l2"}
+    clf = chosen.named_steps["clf"]
+    params["C"] = float(clf.C)
+    if isinstance(clf, SVC):
+        params["kernel"] = "rbf"
+        params["gamma"] = float(clf.gamma)
+    elif isinstance(clf, LinearSVC):
+        params["kernel"] = "linear"
+    if clf.class_weight:
+        params["class_weight"] = clf.class_weight
+    return params
+
+
+def _convergence_notes(caught: list[warnings.WarningMessage], when: str) -> list[str]:
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        return [f"some fits did not fully converge {when} (scikit-learn ConvergenceWarning)"]
+    return []

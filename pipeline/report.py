@@ -1,0 +1,193 @@
+"""Stage 5c: score fitted classifiers on the test part and write the report: JSON, Markdown and PNG figures."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
+
+from pipeline.files import atomic_path, write_json_atomic
+
+TOP_K = (3, 5)
+_ANNOTATE_MAX_CLASSES = 20  # above this a confusion matrix is drawn without numbers in its cells
+
+
+def evaluate(probabilities: np.ndarray, y_true: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Test metrics of one classifier from its predicted probabilities ``[N, C]`` and the true labels ``[N]``.
+
+    Returns
+    -------
+    dict
+        ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``top_k`` (``{"top3": ...}`` for each k below the
+        number of classes), ``per_class`` (precision, recall, f1, support by class name), ``confusion``
+        (rows: true class, columns: predicted) and ``n_test``.
+    """
+    labels = np.arange(len(classes))
+    predicted = probabilities.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, predicted, labels=labels, zero_division=0
+    )
+    metrics: dict[str, Any] = {
+        "n_test": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, predicted)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, predicted)),
+        "macro_f1": float(f1_score(y_true, predicted, labels=labels, average="macro", zero_division=0)),
+        "top_k": {
+            f"top{k}": float(top_k_accuracy_score(y_true, probabilities, k=k, labels=labels))
+            for k in TOP_K if k < len(classes)
+        },
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(classes, precision, recall, f1, support)
+        },
+        "confusion": confusion_matrix(y_true, predicted, labels=labels).tolist(),
+    }
+    return metrics
+
+
+def confusion_figure(confusion: np.ndarray, classes: Sequence[str], title: str, path: str | os.PathLike) -> None:
+    """Save a confusion matrix, normalised by true class, as a PNG (counts in the cells when it fits)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    confusion = np.asarray(confusion, dtype=float)
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    size = min(4 + 0.35 * len(classes), 30)
+    figure, axes = plt.subplots(figsize=(size, size * 0.85))
+    image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axes, label="share of the true class")
+    ticks = np.arange(len(classes))
+    axes.set_xticks(ticks, classes, rotation=90 if len(classes) > 8 else 0)
+    axes.set_yticks(ticks, classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    if len(classes) <= _ANNOTATE_MAX_CLASSES:
+        for (row, column), count in np.ndenumerate(confusion):
+            if count:
+                axes.text(column, row, int(count), ha="center", va="center",
+                          color="white" if rates[row, column] > 0.5 else "black", fontsize=8)
+    figure.tight_layout()
+    _save_png(figure, path)
+    plt.close(figure)
+
+
+def learning_curve_figure(curves: dict[str, dict[str, Any]], title: str, path: str | os.PathLike) -> None:
+    """Save test accuracy against training images per class, one line per feature set, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves.items():
+        axes.plot(curve["per_class"], curve["accuracy"], marker="o", label=curve.get("label", name))
+    axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.set_xlabel("training images per class (log scale; the last point uses them all)")
+    axes.set_ylabel("test accuracy")
+    axes.set_ylim(0, 1.02)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right")
+    axes.set_title(title)
+    figure.tight_layout()
+    _save_png(figure, path)
+    plt.close(figure)
+
+
+def _save_png(figure: Any, path: str | os.PathLike) -> None:
+    # A fixed creation-time-free metadata keeps two runs' figures byte-identical.
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+
+
+def comparison_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Header and one row per result for the comparison table: features, classifier, scores, time."""
+    ks = sorted({k for result in results for k in (result["test"] or {}).get("top_k", {})})
+    rows = [["features", "classifier", "accuracy", "balanced acc.", "macro F1", *ks, "validation", "train s", "train/test"]]
+    for result in results:
+        test = result["test"] or {}
+        score = (lambda key: f"{test[key]:.3f}" if key in test else "-")
+        features = result["features"] + (" (untrained)" if result.get("untrained") else "")
+        rows.append([
+            features, result["classifier"], score("accuracy"), score("balanced_accuracy"), score("macro_f1"),
+            *[f"{test['top_k'][k]:.3f}" if k in test.get("top_k", {}) else "-" for k in ks],
+            f"{result['validation_score']:.3f}", f"{result['train_seconds']:.1f}",
+            f"{result['n_train']}/{result['n_test']}",
+        ])
+    return rows
+
+
+def text_table(rows: list[list[str]]) -> str:
+    """Rows as an aligned plain-text table."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    """Rows as a Markdown table."""
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    write_json_atomic(json_path, report)
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(markdown_report(report), encoding="utf-8")
+    return json_path, md_path
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The report as Markdown: provenance first, then the comparison, figures and per-class scores."""
+    lines = ["# Classifier report", "", "## Where the features come from", ""]
+    for name, source in report["features"].items():
+        line = f"- **{name}**: {source['description']}"
+        lines.append(f"- **{name}: UNTRAINED random weights ({source['description']}); these scores say nothing "
+                     "about transfer learning.**" if source.get("untrained") else line)
+    data = report["data"]
+    lines += [
+        "", f"Store `{report['store']}` of `{data['dataset_root']}`: {data['classes']} classes, "
+        f"{data['n_train']} training and {data['n_test']} test images; split: {data['split']}. Seed {report['seed']}.", "",
+        "## Comparison (test part)", "", markdown_table(comparison_rows(report["results"])), "",
+        "`validation`: mean accuracy of the chosen hyper-parameters on the validation folds, which chose them; "
+        "the test part chose nothing.", "",
+    ]
+    if report.get("learning_curve"):
+        curve = report["learning_curve"]
+        lines += ["## Learning curve", "", f"![learning curve]({curve['figure']})", "", curve["description"], ""]
+    lines += ["## Each classifier", ""]
+    for result in report["results"]:
+        title = f"{result['features']} + {result['classifier']}"
+        lines += [f"### {title}", "", f"{result['description']}; chosen by {result['selection']}: "
+                  f"`{json.dumps(result['params'])}`.", ""]
+        lines += [f"- note: {note}" for note in result["notes"]]
+        if result["bundle"]:
+            lines.append(f"- bundle: `{result['bundle']['path']}` (sha256 `{result['bundle']['sha256']}`)")
+        if result["test"]:
+            lines += ["", f"![confusion matrix]({result['confusion_figure']})", "",
+                      "| class | precision | recall | F1 | test images |", "|---|---|---|---|---|"]
+            for name, scores in result["test"]["per_class"].items():
+                lines.append(f"| {name} | {scores['precision']:.3f} | {scores['recall']:.3f} | {scores['f1']:.3f} "
+                             f"| {scores['support']} |")
+        lines.append("")
+    return "\n".join(lines)

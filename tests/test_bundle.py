@@ -1,0 +1,66 @@
+"""Classifier bundles: round trip, provenance, and clear errors for files that are not bundles."""
+
+from __future__ import annotations
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.bundle import ClassifierBundle, provenance_of
+from pipeline.errors import UserError
+from pipeline.files import sha256_file
+from tests.stores import blobs, feature_attrs
+
+
+def bundle() -> tuple[ClassifierBundle, np.ndarray]:
+    y = np.repeat(np.arange(3), 10)
+    X = blobs(y, 6, 0.5, 0)
+    fitted = make_pipeline(StandardScaler(), LogisticRegression()).fit(X, y)
+    attrs = {**feature_attrs("resnet50", 6), "embedding_dim": np.int64(6), "unrelated": "x"}
+    made = ClassifierBundle(fitted, ["a", "b", "c"], "resnet50", "logreg", provenance_of(attrs), {"C": 1.0}, {}, 0)
+    return made, X
+
+
+def test_round_trip_predicts_identically_and_keeps_provenance(tmp_path):
+    made, X = bundle()
+    sha = made.save(tmp_path / "b.joblib")
+    assert sha == sha256_file(tmp_path / "b.joblib")
+    loaded = ClassifierBundle.load(tmp_path / "b.joblib")
+    np.testing.assert_array_equal(loaded.pipeline.predict_proba(X), made.pipeline.predict_proba(X))
+    assert loaded.classes == ["a", "b", "c"] and loaded.onnx_sha256 == "sha-resnet50"
+    assert loaded.provenance["embedding_dim"] == 6 and type(loaded.provenance["embedding_dim"]) is int
+    assert "unrelated" not in loaded.provenance
+    assert set(loaded.versions) >= {"scikit-learn", "numpy", "pipeline"}
+
+
+def test_saving_twice_gives_the_same_bytes(tmp_path):
+    made, _ = bundle()
+    assert made.save(tmp_path / "1.joblib") == made.save(tmp_path / "2.joblib")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no classifier bundle at"),
+    (b"not a pickle at all", "is not a readable classifier bundle"),
+    ({"some": "dict"}, "is not a classifier bundle written by pipeline.fit"),
+    ({"format": "pipeline.classifier-bundle", "format_version": 99}, "is bundle format 99"),
+])
+def test_files_that_are_not_bundles_get_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "x.joblib"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        joblib.dump(content, path)
+    with pytest.raises(UserError, match=message):
+        ClassifierBundle.load(path)
+
+
+def test_a_truncated_bundle_is_refused(tmp_path):
+    made, _ = bundle()
+    made.save(tmp_path / "b.joblib")
+    data = (tmp_path / "b.joblib").read_bytes()
+    (tmp_path / "b.joblib").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="is not a readable classifier bundle"):
+        ClassifierBundle.load(tmp_path / "b.joblib")
