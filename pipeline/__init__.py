@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
-from pipeline.store import EmbeddingStore  # noqa: E402  (the public Python API for stored embeddings)
+# The public Python API: stored embeddings, and a scikit-learn transformer from image paths to embeddings.
+from pipeline.embedder import ImageEmbedder  # noqa: E402
+from pipeline.store import EmbeddingStore  # noqa: E402
 
-__all__ = ["EmbeddingStore", "__version__"]
+__all__ = ["EmbeddingStore", "ImageEmbedder", "__version__"]

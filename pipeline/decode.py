@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,7 @@ from pipeline.backbones import Preprocessing
 PIXELS_SIZE = 32
 # The raw-pixel baseline: a 32x32 thumbnail by the same resize-then-crop recipe (resize 37, crop 32).
 PIXELS_PREPROCESSING = Preprocessing(resize_size=round(PIXELS_SIZE * 256 / 224), crop_size=PIXELS_SIZE)
+PIXELS_FINGERPRINT = f"pixels:{PIXELS_SIZE}:v1"  # the store's fingerprint of the pixel features
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -34,15 +37,20 @@ class DecodedImage:
         The raw-pixel baseline: float32 ``[32 * 32 * 3]`` in [0, 1].
     error : str
         Why the file was skipped; ``""`` when it decoded.
+    known : bool
+        True when the hash was among the ``known`` ones, so the file was not decoded.
     """
 
     sha256: str
     crops: tuple[np.ndarray, ...] = ()
     pixels: np.ndarray | None = None
     error: str = ""
+    known: bool = False
 
 
-def decode_file(path: str | os.PathLike, preprocessings: Sequence[Preprocessing]) -> DecodedImage:
+def decode_file(
+    path: str | os.PathLike, preprocessings: Sequence[Preprocessing], known: Collection[str] = ()
+) -> DecodedImage:
     """Read, hash and decode one image file; never raises for a bad file.
 
     Parameters
@@ -51,11 +59,14 @@ def decode_file(path: str | os.PathLike, preprocessings: Sequence[Preprocessing]
         The image file.
     preprocessings : sequence of Preprocessing
         The recipes to crop with (one per distinct backbone input).
+    known : collection of str, optional
+        Content hashes whose features are already at hand: such a file is hashed but not decoded.
 
     Returns
     -------
     DecodedImage
-        With ``error`` set, and no crops, when the file cannot be read or decoded.
+        With ``error`` set, and no crops, when the file cannot be read or decoded; with ``known`` set,
+        and no crops, when its hash is in ``known``.
     """
     try:
         with open(path, "rb") as stream:
@@ -63,6 +74,8 @@ def decode_file(path: str | os.PathLike, preprocessings: Sequence[Preprocessing]
     except OSError as error:
         return DecodedImage("", error=f"unreadable: {error.strerror or error}")
     sha256 = hashlib.sha256(data).hexdigest()
+    if sha256 in known:
+        return DecodedImage(sha256, known=True)
     try:
         image = load_rgb(data)
         crops = tuple(resize_center_crop(image, p) for p in preprocessings)
@@ -70,6 +83,39 @@ def decode_file(path: str | os.PathLike, preprocessings: Sequence[Preprocessing]
     except Exception as error:  # Pillow raises many types for damaged or hostile files; each one is a skip
         return DecodedImage(sha256, error=_reason(error))
     return DecodedImage(sha256, crops, pixels)
+
+
+def map_ordered(function: Callable, items: Iterable, workers: int, window: int) -> Iterator:
+    """``map(function, items)`` in ``workers`` threads, results in order, at most ``window`` in flight.
+
+    Decoding releases the GIL in Pillow and hashlib, so threads overlap it with inference; the window
+    keeps memory flat however many items there are.
+    """
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        remaining = iter(items)
+        for item in remaining:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= window:
+                break
+        while pending:
+            future = pending.popleft()
+            following = next(remaining, None)
+            if following is not None:
+                pending.append(pool.submit(function, following))
+            yield future.result()
+
+
+def batches(stream: Iterable, size: int) -> Iterator[list]:
+    """Group a stream into lists of ``size`` (the last may be shorter)."""
+    batch = []
+    for element in stream:
+        batch.append(element)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def load_rgb(data: bytes) -> Image.Image:

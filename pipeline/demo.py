@@ -1,4 +1,4 @@
-"""The one-command demo: every stage that exists, on scikit-learn's bundled digit scans (no download)."""
+"""The one-command demo: export, extract, fit and classify on scikit-learn's bundled digit scans (no download)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from PIL import Image
 
 from pipeline.backbones import BACKBONES
 from pipeline.errors import run_cli
+from pipeline.classify import choose_bundle, run_classify
 from pipeline.export import UNTRAINED_BANNER, describe, export_backbone
 from pipeline.extract import run_extract
+from pipeline.fit import print_summary, run_fit
 from pipeline.store import EmbeddingStore
 from pipeline.weights import imagenet_cache_file
 
@@ -54,13 +56,15 @@ def write_digits(root: Path, per_class: int, seed: int = 0) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Build the digits dataset, export both backbones, extract their embeddings, and report."""
+    """Build the digits dataset, export both backbones, extract, fit, classify the test folder, and report."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported models (default: models/)")
     parser.add_argument("--data", type=Path, default=Path("data/digits"), help="where the images go (default: data/digits)")
     parser.add_argument("--cache", type=Path, default=Path("features/demo.h5"), help="the store (default: features/demo.h5)")
     parser.add_argument("--per-class", type=int, default=30, help="images per digit (default: 30, of about 180)")
     parser.add_argument("--image-size", type=int, default=224, help="input crop size in pixels (default: 224)")
+    parser.add_argument("--classifiers-dir", type=Path, default=Path("models/classifiers"),
+                        help="fitted classifiers and report (default: models/classifiers)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -84,8 +88,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, failures = store.counts(spec.name)
         dim = spec.attrs["embedding_dim"]
         print(f"  /{spec.name:<9} {rows} x {dim} ({spec.embedded} computed now, {failures} failed)")
-    print(f"\ndone in {time.perf_counter() - started:.0f} s. Load the embeddings with "
-          f"pipeline.EmbeddingStore({str(args.cache)!r}).load('resnet50'); fit and classify join this demo next.")
+
+    fit_started = time.perf_counter()
+    print(f"\nfit: logreg and svm on each backbone and on the 32x32 pixels, test = {args.data}/test/")
+    report = run_fit(args.cache, out=args.classifiers_dir, reuse=True)
+    print_summary(report, args.classifiers_dir, time.perf_counter() - fit_started)
+
+    bundle = choose_bundle(None, None, None, args.classifiers_dir)
+    predictions = args.data.with_name(args.data.name + "-test-predictions.csv")
+    print(f"\nclassify: python -m pipeline.classify {args.data}/test --output {predictions} (best by validation: {bundle.name})")
+    counts = run_classify(args.data / "test", bundle, predictions, models_dir=args.models_dir, cache=args.cache,
+                          progress=False)
+    print(f"  {counts['classified']} of {counts['images']} test scans classified, {counts['correct']} correctly "
+          f"({counts['cached']} embeddings reused from the store); rows in {predictions}")
+    if weights == "random":
+        print("\nReminder: the backbones have UNTRAINED random weights here; see the banner above.", file=sys.stderr)
+    print(f"\ndone in {time.perf_counter() - started:.0f} s. Next: python -m pipeline.classify <folder> prints "
+          f"predictions; the report is {args.classifiers_dir / 'report.md'}.")
     return 0
 
 

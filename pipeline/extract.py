@@ -7,9 +7,7 @@ import json
 import os
 import sys
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.backbones import BACKBONES, Preprocessing
-from pipeline.decode import PIXELS_PREPROCESSING, PIXELS_SIZE, DecodedImage, decode_file
+from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_PREPROCESSING, PIXELS_SIZE, DecodedImage, batches, decode_file, map_ordered
 from pipeline.discover import Dataset, ImageRecord, discover
 from pipeline.errors import UserError, run_cli
 from pipeline.manifest import ModelManifest, model_paths
@@ -26,7 +24,6 @@ from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
 from pipeline.weights import parse_weights
 
 EXIT_SKIPPED = 1  # with --strict: the run finished but some files could not be decoded
-PIXELS_FINGERPRINT = f"pixels:{PIXELS_SIZE}:v1"
 UNREADABLE = FileState("", -1, -1)
 JOURNAL_ROWS = 512  # results are journaled at least every this many images...
 JOURNAL_SECONDS = 30.0  # ...or this many seconds, so a kill loses at most that much work
@@ -96,10 +93,7 @@ def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec
     for session in sessions:
         manifest = session.manifest
         spec_input = manifest.input
-        preprocessing = Preprocessing(
-            spec_input["resize_size"], spec_input["size"], tuple(spec_input["mean"]), tuple(spec_input["std"]),
-            spec_input["interpolation"],
-        )
+        preprocessing = manifest.preprocessing
         if preprocessing not in preprocessings:
             preprocessings.append(preprocessing)
         attrs = {
@@ -201,31 +195,8 @@ def decode_stream(
     items: Sequence[WorkItem], dataset: Dataset, preprocessings: Sequence[Preprocessing], workers: int, window: int
 ) -> Iterator[tuple[WorkItem, DecodedImage]]:
     """Decode ``items`` in ``workers`` threads, in order, at most ``window`` ahead: memory stays flat."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: deque = deque()
-        remaining = iter(items)
-        for item in remaining:
-            pending.append((item, pool.submit(decode_file, dataset.absolute(item.record), preprocessings)))
-            if len(pending) >= window:
-                break
-        while pending:
-            item, future = pending.popleft()
-            following = next(remaining, None)
-            if following is not None:
-                pending.append((following, pool.submit(decode_file, dataset.absolute(following.record), preprocessings)))
-            yield item, future.result()
-
-
-def batches(stream: Iterable, size: int) -> Iterator[list]:
-    """Group a stream into lists of ``size`` (the last may be shorter)."""
-    batch = []
-    for element in stream:
-        batch.append(element)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    decode = lambda item: decode_file(dataset.absolute(item.record), preprocessings)  # noqa: E731
+    return zip(items, map_ordered(decode, items, workers, window))
 
 
 def process_batch(batch: Sequence[tuple[WorkItem, DecodedImage]], specs: Sequence[FeatureSpec], segments: dict[str, Segment]) -> None:

@@ -19,6 +19,7 @@ from sklearn.base import clone
 from pipeline.backbones import BACKBONES
 from pipeline.bundle import ClassifierBundle, library_versions, provenance_of
 from pipeline.errors import UserError, run_cli
+from pipeline.files import sha256_file
 from pipeline.heads import CLASSIFIERS, FOLDS, FittedHead, describe_classifier, fit_head
 from pipeline.report import (
     comparison_rows,
@@ -202,8 +203,12 @@ def run_fit(
     folds: int = FOLDS,
     class_weight: str | None = None,
     curve: bool = True,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Fit every classifier on every feature set of the store, score them on the test part, save and report.
+
+    With ``reuse``, a report in ``out`` made from the same store bytes and arguments, whose bundles are
+    all present and unchanged, is returned instead of fitting again.
 
     Returns
     -------
@@ -223,8 +228,14 @@ def run_fit(
         raise UserError(f"--folds {folds} must be at least 2.")
     store = EmbeddingStore(cache)
     features = load_features(store, models)
-    split = make_split(features, test_size, seed, store.path)
     out = Path(out)
+    inputs = {
+        "store_sha256": sha256_file(store.path), "models": list(features), "classifiers": list(classifiers),
+        "test_size": test_size, "seed": seed, "folds": folds, "class_weight": class_weight, "learning_curve": curve,
+    }
+    if reuse and (previous := _previous_report(out, inputs)) is not None:
+        return previous
+    split = make_split(features, test_size, seed, store.path)
     out.mkdir(parents=True, exist_ok=True)
     y = split.labels
     y_train, y_test = y[split.train], y[split.test]
@@ -254,7 +265,22 @@ def run_fit(
                 curves[name] = learning_curve(head, X_train, y_train, X_test, y_test, seed)
         del X, X_train, X_test
     report = _report(store, features, split, results, curves, seed, out)
+    report["inputs"] = inputs
     write_report(out, report)
+    return report
+
+
+def _previous_report(out: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if report.get("inputs") != inputs:
+        return None
+    for bundle in report["bundles"]:
+        path = out / bundle["path"]
+        if not path.exists() or sha256_file(path) != bundle["sha256"]:
+            return None
     return report
 
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.backbones import Preprocessing
 from pipeline.errors import UserError
 from pipeline.files import write_json_atomic
 
@@ -67,6 +68,14 @@ class ModelManifest:
     def untrained(self) -> bool:
         """True when the embeddings come from random weights and so carry no ImageNet knowledge."""
         return self.weights.get("source") == "random"
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How to make this model's input crops from an image."""
+        spec = self.input
+        return Preprocessing(
+            spec["resize_size"], spec["size"], tuple(spec["mean"]), tuple(spec["std"]), spec["interpolation"]
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the manifest as JSON, atomically."""

@@ -39,7 +39,7 @@ def test_small_training_sets_get_an_rbf_svm_large_ones_a_linear_one(monkeypatch)
 
 
 def test_large_training_sets_are_searched_on_a_stratified_sample(monkeypatch):
-    monkeypatch.setattr(heads, "SEARCH_MAX_TRAIN", 30)
+    monkeypatch.setattr(heads, "SEARCH_MAX_TRAIN", {"logreg": 30})
     X, y = data(per_class=40)
     head = fit_head("logreg", X, y, n_jobs=1)
     assert any("stratified sample of" in note and "of 120 training images" in note for note in head.notes)

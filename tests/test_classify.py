@@ -1,0 +1,132 @@
+"""classify end to end: a fitted bundle predicts folders, bad files get error rows, exit codes, choices and checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.bundle import ClassifierBundle
+from pipeline.classify import choose_bundle, run_classify
+from pipeline.errors import UserError
+from pipeline.extract import run_extract
+from pipeline.fit import run_fit
+from pipeline.store import EmbeddingStore
+from tests.images import class_folders, photo, save
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, exported, state_dict_file):
+    """Two classes of generated photos (bright and dark), extracted with resnet50 at 64 px, fitted."""
+    work = tmp_path_factory.mktemp("classify")
+    models_dir = exported("resnet50", 64).onnx_path.parent
+    data = work / "pets"
+    for name, brightness in (("bright", 1.0), ("dark", 0.25)):
+        for i in range(8):
+            save(data / name / f"{i}.png", (photo(48 + i, 40, seed=i + (100 if name == "dark" else 0)) * brightness).astype(np.uint8))
+    weights = str(state_dict_file("resnet50"))
+    run_extract(data, ["resnet50"], work / "pets.h5", models_dir=models_dir, weights=weights, progress=False)
+    report = run_fit(work / "pets.h5", out=work / "classifiers", n_jobs=1, classifiers=["logreg"], curve=False)
+    return work, models_dir, report
+
+
+def new_folder(root, with_bad: bool = True):
+    """A flat folder of new images, plus a corrupt JPEG and a text file named .jpg."""
+    for i in range(3):
+        save(root / f"new{i}.png", photo(50, 44, seed=200 + i))
+    if with_bad:
+        (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this JPEG stops here")
+        (root / "notes.jpg").write_text("a text file with an image name")
+    return root
+
+
+def test_every_good_image_gets_a_prediction_and_bad_ones_an_error_row(fitted, tmp_path):
+    work, models_dir, _ = fitted
+    folder = new_folder(tmp_path / "new")
+    bundle = work / "classifiers" / "resnet50-logreg.joblib"
+    counts = run_classify(folder, bundle, tmp_path / "p.csv", top_k=2, models_dir=models_dir, cache=None, progress=False)
+    assert counts == {"images": 5, "classified": 3, "unreadable": 2, "cached": 0, "labelled": 0, "correct": 0}
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert list(rows[0]) == ["path", "prediction", "probability", "top2", "top2_probability", "error"]
+    by_name = {row["path"].rsplit("/", 1)[1]: row for row in rows}
+    assert set(by_name) == {"new0.png", "new1.png", "new2.png", "corrupt.jpg", "notes.jpg"}
+    for name in ("new0.png", "new1.png", "new2.png"):
+        row = by_name[name]
+        assert row["prediction"] in ("bright", "dark") and row["error"] == "" and row["top2"] != row["prediction"]
+        assert float(row["probability"]) + float(row["top2_probability"]) == pytest.approx(1, abs=1e-5)
+    assert by_name["notes.jpg"]["prediction"] == "" and "not an image" in by_name["notes.jpg"]["error"]
+    assert by_name["corrupt.jpg"]["error"]
+
+
+def test_predictions_equal_the_bundle_on_stored_embeddings_and_reuse_them(fitted, tmp_path):
+    work, models_dir, _ = fitted
+    bundle = ClassifierBundle.load(work / "classifiers" / "resnet50-logreg.joblib")
+    stored = EmbeddingStore(work / "pets.h5").load("resnet50")
+    expected = bundle.pipeline.predict_proba(stored.embeddings)
+    for cache in (None, work / "pets.h5"):
+        out = tmp_path / f"p{cache is None}.jsonl"
+        counts = run_classify(work / "pets", work / "classifiers" / "resnet50-logreg.joblib", out, top_k=1,
+                              models_dir=models_dir, cache=cache, progress=False)
+        assert counts["cached"] == (16 if cache else 0) and counts["labelled"] == 16
+        rows = {json.loads(line)["path"]: json.loads(line) for line in out.read_text().splitlines()}
+        for path, probabilities in zip(stored.paths, expected):
+            row = rows[str(work / "pets" / path)]
+            assert row["prediction"] == bundle.classes[int(np.argmax(probabilities))]
+            assert row["probability"] == pytest.approx(probabilities.max(), abs=1e-4)
+            assert row["label"] == str(stored.classes[stored.labels[list(stored.paths).index(path)]])
+
+
+def test_the_best_bundle_is_chosen_from_the_report_and_checked(fitted, tmp_path):
+    work, _, report = fitted
+    classifiers = work / "classifiers"
+    best = max(report["bundles"], key=lambda b: b["validation_score"])
+    assert choose_bundle(None, None, None, classifiers) == classifiers / best["path"]
+    assert choose_bundle(None, "pixels", None, classifiers).name == "pixels-logreg.joblib"
+    assert choose_bundle(None, "resnet50", "logreg", classifiers).name == "resnet50-logreg.joblib"
+    with pytest.raises(UserError, match="lists no vgg16 classifier"):
+        choose_bundle(None, "vgg16", None, classifiers)
+    with pytest.raises(UserError, match="run fit first"):
+        choose_bundle(None, None, None, tmp_path)
+    copy = tmp_path / "classifiers"
+    copy.mkdir()
+    (copy / "report.json").write_text((classifiers / "report.json").read_text())
+    for listed in report["bundles"]:
+        (copy / listed["path"]).write_bytes(b"tampered")
+    with pytest.raises(UserError, match="is not the file .* lists \\(sha256 differs\\)"):
+        choose_bundle(None, None, None, copy)
+
+
+def test_a_bundle_of_another_model_file_is_refused_naming_both(fitted, tmp_path):
+    work, models_dir, _ = fitted
+    bundle = ClassifierBundle.load(work / "classifiers" / "resnet50-logreg.joblib")
+    bundle.provenance["onnx_sha256"] = "0" * 64
+    bundle.save(tmp_path / "other.joblib")
+    with pytest.raises(UserError, match="was fitted on resnet50 embeddings of ONNX sha256 000000000000 .* but .*resnet50.onnx has sha256"):
+        run_classify(work / "pets", tmp_path / "other.joblib", None, models_dir=models_dir, cache=None)
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pipeline.classify", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_cli_exit_codes_and_table(fitted, tmp_path):
+    work, models_dir, _ = fitted
+    common = ["--classifiers-dir", work / "classifiers", "--models-dir", models_dir, "--cache", work / "pets.h5",
+              "--model", "resnet50"]
+    clean = run(new_folder(tmp_path / "clean", with_bad=False), *common, cwd=tmp_path)
+    assert clean.returncode == 0, clean.stderr
+    assert len(clean.stdout.splitlines()) == 3 and "new0.png  " in clean.stdout
+    assert "classified 3 of 3 images" in clean.stderr
+    mixed = run(new_folder(tmp_path / "mixed"), *common, "--output", tmp_path / "p.csv", cwd=tmp_path)
+    assert mixed.returncode == 1 and "2 files could not be decoded" in mixed.stderr
+    assert len(list(csv.reader(open(tmp_path / "p.csv")))) == 6
+    (tmp_path / "empty").mkdir()
+    for bad in (["empty"], ["clean", "--output", "p.txt"], ["clean", "--top-k", "0"], ["clean", "--batch-size", "0"],
+                ["missing"]):
+        done = run(*bad, *common, cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1, bad
