@@ -1,7 +1,7 @@
 """Time ``pipeline.fit`` on a large synthetic store: N embeddings of D dimensions in C classes.
 
 The embeddings are low-rank, like real backbone features: C class centres and per-image variation in a
-64-dimensional space, projected to D dimensions, plus a little isotropic noise; about 90-95% of them can
+64-dimensional space, projected to D dimensions, plus a little isotropic noise; about 90% of them can
 be told apart linearly.
 
     python benchmarks/bench_fit.py --images 100000 --dim 2048 --classes 10
@@ -28,7 +28,7 @@ LATENT = 64
 def synthetic_embeddings(images: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, images)
-    latent = rng.normal(size=(classes, LATENT))[labels] + 0.9 * rng.normal(size=(images, LATENT))
+    latent = rng.normal(size=(classes, LATENT))[labels] + 3.5 * rng.normal(size=(images, LATENT))
     projection = rng.normal(size=(LATENT, dim)) / np.sqrt(LATENT)
     embeddings = np.maximum(latent @ projection, 0) + 0.05 * rng.normal(size=(images, dim))  # ReLU-like, as avgpool
     return embeddings.astype(np.float32), labels

@@ -74,3 +74,13 @@ def test_same_seed_same_model_and_class_weights_are_recorded():
 def test_unknown_classifier_is_refused():
     with pytest.raises(ValueError, match="unknown classifier 'tree'"):
         heads.search_space("tree", np.zeros((4, 2)), 0, None)
+
+
+def test_a_fit_that_hits_its_iteration_limit_is_noted_not_printed(monkeypatch, capfd):
+    monkeypatch.setattr(heads, "RBF_MAX_TRAIN", 10)
+    monkeypatch.setattr(heads, "LINEAR_SVM_MAX_ITER", 1)
+    X, y = data(spread=3.0)
+    head = fit_head("svm", X, y, n_jobs=2)
+    assert any("stopped at its iteration limit" in note for note in head.notes)
+    assert "ConvergenceWarning" not in capfd.readouterr().err
+    assert not any("iteration limit" in note for note in fit_head("logreg", X, y, n_jobs=1).notes)
