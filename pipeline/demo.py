@@ -92,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fit_started = time.perf_counter()
     print(f"\nfit: logreg and svm on each backbone and on the 32x32 pixels, test = {args.data}/test/")
     report = run_fit(args.cache, out=args.classifiers_dir, reuse=True)
+    if report.get("reused"):
+        print(f"reused the classifiers in {args.classifiers_dir}: fitted on the same store with the same arguments")
     print_summary(report, args.classifiers_dir, time.perf_counter() - fit_started)
 
     bundle = choose_bundle(None, None, None, args.classifiers_dir)

@@ -281,6 +281,7 @@ def _previous_report(out: Path, inputs: dict[str, Any]) -> dict[str, Any] | None
         path = out / bundle["path"]
         if not path.exists() or sha256_file(path) != bundle["sha256"]:
             return None
+    report["reused"] = True  # not written: says this call fitted nothing
     return report
 
 

@@ -1,4 +1,4 @@
-"""The demo: ImageNet weights when cached, else random ones with a banner; every stage that exists."""
+"""The demo: ImageNet weights when cached, else random ones with a banner; every stage, reused on a second run."""
 
 from __future__ import annotations
 
@@ -34,12 +34,20 @@ def test_digits_are_written_once_as_split_class_folders(tmp_path):
 def test_demo_runs_every_stage_and_reuses_its_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     args = ["--models-dir", str(tmp_path / "models"), "--data", str(tmp_path / "digits"),
-            "--cache", str(tmp_path / "demo.h5"), "--per-class", "3", "--image-size", "32"]
+            "--cache", str(tmp_path / "demo.h5"), "--per-class", "3", "--image-size", "32",
+            "--classifiers-dir", str(tmp_path / "classifiers")]
     assert demo.main(args) == 0
     captured = capsys.readouterr()
     assert captured.err.count("UNTRAINED RANDOM WEIGHTS") == 1 and "vgg16 and resnet50" in captured.err
     assert "/vgg16     30 x 4096 (30 computed now" in captured.out
     assert sorted(EmbeddingStore(tmp_path / "demo.h5").feature_sets()) == ["pixels", "resnet50", "vgg16"]
+    for row in ("vgg16 (untrained)     logreg", "resnet50 (untrained)  svm", "pixels                logreg"):
+        assert row in captured.out
+    assert "10 of 10 test scans classified" in captured.out
+    predictions = (tmp_path / "digits-test-predictions.csv").read_text().splitlines()
+    assert len(predictions) == 11 and predictions[0].startswith("path,prediction,probability,top2")
+    report = (tmp_path / "classifiers" / "report.json").read_bytes()
     assert demo.main(args) == 0
     again = capsys.readouterr().out
-    assert "up to date" in again and "(0 computed now" in again
+    assert "up to date" in again and "(0 computed now" in again and "reused" in again
+    assert (tmp_path / "classifiers" / "report.json").read_bytes() == report
