@@ -1,8 +1,8 @@
 """Time ``pipeline.fit`` on a large synthetic store: N embeddings of D dimensions in C classes.
 
 The embeddings are low-rank, like real backbone features: C class centres and per-image variation in a
-64-dimensional space, projected to D dimensions, plus a little isotropic noise; about 90% of them can
-be told apart linearly.
+64-dimensional space, projected to D dimensions, plus a little isotropic noise: a linear classifier
+gets about 74% of a 10-class test part right, so the solvers work about as hard as on real embeddings.
 
     python benchmarks/bench_fit.py --images 100000 --dim 2048 --classes 10
 """
@@ -66,7 +66,7 @@ def main() -> None:
     report = run_fit(store_path, classifiers=args.classifiers, out=work / "out")
     seconds = time.perf_counter() - started
     print_summary(report, work / "out", seconds)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process; joblib workers not included
     print(json.dumps({"images": args.images, "dim": args.dim, "classes": args.classes, "fit_seconds": round(seconds, 1),
                       "peak_rss_mib": round(peak)}))
 

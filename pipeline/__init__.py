@@ -2,8 +2,14 @@
 
 __version__ = "0.1.0"
 
-# The public Python API: stored embeddings, and a scikit-learn transformer from image paths to embeddings.
-from pipeline.embedder import ImageEmbedder  # noqa: E402
-from pipeline.store import EmbeddingStore  # noqa: E402
-
 __all__ = ["EmbeddingStore", "ImageEmbedder", "__version__"]
+_PUBLIC = {"EmbeddingStore": "pipeline.store", "ImageEmbedder": "pipeline.embedder"}
+
+
+def __getattr__(name: str):
+    """The public Python API, imported on first use so that ``python -m pipeline.<stage>`` stays light."""
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -105,8 +105,10 @@ class ClassifierBundle:
             raise UserError(
                 f"{path} is bundle format {payload.get('format_version')}, this version reads {BUNDLE_VERSION}; fit again."
             )
-        fields = {name: payload[name] for name in cls.__dataclass_fields__}
-        return cls(**fields)
+        missing = [name for name in cls.__dataclass_fields__ if name not in payload]
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}: not a complete classifier bundle; fit again.")
+        return cls(**{name: payload[name] for name in cls.__dataclass_fields__})
 
 
 def _fields(bundle: ClassifierBundle) -> dict[str, Any]:

@@ -21,12 +21,14 @@ from pipeline.decode import PIXELS_FINGERPRINT, batches
 from pipeline.discover import discover
 from pipeline.embedder import Embedded, embed_files, stored_features
 from pipeline.errors import UserError, run_cli
-from pipeline.files import atomic_path, sha256_file
+from pipeline.heads import CLASSIFIERS
+from pipeline.files import sha256_file
 from pipeline.runtime import DEVICES, BackboneSession, open_backbone
 from pipeline.store import PIXELS
 
 EXIT_UNREADABLE = 1  # every image got a row, but some could not be decoded (their rows hold the error)
 OUTPUT_FORMATS = (".csv", ".jsonl")
+PARTIAL = ".partial"
 
 
 @dataclass
@@ -224,12 +226,21 @@ def run_classify(
 
 @contextlib.contextmanager
 def _destination(output: Path | None) -> Iterator[TextIO]:
-    """stdout, or a file written beside its final name and renamed when complete."""
+    """stdout, or ``<output>.partial`` renamed to ``output`` when complete.
+
+    A run that stops early leaves its rows so far in the ``.partial`` file rather than a short ``output``
+    that looks complete.
+    """
     if output is None:
         yield sys.stdout
         return
-    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8", newline="") as stream:
+    partial = output.with_name(output.name + PARTIAL)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "w", encoding="utf-8", newline="") as stream:
         yield stream
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(partial, output)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("folder", help="image folder (any layout extract accepts) or CSV manifest")
     parser.add_argument("--classifier", type=Path, help="a bundle file (default: the best in --classifiers-dir/report.json)")
     parser.add_argument("--model", choices=[*BACKBONES, PIXELS], help="choose among bundles of this backbone")
-    parser.add_argument("--classifier-name", choices=("logreg", "svm"), help="choose among bundles of this classifier")
+    parser.add_argument("--classifier-name", choices=CLASSIFIERS, help="choose among bundles of this classifier")
     parser.add_argument("--classifiers-dir", type=Path, default=Path("models/classifiers"), help="fit's --out (default: models/classifiers)")
     parser.add_argument("--output", type=Path, help="write rows to a .csv or .jsonl file (default: print a table)")
     parser.add_argument("--top-k", type=int, default=3, help="classes per image, most probable first (default: 3)")

@@ -245,6 +245,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
 
 
 def _paths(X: Iterable[str | os.PathLike]) -> list[str]:
+    if isinstance(X, (str, os.PathLike)):
+        raise ValueError(f"ImageEmbedder expects a sequence of image paths, got the single path {X!r}; pass [{X!r}]")
     array = np.asarray(list(X) if not hasattr(X, "__array__") else X, dtype=object)
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]

@@ -34,7 +34,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         print(f"error: cannot use {error.filename}: {error.strerror}; check the path and its permissions.", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        print("interrupted: everything written so far is kept; run the same command again to go on.", file=sys.stderr)
+        print("interrupted: finished work is kept; run the same command again to go on.", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(status or 0)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -34,6 +36,7 @@ from pipeline.store import PIXELS, EmbeddingStore, FeatureSet
 CURVE_PER_CLASS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 CURVE_REPEATS = 3  # random draws averaged per point of the learning curve
 MIN_TRAIN_PER_CLASS = 2
+STAGING = ".fit-in-progress"
 
 
 @dataclass
@@ -145,8 +148,6 @@ def make_split(features: dict[str, FeatureSet], test_size: float, seed: int, sto
 
 def _hold_out(labels: np.ndarray, test_size: float, seed: int) -> np.ndarray:
     """Per class, ``test_size`` of the rows (rounded) as test, keeping at least two for training."""
-    if not 0 <= test_size < 1:
-        raise UserError(f"--test-size {test_size} must be at least 0 and below 1.")
     rng = np.random.default_rng(seed)
     part = np.full(len(labels), "train", dtype=object)
     for label in np.unique(labels):
@@ -226,6 +227,10 @@ def run_fit(
             raise UserError(f"unknown classifier {name!r}; choose from: {', '.join(CLASSIFIERS)}.")
     if folds < 2:
         raise UserError(f"--folds {folds} must be at least 2.")
+    if not 0 <= test_size < 1:
+        raise UserError(f"--test-size {test_size} must be at least 0 and below 1.")
+    if n_jobs == 0:
+        raise UserError("--n-jobs 0 runs nothing; use a positive number of parallel fits, or -1 for every core.")
     store = EmbeddingStore(cache)
     features = load_features(store, models)
     out = Path(out)
@@ -236,7 +241,11 @@ def run_fit(
     if reuse and (previous := _previous_report(out, inputs)) is not None:
         return previous
     split = make_split(features, test_size, seed, store.path)
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything is written to a staging folder and moved into ``out`` at the end, report last: until then
+    # the previous report and the bundles it lists stay as they were, whatever stops this run.
+    final_out, out = out, out / STAGING
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     y = split.labels
     y_train, y_test = y[split.train], y[split.test]
     validation = (split.part[split.train] == "validation") if (split.part == "validation").any() else None
@@ -267,7 +276,16 @@ def run_fit(
     report = _report(store, features, split, results, curves, seed, out)
     report["inputs"] = inputs
     write_report(out, report)
+    _publish(out, final_out)
     return report
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move a finished run's files from ``staging`` into ``out``, the report last, and remove ``staging``."""
+    reports = [staging / "report.md", staging / "report.json"]
+    for path in [p for p in sorted(staging.iterdir()) if p not in reports] + reports:
+        os.replace(path, out / path.name)
+    staging.rmdir()
 
 
 def _previous_report(out: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
@@ -290,7 +308,7 @@ def _result(name: str, classifier: str, attrs: dict[str, Any], head: FittedHead,
         "features": name,
         "classifier": classifier,
         "untrained": bool(attrs.get("untrained", False)),
-        "description": describe_classifier(classifier, int(split.train.sum())),
+        "description": describe_classifier(classifier, head.params),
         "selection": head.selection,
         "params": head.params,
         "validation_score": head.validation_score,

@@ -19,7 +19,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils import check_random_state
 
 CLASSIFIERS = ("logreg", "svm")
-SCALERS = {"standard": StandardScaler(), "l2": Normalizer()}
+SCALERS = {"standard": StandardScaler, "l2": Normalizer}
 LOGREG_C = (0.01, 0.1, 1.0, 10.0)
 SVM_C = (0.1, 1.0, 10.0)
 LINEAR_SVM_C = (0.001, 0.01, 0.1)
@@ -58,13 +58,17 @@ class FittedHead:
     notes: list[str] = field(default_factory=list)
 
 
-def describe_classifier(name: str, n_train: int) -> str:
-    """What ``name`` means for a training set of ``n_train`` images, in words."""
+def describe_classifier(name: str, params: dict[str, Any]) -> str:
+    """What classifier ``name`` with the chosen ``params`` is, in words."""
     if name == "logreg":
         return "multinomial logistic regression (lbfgs)"
-    if n_train <= RBF_MAX_TRAIN:
+    if params.get("kernel") == "rbf":
         return "RBF-kernel SVC with sigmoid-calibrated probabilities"
     return "linear SVM (LinearSVC) with sigmoid-calibrated probabilities"
+
+
+def _scalers() -> list:
+    return [make() for make in SCALERS.values()]
 
 
 def search_space(
@@ -75,12 +79,12 @@ def search_space(
         raise ValueError(f"unknown classifier {name!r}; choose from {', '.join(CLASSIFIERS)}")
     if name == "logreg":
         clf = LogisticRegression(max_iter=2000, class_weight=class_weight)
-        grid = [{"scale": list(SCALERS.values()), "clf__C": list(LOGREG_C)}]
+        grid = [{"scale": _scalers(), "clf__C": list(LOGREG_C)}]
     elif len(X) <= RBF_MAX_TRAIN:
         clf = SVC(kernel="rbf", class_weight=class_weight, random_state=seed)
         # gamma is relative to each scaling: a standardised and an L2-normalised row differ in norm by sqrt(D)
         grid = []
-        for scaler in SCALERS.values():
+        for scaler in _scalers():
             scale_gamma = 1.0 / (X.shape[1] * max(float(clone(scaler).fit_transform(X).var()), 1e-12))
             grid.append({
                 "scale": [scaler], "clf__C": list(SVM_C), "clf__gamma": [scale_gamma * f for f in RBF_GAMMA_FACTORS],
@@ -88,7 +92,7 @@ def search_space(
     else:
         # liblinear slows down sharply as C grows on dense, high-dimensional rows: small Cs, bounded iterations
         clf = LinearSVC(C=1.0, class_weight=class_weight, random_state=seed, max_iter=LINEAR_SVM_MAX_ITER)
-        grid = [{"scale": list(SCALERS.values()), "clf__C": list(LINEAR_SVM_C)}]
+        grid = [{"scale": _scalers(), "clf__C": list(LINEAR_SVM_C)}]
     return Pipeline([("scale", StandardScaler()), ("clf", clf)]), grid
 
 
@@ -150,7 +154,8 @@ def fit_head(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         search.fit(Xs, ys)
-        chosen = clone(estimator).set_params(**search.best_params_)
+        # the grid's scaler objects are the search's own: the chosen pipeline gets unfitted copies
+        chosen = clone(estimator).set_params(**{key: clone(value, safe=False) for key, value in search.best_params_.items()})
         final = _calibrated(chosen, y, n_jobs) if name == "svm" else chosen
         final.fit(X, y)
     if name == "svm":
@@ -198,7 +203,7 @@ def _smallest_class(y: np.ndarray) -> int:
 
 def _params(chosen: Pipeline) -> dict[str, Any]:
     scaler = chosen.named_steps["scale"]
-    params: dict[str, Any] = {"scale": "standard" if isinstance(scaler, StandardScaler) else "l2"}
+    params: dict[str, Any] = {"scale": next(k for k, kind in SCALERS.items() if isinstance(scaler, kind))}
     clf = chosen.named_steps["clf"]
     params["C"] = float(clf.C)
     if isinstance(clf, SVC):

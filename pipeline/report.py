@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -59,15 +61,11 @@ def evaluate(probabilities: np.ndarray, y_true: np.ndarray, classes: Sequence[st
 
 def confusion_figure(confusion: np.ndarray, classes: Sequence[str], title: str, path: str | os.PathLike) -> None:
     """Save a confusion matrix, normalised by true class, as a PNG (counts in the cells when it fits)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     confusion = np.asarray(confusion, dtype=float)
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     size = min(4 + 0.35 * len(classes), 30)
-    figure, axes = plt.subplots(figsize=(size, size * 0.85))
+    figure = Figure(figsize=(size, size * 0.85))
+    axes = figure.subplots()
     image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(image, ax=axes, label="share of the true class")
     ticks = np.arange(len(classes))
@@ -83,21 +81,16 @@ def confusion_figure(confusion: np.ndarray, classes: Sequence[str], title: str, 
                           color="white" if rates[row, column] > 0.5 else "black", fontsize=8)
     figure.tight_layout()
     _save_png(figure, path)
-    plt.close(figure)
 
 
 def learning_curve_figure(curves: dict[str, dict[str, Any]], title: str, path: str | os.PathLike) -> None:
     """Save test accuracy against training images per class, one line per feature set, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
     for name, curve in curves.items():
         axes.plot(curve["per_class"], curve["accuracy"], marker="o", label=curve.get("label", name))
     axes.set_xscale("log")
-    axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.xaxis.set_major_formatter(ScalarFormatter())
     axes.set_xlabel("training images per class (log scale; the last point uses them all)")
     axes.set_ylabel("test accuracy")
     axes.set_ylim(0, 1.02)
@@ -106,11 +99,11 @@ def learning_curve_figure(curves: dict[str, dict[str, Any]], title: str, path: s
     axes.set_title(title)
     figure.tight_layout()
     _save_png(figure, path)
-    plt.close(figure)
 
 
-def _save_png(figure: Any, path: str | os.PathLike) -> None:
-    # A fixed creation-time-free metadata keeps two runs' figures byte-identical.
+def _save_png(figure: Figure, path: str | os.PathLike) -> None:
+    # A Figure made without pyplot renders with Agg and leaves the user's interactive backend alone;
+    # no Software stamp keeps two runs' figures byte-identical.
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
 

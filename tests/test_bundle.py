@@ -46,6 +46,7 @@ def test_saving_twice_gives_the_same_bytes(tmp_path):
     (b"not a pickle at all", "is not a readable classifier bundle"),
     ({"some": "dict"}, "is not a classifier bundle written by pipeline.fit"),
     ({"format": "pipeline.classifier-bundle", "format_version": 99}, "is bundle format 99"),
+    ({"format": "pipeline.classifier-bundle", "format_version": 1, "classes": []}, "lacks pipeline, features"),
 ])
 def test_files_that_are_not_bundles_get_one_clear_error(tmp_path, content, message):
     path = tmp_path / "x.joblib"

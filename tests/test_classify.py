@@ -16,7 +16,7 @@ from pipeline.errors import UserError
 from pipeline.extract import run_extract
 from pipeline.fit import run_fit
 from pipeline.store import EmbeddingStore
-from tests.images import class_folders, photo, save
+from tests.images import photo, save
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,20 @@ def test_predictions_equal_the_bundle_on_stored_embeddings_and_reuse_them(fitted
             assert row["label"] == str(stored.classes[stored.labels[list(stored.paths).index(path)]])
 
 
+def test_a_pixel_baseline_bundle_classifies_and_jsonl_rows_carry_errors(fitted, tmp_path):
+    work, models_dir, _ = fitted
+    folder = new_folder(tmp_path / "new")
+    counts = run_classify(folder, work / "classifiers" / "pixels-logreg.joblib", tmp_path / "p.jsonl", top_k=5,
+                          models_dir=tmp_path / "no-models-needed", cache=work / "pets.h5", progress=False)
+    assert counts["classified"] == 3 and counts["unreadable"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    good = [row for row in rows if not row["error"]]
+    assert len(good) == 3 and all(len(row["top_k"]) == 2 and row["prediction"] == row["top_k"][0]["class"] for row in good)
+    bad = [row for row in rows if row["error"]]
+    assert all(row["prediction"] is None and row["probability"] is None and row["top_k"] == [] for row in bad)
+    assert not (tmp_path / "p.jsonl.partial").exists()
+
+
 def test_the_best_bundle_is_chosen_from_the_report_and_checked(fitted, tmp_path):
     work, _, report = fitted
     classifiers = work / "classifiers"
@@ -127,6 +141,6 @@ def test_cli_exit_codes_and_table(fitted, tmp_path):
     assert len(list(csv.reader(open(tmp_path / "p.csv")))) == 6
     (tmp_path / "empty").mkdir()
     for bad in (["empty"], ["clean", "--output", "p.txt"], ["clean", "--top-k", "0"], ["clean", "--batch-size", "0"],
-                ["missing"]):
+                ["missing"], ["clean", "--classifier", work / "classifiers" / "resnet50-logreg.joblib"]):
         done = run(*bad, *common, cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1, bad

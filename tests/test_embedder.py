@@ -97,3 +97,5 @@ def test_a_missing_model_is_a_clear_error(tmp_path):
         ImageEmbedder("vgg16", models_dir=tmp_path).fit()
     with pytest.raises(ValueError, match="on_error='skip' must be one of"):
         ImageEmbedder(on_error="skip").fit()
+    with pytest.raises(ValueError, match="got the single path 'a.jpg'; pass \\['a.jpg'\\]"):
+        ImageEmbedder("pixels").fit().transform("a.jpg")

@@ -82,7 +82,6 @@ def test_same_seed_reproduces_the_fit_exactly(tmp_path):
 
 
 
-
 def test_recorded_train_validation_test_split(tmp_path):
     split = lambda i, label: "test" if i < 3 else "validation" if i < 6 else "train"
     synthetic_store(tmp_path / "s.h5", per_class=15, classes=3, split=split, features={"resnet50": (8, 0.3)})
@@ -91,6 +90,55 @@ def test_recorded_train_validation_test_split(tmp_path):
     assert (report["data"]["n_train"], report["data"]["n_validation"], report["data"]["n_test"]) == (36, 9, 9)
     assert {r["selection"] for r in report["results"]} == {"scored on the recorded validation split"}
     assert report["learning_curve"] is None
+
+
+def test_the_test_part_chooses_nothing(tmp_path):
+    split = lambda i, label: "test" if i < 4 else "train"
+    noise = lambda name, X: np.where((np.arange(len(X)) % 16 < 4)[:, None], 100 * np.sin(X * 7), X)
+    synthetic_store(tmp_path / "a.h5", per_class=16, classes=3, split=split, features={"resnet50": (8, 1.0)})
+    synthetic_store(tmp_path / "b.h5", per_class=16, classes=3, split=split, features={"resnet50": (8, 1.0)}, edit=noise)
+    clean, noisy = (run_fit(tmp_path / f"{n}.h5", out=tmp_path / n, n_jobs=1, curve=False) for n in "ab")
+    for a, b in zip(clean["results"], noisy["results"]):
+        assert (a["params"], a["validation_score"]) == (b["params"], b["validation_score"])
+        assert a["test"]["accuracy"] > b["test"]["accuracy"]
+
+
+def test_reuse_only_when_store_arguments_and_bundles_are_unchanged(tmp_path):
+    store = synthetic_store(tmp_path / "s.h5", per_class=8, classes=2, features={"resnet50": (4, 0.5)})
+    kwargs = dict(out=tmp_path / "o", n_jobs=1, classifiers=["logreg"], curve=False, reuse=True)
+    assert "reused" not in run_fit(store.path, **kwargs)
+    assert run_fit(store.path, **kwargs)["reused"]
+    assert "reused" not in run_fit(store.path, **{**kwargs, "seed": 1})
+    assert run_fit(store.path, **{**kwargs, "seed": 1})["reused"]
+    (tmp_path / "o" / "resnet50-logreg.joblib").write_bytes(b"changed")
+    assert "reused" not in run_fit(store.path, **{**kwargs, "seed": 1})
+
+
+def test_an_interrupted_fit_leaves_the_previous_report_and_bundles(tmp_path, monkeypatch):
+    store = synthetic_store(tmp_path / "s.h5", per_class=8, classes=2, features={"resnet50": (4, 0.5), PIXELS: (4, 2)})
+    run_fit(store.path, out=tmp_path / "o", n_jobs=1, classifiers=["logreg"], curve=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+    monkeypatch.setattr(fit, "fit_head", _stopping_after(1))
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(store.path, out=tmp_path / "o", n_jobs=1, classifiers=["logreg"], curve=False, seed=3)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir() if p.is_file()}
+    assert after == before
+    monkeypatch.undo()
+    report = run_fit(store.path, out=tmp_path / "o", n_jobs=1, classifiers=["logreg"], curve=False, seed=3)
+    assert report["seed"] == 3 and not (tmp_path / "o" / fit.STAGING).exists()
+
+
+def _stopping_after(fits: int):
+    """A fit_head that works ``fits`` times, then behaves like Ctrl-C."""
+    real, done = fit.fit_head, []
+
+    def fit_head(*args, **kwargs):
+        if len(done) == fits:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real(*args, **kwargs)
+
+    return fit_head
 
 
 def test_unlabelled_rows_are_left_out_and_models_can_be_chosen(tmp_path):
@@ -126,6 +174,12 @@ def nan_rows(name, X):
     return X
 
 
+def inf_rows(name, X):
+    if name == PIXELS:
+        X[5, 0] = -np.inf
+    return X
+
+
 @pytest.mark.parametrize("make, kwargs, message", [
     (None, {}, "no embedding store at"),
     (dict(per_class=10, classes=2, unlabelled=0, features={"resnet50": (4, 1.0)}), {"models": ["vgg16"]},
@@ -133,17 +187,21 @@ def nan_rows(name, X):
     (dict(per_class={"only": 10}), {}, "labelled images of only one class \\('only'\\)"),
     (dict(per_class={"a": 10, "b": 1}), {}, "class 'b' has 1 training image\\(s\\).*at least 2 per class"),
     (dict(per_class=10, classes=2, edit=nan_rows), {}, "1 resnet50 embeddings hold NaN or infinite values \\(first: "),
+    (dict(per_class=10, classes=2, edit=inf_rows), {}, "1 pixels embeddings hold NaN or infinite values"),
+    (dict(per_class=10, classes=2), {"n_jobs": 0}, "--n-jobs 0 runs nothing"),
     (dict(per_class=10, classes=2), {"classifiers": ["tree"]}, "unknown classifier 'tree'"),
     (dict(per_class=10, classes=2), {"test_size": 1.0}, "--test-size 1.0 must be"),
+    (dict(per_class=10, classes=2, split=lambda i, label: "test" if i < 2 else "train"), {"test_size": 5},
+     "--test-size 5 must be"),
 ])
 def test_bad_input_gets_one_clear_error(tmp_path, make, kwargs, message):
     if make is not None:
         synthetic_store(tmp_path / "s.h5", **make)
     with pytest.raises(UserError, match=message):
-        run_fit(tmp_path / "s.h5", out=tmp_path / "o", n_jobs=1, **kwargs)
+        run_fit(tmp_path / "s.h5", out=tmp_path / "o", **{"n_jobs": 1, **kwargs})
 
 
-def test_a_store_without_labels_is_refused(tmp_path, monkeypatch):
+def test_a_store_without_labels_is_refused(tmp_path):
     store = synthetic_store(tmp_path / "s.h5", per_class={"a": 0}, unlabelled=6)
     with pytest.raises(UserError, match="has no labelled images to fit on"):
         run_fit(store.path, out=tmp_path / "o")
