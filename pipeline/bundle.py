@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from dataclasses import dataclass, field
@@ -118,7 +119,10 @@ def _fields(bundle: ClassifierBundle) -> dict[str, Any]:
 
 def provenance_of(attrs: dict[str, Any]) -> dict[str, Any]:
     """The provenance a bundle keeps from a store group's attributes, as plain JSON-ready values."""
-    return {key: _plain(attrs[key]) for key in PROVENANCE_ATTRS if key in attrs}
+    provenance = {key: _plain(attrs[key]) for key in PROVENANCE_ATTRS if key in attrs}
+    if isinstance(provenance.get("weights"), str):  # the store keeps it as a JSON string attribute
+        provenance["weights"] = json.loads(provenance["weights"])
+    return provenance
 
 
 def _plain(value: Any) -> Any:

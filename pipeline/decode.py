@@ -8,6 +8,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ PIXELS_SIZE = 32
 PIXELS_PREPROCESSING = Preprocessing(resize_size=round(PIXELS_SIZE * 256 / 224), crop_size=PIXELS_SIZE)
 PIXELS_FINGERPRINT = f"pixels:{PIXELS_SIZE}:v1"  # the store's fingerprint of the pixel features
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+T = TypeVar("T")
+R = TypeVar("R")
 _RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -85,7 +88,10 @@ def decode_file(
     return DecodedImage(sha256, crops, pixels)
 
 
-def map_ordered(function: Callable, items: Iterable, workers: int, window: int) -> Iterator:
+_END = object()
+
+
+def map_ordered(function: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
     """``map(function, items)`` in ``workers`` threads, results in order, at most ``window`` in flight.
 
     Decoding releases the GIL in Pillow and hashlib, so threads overlap it with inference; the window
@@ -100,8 +106,8 @@ def map_ordered(function: Callable, items: Iterable, workers: int, window: int) 
                 break
         while pending:
             future = pending.popleft()
-            following = next(remaining, None)
-            if following is not None:
+            following = next(remaining, _END)
+            if following is not _END:
                 pending.append(pool.submit(function, following))
             yield future.result()
 

@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.backbones import BACKBONES
-from pipeline.errors import run_cli
 from pipeline.classify import choose_bundle, run_classify
+from pipeline.errors import run_cli
 from pipeline.export import UNTRAINED_BANNER, describe, export_backbone
 from pipeline.extract import run_extract
 from pipeline.fit import print_summary, run_fit

@@ -241,6 +241,9 @@ def run_fit(
     if reuse and (previous := _previous_report(out, inputs)) is not None:
         return previous
     split = make_split(features, test_size, seed, store.path)
+    if curve and "logreg" not in classifiers:
+        warnings.warn("the learning curve is drawn with logreg, which is not among --classifiers; no curve this time.",
+                      stacklevel=2)
     # Everything is written to a staging folder and moved into ``out`` at the end, report last: until then
     # the previous report and the bundles it lists stay as they were, whatever stops this run.
     final_out, out = out, out / STAGING
@@ -335,9 +338,7 @@ def _report(
             name: {
                 "description": feature_description(name, fs.attrs),
                 "untrained": bool(fs.attrs.get("untrained", False)),
-                "provenance": provenance_of(fs.attrs) | (
-                    {"weights": json.loads(fs.attrs["weights"])} if "weights" in fs.attrs else {}
-                ),
+                "provenance": provenance_of(fs.attrs),
             }
             for name, fs in features.items()
         },

@@ -41,7 +41,8 @@ class FittedHead:
     params : dict
         The chosen hyper-parameters, JSON-ready (e.g. ``{"scale": "standard", "C": 0.1}``).
     validation_score : float
-        Mean accuracy of the chosen setting on the validation folds (or the validation split).
+        Mean accuracy (balanced accuracy with class weights) of the chosen setting on the validation folds
+        (or the validation split).
     selection : str
         How it was chosen, in words.
     seconds : float
@@ -149,7 +150,8 @@ def fit_head(
             notes.append(f"{n_splits} folds instead of {folds}: the smallest class has {smallest} training images")
         splitter = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
         selection = f"{n_splits}-fold stratified cross-validation"
-    search = GridSearchCV(estimator, grid, scoring="accuracy", cv=splitter, n_jobs=n_jobs, refit=False)
+    scoring = "balanced_accuracy" if class_weight else "accuracy"  # weighting classes means every class counts alike
+    search = GridSearchCV(estimator, grid, scoring=scoring, cv=splitter, n_jobs=n_jobs, refit=False)
     # Fits in joblib workers would print their ConvergenceWarnings; convergence is read from n_iter_ instead.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
