@@ -280,8 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                           args.models_dir, args.cache, args.workers)
     accuracy = f"; {counts['correct']}/{counts['labelled']} match their folder's label" if counts["labelled"] else ""
     where = f" into {args.output}" if args.output else ""
+    reused = (f"{counts['cached']} embeddings reused from {args.cache}" if args.cache.exists()
+              else f"no store at {args.cache} to reuse embeddings from")
     print(f"classified {counts['classified']} of {counts['images']} images with {bundle_path}{where} "
-          f"({counts['cached']} embeddings reused from {args.cache}){accuracy}.", file=sys.stderr)
+          f"({reused}){accuracy}.", file=sys.stderr)
     if counts["unreadable"]:
         print(f"{counts['unreadable']} files could not be decoded; their rows hold the reason.", file=sys.stderr)
         return EXIT_UNREADABLE

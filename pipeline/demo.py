@@ -105,8 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({counts['cached']} embeddings reused from the store); rows in {predictions}")
     if weights == "random":
         print("\nReminder: the backbones have UNTRAINED random weights here; see the banner above.", file=sys.stderr)
-    print(f"\ndone in {time.perf_counter() - started:.0f} s. Next: python -m pipeline.classify <folder> prints "
-          f"predictions; the report is {args.classifiers_dir / 'report.md'}.")
+    print(f"\ndone in {time.perf_counter() - started:.0f} s. The report is {args.classifiers_dir / 'report.md'}. Next: "
+          f"python -m pipeline.classify <folder> --cache {args.cache} prints predictions.")
     return 0
 
 

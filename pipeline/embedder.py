@@ -12,6 +12,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from tqdm import tqdm
 
+from pipeline.backbones import BACKBONES
 from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_SIZE, batches, decode_file, map_ordered
 from pipeline.errors import UserError
 from pipeline.runtime import BackboneSession, available_cores, open_backbone
@@ -178,6 +179,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             raise ValueError(f"on_error={self.on_error!r} must be one of {ON_ERROR}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+        if self.model not in (*BACKBONES, PIXELS):
+            raise ValueError(f"model={self.model!r} is not one of {', '.join((*BACKBONES, PIXELS))}")
         self.__dict__.pop("_session", None)
         session = None if self.model == PIXELS else open_backbone(self.models_dir, self.model, self.device)
         self._session = session

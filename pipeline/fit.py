@@ -263,8 +263,8 @@ def run_fit(
             if len(y_test):
                 result["test"] = evaluate(head.pipeline.predict_proba(X_test), y_test, split.classes)
                 figure = f"confusion-{name}-{classifier}.png"
-                confusion_figure(np.array(result["test"]["confusion"]), split.classes,
-                                 f"{name} + {classifier}: test accuracy {result['test']['accuracy']:.3f}", out / figure)
+                title = f"{_label(name, feature_set.attrs)} + {classifier}: test accuracy {result['test']['accuracy']:.3f}"
+                confusion_figure(np.array(result["test"]["confusion"]), split.classes, title, out / figure)
                 result["confusion_figure"] = figure
             bundle = ClassifierBundle(
                 head.pipeline, split.classes, name, classifier, provenance_of(feature_set.attrs), head.params,
@@ -275,6 +275,7 @@ def run_fit(
             results.append(result)
             if classifier == "logreg" and curve and len(y_test):
                 curves[name] = learning_curve(head, X_train, y_train, X_test, y_test, seed)
+                curves[name]["label"] = _label(name, feature_set.attrs)
         del X, X_train, X_test
     report = _report(store, features, split, results, curves, seed, out)
     report["inputs"] = inputs
@@ -304,6 +305,10 @@ def _previous_report(out: Path, inputs: dict[str, Any]) -> dict[str, Any] | None
             return None
     report["reused"] = True  # not written: says this call fitted nothing
     return report
+
+
+def _label(name: str, attrs: dict[str, Any]) -> str:
+    return f"{name} (untrained)" if attrs.get("untrained") else name
 
 
 def _result(name: str, classifier: str, attrs: dict[str, Any], head: FittedHead, split: Split) -> dict[str, Any]:
@@ -368,7 +373,10 @@ def _report(
                 "Logistic regression with each feature set's chosen hyper-parameters, trained on n random images "
                 f"per class (mean of {CURVE_REPEATS} draws) and scored on the whole test part; the last point uses "
                 "every training image. The gap between the pixel baseline and a backbone is what transfer "
-                "learning adds on this data."
+                "learning adds on this data" + (
+                    "; not here, where some backbones have UNTRAINED random weights."
+                    if any(fs.attrs.get("untrained") for fs in features.values()) else "."
+                )
             ),
             "curves": curves,
         }

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FormatStrFormatter
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -90,7 +90,7 @@ def learning_curve_figure(curves: dict[str, dict[str, Any]], title: str, path: s
     for name, curve in curves.items():
         axes.plot(curve["per_class"], curve["accuracy"], marker="o", label=curve.get("label", name))
     axes.set_xscale("log")
-    axes.xaxis.set_major_formatter(ScalarFormatter())
+    axes.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     axes.set_xlabel("training images per class (log scale; the last point uses them all)")
     axes.set_ylabel("test accuracy")
     axes.set_ylim(0, 1.02)

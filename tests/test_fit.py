@@ -141,6 +141,14 @@ def _stopping_after(fits: int):
     return fit_head
 
 
+def test_untrained_features_are_flagged_in_figures_and_text(tmp_path):
+    store = synthetic_store(tmp_path / "s.h5", per_class=8, classes=2, untrained=True, features={"resnet50": (4, 0.5), PIXELS: (4, 2)})
+    report = run_fit(store.path, out=tmp_path / "o", n_jobs=1, classifiers=["logreg"])
+    assert report["learning_curve"]["curves"]["resnet50"]["label"] == "resnet50 (untrained)"
+    assert report["learning_curve"]["description"].endswith("some backbones have UNTRAINED random weights.")
+    assert "**resnet50: UNTRAINED random weights" in (tmp_path / "o" / "report.md").read_text()
+
+
 def test_unlabelled_rows_are_left_out_and_models_can_be_chosen(tmp_path):
     synthetic_store(tmp_path / "s.h5", per_class=10, classes=2, unlabelled=5)
     report = run_fit(tmp_path / "s.h5", models=["resnet50"], classifiers=["logreg"], out=tmp_path / "o", n_jobs=1)
