@@ -136,6 +136,13 @@ def make_split(features: dict[str, FeatureSet], test_size: float, seed: int, sto
         part[recorded == "validation"] = np.where(part[recorded == "validation"] == "test", "test", "validation")
         source = f"a stratified hold-out of {test_size:.0%} per class (seed {seed})"
     split = Split(paths, labels, classes, part.astype(str), source)
+    fitting = np.bincount(labels[split.part == "train"], minlength=len(classes))
+    if (split.part == "validation").any() and fitting.min() == 0:
+        name = classes[int(fitting.argmin())]
+        raise UserError(
+            f"class {name!r} in {store_path} has all its training images in the validation split, so no setting can "
+            "learn it; move some of them to train/."
+        )
     counts = np.bincount(labels[split.train], minlength=len(classes))
     if counts.min() < MIN_TRAIN_PER_CLASS:
         name = classes[int(counts.argmin())]

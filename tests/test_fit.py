@@ -198,6 +198,8 @@ def inf_rows(name, X):
     (dict(per_class=10, classes=2, edit=inf_rows), {}, "1 pixels embeddings hold NaN or infinite values"),
     (dict(per_class=10, classes=2), {"n_jobs": 0}, "--n-jobs 0 runs nothing"),
     (dict(per_class=10, classes=2), {"classifiers": ["tree"]}, "unknown classifier 'tree'"),
+    (dict(per_class=6, classes=2, split=lambda i, label: "test" if i < 2 else "validation" if label == "class1" else "train"),
+     {}, "class 'class1' .* has all its training images in the validation split"),
     (dict(per_class=10, classes=2), {"test_size": 1.0}, "--test-size 1.0 must be"),
     (dict(per_class=10, classes=2, split=lambda i, label: "test" if i < 2 else "train"), {"test_size": 5},
      "--test-size 5 must be"),
