@@ -16,6 +16,7 @@ EXTRACT_ARGS ?=
 CLASSIFIERS_DIR ?= models/classifiers
 FIT_ARGS ?=
 PYTEST_ARGS ?=
+PRECISION ?= auto
 
 .PHONY: help install test test-fast models extract fit demo clean
 
@@ -23,7 +24,7 @@ help:
 	@echo "make demo        run the pipeline end to end on built-in data"
 	@echo "make test        run the test suite (make test-fast skips the slow parity tests)"
 	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' WEIGHTS=$(WEIGHTS) IMAGE_SIZE=$(IMAGE_SIZE)"
-	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)'"
+	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)' PRECISION=$(PRECISION)"
 	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE) into CLASSIFIERS_DIR=$(CLASSIFIERS_DIR) (FIT_ARGS=...)"
 	@echo "make install     only create $(VENV) and install the project"
 	@echo "make clean       remove $(VENV) (models/ and features/ are kept)"
@@ -46,13 +47,13 @@ models: $(INSTALLED)
 
 extract: $(INSTALLED)
 	@test -n "$(DATA)" || { echo "error: say which images to embed: make extract DATA=path/to/folder (or a CSV file)."; exit 2; }
-	$(PY) -m pipeline.extract "$(DATA)" --models $(MODELS) --cache $(CACHE) --models-dir $(MODELS_DIR) --weights $(WEIGHTS) $(EXTRACT_ARGS)
+	$(PY) -m pipeline.extract "$(DATA)" --models $(MODELS) --cache $(CACHE) --models-dir $(MODELS_DIR) --weights $(WEIGHTS) --precision $(PRECISION) $(EXTRACT_ARGS)
 
 fit: $(INSTALLED)
 	$(PY) -m pipeline.fit --cache $(CACHE) --out $(CLASSIFIERS_DIR) $(FIT_ARGS)
 
 demo: $(INSTALLED)
-	$(PY) -m pipeline.demo --models-dir $(MODELS_DIR)
+	$(PY) -m pipeline.demo --models-dir $(MODELS_DIR) --precision $(PRECISION)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -22,7 +22,8 @@ BUNDLE_FORMAT = "pipeline.classifier-bundle"
 BUNDLE_VERSION = 1
 PROVENANCE_ATTRS = (
     "kind", "model", "onnx_file", "onnx_sha256", "fingerprint", "weights_id", "weights", "untrained", "image_size",
-    "resize_size", "interpolation", "precision", "embedding_dim", "embedding_layer",
+    "resize_size", "interpolation", "precision", "source_onnx_sha256", "calibration_images", "calibration_sha256",
+    "embedding_dim", "embedding_layer",
 )
 
 
@@ -45,7 +46,7 @@ class ClassifierBundle:
     classes : list of str
         Class names; ``pipeline`` predicts indices into this list.
     features : str
-        The feature set: a backbone name (``resnet50``) or ``pixels``.
+        The feature set: a backbone name (``resnet50``), a precision variant (``resnet50-int8``) or ``pixels``.
     classifier : str
         ``logreg`` or ``svm``.
     provenance : dict

@@ -23,6 +23,7 @@ from pipeline.embedder import Embedded, embed_files, stored_features
 from pipeline.errors import UserError, run_cli
 from pipeline.heads import CLASSIFIERS
 from pipeline.files import sha256_file
+from pipeline.manifest import PRECISIONS, variant_name
 from pipeline.runtime import DEVICES, BackboneSession, open_backbone
 from pipeline.store import PIXELS
 
@@ -80,16 +81,37 @@ def choose_bundle(
     return path
 
 
-def open_features(bundle: ClassifierBundle, bundle_path: Path, models_dir: Path, device: str) -> BackboneSession | None:
-    """The backbone the bundle was fitted on, checked by ONNX sha256 (None for the pixel baseline)."""
+def open_features(
+    bundle: ClassifierBundle, bundle_path: Path, models_dir: Path, device: str,
+    precision: str = "auto", allow_precision_change: bool = False,
+) -> BackboneSession | None:
+    """The backbone the bundle was fitted on, checked by ONNX sha256 (None for the pixel baseline).
+
+    ``precision`` ``auto`` is the bundle's own. Another precision of the same fp32 export is refused
+    unless ``allow_precision_change``: its embeddings differ slightly from those the classifier learnt.
+    """
     if bundle.features == PIXELS:
         return None
-    session = open_backbone(models_dir, bundle.features, device)
-    if session.manifest.onnx_sha256 != bundle.onnx_sha256:
+    fitted = bundle.provenance.get("precision", "fp32")
+    model = bundle.provenance.get("model") or bundle.features
+    wanted = fitted if precision == "auto" else precision
+    if wanted != fitted and not allow_precision_change:
         raise UserError(
-            f"{bundle_path} was fitted on {bundle.features} embeddings of ONNX sha256 {bundle.onnx_sha256[:12]} "
+            f"{bundle_path} was fitted on {fitted} embeddings ({bundle.features}), not {wanted}; classify with "
+            f"--precision {fitted}, fit a classifier on {variant_name(model, wanted)} features, or pass "
+            "--allow-precision-change to use it anyway (predictions may shift slightly)."
+        )
+    session = open_backbone(models_dir, variant_name(model, wanted), device)
+    if wanted == fitted:
+        expected, actual = bundle.onnx_sha256, session.manifest.onnx_sha256
+    else:  # another precision: it must derive from the same fp32 export
+        expected = bundle.provenance.get("source_onnx_sha256", bundle.onnx_sha256)
+        actual = session.manifest.source_sha256
+    if actual != expected:
+        raise UserError(
+            f"{bundle_path} was fitted on {bundle.features} embeddings of ONNX sha256 {expected[:12]} "
             f"({bundle.provenance.get('weights_id')}), but {session.onnx_path} has sha256 "
-            f"{session.manifest.onnx_sha256[:12]} ({session.manifest.weights_id}); export that model again or "
+            f"{actual[:12]} ({session.manifest.weights_id}); export that model again or "
             "use a classifier fitted on this one."
         )
     return session
@@ -173,8 +195,12 @@ def run_classify(
     cache: Path | None = Path("features/embeddings.h5"),
     workers: int | None = None,
     progress: bool | None = None,
+    precision: str = "auto",
+    allow_precision_change: bool = False,
 ) -> dict[str, Any]:
     """Classify every image of ``folder`` and write the rows to ``output`` (or print them).
+
+    ``precision`` ``auto`` runs the backbone at the precision the classifier was fitted on.
 
     Returns
     -------
@@ -194,8 +220,11 @@ def run_classify(
     if bundle.provenance.get("untrained"):
         print(f"warning: {bundle_path} was fitted on UNTRAINED random-weight features; its predictions show the "
               "pipeline works, not what transfer learning can do.", file=sys.stderr)
-    session = open_features(bundle, bundle_path, models_dir, device)
-    known = stored_features(cache, bundle.features, bundle.onnx_sha256 or PIXELS_FINGERPRINT)
+    session = open_features(bundle, bundle_path, models_dir, device, precision, allow_precision_change)
+    if session is None:
+        known = stored_features(cache, PIXELS, PIXELS_FINGERPRINT)
+    else:
+        known = stored_features(cache, session.manifest.name, session.manifest.onnx_sha256)
     shown = [os.path.join(os.fspath(folder), r.path) if dataset.layout != "csv" else str(dataset.absolute(r))
              for r in dataset.records]
     labels = {path: r.label for path, r in zip(shown, dataset.records)}
@@ -256,13 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("folder", help="image folder (any layout extract accepts) or CSV manifest")
     parser.add_argument("--classifier", type=Path, help="a bundle file (default: the best in --classifiers-dir/report.json)")
-    parser.add_argument("--model", choices=[*BACKBONES, PIXELS], help="choose among bundles of this backbone")
+    parser.add_argument("--model", choices=[*(variant_name(m, p) for m in BACKBONES for p in PRECISIONS), PIXELS],
+                        metavar="FEATURES", help="choose among bundles of these features: vgg16, resnet50, resnet50-int8, "
+                        "pixels...")
     parser.add_argument("--classifier-name", choices=CLASSIFIERS, help="choose among bundles of this classifier")
     parser.add_argument("--classifiers-dir", type=Path, default=Path("models/classifiers"), help="fit's --out (default: models/classifiers)")
     parser.add_argument("--output", type=Path, help="write rows to a .csv or .jsonl file (default: print a table)")
     parser.add_argument("--top-k", type=int, default=3, help="classes per image, most probable first (default: 3)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default: 16)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when usable, else CPU (default: auto)")
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                        help="backbone precision (default: auto, the one the classifier was fitted on)")
+    parser.add_argument("--allow-precision-change", action="store_true",
+                        help="run a classifier at another precision than it was fitted on (same fp32 export)")
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported models (default: models/)")
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"),
                         help="reuse embeddings of images already in this store, by content (default: features/embeddings.h5)")
@@ -277,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("pass either --classifier PATH or --model / --classifier-name, not both.")
     bundle_path = choose_bundle(args.classifier, args.model, args.classifier_name, args.classifiers_dir)
     counts = run_classify(args.folder, bundle_path, args.output, args.top_k, args.batch_size, args.device,
-                          args.models_dir, args.cache, args.workers)
+                          args.models_dir, args.cache, args.workers, precision=args.precision,
+                          allow_precision_change=args.allow_precision_change)
     accuracy = f"; {counts['correct']}/{counts['labelled']} match their folder's label" if counts["labelled"] else ""
     where = f" into {args.output}" if args.output else ""
     reused = (f"{counts['cached']} embeddings reused from {args.cache}" if args.cache.exists()

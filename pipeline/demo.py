@@ -17,6 +17,7 @@ from pipeline.errors import run_cli
 from pipeline.export import UNTRAINED_BANNER, describe, export_backbone
 from pipeline.extract import run_extract
 from pipeline.fit import print_summary, run_fit
+from pipeline.manifest import PRECISIONS
 from pipeline.store import EmbeddingStore
 from pipeline.weights import imagenet_cache_file
 
@@ -65,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224, help="input crop size in pixels (default: 224)")
     parser.add_argument("--classifiers-dir", type=Path, default=Path("models/classifiers"),
                         help="fitted classifiers and report (default: models/classifiers)")
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                        help="backbone precision, as extract's (default: auto: fp16 on CUDA, fp32 on the CPU); the "
+                        "report then compares it with any other precision already in the store")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -81,13 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model in BACKBONES:
         print(describe(export_backbone(model, weights, args.image_size, args.models_dir)))
 
-    specs = run_extract(args.data, list(BACKBONES), args.cache, models_dir=args.models_dir, weights=weights)
+    specs = run_extract(args.data, list(BACKBONES), args.cache, models_dir=args.models_dir, weights=weights,
+                        precision=args.precision)
     store = EmbeddingStore(args.cache)
     print(f"\nstore {args.cache}:")
     for spec in specs:
         rows, failures = store.counts(spec.name)
         dim = spec.attrs["embedding_dim"]
-        print(f"  /{spec.name:<9} {rows} x {dim} ({spec.embedded} computed now, {failures} failed)")
+        print(f"  /{spec.name:<14} {rows} x {dim} ({spec.embedded} computed now, {failures} failed)")
 
     fit_started = time.perf_counter()
     print(f"\nfit: logreg and svm on each backbone and on the 32x32 pixels, test = {args.data}/test/")

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from pipeline.backbones import BACKBONES
 from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_SIZE, batches, decode_file, map_ordered
 from pipeline.errors import UserError
+from pipeline.manifest import parse_variant
 from pipeline.runtime import BackboneSession, available_cores, open_backbone
 from pipeline.store import PIXELS, EmbeddingStore
 
@@ -119,8 +120,9 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     Parameters
     ----------
     model : str
-        Backbone name (``vgg16``, ``resnet50``) exported into ``models_dir``, or ``pixels`` for the 32x32
-        raw-pixel baseline.
+        Backbone name (``vgg16``, ``resnet50``) exported into ``models_dir``, a precision variant made by
+        extract ``--precision`` or pipeline.quantize (``resnet50-int8``, ``resnet50-fp16``), or ``pixels`` for
+        the 32x32 raw-pixel baseline.
     models_dir : path-like
         Folder of the exported models.
     cache : path-like, optional
@@ -179,8 +181,9 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             raise ValueError(f"on_error={self.on_error!r} must be one of {ON_ERROR}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be at least 1")
-        if self.model not in (*BACKBONES, PIXELS):
-            raise ValueError(f"model={self.model!r} is not one of {', '.join((*BACKBONES, PIXELS))}")
+        if self.model != PIXELS and not _is_variant(self.model):
+            raise ValueError(f"model={self.model!r} is not one of {', '.join((*BACKBONES, PIXELS))} "
+                             "(or a precision variant such as resnet50-int8)")
         self.__dict__.pop("_session", None)
         session = None if self.model == PIXELS else open_backbone(self.models_dir, self.model, self.device)
         self._session = session
@@ -245,6 +248,14 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
                 )
             self._session = session
         return session
+
+
+def _is_variant(name: str) -> bool:
+    try:
+        parse_variant(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _paths(X: Iterable[str | os.PathLike]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -18,8 +19,9 @@ from pipeline.backbones import BACKBONES, Preprocessing
 from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_PREPROCESSING, PIXELS_SIZE, DecodedImage, batches, decode_file, map_ordered
 from pipeline.discover import Dataset, ImageRecord, discover
 from pipeline.errors import UserError, run_cli
-from pipeline.manifest import ModelManifest, model_paths
-from pipeline.runtime import DEVICES, BackboneSession, available_cores, open_backbone
+from pipeline.manifest import PRECISIONS, ModelManifest, model_paths, variant_name
+from pipeline.quantize import CALIBRATION_IMAGES, current_variant, describe, make_variant
+from pipeline.runtime import CUDA, DEVICES, BackboneSession, available_cores, open_backbone
 from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
 from pipeline.weights import parse_weights
 
@@ -86,6 +88,35 @@ def model_manifest(models_dir: Path, model: str, weights: str) -> ModelManifest:
     return result.manifest
 
 
+def open_sessions(
+    models_dir: Path, models: Sequence[str], device: str, precision: str, dataset: Dataset, calibration_images: int
+) -> list[BackboneSession]:
+    """A session per model at ``precision``, deriving fp16 / int8 variants first where they are missing or stale.
+
+    ``auto`` means fp16 where the model runs on CUDA and fp32 on the CPU. int8 is calibrated on a sample of
+    ``dataset``'s images outside its test split.
+    """
+    sessions = []
+    for model in models:
+        wanted = precision
+        if precision == "auto":
+            session = open_backbone(models_dir, model, device)
+            if session.provider != CUDA:
+                sessions.append(session)
+                continue
+            wanted = "fp16"
+        if wanted != "fp32" and current_variant(models_dir, model, wanted) is None:
+            print(f"{model}: deriving its {wanted} variant first.", file=sys.stderr)
+            usable = [r for r in dataset.records if r.split != "test"] or dataset.records
+            manifest = make_variant(models_dir, model, wanted, [dataset.absolute(r) for r in usable], calibration_images)
+            print(describe(manifest), file=sys.stderr)
+        session = open_backbone(models_dir, variant_name(model, wanted), device)
+        if wanted == "fp16" and session.provider != CUDA:
+            print(f"notice: {model} fp16 runs on the CPU here, slower than fp32; fp16 is meant for GPUs.", file=sys.stderr)
+        sessions.append(session)
+    return sessions
+
+
 def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec], list[Preprocessing]]:
     """Feature sets for the sessions plus the pixel baseline, and the distinct crops they need."""
     preprocessings: list[Preprocessing] = []
@@ -99,6 +130,10 @@ def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec
         attrs = {
             "kind": "onnx",
             "model": manifest.model,
+            "precision": manifest.precision,
+            "source_onnx_sha256": manifest.source_sha256,
+            "calibration_images": manifest.calibration.get("images", 0),
+            "calibration_sha256": _digest(manifest.calibration.get("sha256", [])),
             "fingerprint": manifest.onnx_sha256,
             "onnx_file": manifest.onnx_file,
             "onnx_sha256": manifest.onnx_sha256,
@@ -110,12 +145,11 @@ def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec
             "image_size": spec_input["size"],
             "resize_size": spec_input["resize_size"],
             "interpolation": spec_input["interpolation"],
-            "precision": "fp32",
             "provider": session.provider,
             "embedding_dim": manifest.output["dim"],
             "embedding_layer": manifest.output["layer"],
         }
-        specs.append(FeatureSpec(manifest.model, manifest.onnx_sha256, attrs, session, preprocessings.index(preprocessing)))
+        specs.append(FeatureSpec(manifest.name, manifest.onnx_sha256, attrs, session, preprocessings.index(preprocessing)))
     pixel_attrs = {
         "kind": "pixels",
         "fingerprint": PIXELS_FINGERPRINT,
@@ -127,6 +161,11 @@ def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec
     }
     specs.append(FeatureSpec(PIXELS, PIXELS_FINGERPRINT, pixel_attrs))
     return specs, preprocessings
+
+
+def _digest(hashes: Sequence[str]) -> str:
+    """One sha256 over a list of image hashes (the list itself is in the model's manifest)."""
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest() if hashes else ""
 
 
 def check_store(store: EmbeddingStore, dataset: Dataset, specs: Sequence[FeatureSpec], overwrite: bool) -> None:
@@ -234,11 +273,15 @@ def run_extract(
     overwrite: bool = False,
     progress: bool | None = None,
     journal_rows: int = JOURNAL_ROWS,
+    precision: str = "auto",
+    calibration_images: int = CALIBRATION_IMAGES,
 ) -> list[FeatureSpec]:
     """Embed every image of ``data`` with each model (and the pixel baseline) into the store at ``cache``.
 
     Already stored images are not computed again; new and changed ones are; a killed run resumes.
     Results are journaled every ``journal_rows`` images or 30 seconds, whichever comes first.
+    ``precision`` (auto, fp32, fp16, int8) picks the model variant; each precision is its own feature set
+    (``resnet50``, ``resnet50-int8``) with its own fingerprint, so precisions never mix.
 
     Returns
     -------
@@ -254,6 +297,8 @@ def run_extract(
         raise UserError(f"--batch-size {batch_size} must be at least 1.")
     if device not in DEVICES:
         raise UserError(f"--device {device} is not one of {', '.join(DEVICES)}.")
+    if precision not in ("auto", *PRECISIONS):
+        raise UserError(f"--precision {precision} is not one of auto, {', '.join(PRECISIONS)}.")
     for model in models:
         if model not in BACKBONES:
             raise UserError(f"unknown model {model!r}; choose from: {', '.join(BACKBONES)}.")
@@ -263,7 +308,7 @@ def run_extract(
     with store.lock():
         for model in models:
             model_manifest(models_dir, model, weights)  # exports the model first when it must
-        sessions = [open_backbone(models_dir, model, device) for model in models]
+        sessions = open_sessions(models_dir, models, device, precision, dataset, calibration_images)
         specs, preprocessings = feature_specs(sessions)
         check_store(store, dataset, specs, overwrite)
         work = plan(dataset, store, specs)
@@ -318,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default: 16)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when usable, else CPU (default: auto)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: the number of available cores)")
+    parser.add_argument(
+        "--precision", choices=("auto", *PRECISIONS), default="auto",
+        help="model variant: fp32; int8 (static quantization calibrated on a sample of DATA, the fast choice on a "
+        "CPU); fp16 (for GPUs); auto: fp16 on CUDA, fp32 on the CPU (default: auto). Each precision is its own "
+        "feature set in the store (resnet50, resnet50-int8)",
+    )
+    parser.add_argument(
+        "--calibration-images", type=int, default=CALIBRATION_IMAGES,
+        help=f"images of DATA drawn to calibrate an int8 variant when it is first made (default: {CALIBRATION_IMAGES})",
+    )
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported models (default: models/)")
     parser.add_argument(
         "--weights", default="imagenet",
@@ -337,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     specs = run_extract(
         args.data, args.models, args.cache, args.batch_size, args.device, args.workers, args.models_dir,
-        args.weights, args.overwrite,
+        args.weights, args.overwrite, precision=args.precision, calibration_images=args.calibration_images,
     )
     wall = time.perf_counter() - started
     store = EmbeddingStore(args.cache)

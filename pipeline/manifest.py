@@ -8,13 +8,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.backbones import Preprocessing
+from pipeline.backbones import BACKBONES, Preprocessing
 from pipeline.errors import UserError
 from pipeline.files import write_json_atomic
 
 MANIFEST_VERSION = 1
 INPUT_NAME = "images"
 OUTPUT_NAME = "embedding"
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,14 @@ class ModelManifest:
     created : str
         ISO 8601 UTC time of the export.
     verification : dict
-        The export's own check against PyTorch: ``images``, ``min_cosine``, ``max_relative_error``.
+        The export's own check against PyTorch (``images``, ``min_cosine``, ``max_relative_error``), or for a
+        variant its fidelity to fp32 (``images``, ``min_cosine``, ``mean_cosine``).
+    precision : str
+        ``fp32`` for an export; ``fp16`` or ``int8`` for a variant derived from one by pipeline.quantize.
+    derived_from : dict
+        A variant's fp32 source: ``onnx_file``, ``onnx_sha256``, ``precision``; empty for an export.
+    calibration : dict
+        int8 only: ``method``, ``images``, ``seed`` and the ``sha256`` of every calibration image.
     """
 
     model: str
@@ -57,12 +65,25 @@ class ModelManifest:
     versions: dict[str, str]
     created: str
     verification: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"
+    derived_from: dict[str, str] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
     format_version: int = MANIFEST_VERSION
+
+    @property
+    def name(self) -> str:
+        """The file stem and the store's feature-set name: ``resnet50``, ``resnet50-int8``."""
+        return variant_name(self.model, self.precision)
 
     @property
     def weights_id(self) -> str:
         """A short identity of the weights: ``imagenet:IMAGENET1K_V1``, ``random:seed=0`` or ``file:<sha256>``."""
         return weights_id(self.weights)
+
+    @property
+    def source_sha256(self) -> str:
+        """sha256 of the fp32 export this model is (or was derived from): the same for all its precisions."""
+        return self.derived_from.get("onnx_sha256", self.onnx_sha256)
 
     @property
     def untrained(self) -> bool:
@@ -108,6 +129,20 @@ def weights_id(weights: dict[str, Any]) -> str:
     if source == "random":
         return f"random:seed={weights['seed']}"
     return f"file:{weights['sha256']}"
+
+
+def variant_name(model: str, precision: str) -> str:
+    """The file stem and store feature-set name of ``model`` at ``precision``: ``resnet50``, ``resnet50-int8``."""
+    return model if precision == "fp32" else f"{model}-{precision}"
+
+
+def parse_variant(name: str) -> tuple[str, str]:
+    """Split a feature-set name into ``(model, precision)``; raises ValueError for a name that is neither."""
+    model, _, precision = name.partition("-")
+    precision = precision or "fp32"
+    if model not in BACKBONES or precision not in PRECISIONS or name != variant_name(model, precision):
+        raise ValueError(f"{name!r} is not a backbone feature set (a model, or model-fp16 / model-int8)")
+    return model, precision
 
 
 def model_paths(out_dir: str | os.PathLike, model: str) -> tuple[Path, Path]:

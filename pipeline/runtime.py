@@ -56,7 +56,7 @@ def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto
     models_dir : path-like
         Folder of the exported models.
     model : str
-        Backbone name.
+        Backbone name, or a variant's (``resnet50-int8``, ``resnet50-fp16``).
     device : {"auto", "cuda", "cpu"}
         ``auto`` uses CUDA when a session can actually be created on it, otherwise the CPU with a notice.
 
@@ -66,13 +66,23 @@ def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto
         Missing model or manifest, an ONNX file that does not match its manifest, or ``cuda`` unavailable.
     """
     onnx_path, manifest_path = model_paths(models_dir, model)
+    base, _, precision = model.partition("-")
+    if precision and not manifest_path.exists():
+        raise UserError(
+            f"no {precision} variant of {base} in {models_dir} ({manifest_path} is missing); make it with "
+            f"python -m pipeline.extract DATA --precision {precision}, or python -m pipeline.quantize --model {base} "
+            f"--precision {precision}" + (" --calibration DATA." if precision == "int8" else ".")
+        )
     manifest = ModelManifest.load(manifest_path)
     if not onnx_path.exists() or sha256_file(onnx_path) != manifest.onnx_sha256:
-        raise UserError(
-            f"{onnx_path} does not match its manifest {manifest_path} (missing or changed since export); "
-            f"export it again: python -m pipeline.export --model {model} {_weights_option(manifest)} "
-            f"--image-size {manifest.input['size']} --force."
+        again = (
+            f"python -m pipeline.export --model {model} {_weights_option(manifest)} --image-size {manifest.input['size']} --force"
+            if manifest.precision == "fp32" else
+            f"python -m pipeline.quantize --model {manifest.model} --precision {manifest.precision} --force"
+            + (" --calibration DATA" if manifest.precision == "int8" else "")
         )
+        raise UserError(f"{onnx_path} does not match its manifest {manifest_path} (missing or changed since it was made); "
+                        f"make it again: {again}.")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = available_cores()
     if device in ("auto", "cuda"):
