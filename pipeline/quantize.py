@@ -149,16 +149,15 @@ def _calibration_crops(
             "int8 needs images to calibrate on and none could be decoded; give a folder of your images "
             "(extract's DATA, or --calibration with python -m pipeline.quantize)."
         )
-    # Calibrate on all but the last VERIFY_IMAGES (when there are enough), measure fidelity on those.
-    split = len(crops) - VERIFY_IMAGES if len(crops) > 2 * VERIFY_IMAGES else len(crops)
-    verify = crops[split:] or crops
+    # The first ``count`` calibrate; the others (when the folder has more) measure fidelity on unseen images.
+    verify = crops[count:] or crops[:count]
     record = {
         "method": "onnxruntime quantize_static, QDQ, MinMax, per-channel int8 weights, uint8 activations",
-        "images": split,
+        "images": len(crops[:count]),
         "seed": seed,
-        "sha256": hashes[:split],
+        "sha256": hashes[:count],
     }
-    return crops[:split], verify, record
+    return crops[:count], verify, record
 
 
 def _verification_crops(source: ModelManifest, paths: Sequence[Path], seed: int) -> list[np.ndarray]:
@@ -210,6 +209,7 @@ def _convert_fp16(source: Path, target: Path) -> None:
 def _fidelity(source: Path, variant: Path, crops: Sequence[np.ndarray]) -> dict[str, float | int]:
     images = np.stack(crops)
     want = _run(source, images)
+    # (for int8, the verification images are outside the calibration sample whenever the folder has enough)
     got = _run(variant, images).astype(np.float32)
     cosine = np.sum(got * want, 1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-12)
     return {"images": len(images), "min_cosine": float(cosine.min()), "mean_cosine": float(cosine.mean())}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from pipeline.classify import choose_bundle, run_classify
 from pipeline.errors import UserError
 from pipeline.extract import run_extract
 from pipeline.fit import run_fit
+from pipeline.quantize import make_variant
 from pipeline.store import EmbeddingStore
 from tests.images import photo, save
 
@@ -144,3 +146,23 @@ def test_cli_exit_codes_and_table(fitted, tmp_path):
                 ["missing"], ["clean", "--classifier", work / "classifiers" / "resnet50-logreg.joblib"]):
         done = run(*bad, *common, cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1, bad
+
+
+def test_another_precision_is_refused_unless_allowed(fitted, tmp_path):
+    work, models_dir, _ = fitted
+    private = tmp_path / "models"
+    shutil.copytree(models_dir, private)
+    make_variant(private, "resnet50", "int8", sorted((work / "pets").rglob("*.png")), calibration_images=8)
+    folder = new_folder(tmp_path / "new", with_bad=False)
+    bundle = work / "classifiers" / "resnet50-logreg.joblib"
+    with pytest.raises(UserError, match="fitted on fp32 embeddings.*not int8.*--allow-precision-change"):
+        run_classify(folder, bundle, None, models_dir=private, cache=None, precision="int8", progress=False)
+    fp32 = run_classify(folder, bundle, tmp_path / "fp32.csv", models_dir=private, cache=None, progress=False)
+    int8 = run_classify(folder, bundle, tmp_path / "int8.csv", models_dir=private, cache=None, precision="int8",
+                        allow_precision_change=True, progress=False)
+    assert fp32["classified"] == int8["classified"] == 3
+    rows = [list(csv.DictReader(open(tmp_path / name))) for name in ("fp32.csv", "int8.csv")]
+    assert [r["prediction"] for r in rows[0]] == [r["prediction"] for r in rows[1]]
+    probabilities = [[float(r["probability"]) for r in table] for table in rows]
+    assert probabilities[0] != probabilities[1]  # the int8 model really ran
+    assert np.allclose(*probabilities, atol=0.05)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -170,6 +172,38 @@ def test_other_models_and_datasets_never_mix_without_overwrite(tmp_path, small_m
     elsewhere = class_folders(tmp_path / "elsewhere", {"x": 1})
     with pytest.raises(UserError, match="holds images of"):
         extract_quietly(elsewhere, cache, other_models)
+
+
+def test_precisions_are_separate_feature_sets_and_int8_is_calibrated_on_the_data(tmp_path, exported, extract_quietly):
+    models_dir = tmp_path / "models"
+    shutil.copytree(exported("resnet50", 64).onnx_path.parent, models_dir)
+    data = pets(tmp_path / "pets")
+    cache = tmp_path / "e.h5"
+    specs = extract_quietly(data, cache, models_dir, precision="int8", calibration_images=4)
+    assert [spec.name for spec in specs] == ["resnet50-int8", PIXELS] and specs[0].embedded == 9
+    int8 = EmbeddingStore(cache).load("resnet50-int8")
+    manifest = json.loads((models_dir / "resnet50-int8.json").read_text())
+    assert int8.attrs["precision"] == "int8" and int8.attrs["model"] == "resnet50"
+    assert int8.attrs["fingerprint"] == manifest["onnx_sha256"] == int8.attrs["onnx_sha256"]
+    assert int8.attrs["source_onnx_sha256"] == manifest["derived_from"]["onnx_sha256"]
+    assert int8.attrs["calibration_images"] == 4
+    hashes = "\n".join(manifest["calibration"]["sha256"]).encode()
+    assert int8.attrs["calibration_sha256"] == hashlib.sha256(hashes).hexdigest()
+
+    specs = extract_quietly(data, cache, models_dir, precision="fp32")  # the int8 set is untouched beside it
+    assert specs[0].name == "resnet50" and specs[0].embedded == 9 and specs[1].embedded == 0
+    store = EmbeddingStore(cache)
+    fp32 = store.load("resnet50")
+    assert {"resnet50", "resnet50-int8", PIXELS} <= set(store.feature_sets())
+    assert fp32.attrs["precision"] == "fp32" and fp32.attrs["fingerprint"] == int8.attrs["source_onnx_sha256"]
+    order = np.argsort(fp32.paths)
+    a, b = fp32.embeddings[order], store.load("resnet50-int8").embeddings[np.argsort(int8.paths)]
+    assert (np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min() >= 0.99
+    # A second int8 run reuses the variant and the rows; auto on the CPU is fp32.
+    assert extract_quietly(data, cache, models_dir, precision="int8")[0].embedded == 0
+    assert extract_quietly(data, cache, models_dir, device="cpu")[0].name == "resnet50"
+    with pytest.raises(UserError, match="--precision int4 is not one of"):
+        extract_quietly(data, cache, models_dir, precision="int4")
 
 
 def test_ctrl_c_keeps_finished_batches(tmp_path, small_models, monkeypatch, extract_quietly):
