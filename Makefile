@@ -16,9 +16,10 @@ EXTRACT_ARGS ?=
 CLASSIFIERS_DIR ?= models/classifiers
 FIT_ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 PRECISION ?= auto
 
-.PHONY: help install test test-fast models extract fit demo clean
+.PHONY: help install test test-fast models extract fit demo bench clean
 
 help:
 	@echo "make demo        run the pipeline end to end on built-in data"
@@ -26,6 +27,7 @@ help:
 	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' WEIGHTS=$(WEIGHTS) IMAGE_SIZE=$(IMAGE_SIZE)"
 	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)' PRECISION=$(PRECISION)"
 	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE) into CLASSIFIERS_DIR=$(CLASSIFIERS_DIR) (FIT_ARGS=...)"
+	@echo "make bench       extraction speed and int8 fidelity side by side, writes benchmarks/bench.json (~20 min)"
 	@echo "make install     only create $(VENV) and install the project"
 	@echo "make clean       remove $(VENV) (models/ and features/ are kept)"
 
@@ -54,6 +56,9 @@ fit: $(INSTALLED)
 
 demo: $(INSTALLED)
 	$(PY) -m pipeline.demo --models-dir $(MODELS_DIR) --precision $(PRECISION)
+
+bench: $(INSTALLED)
+	$(PY) benchmarks/bench_extract.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

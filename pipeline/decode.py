@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -20,6 +21,10 @@ PIXELS_SIZE = 32
 # The raw-pixel baseline: a 32x32 thumbnail by the same resize-then-crop recipe (resize 37, crop 32).
 PIXELS_PREPROCESSING = Preprocessing(resize_size=round(PIXELS_SIZE * 256 / 224), crop_size=PIXELS_SIZE)
 PIXELS_FINGERPRINT = f"pixels:{PIXELS_SIZE}:v1"  # the store's fingerprint of the pixel features
+# Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale while the result stays >= DRAFT_MARGIN x the resize size.
+# Measured on 2560x1920 photos: crops within 0.4 grey levels on average of the full decode (max 9), embedding
+# cosine >= 0.99999 to it, decode and resize 2.4x faster; at 1x the margin the maximum error reached 41 levels.
+DRAFT_MARGIN = 2
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 T = TypeVar("T")
 R = TypeVar("R")
@@ -80,7 +85,7 @@ def decode_file(
     if sha256 in known:
         return DecodedImage(sha256, known=True)
     try:
-        image = load_rgb(data)
+        image = load_rgb(data, DRAFT_MARGIN * max((p.resize_size for p in preprocessings), default=0))
         crops = tuple(resize_center_crop(image, p) for p in preprocessings)
         pixels = resize_center_crop(image, PIXELS_PREPROCESSING).reshape(-1).astype(np.float32) / 255.0
     except Exception as error:  # Pillow raises many types for damaged or hostile files; each one is a skip
@@ -124,15 +129,32 @@ def batches(stream: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def load_rgb(data: bytes) -> Image.Image:
+def jpeg_draft_size(size: tuple[int, int], min_short_side: int) -> tuple[int, int] | None:
+    """The size to ask a JPEG's DCT-domain downscaling for, so its short side stays >= ``min_short_side``.
+
+    None when the image is less than twice that (libjpeg scales by 1/2, 1/4 or 1/8 only).
+    """
+    width, height = size
+    if min_short_side <= 0 or 2 * min_short_side > min(width, height):
+        return None
+    factor = min_short_side / min(width, height)
+    return math.ceil(width * factor), math.ceil(height * factor)
+
+
+def load_rgb(data: bytes, min_short_side: int = 0) -> Image.Image:
     """Decode image bytes to an 8-bit RGB PIL image, upright.
 
     The first frame of an animation is used; EXIF orientation is applied; grayscale, CMYK, palette and
     alpha images become RGB through ``convert("RGB")`` as torchvision's default loader does. 16-bit
     (and 32-bit integer) grayscale is scaled to 8 bits rather than clipped to white by ``convert``.
+    A JPEG at least twice ``min_short_side`` is decoded at a reduced scale (draft mode) that keeps its
+    short side >= ``min_short_side``: decode.DRAFT_MARGIN says how much above the resize that is.
     """
     with Image.open(io.BytesIO(data)) as opened:
         opened.seek(0)
+        draft = jpeg_draft_size(opened.size, min_short_side) if opened.format == "JPEG" else None
+        if draft:
+            opened.draft(None, draft)
         image = ImageOps.exif_transpose(opened)
         image.load()
     if image.mode in _SIXTEEN_BIT_MODES:

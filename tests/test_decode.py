@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 
 from pipeline.backbones import Preprocessing
-from pipeline.decode import decode_file, load_rgb, resize_center_crop
+from pipeline.decode import decode_file, jpeg_draft_size, load_rgb, resize_center_crop
 from tests.images import photo, save, with_orientation
 
 RECIPE = Preprocessing(256, 224)
@@ -106,3 +106,18 @@ def test_damaged_files_are_reasons_not_exceptions(tmp_path):
     assert "truncated" in decode_file(tmp_path / "truncated.jpg", [RECIPE]).error
     missing = decode_file(tmp_path / "missing.jpg", [RECIPE])
     assert missing.error.startswith("unreadable") and missing.sha256 == ""
+
+
+def test_large_jpegs_decode_at_reduced_scale_within_parity(tmp_path):
+    assert jpeg_draft_size((2560, 1920), 512) == (683, 512)
+    assert jpeg_draft_size((1000, 900), 512) is None  # less than twice: decoded whole
+    picture = np.asarray(Image.fromarray(photo(300, 400, seed=3)).resize((1600, 1200), Image.Resampling.BICUBIC))
+    path = save(tmp_path / "big.jpg", picture, quality=90)
+    assert load_rgb(path.read_bytes(), 2 * RECIPE.resize_size).size == (800, 600)  # 1/2 scale
+    assert load_rgb(path.read_bytes()).size == (1600, 1200)
+    reference = torchvision_crop(Image.open(path).convert("RGB"), RECIPE)  # torchvision's loader: full decode
+    ours = decode_file(path, [RECIPE]).crops[0]
+    difference = np.abs(ours.astype(int) - reference.astype(int))
+    assert 0 < difference.mean() < 0.5 and difference.max() <= 12
+    png = save(tmp_path / "big.png", picture)  # not a JPEG: no draft, bit for bit
+    np.testing.assert_array_equal(decode_file(png, [RECIPE]).crops[0], torchvision_crop(Image.open(png), RECIPE))

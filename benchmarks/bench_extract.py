@@ -1,0 +1,311 @@
+"""``make bench``: extraction speed and fidelity side by side, on this machine, same weights and images.
+
+For each backbone at 224 px: (a) torchvision eager on the CPU, (b) our onnxruntime fp32 and (c) int8 on
+pre-decoded batches, (d) end-to-end extract from a folder of JPEG photos into HDF5 at each precision; the
+effective GFLOP/s against this machine's measured float32 matrix-multiply peak; fidelity of int8 to fp32
+(embedding cosine on the photos, and logistic-regression test accuracy on scikit-learn's digit scans); peak
+memory of extract on 1,000 and 10,000 photos. Writes benchmarks/bench.json and prints a table.
+
+The photos are random crops, flips and colour shifts of the two photographs scikit-learn ships
+(``load_sample_images``), 640x480 JPEG: real camera images, no download. Weights: ImageNet when they are in
+torch's cache, otherwise seeded random weights (flagged in the output: speed is the same, fidelity differs).
+
+    python benchmarks/bench_extract.py [--models vgg16 resnet50] [--photos 400] [--memory-images 1000 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.backbones import BACKBONES
+from pipeline.decode import decode_file
+from pipeline.demo import demo_weights, write_digits
+from pipeline.export import EmbeddingNet, export_backbone
+from pipeline.extract import run_extract
+from pipeline.fit import run_fit
+from pipeline.manifest import variant_name
+from pipeline.quantize import current_variant, make_variant
+from pipeline.runtime import available_cores, open_backbone
+from pipeline.store import EmbeddingStore
+from pipeline.weights import load_trunk, parse_weights
+
+BATCH = 16
+MIN_SECONDS = 8.0  # each pure-inference rate is timed over at least this long (after one warm-up batch)
+PHOTO_SIZE = (640, 480)
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import onnxruntime
+    import torch
+
+    flags, name = set(), platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    simd = [flag for flag in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if flag in flags]
+    return {
+        "cpu": name, "cores": available_cores(), "simd": simd, "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "numpy": np.__version__,
+    }
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """Best float32 matrix-multiply GFLOP/s of numpy and torch on this machine's cores."""
+    import torch
+
+    torch.set_num_threads(available_cores())
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    best = 0.0
+    for multiply in (np.matmul, lambda x, y: torch.mm(x, y)):
+        x = a if multiply is np.matmul else torch.from_numpy(a)
+        multiply(x, x)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            multiply(x, x)
+            best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def make_photos(folder: Path, count: int, seed: int = 0) -> Path:
+    """``count`` 640x480 JPEG photos in two class folders, derived from scikit-learn's sample photographs."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    sources = load_sample_images()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        index = i % 2
+        path = folder / sources.filenames[index].rsplit("/", 1)[-1].split(".")[0] / f"{i:05d}.jpg"
+        if path.exists():
+            continue
+        image = sources.images[index]
+        height, width = image.shape[:2]
+        crop_h = int(height * rng.uniform(0.6, 1.0))
+        crop_w = min(width, int(crop_h * 4 / 3))
+        top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
+        pixels = image[top : top + crop_h, left : left + crop_w].astype(np.float32)
+        pixels = pixels * rng.uniform(0.8, 1.2, 3) + rng.uniform(-20, 20)
+        picture = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize(PHOTO_SIZE, Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path, quality=90)
+    return folder
+
+
+def crops_of(folder: Path, model_manifest, count: int) -> np.ndarray:
+    paths = sorted(folder.rglob("*.jpg"))[:count]
+    return np.stack([decode_file(path, [model_manifest.preprocessing]).crops[0] for path in paths])
+
+
+def timed_rate(run, batch: int, min_seconds: float = MIN_SECONDS) -> float:
+    """Images per second of ``run()`` (one batch each), over at least ``min_seconds`` after a warm-up."""
+    run()
+    done, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < min_seconds or done < 3 * batch:
+        run()
+        done += batch
+    return done / (time.perf_counter() - started) if elapsed else 0.0
+
+
+def torch_eager_rate(model: str, weights: str, crops: np.ndarray, min_seconds: float) -> float:
+    """(a) the torchvision module in eager mode, normalisation included, on the CPU's cores."""
+    import torch
+
+    torch.set_num_threads(available_cores())
+    backbone = BACKBONES[model]
+    request = parse_weights(backbone, weights)
+    trunk, _ = load_trunk(backbone, request)
+    preprocessing = backbone.preprocessing(request.name, 224)
+    net = EmbeddingNet(trunk, preprocessing.mean, preprocessing.std).eval()
+    batch = torch.from_numpy(crops)
+    with torch.inference_mode():
+        return timed_rate(lambda: net(batch), len(crops), min_seconds)
+
+
+def flops_per_image(model: str) -> float:
+    """Floating-point operations of one 224 px forward pass (2 per multiply-add), counted by torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trunk, _ = load_trunk(BACKBONES[model], parse_weights(BACKBONES[model], "random"))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        trunk(torch.zeros(1, 3, 224, 224))
+    return float(counter.get_total_flops())
+
+
+def in_child(task: str, *arguments: object) -> dict:
+    """Run ``task`` in a fresh process: its threads compete with nothing and its peak memory is its own."""
+    command = [sys.executable, __file__, "--child", task, *map(str, arguments)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{task} failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it is not inherited through fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(task: str, *arguments: str) -> None:
+    """The tasks ``in_child`` runs; prints one JSON line."""
+    if task == "extract":
+        data, model, precision, cache, models_dir, weights = arguments
+        Path(cache).unlink(missing_ok=True)
+        started = time.perf_counter()
+        specs = run_extract(data, [model], cache, models_dir=models_dir, weights=weights, precision=precision,
+                            device="cpu", progress=False)
+        seconds = time.perf_counter() - started
+        out = {"images": specs[0].embedded, "seconds": seconds, "rate": specs[0].embedded / seconds,
+               "inference_seconds": specs[0].seconds}
+    else:
+        photos, model, models_dir, weights, min_seconds = arguments
+        session = open_backbone(models_dir, model, "cpu")
+        crops = crops_of(Path(photos), session.manifest, BATCH)
+        if task == "torch":
+            out = {"rate": torch_eager_rate(session.manifest.model, weights, crops, float(min_seconds))}
+        else:
+            out = {"rate": timed_rate(lambda: session.embed(crops), BATCH, float(min_seconds))}
+    print(json.dumps({**out, "peak_rss_mb": peak_rss_mb()}))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def stored(cache: Path, name: str) -> np.ndarray:
+    features = EmbeddingStore(cache).load(name)
+    return features.embeddings[np.argsort(features.paths)]
+
+
+def digits_accuracy(work: Path, models: list[str], models_dir: Path, weights: str, per_class: int) -> dict:
+    """Test accuracy of logistic regression on fp32 and int8 embeddings of the same digit scans and split."""
+    data = work / "digits"
+    write_digits(data, per_class)
+    cache = work / "digits.h5"
+    for precision in ("fp32", "int8"):
+        run_extract(data, models, cache, models_dir=models_dir, weights=weights, precision=precision, device="cpu",
+                    progress=False)
+    names = [variant_name(m, p) for m in models for p in ("fp32", "int8")]
+    report = run_fit(cache, names, ["logreg"], out=work / "classifiers", curve=False, reuse=True)
+    return {r["features"]: {"accuracy": r["test"]["accuracy"], "n_test": r["n_test"]} for r in report["results"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    parser.add_argument("--photos", type=int, default=400, help="JPEG photos for end-to-end extract (default: 400)")
+    parser.add_argument("--digits-per-class", type=int, default=60, help="digit scans per class for accuracy (default: 60)")
+    parser.add_argument("--memory-images", type=int, nargs="*", default=[1000, 10000],
+                        help="photo counts for the memory check, resnet50 int8 (default: 1000 10000; none to skip)")
+    parser.add_argument("--work", type=Path, default=Path("build/bench"),
+                        help="its own exported models, photos and stores (default: build/bench)")
+    parser.add_argument("--min-seconds", type=float, default=MIN_SECONDS, help="time each pure-inference rate this long")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/bench.json"))
+    args = parser.parse_args(argv)
+    args.models_dir = args.work / "models"  # its own exports and int8 variants, calibrated on its photos
+
+    started = time.perf_counter()
+    weights = "imagenet" if all(demo_weights(m) == "imagenet" for m in args.models) else "random"
+    result = {"machine": machine(), "weights": weights, "int8_calibration": "100 of the bench photos", "image_size": 224, "batch_size": BATCH, "models": {}}
+    result["matmul_peak_gflops"] = matmul_peak()
+    print(f"machine: {result['machine']}\nfloat32 matmul peak: {result['matmul_peak_gflops']:.0f} GFLOP/s; "
+          f"weights: {weights}" + (" (UNTRAINED: speed is representative, fidelity is of random weights)" if weights == "random" else ""))
+    photos = make_photos(args.work / "photos", args.photos)
+    calibration = sorted(photos.rglob("*.jpg"))
+    for model in args.models:
+        export_backbone(model, weights, 224, args.models_dir)
+        if current_variant(args.models_dir, model, "int8") is None:
+            make_variant(args.models_dir, model, "int8", calibration)
+        flops = flops_per_image(model)
+        rate_of = lambda task, name: in_child(task, photos, name, args.models_dir, weights, args.min_seconds)["rate"]  # noqa: E731
+        rates = {
+            "torch_eager": rate_of("torch", model),
+            "ort_fp32": rate_of("ort", model),
+            "ort_int8": rate_of("ort", variant_name(model, "int8")),
+        }
+        entry = {"gflop_per_image": flops / 1e9, "pure_inference": {}, "end_to_end": {}}
+        for name, rate in rates.items():
+            entry["pure_inference"][name] = {
+                "images_per_s": rate, "vs_torch_eager": rate / rates["torch_eager"],
+                "gflops": rate * flops / 1e9, "of_matmul_peak": rate * flops / 1e9 / result["matmul_peak_gflops"],
+            }
+        for precision in ("fp32", "int8"):
+            cache = args.work / f"photos-{model}-{precision}.h5"
+            run = in_child("extract", photos, model, precision, cache, args.models_dir, weights)
+            pure = rates[f"ort_{precision}"]
+            entry["end_to_end"][precision] = {**run, "vs_torch_eager": run["rate"] / rates["torch_eager"],
+                                              "of_pure_inference": run["rate"] / pure}
+        similarity = cosine(stored(args.work / f"photos-{model}-int8.h5", variant_name(model, "int8")),
+                            stored(args.work / f"photos-{model}-fp32.h5", model))
+        entry["int8_cosine_to_fp32"] = {"images": len(similarity), "min": float(similarity.min()),
+                                        "mean": float(similarity.mean())}
+        result["models"][model] = entry
+        print(f"{model}: {json.dumps(entry, indent=1)}", flush=True)
+    result["digits_logreg_accuracy"] = digits_accuracy(args.work, args.models, args.models_dir, weights,
+                                                       args.digits_per_class)
+    if args.memory_images:
+        memory = {}
+        for count in args.memory_images:
+            folder = make_photos(args.work / f"memory-{count}", count, seed=count)
+            memory[count] = in_child("extract", folder, "resnet50", "int8", args.work / f"memory-{count}.h5",
+                                     args.models_dir, weights)
+            print(f"memory, {count} photos: {memory[count]}", flush=True)
+        result["memory_resnet50_int8"] = memory
+    result["seconds"] = time.perf_counter() - started
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"wrote {args.out} in {result['seconds']:.0f} s")
+    return 0
+
+
+def print_table(result: dict) -> None:
+    """The README's table: images/s, ratio to torchvision eager, share of the matmul peak, fidelity."""
+    print(f"\n| model | path | images/s | vs torch eager | GFLOP/s (share of {result['matmul_peak_gflops']:.0f} peak) | "
+          "peak memory | int8 fidelity |")
+    print("|---|---|---|---|---|---|---|")
+    accuracy = result.get("digits_logreg_accuracy", {})
+    for model, entry in result["models"].items():
+        rows = [(name, values) for name, values in entry["pure_inference"].items()]
+        for name, row in rows:
+            fidelity = ""
+            if name == "ort_int8":
+                fidelity = (f"cosine min {entry['int8_cosine_to_fp32']['min']:.4f}; digits accuracy "
+                            f"{accuracy.get(variant_name(model, 'int8'), {}).get('accuracy', float('nan')):.3f} vs "
+                            f"{accuracy.get(model, {}).get('accuracy', float('nan')):.3f} fp32")
+            print(f"| {model} | {name} (pre-decoded) | {row['images_per_s']:.1f} | {row['vs_torch_eager']:.2f}x | "
+                  f"{row['gflops']:.0f} ({row['of_matmul_peak']:.0%}) | | {fidelity} |")
+        for precision, run in entry["end_to_end"].items():
+            print(f"| {model} | extract {precision}, JPEG to HDF5 | {run['rate']:.1f} | {run['vs_torch_eager']:.2f}x | "
+                  f"{run['of_pure_inference']:.0%} of pure inference | {run['peak_rss_mb']:.0f} MB | |")
+    for count, run in result.get("memory_resnet50_int8", {}).items():
+        print(f"| resnet50 | extract int8, {count} photos | {run['rate']:.1f} | | | {run['peak_rss_mb']:.0f} MB | |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(*sys.argv[2:])
+    else:
+        sys.exit(main())
