@@ -17,27 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+# Only what extract itself loads is imported here, so that the extract children measure extract's own memory;
+# torch and scikit-learn are imported where they are used.
 from pipeline.backbones import BACKBONES
 from pipeline.decode import decode_file
-from pipeline.demo import demo_weights, write_digits
-from pipeline.export import EmbeddingNet, export_backbone
 from pipeline.extract import run_extract
-from pipeline.fit import run_fit
 from pipeline.manifest import variant_name
-from pipeline.quantize import current_variant, make_variant
 from pipeline.runtime import available_cores, open_backbone
 from pipeline.store import EmbeddingStore
-from pipeline.weights import load_trunk, parse_weights
 
 BATCH = 16
 MIN_SECONDS = 8.0  # each pure-inference rate is timed over at least this long (after one warm-up batch)
@@ -66,25 +63,25 @@ def machine() -> dict:
     }
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+def matmul_peak(sizes: tuple[int, ...] = (2048, 4096), repeats: int = 5) -> float:
     """Best float32 matrix-multiply GFLOP/s of numpy and torch on this machine's cores."""
     import torch
 
     torch.set_num_threads(available_cores())
-    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
     best = 0.0
-    for multiply in (np.matmul, lambda x, y: torch.mm(x, y)):
-        x = a if multiply is np.matmul else torch.from_numpy(a)
-        multiply(x, x)
-        for _ in range(repeats):
-            started = time.perf_counter()
+    for size in sizes:
+        a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+        for x, multiply in ((a, np.matmul), (torch.from_numpy(a), torch.mm)):
             multiply(x, x)
-            best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
+            for _ in range(repeats):
+                started = time.perf_counter()
+                multiply(x, x)
+                best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
     return best
 
 
-def make_photos(folder: Path, count: int, seed: int = 0) -> Path:
-    """``count`` 640x480 JPEG photos in two class folders, derived from scikit-learn's sample photographs."""
+def make_photos(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = PHOTO_SIZE) -> Path:
+    """``count`` JPEG photos of ``size`` in two class folders, derived from scikit-learn's sample photographs."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
@@ -102,7 +99,7 @@ def make_photos(folder: Path, count: int, seed: int = 0) -> Path:
         top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
         pixels = image[top : top + crop_h, left : left + crop_w].astype(np.float32)
         pixels = pixels * rng.uniform(0.8, 1.2, 3) + rng.uniform(-20, 20)
-        picture = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize(PHOTO_SIZE, Image.Resampling.BICUBIC)
+        picture = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC)
         if rng.random() < 0.5:
             picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +126,9 @@ def torch_eager_rate(model: str, weights: str, crops: np.ndarray, min_seconds: f
     """(a) the torchvision module in eager mode, normalisation included, on the CPU's cores."""
     import torch
 
+    from pipeline.export import EmbeddingNet
+    from pipeline.weights import load_trunk, parse_weights
+
     torch.set_num_threads(available_cores())
     backbone = BACKBONES[model]
     request = parse_weights(backbone, weights)
@@ -144,6 +144,8 @@ def flops_per_image(model: str) -> float:
     """Floating-point operations of one 224 px forward pass (2 per multiply-add), counted by torch."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.weights import load_trunk, parse_weights
 
     trunk, _ = load_trunk(BACKBONES[model], parse_weights(BACKBONES[model], "random"))
     counter = FlopCounterMode(display=False)
@@ -191,6 +193,41 @@ def child(task: str, *arguments: str) -> None:
     print(json.dumps({**out, "peak_rss_mb": peak_rss_mb()}))
 
 
+def decode_costs(photos: Path, large: Path) -> dict:
+    """Milliseconds per image of decode_file (read, hash, decode, resize, crop, pixel baseline) on one core."""
+    from pipeline.backbones import Preprocessing
+    from pipeline.decode import load_rgb, map_ordered, resize_center_crop
+
+    recipe = [Preprocessing(256, 224)]
+    costs = {}
+    for name, folder in (("photos_640x480", photos), ("photos_2560x1920", large)):
+        paths = sorted(folder.rglob("*.jpg"))[:100]
+        decode_file(paths[0], recipe)
+        started = time.perf_counter()
+        for path in paths:
+            decode_file(path, recipe)
+        costs[name] = {"ms_per_image": 1000 * (time.perf_counter() - started) / len(paths)}
+    paths = sorted(photos.rglob("*.jpg"))[:200]
+    for workers in sorted({1, available_cores()}):
+        started = time.perf_counter()
+        for _ in map_ordered(lambda path: decode_file(path, recipe), paths, workers, 4 * workers):
+            pass
+        costs["photos_640x480"][f"images_per_s_{workers}_threads"] = len(paths) / (time.perf_counter() - started)
+    with ProcessPoolExecutor(available_cores()) as pool:
+        list(pool.map(decode_file, paths[:8], [recipe] * 8))
+        started = time.perf_counter()
+        list(pool.map(decode_file, paths, [recipe] * len(paths), chunksize=8))
+        costs["photos_640x480"][f"images_per_s_{available_cores()}_processes"] = len(paths) / (time.perf_counter() - started)
+    paths = sorted(large.rglob("*.jpg"))
+    started = time.perf_counter()
+    full = [resize_center_crop(load_rgb(path.read_bytes()), recipe[0]) for path in paths]  # decoded whole
+    costs["photos_2560x1920"]["ms_per_image_decoded_whole"] = 1000 * (time.perf_counter() - started) / len(paths)
+    drafted = [decode_file(path, recipe).crops[0] for path in paths]
+    difference = np.abs(np.stack(drafted).astype(int) - np.stack(full).astype(int))
+    costs["photos_2560x1920"]["draft_vs_full_crop"] = {"mean_abs": float(difference.mean()), "max_abs": int(difference.max())}
+    return costs
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
@@ -202,6 +239,9 @@ def stored(cache: Path, name: str) -> np.ndarray:
 
 def digits_accuracy(work: Path, models: list[str], models_dir: Path, weights: str, per_class: int) -> dict:
     """Test accuracy of logistic regression on fp32 and int8 embeddings of the same digit scans and split."""
+    from pipeline.demo import write_digits
+    from pipeline.fit import run_fit
+
     data = work / "digits"
     write_digits(data, per_class)
     cache = work / "digits.h5"
@@ -226,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/bench.json"))
     args = parser.parse_args(argv)
     args.models_dir = args.work / "models"  # its own exports and int8 variants, calibrated on its photos
+    from pipeline.demo import demo_weights
+    from pipeline.export import export_backbone
+    from pipeline.quantize import current_variant, make_variant
 
     started = time.perf_counter()
     weights = "imagenet" if all(demo_weights(m) == "imagenet" for m in args.models) else "random"
@@ -235,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
           f"weights: {weights}" + (" (UNTRAINED: speed is representative, fidelity is of random weights)" if weights == "random" else ""))
     photos = make_photos(args.work / "photos", args.photos)
     calibration = sorted(photos.rglob("*.jpg"))
+    result["decode"] = decode_costs(photos, make_photos(args.work / "large-photos", 8, size=(2560, 1920)))
+    print(f"decode: {result['decode']}", flush=True)
     for model in args.models:
         export_backbone(model, weights, 224, args.models_dir)
         if current_variant(args.models_dir, model, "int8") is None:
@@ -283,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(result: dict) -> None:
     """The README's table: images/s, ratio to torchvision eager, share of the matmul peak, fidelity."""
-    print(f"\n| model | path | images/s | vs torch eager | GFLOP/s (share of {result['matmul_peak_gflops']:.0f} peak) | "
+    print(f"\n| model | path | images/s | vs torch eager | G(FL)OP/s (share of {result['matmul_peak_gflops']:.0f} GFLOP/s fp32 matmul) | "
           "peak memory | int8 fidelity |")
     print("|---|---|---|---|---|---|---|")
     accuracy = result.get("digits_logreg_accuracy", {})

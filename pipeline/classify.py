@@ -189,7 +189,7 @@ def run_classify(
     bundle_path: Path,
     output: Path | None,
     top_k: int | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str = "auto",
     models_dir: Path = Path("models"),
     cache: Path | None = Path("features/embeddings.h5"),
@@ -208,7 +208,7 @@ def run_classify(
         ``images``, ``classified``, ``unreadable``, ``cached`` counts, and ``correct`` / ``labelled`` when
         the folder has class sub-folders.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1.")
     if output is not None and output.suffix not in OUTPUT_FORMATS:
         raise UserError(f"--output {output} must end in {' or '.join(OUTPUT_FORMATS)}.")
@@ -221,6 +221,7 @@ def run_classify(
         print(f"warning: {bundle_path} was fitted on UNTRAINED random-weight features; its predictions show the "
               "pipeline works, not what transfer learning can do.", file=sys.stderr)
     session = open_features(bundle, bundle_path, models_dir, device, precision, allow_precision_change)
+    batch_size = batch_size or (session.default_batch_size if session else 16)
     if session is None:
         known = stored_features(cache, PIXELS, PIXELS_FINGERPRINT)
     else:
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classifiers-dir", type=Path, default=Path("models/classifiers"), help="fit's --out (default: models/classifiers)")
     parser.add_argument("--output", type=Path, help="write rows to a .csv or .jsonl file (default: print a table)")
     parser.add_argument("--top-k", type=int, default=3, help="classes per image, most probable first (default: 3)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default: 16 on the CPU, 128 on CUDA)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when usable, else CPU (default: auto)")
     parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
                         help="backbone precision (default: auto, the one the classifier was fitted on)")

@@ -265,7 +265,7 @@ def run_extract(
     data: str | os.PathLike,
     models: Sequence[str] = tuple(BACKBONES),
     cache: str | os.PathLike = "features/embeddings.h5",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str = "auto",
     workers: int | None = None,
     models_dir: str | os.PathLike = "models",
@@ -293,7 +293,7 @@ def run_extract(
     UserError
         Bad arguments, no images, a store of another dataset or model, a model that cannot be exported.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1.")
     if device not in DEVICES:
         raise UserError(f"--device {device} is not one of {', '.join(DEVICES)}.")
@@ -310,6 +310,7 @@ def run_extract(
             model_manifest(models_dir, model, weights)  # exports the model first when it must
         sessions = open_sessions(models_dir, models, device, precision, dataset, calibration_images)
         specs, preprocessings = feature_specs(sessions)
+        batch_size = batch_size or min((s.default_batch_size for s in sessions), default=16)
         check_store(store, dataset, specs, overwrite)
         work = plan(dataset, store, specs)
         if not work and store.matches(dataset.records, [spec.name for spec in specs]):
@@ -360,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"backbones to embed with (default: {' '.join(BACKBONES)})",
     )
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"), help="the HDF5 store (default: features/embeddings.h5)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default: 16 on the CPU, 128 on CUDA)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when usable, else CPU (default: auto)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: the number of available cores)")
     parser.add_argument(

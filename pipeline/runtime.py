@@ -44,8 +44,28 @@ class BackboneSession:
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """Embed a batch of uint8 ``[N, S, S, 3]`` crops; returns float32 ``[N, D]``."""
-        inputs = {self.manifest.input["name"]: np.ascontiguousarray(crops, dtype=np.uint8)}
-        return self.session.run([self.manifest.output["name"]], inputs)[0]
+        crops = np.ascontiguousarray(crops, dtype=np.uint8)
+        if self.provider != CUDA:
+            return self.session.run([self.manifest.output["name"]], {self.manifest.input["name"]: crops})[0]
+        return self.embed_bound(crops)
+
+    def embed_bound(self, crops: np.ndarray) -> np.ndarray:
+        """:meth:`embed` through I/O binding: what runs on CUDA.
+
+        The uint8 batch (a quarter of the bytes of a float one: normalisation happens in the graph, on the
+        device) is bound as a host input that onnxruntime copies on its own stream, and the output is
+        allocated by onnxruntime on the device and copied back once, without a second float input.
+        """
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.manifest.input["name"], np.ascontiguousarray(crops, dtype=np.uint8))
+        binding.bind_output(self.manifest.output["name"], "cuda" if self.provider == CUDA else "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    @property
+    def default_batch_size(self) -> int:
+        """Images per batch that keep this device busy: 16 on a CPU (beyond it nothing is gained), 128 on CUDA."""
+        return 128 if self.provider == CUDA else 16
 
 
 def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto") -> BackboneSession:

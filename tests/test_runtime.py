@@ -46,3 +46,10 @@ def test_model_that_does_not_match_its_manifest_is_refused(exported, tmp_path):
         open_backbone(tmp_path, "resnet50")
     with pytest.raises(UserError, match="export the model first"):
         open_backbone(tmp_path, "vgg16")
+
+
+def test_io_binding_path_gives_the_same_embeddings(exported):
+    backbone = open_backbone(exported("resnet50", 64).onnx_path.parent, "resnet50", device="cpu")
+    crops = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(backbone.embed_bound(crops), backbone.embed(crops))
+    assert backbone.default_batch_size == 16
