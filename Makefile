@@ -27,7 +27,7 @@ help:
 	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' WEIGHTS=$(WEIGHTS) IMAGE_SIZE=$(IMAGE_SIZE)"
 	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)' PRECISION=$(PRECISION)"
 	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE) into CLASSIFIERS_DIR=$(CLASSIFIERS_DIR) (FIT_ARGS=...)"
-	@echo "make bench       extraction speed and int8 fidelity side by side, writes benchmarks/bench.json (~20 min)"
+	@echo "make bench       extraction speed and int8 fidelity side by side, writes benchmarks/bench.json (~25 min)"
 	@echo "make install     only create $(VENV) and install the project"
 	@echo "make clean       remove $(VENV) (models/ and features/ are kept)"
 

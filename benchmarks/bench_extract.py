@@ -33,7 +33,7 @@ from pipeline.backbones import BACKBONES
 from pipeline.decode import decode_file
 from pipeline.extract import run_extract
 from pipeline.manifest import variant_name
-from pipeline.runtime import available_cores, open_backbone
+from pipeline.runtime import CUDA, available_cores, open_backbone
 from pipeline.store import EmbeddingStore
 
 BATCH = 16
@@ -173,23 +173,27 @@ def peak_rss_mb() -> float:
 
 def child(task: str, *arguments: str) -> None:
     """The tasks ``in_child`` runs; prints one JSON line."""
-    if task == "extract":
-        data, model, precision, cache, models_dir, weights = arguments
+    if task == "cuda":
+        models_dir, model = arguments
+        out = {"usable": open_backbone(models_dir, model, "auto").provider == CUDA}
+    elif task == "extract":
+        data, model, precision, cache, models_dir, weights, device = arguments
         Path(cache).unlink(missing_ok=True)
         started = time.perf_counter()
         specs = run_extract(data, [model], cache, models_dir=models_dir, weights=weights, precision=precision,
-                            device="cpu", progress=False)
+                            device=device, progress=False)
         seconds = time.perf_counter() - started
         out = {"images": specs[0].embedded, "seconds": seconds, "rate": specs[0].embedded / seconds,
                "inference_seconds": specs[0].seconds}
     else:
-        photos, model, models_dir, weights, min_seconds = arguments
-        session = open_backbone(models_dir, model, "cpu")
-        crops = crops_of(Path(photos), session.manifest, BATCH)
+        photos, model, models_dir, weights, min_seconds, device = arguments
+        session = open_backbone(models_dir, model, device)
+        batch = session.default_batch_size
+        crops = crops_of(Path(photos), session.manifest, batch)
         if task == "torch":
             out = {"rate": torch_eager_rate(session.manifest.model, weights, crops, float(min_seconds))}
         else:
-            out = {"rate": timed_rate(lambda: session.embed(crops), BATCH, float(min_seconds))}
+            out = {"rate": timed_rate(lambda: session.embed(crops), batch, float(min_seconds)), "batch": batch}
     print(json.dumps({**out, "peak_rss_mb": peak_rss_mb()}))
 
 
@@ -285,24 +289,35 @@ def main(argv: list[str] | None = None) -> int:
         if current_variant(args.models_dir, model, "int8") is None:
             make_variant(args.models_dir, model, "int8", calibration)
         flops = flops_per_image(model)
-        rate_of = lambda task, name: in_child(task, photos, name, args.models_dir, weights, args.min_seconds)["rate"]  # noqa: E731
+        def rate_of(task: str, name: str, device: str = "cpu") -> float:
+            return in_child(task, photos, name, args.models_dir, weights, args.min_seconds, device)["rate"]
+
         rates = {
             "torch_eager": rate_of("torch", model),
             "ort_fp32": rate_of("ort", model),
             "ort_int8": rate_of("ort", variant_name(model, "int8")),
         }
+        cuda = in_child("cuda", args.models_dir, model)["usable"]
+        if cuda:  # fp16 needs no calibration; TensorRT is not measured
+            if current_variant(args.models_dir, model, "fp16") is None:
+                make_variant(args.models_dir, model, "fp16", calibration)
+            rates["cuda_fp32"] = rate_of("ort", model, "cuda")
+            rates["cuda_fp16"] = rate_of("ort", variant_name(model, "fp16"), "cuda")
         entry = {"gflop_per_image": flops / 1e9, "pure_inference": {}, "end_to_end": {}}
         for name, rate in rates.items():
             entry["pure_inference"][name] = {
                 "images_per_s": rate, "vs_torch_eager": rate / rates["torch_eager"],
                 "gflops": rate * flops / 1e9, "of_matmul_peak": rate * flops / 1e9 / result["matmul_peak_gflops"],
             }
-        for precision in ("fp32", "int8"):
+        runs = [("fp32", "cpu", "ort_fp32"), ("int8", "cpu", "ort_int8")]
+        if cuda:
+            runs.append(("fp16", "cuda", "cuda_fp16"))
+        for precision, device, pure in runs:
             cache = args.work / f"photos-{model}-{precision}.h5"
-            run = in_child("extract", photos, model, precision, cache, args.models_dir, weights)
-            pure = rates[f"ort_{precision}"]
-            entry["end_to_end"][precision] = {**run, "vs_torch_eager": run["rate"] / rates["torch_eager"],
-                                              "of_pure_inference": run["rate"] / pure}
+            run = in_child("extract", photos, model, precision, cache, args.models_dir, weights, device)
+            entry["end_to_end"][precision if device == "cpu" else f"cuda_{precision}"] = {
+                **run, "vs_torch_eager": run["rate"] / rates["torch_eager"], "of_pure_inference": run["rate"] / rates[pure],
+            }
         similarity = cosine(stored(args.work / f"photos-{model}-int8.h5", variant_name(model, "int8")),
                             stored(args.work / f"photos-{model}-fp32.h5", model))
         entry["int8_cosine_to_fp32"] = {"images": len(similarity), "min": float(similarity.min()),
@@ -316,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         for count in args.memory_images:
             folder = make_photos(args.work / f"memory-{count}", count, seed=count)
             memory[count] = in_child("extract", folder, "resnet50", "int8", args.work / f"memory-{count}.h5",
-                                     args.models_dir, weights)
+                                     args.models_dir, weights, "cpu")
             print(f"memory, {count} photos: {memory[count]}", flush=True)
         result["memory_resnet50_int8"] = memory
     result["seconds"] = time.perf_counter() - started
@@ -342,8 +357,8 @@ def print_table(result: dict) -> None:
                             f"{accuracy.get(model, {}).get('accuracy', float('nan')):.3f} fp32")
             print(f"| {model} | {name} (pre-decoded) | {row['images_per_s']:.1f} | {row['vs_torch_eager']:.2f}x | "
                   f"{row['gflops']:.0f} ({row['of_matmul_peak']:.0%}) | | {fidelity} |")
-        for precision, run in entry["end_to_end"].items():
-            print(f"| {model} | extract {precision}, JPEG to HDF5 | {run['rate']:.1f} | {run['vs_torch_eager']:.2f}x | "
+        for name, run in entry["end_to_end"].items():
+            print(f"| {model} | extract {name}, JPEG to HDF5 | {run['rate']:.1f} | {run['vs_torch_eager']:.2f}x | "
                   f"{run['of_pure_inference']:.0%} of pure inference | {run['peak_rss_mb']:.0f} MB | |")
     for count, run in result.get("memory_resnet50_int8", {}).items():
         print(f"| resnet50 | extract int8, {count} photos | {run['rate']:.1f} | | | {run['peak_rss_mb']:.0f} MB | |")

@@ -46,7 +46,7 @@ class ModelManifest:
         ISO 8601 UTC time of the export.
     verification : dict
         The export's own check against PyTorch (``images``, ``min_cosine``, ``max_relative_error``), or for a
-        variant its fidelity to fp32 (``images``, ``min_cosine``, ``mean_cosine``).
+        variant its fidelity to fp32 (``images``, ``min_cosine``, ``mean_cosine``, and ``on`` which images).
     precision : str
         ``fp32`` for an export; ``fp16`` or ``int8`` for a variant derived from one by pipeline.quantize.
     derived_from : dict
@@ -64,7 +64,7 @@ class ModelManifest:
     opset: int
     versions: dict[str, str]
     created: str
-    verification: dict[str, float] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
     derived_from: dict[str, str] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)

@@ -98,15 +98,16 @@ def make_variant(
         raise UserError(f"{source_onnx} does not match {source_json}; export {model} again before deriving {precision}.")
     onnx_path, manifest_path = model_paths(models_dir, variant_name(model, precision))
     if precision == "int8":
-        calibrate, verify, record = _calibration_crops(source, calibration, calibration_images, seed)
+        calibrate, verify, verified_on, record = _calibration_crops(source, calibration, calibration_images, seed)
     else:
-        calibrate, verify, record = None, _verification_crops(source, calibration, seed), {}
+        calibrate, record = [], {}
+        verify, verified_on = _verification_crops(source, calibration, seed)
     with atomic_path(onnx_path) as tmp:
         if precision == "int8":
             _quantize_int8(source_onnx, tmp, calibrate)
         else:
             _convert_fp16(source_onnx, tmp)
-        verification = _fidelity(source_onnx, tmp, verify)
+        verification = {**_fidelity(source_onnx, tmp, verify), "on": verified_on}
         manifest_path.unlink(missing_ok=True)  # as in export: no manifest claims a file until it is complete
     manifest = replace(
         source,
@@ -141,7 +142,7 @@ def _decoded_crops(source: ModelManifest, paths: Sequence[Path]) -> tuple[list[n
 
 def _calibration_crops(
     source: ModelManifest, paths: Sequence[Path], count: int, seed: int
-) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+) -> tuple[list[np.ndarray], list[np.ndarray], str, dict]:
     sample = calibration_sample(list(paths), count, seed) if paths else []
     crops, hashes = _decoded_crops(source, sample)
     if not crops:
@@ -151,22 +152,23 @@ def _calibration_crops(
         )
     # The first ``count`` calibrate; the others (when the folder has more) measure fidelity on unseen images.
     verify = crops[count:] or crops[:count]
+    verified_on = "images outside the calibration sample" if crops[count:] else "the calibration images"
     record = {
         "method": "onnxruntime quantize_static, QDQ, MinMax, per-channel int8 weights, uint8 activations",
         "images": len(crops[:count]),
         "seed": seed,
         "sha256": hashes[:count],
     }
-    return crops[:count], verify, record
+    return crops[:count], verify, verified_on, record
 
 
-def _verification_crops(source: ModelManifest, paths: Sequence[Path], seed: int) -> list[np.ndarray]:
+def _verification_crops(source: ModelManifest, paths: Sequence[Path], seed: int) -> tuple[list[np.ndarray], str]:
     if paths:
         crops, _ = _decoded_crops(source, calibration_sample(list(paths), 1, seed)[:VERIFY_IMAGES])
         if crops:
-            return crops
+            return crops, "your images"
     size = source.input["size"]  # no images given: fidelity on seeded random pixels, which the record says
-    return list(np.random.default_rng(seed).integers(0, 256, (4, size, size, 3), dtype=np.uint8))
+    return list(np.random.default_rng(seed).integers(0, 256, (4, size, size, 3), dtype=np.uint8)), "random pixels"
 
 
 class _CropReader:
@@ -209,7 +211,6 @@ def _convert_fp16(source: Path, target: Path) -> None:
 def _fidelity(source: Path, variant: Path, crops: Sequence[np.ndarray]) -> dict[str, float | int]:
     images = np.stack(crops)
     want = _run(source, images)
-    # (for int8, the verification images are outside the calibration sample whenever the folder has enough)
     got = _run(variant, images).astype(np.float32)
     cosine = np.sum(got * want, 1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-12)
     return {"images": len(images), "min_cosine": float(cosine.min()), "mean_cosine": float(cosine.mean())}
@@ -229,7 +230,7 @@ def describe(manifest: ModelManifest) -> str:
     calibrated = f", calibrated on {manifest.calibration['images']} images" if manifest.calibration else ""
     return (
         f"{manifest.name}: {manifest.onnx_file}{calibrated}; cosine to fp32 "
-        f"min {check['min_cosine']:.5f}, mean {check['mean_cosine']:.5f} on {check['images']} images."
+        f"min {check['min_cosine']:.5f}, mean {check['mean_cosine']:.5f} on {check['images']} {check.get('on', 'images')}."
     )
 
 

@@ -62,6 +62,7 @@ def test_int8_variant_records_its_calibration_and_stays_close_to_fp32(models_dir
     assert manifest.calibration["images"] == 12 == len(set(manifest.calibration["sha256"]))
     assert set(manifest.calibration["sha256"]) <= all_hashes
     assert manifest.verification["images"] == VERIFY_IMAGES and manifest.verification["min_cosine"] >= 0.99
+    assert manifest.verification["on"] == "images outside the calibration sample"
     assert ModelManifest.load(model_paths(models_dir, "resnet50-int8")[1]) == manifest
     assert current_variant(models_dir, "resnet50", "int8") == manifest
     ops = {node.op_type for node in onnx.load(str(onnx_path)).graph.node}
@@ -93,7 +94,7 @@ def test_fp16_variant_converts_every_weight_and_keeps_uint8_in_float32_out(model
     assert float_types == {onnx.TensorProto.FLOAT16}
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert manifest.precision == "fp16" and manifest.calibration == {}
+    assert manifest.precision == "fp16" and manifest.calibration == {} and manifest.verification["on"] == "your images"
     assert manifest.verification["min_cosine"] >= 0.999
 
 
@@ -117,6 +118,7 @@ def test_cli_makes_the_variant_once(models_dir, tmp_path):
                "--calibration", str(tmp_path / "data"), "--calibration-images", "6", "--models-dir", str(models_dir)]
     first = subprocess.run(command, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
-    assert "resnet50-int8: resnet50-int8.onnx, calibrated on 6 images" in first.stdout
+    assert "resnet50-int8: resnet50-int8.onnx, calibrated on 6 images; cosine to fp32 min" in first.stdout
+    assert "on 4 images outside the calibration sample" in first.stdout
     second = subprocess.run(command, capture_output=True, text=True)
     assert second.returncode == 0 and "Up to date; nothing to do." in second.stdout
