@@ -91,6 +91,8 @@ def open_features(
     unless ``allow_precision_change``: its embeddings differ slightly from those the classifier learnt.
     """
     if bundle.features == PIXELS:
+        if precision != "auto":
+            print(f"notice: --precision {precision} does not apply to {bundle_path}: it classifies raw pixels.", file=sys.stderr)
         return None
     fitted = bundle.provenance.get("precision", "fp32")
     model = bundle.provenance.get("model") or bundle.features
@@ -102,17 +104,22 @@ def open_features(
             "--allow-precision-change to use it anyway (predictions may shift slightly)."
         )
     session = open_backbone(models_dir, variant_name(model, wanted), device)
-    if wanted == fitted:
-        expected, actual = bundle.onnx_sha256, session.manifest.onnx_sha256
-    else:  # another precision: it must derive from the same fp32 export
-        expected = bundle.provenance.get("source_onnx_sha256", bundle.onnx_sha256)
-        actual = session.manifest.source_sha256
-    if actual != expected:
+    if wanted == fitted and session.manifest.onnx_sha256 != bundle.onnx_sha256:
+        remedy = ("export that model again" if fitted == "fp32" else
+                  f"fit again on {session.manifest.name} features extracted with it (the variant was made again)")
         raise UserError(
-            f"{bundle_path} was fitted on {bundle.features} embeddings of ONNX sha256 {expected[:12]} "
+            f"{bundle_path} was fitted on {bundle.features} embeddings of ONNX sha256 {bundle.onnx_sha256[:12]} "
             f"({bundle.provenance.get('weights_id')}), but {session.onnx_path} has sha256 "
-            f"{actual[:12]} ({session.manifest.weights_id}); export that model again or "
-            "use a classifier fitted on this one."
+            f"{session.manifest.onnx_sha256[:12]} ({session.manifest.weights_id}); {remedy}, or use a classifier "
+            "fitted on this one."
+        )
+    source = bundle.provenance.get("source_onnx_sha256", bundle.onnx_sha256)
+    if wanted != fitted and session.manifest.source_sha256 != source:
+        raise UserError(
+            f"{session.onnx_path} derives from an fp32 export of sha256 {session.manifest.source_sha256[:12]}, but "
+            f"{bundle_path} from one of sha256 {source[:12]}; make the variant again from the current export "
+            f"(python -m pipeline.quantize --model {model} --precision {wanted} --force"
+            + (" --calibration DATA" if wanted == "int8" else "") + ") or classify at --precision " + fitted + "."
         )
     return session
 

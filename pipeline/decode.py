@@ -21,10 +21,12 @@ PIXELS_SIZE = 32
 # The raw-pixel baseline: a 32x32 thumbnail by the same resize-then-crop recipe (resize 37, crop 32).
 PIXELS_PREPROCESSING = Preprocessing(resize_size=round(PIXELS_SIZE * 256 / 224), crop_size=PIXELS_SIZE)
 PIXELS_FINGERPRINT = f"pixels:{PIXELS_SIZE}:v1"  # the store's fingerprint of the pixel features
-# Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale while the result stays >= DRAFT_MARGIN x the resize size.
-# Measured on 2560x1920 photos: crops within 0.4 grey levels on average of the full decode (max 9), embedding
-# cosine >= 0.99999 to it, decode and resize 2.4x faster; at 1x the margin the maximum error reached 41 levels.
+# Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale while the result's short side stays >= DRAFT_MARGIN x the
+# largest resize, and >= DRAFT_FLOOR whatever is asked (so the pixel baseline and the standard 224 px models
+# decode a file alike in every stage). Measured on 2560x1920 photos: crops within 0.2-0.4 grey levels on average
+# of the full decode (max 3-9), embedding cosine >= 0.99999 to it; at 1x the margin the error reached 41 levels.
 DRAFT_MARGIN = 2
+DRAFT_FLOOR = 512
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 T = TypeVar("T")
 R = TypeVar("R")
@@ -85,7 +87,7 @@ def decode_file(
     if sha256 in known:
         return DecodedImage(sha256, known=True)
     try:
-        image = load_rgb(data, DRAFT_MARGIN * max((p.resize_size for p in preprocessings), default=0))
+        image = load_rgb(data, draft_floor(preprocessings))
         crops = tuple(resize_center_crop(image, p) for p in preprocessings)
         pixels = resize_center_crop(image, PIXELS_PREPROCESSING).reshape(-1).astype(np.float32) / 255.0
     except Exception as error:  # Pillow raises many types for damaged or hostile files; each one is a skip
@@ -127,6 +129,11 @@ def batches(stream: Iterable, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
+
+
+def draft_floor(preprocessings: Sequence[Preprocessing]) -> int:
+    """The short side a JPEG may be reduced to (by DCT scaling) for these preprocessings."""
+    return max(DRAFT_FLOOR, DRAFT_MARGIN * max((p.resize_size for p in preprocessings), default=0))
 
 
 def jpeg_draft_size(size: tuple[int, int], min_short_side: int) -> tuple[int, int] | None:

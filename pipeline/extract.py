@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_PREPROCESSING, PIXELS_SIZ
 from pipeline.discover import Dataset, ImageRecord, discover
 from pipeline.errors import UserError, run_cli
 from pipeline.manifest import PRECISIONS, ModelManifest, model_paths, variant_name
-from pipeline.quantize import CALIBRATION_IMAGES, current_variant, describe, make_variant
+from pipeline.quantize import CALIBRATION_IMAGES, calibration_paths, check_calibration_images, current_variant, describe, make_variant
 from pipeline.runtime import CUDA, DEVICES, BackboneSession, available_cores, open_backbone
 from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
 from pipeline.weights import parse_weights
@@ -89,31 +89,50 @@ def model_manifest(models_dir: Path, model: str, weights: str) -> ModelManifest:
 
 
 def open_sessions(
-    models_dir: Path, models: Sequence[str], device: str, precision: str, dataset: Dataset, calibration_images: int
+    models_dir: Path, models: Sequence[str], device: str, precision: str, dataset: Dataset, calibration_images: int,
+    stored: Collection[str] = (),
 ) -> list[BackboneSession]:
-    """A session per model at ``precision``, deriving fp16 / int8 variants first where they are missing or stale.
+    """Open a session per model at ``precision``, making fp16 / int8 variants first where missing or stale.
 
-    ``auto`` means fp16 where the model runs on CUDA and fp32 on the CPU. int8 is calibrated on a sample of
-    ``dataset``'s images outside its test split.
+    Parameters
+    ----------
+    models_dir : Path
+        Folder of the fp32 exports; variants are written beside them.
+    models : sequence of str
+        Backbone names.
+    device : {"auto", "cuda", "cpu"}
+    precision : {"auto", "fp32", "fp16", "int8"}
+        ``auto``: the precision the store already holds for that model when it holds exactly one,
+        otherwise fp16 where the model runs on CUDA and fp32 on the CPU.
+    dataset : Dataset
+        int8 variants are calibrated on a sample of its images outside its test split.
+    calibration_images : int
+        Size of that sample.
+    stored : collection of str
+        Feature sets the store holds already.
+
+    Returns
+    -------
+    list of BackboneSession
     """
     sessions = []
     for model in models:
         wanted = precision
         if precision == "auto":
-            session = open_backbone(models_dir, model, device)
-            if session.provider != CUDA:
-                sessions.append(session)
-                continue
-            wanted = "fp16"
+            held = [p for p in PRECISIONS if variant_name(model, p) in stored]
+            if len(held) == 1:
+                wanted = held[0]
+            else:
+                session = open_backbone(models_dir, model, device)
+                if session.provider != CUDA:
+                    sessions.append(session)
+                    continue
+                wanted = "fp16"
         if wanted != "fp32" and current_variant(models_dir, model, wanted) is None:
-            print(f"{model}: deriving its {wanted} variant first.", file=sys.stderr)
-            usable = [r for r in dataset.records if r.split != "test"] or dataset.records
-            manifest = make_variant(models_dir, model, wanted, [dataset.absolute(r) for r in usable], calibration_images)
+            print(f"{model}: making its {wanted} variant first.", file=sys.stderr)
+            manifest = make_variant(models_dir, model, wanted, calibration_paths(dataset), calibration_images)
             print(describe(manifest), file=sys.stderr)
-        session = open_backbone(models_dir, variant_name(model, wanted), device)
-        if wanted == "fp16" and session.provider != CUDA:
-            print(f"notice: {model} fp16 runs on the CPU here, slower than fp32; fp16 is meant for GPUs.", file=sys.stderr)
-        sessions.append(session)
+        sessions.append(open_backbone(models_dir, variant_name(model, wanted), device))
     return sessions
 
 
@@ -299,6 +318,7 @@ def run_extract(
         raise UserError(f"--device {device} is not one of {', '.join(DEVICES)}.")
     if precision not in ("auto", *PRECISIONS):
         raise UserError(f"--precision {precision} is not one of auto, {', '.join(PRECISIONS)}.")
+    check_calibration_images(calibration_images)
     for model in models:
         if model not in BACKBONES:
             raise UserError(f"unknown model {model!r}; choose from: {', '.join(BACKBONES)}.")
@@ -308,7 +328,7 @@ def run_extract(
     with store.lock():
         for model in models:
             model_manifest(models_dir, model, weights)  # exports the model first when it must
-        sessions = open_sessions(models_dir, models, device, precision, dataset, calibration_images)
+        sessions = open_sessions(models_dir, models, device, precision, dataset, calibration_images, store.feature_sets())
         specs, preprocessings = feature_specs(sessions)
         batch_size = batch_size or min((s.default_batch_size for s in sessions), default=16)
         check_store(store, dataset, specs, overwrite)

@@ -18,7 +18,7 @@ import onnxruntime
 
 from pipeline.backbones import BACKBONES
 from pipeline.decode import decode_file
-from pipeline.discover import discover
+from pipeline.discover import Dataset, discover
 from pipeline.errors import UserError, run_cli
 from pipeline.files import atomic_path, sha256_file
 from pipeline.manifest import INPUT_NAME, OUTPUT_NAME, ModelManifest, model_paths, variant_name
@@ -30,7 +30,16 @@ _CALIBRATION_BATCH = 8
 
 
 def current_variant(models_dir: str | Path, model: str, precision: str) -> ModelManifest | None:
-    """The manifest of an existing, intact variant derived from the current fp32 export, else None."""
+    """The manifest of an existing, intact variant derived from the current fp32 export, else None.
+
+    An existing variant is kept whatever calibration is asked for now (its own is in its manifest), so
+    that the embeddings made with it stay comparable; ``pipeline.quantize --force`` makes it again.
+
+    Raises
+    ------
+    UserError
+        If ``model`` has no fp32 export in ``models_dir``.
+    """
     source = ModelManifest.load(model_paths(models_dir, model)[1])
     onnx_path, manifest_path = model_paths(models_dir, variant_name(model, precision))
     if not (onnx_path.exists() and manifest_path.exists()):
@@ -43,13 +52,18 @@ def current_variant(models_dir: str | Path, model: str, precision: str) -> Model
     return manifest if intact and manifest.derived_from.get("onnx_sha256") == source.onnx_sha256 else None
 
 
-def calibration_sample(paths: Sequence[Path], count: int, seed: int = 0) -> list[Path]:
-    """``count`` + VERIFY_IMAGES paths drawn at random (seeded) from ``paths``, in their listed order."""
+def calibration_paths(dataset: Dataset) -> list[Path]:
+    """The images a variant may be calibrated and verified on: the dataset's, outside its test split."""
+    usable = [record for record in dataset.records if record.split != "test"]
+    if not usable:
+        warnings.warn(f"{dataset.root} has only test images; the int8 calibration is drawn from them.", stacklevel=2)
+    return [dataset.absolute(record) for record in usable or dataset.records]
+
+
+def check_calibration_images(count: int) -> None:
+    """Refuse a calibration sample size below one."""
     if count < 1:
         raise UserError(f"--calibration-images {count} must be at least 1.")
-    wanted = min(len(paths), count + VERIFY_IMAGES)
-    chosen = np.random.default_rng(seed).choice(len(paths), size=wanted, replace=False)
-    return [paths[i] for i in sorted(chosen)]
 
 
 def make_variant(
@@ -73,9 +87,12 @@ def make_variant(
         int8: onnxruntime static quantization, QDQ format, per-channel int8 weights and uint8 activations
         whose ranges are calibrated (min/max) on images drawn from ``calibration``.
     calibration : sequence of Path
-        Image files to draw the calibration sample from (int8 only).
+        Image files to draw from, in a seeded random order: for int8 the first ``calibration_images`` that
+        decode calibrate and the next VERIFY_IMAGES measure the fidelity to fp32 (the calibration images
+        themselves when there are no others); for fp16 VERIFY_IMAGES of them measure it (random pixels
+        when none are given).
     calibration_images : int
-        Size of that sample; a further VERIFY_IMAGES images measure the fidelity to fp32.
+        Size of the int8 calibration sample.
     seed : int
         Seed of the draw.
 
@@ -98,6 +115,7 @@ def make_variant(
         raise UserError(f"{source_onnx} does not match {source_json}; export {model} again before deriving {precision}.")
     onnx_path, manifest_path = model_paths(models_dir, variant_name(model, precision))
     if precision == "int8":
+        check_calibration_images(calibration_images)
         calibrate, verify, verified_on, record = _calibration_crops(source, calibration, calibration_images, seed)
     else:
         calibrate, record = [], {}
@@ -130,45 +148,47 @@ def make_variant(
     return manifest
 
 
-def _decoded_crops(source: ModelManifest, paths: Sequence[Path]) -> tuple[list[np.ndarray], list[str]]:
-    crops, hashes = [], []
-    for path in paths:
-        decoded = decode_file(path, [source.preprocessing])
+def _draw(source: ModelManifest, paths: Sequence[Path], wanted: int, seed: int) -> Iterator[tuple[np.ndarray, str]]:
+    """Decode ``paths`` in a seeded random order, yielding ``(crop, sha256)`` of up to ``wanted`` good ones."""
+    found = 0
+    for index in np.random.default_rng(seed).permutation(len(paths)):
+        if found == wanted:
+            return
+        decoded = decode_file(paths[index], [source.preprocessing])
         if not decoded.error:
-            crops.append(decoded.crops[0])
-            hashes.append(decoded.sha256)
-    return crops, hashes
+            found += 1
+            yield decoded.crops[0], decoded.sha256
 
 
 def _calibration_crops(
     source: ModelManifest, paths: Sequence[Path], count: int, seed: int
 ) -> tuple[list[np.ndarray], list[np.ndarray], str, dict]:
-    sample = calibration_sample(list(paths), count, seed) if paths else []
-    crops, hashes = _decoded_crops(source, sample)
-    if not crops:
+    drawn = list(_draw(source, paths, count + VERIFY_IMAGES, seed))
+    if not drawn:
         raise UserError(
             "int8 needs images to calibrate on and none could be decoded; give a folder of your images "
             "(extract's DATA, or --calibration with python -m pipeline.quantize)."
         )
-    # The first ``count`` calibrate; the others (when the folder has more) measure fidelity on unseen images.
-    verify = crops[count:] or crops[:count]
-    verified_on = "images outside the calibration sample" if crops[count:] else "the calibration images"
+    # The first ``count`` calibrate; the rest, when the folder has more, measure fidelity on unseen images.
+    crops = [crop for crop, _ in drawn[:count]]
     record = {
         "method": "onnxruntime quantize_static, QDQ, MinMax, per-channel int8 weights, uint8 activations",
-        "images": len(crops[:count]),
+        "images": len(crops),
         "seed": seed,
-        "sha256": hashes[:count],
+        "sha256": [sha256 for _, sha256 in drawn[:count]],
     }
-    return crops[:count], verify, verified_on, record
+    verify = [crop for crop, _ in drawn[count:]]
+    if verify:
+        return crops, verify, "images outside the calibration sample", record
+    return crops, crops, "calibration images (the folder has no others)", record
 
 
 def _verification_crops(source: ModelManifest, paths: Sequence[Path], seed: int) -> tuple[list[np.ndarray], str]:
-    if paths:
-        crops, _ = _decoded_crops(source, calibration_sample(list(paths), 1, seed)[:VERIFY_IMAGES])
-        if crops:
-            return crops, "your images"
+    crops = [crop for crop, _ in _draw(source, paths, VERIFY_IMAGES, seed)]
+    if crops:
+        return crops, "images of your folder"
     size = source.input["size"]  # no images given: fidelity on seeded random pixels, which the record says
-    return list(np.random.default_rng(seed).integers(0, 256, (4, size, size, 3), dtype=np.uint8)), "random pixels"
+    return list(np.random.default_rng(seed).integers(0, 256, (4, size, size, 3), dtype=np.uint8)), "random-pixel images"
 
 
 class _CropReader:
@@ -187,16 +207,23 @@ def _quantize_int8(source: Path, target: Path, crops: Sequence[np.ndarray]) -> N
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    reader = type("Reader", (_CropReader, CalibrationDataReader), {})(crops)
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # quantize logs at INFO
-    with tempfile.TemporaryDirectory(prefix="quantize-", dir=target.parent) as work:
-        prepared = Path(work) / "prepared.onnx"
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        # U8S8 QDQ per channel measured fastest here (QOperator, U8U8 and reduce_range were slower).
-        quantize_static(
-            str(prepared), str(target), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        )
+    class Reader(_CropReader, CalibrationDataReader):
+        pass
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # onnxruntime's quantization logs every step at INFO, on the root logger
+    try:
+        with tempfile.TemporaryDirectory(prefix="quantize-", dir=target.parent) as work:
+            prepared = Path(work) / "prepared.onnx"
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            # U8S8 QDQ per channel measured fastest here (QOperator, U8U8 and reduce_range were slower).
+            quantize_static(
+                str(prepared), str(target), Reader(crops), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            )
+    finally:
+        root.setLevel(level)
 
 
 def _convert_fp16(source: Path, target: Path) -> None:
@@ -227,7 +254,8 @@ def _run(path: Path, images: np.ndarray) -> np.ndarray:
 def describe(manifest: ModelManifest) -> str:
     """One line saying what a variant is and how close it is to fp32."""
     check = manifest.verification
-    calibrated = f", calibrated on {manifest.calibration['images']} images" if manifest.calibration else ""
+    calibration = manifest.calibration
+    calibrated = f", calibrated on {calibration['images']} images (seed {calibration['seed']})" if calibration else ""
     return (
         f"{manifest.name}: {manifest.onnx_file}{calibrated}; cosine to fp32 "
         f"min {check['min_cosine']:.5f}, mean {check['mean_cosine']:.5f} on {check['images']} {check.get('on', 'images')}."
@@ -262,14 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.precision == "int8" and not args.calibration:
         raise UserError("--precision int8 needs --calibration FOLDER: a sample of your own images sets its ranges.")
-    paths = []
-    if args.calibration:
-        dataset = discover(args.calibration)
-        paths = [dataset.absolute(record) for record in dataset.records]
+    check_calibration_images(args.calibration_images)
+    paths = calibration_paths(discover(args.calibration)) if args.calibration else []
     for model in args.model:
         current = None if args.force else current_variant(args.models_dir, model, args.precision)
         if current is not None:
-            print(f"{describe(current)} Up to date; nothing to do.")
+            print(f"{describe(current)} It derives from the current {model}.onnx, so it is kept; --force makes it again.")
             continue
         started = time.perf_counter()
         manifest = make_variant(args.models_dir, model, args.precision, paths, args.calibration_images, args.seed)

@@ -13,7 +13,7 @@ import onnxruntime
 
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
-from pipeline.manifest import ModelManifest, model_paths
+from pipeline.manifest import ModelManifest, model_paths, parse_variant
 
 DEVICES = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
@@ -44,13 +44,13 @@ class BackboneSession:
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """Embed a batch of uint8 ``[N, S, S, 3]`` crops; returns float32 ``[N, D]``."""
-        crops = np.ascontiguousarray(crops, dtype=np.uint8)
-        if self.provider != CUDA:
-            return self.session.run([self.manifest.output["name"]], {self.manifest.input["name"]: crops})[0]
-        return self.embed_bound(crops)
+        if self.provider == CUDA:
+            return self.embed_bound(crops)
+        inputs = {self.manifest.input["name"]: np.ascontiguousarray(crops, dtype=np.uint8)}
+        return self.session.run([self.manifest.output["name"]], inputs)[0]
 
     def embed_bound(self, crops: np.ndarray) -> np.ndarray:
-        """:meth:`embed` through I/O binding: what runs on CUDA.
+        """:meth:`embed` through I/O binding, as it runs on CUDA (on the CPU provider it gives the same result).
 
         The uint8 batch (a quarter of the bytes of a float one: normalisation happens in the graph, on the
         device) is bound as a host input that onnxruntime copies on its own stream, and the output is
@@ -86,8 +86,8 @@ def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto
         Missing model or manifest, an ONNX file that does not match its manifest, or ``cuda`` unavailable.
     """
     onnx_path, manifest_path = model_paths(models_dir, model)
-    base, _, precision = model.partition("-")
-    if precision and not manifest_path.exists():
+    base, precision = _parse_name(model)
+    if precision != "fp32" and not manifest_path.exists():
         raise UserError(
             f"no {precision} variant of {base} in {models_dir} ({manifest_path} is missing); make it with "
             f"python -m pipeline.extract DATA --precision {precision}, or python -m pipeline.quantize --model {base} "
@@ -108,6 +108,8 @@ def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto
     if device in ("auto", "cuda"):
         session = _cuda_session(onnx_path, options)
         if session is not None:
+            if manifest.precision == "int8":
+                _precision_notice(model, "int8 is tuned for CPUs; on CUDA prefer fp16 (--precision fp16)")
             return BackboneSession(manifest, onnx_path, session)
         if device == "cuda":
             raise UserError(
@@ -116,6 +118,8 @@ def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto
             )
         _cpu_notice(options.intra_op_num_threads)
     session = onnxruntime.InferenceSession(str(onnx_path), options, providers=[CPU])
+    if manifest.precision == "fp16":
+        _precision_notice(model, "fp16 runs on the CPU here, slower than fp32: it is meant for GPUs")
     return BackboneSession(manifest, onnx_path, session)
 
 
@@ -126,6 +130,18 @@ def _weights_option(manifest: ModelManifest) -> str:
     if weights["source"] == "random":
         return f"--weights random --seed {weights['seed']}"
     return f"--weights {weights['file']}"
+
+
+def _parse_name(model: str) -> tuple[str, str]:
+    try:
+        return parse_variant(model)
+    except ValueError:
+        return model, "fp32"  # an unknown name: the missing-manifest error names it
+
+
+@functools.cache
+def _precision_notice(model: str, text: str) -> None:
+    print(f"notice: {model}: {text}.", file=sys.stderr)
 
 
 @functools.cache

@@ -27,13 +27,14 @@ _STRING = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 1 << 20
 _COPY_BLOCK_ROWS = 4096
 SPEC = (
-    "Embedding store, format 1. /classes: UTF-8 class names [C]. One group per feature set (a backbone, or "
-    "'pixels' for the 32x32 raw-pixel baseline), rows aligned across its datasets: embeddings float32 [N, D]; "
+    "Embedding store, format 1. /classes: UTF-8 class names [C]. One group per feature set (a backbone such as "
+    "'resnet50', a precision variant such as 'resnet50-int8', or 'pixels' for the 32x32 raw-pixel baseline), rows aligned across its datasets: embeddings float32 [N, D]; "
     "paths UTF-8 [N], POSIX, relative to the dataset_root attribute; labels int32 [N], index into /classes, -1 "
     "when unlabelled; split UTF-8 [N] (train, validation, test or empty); sha256 UTF-8 [N] of each file's bytes; "
     "file_size and file_mtime_ns int64 [N] as read. <group>/failures holds paths, reason, sha256, file_size, "
     "file_mtime_ns of every file that could not be decoded. Group attributes say how the rows were computed "
-    "(fingerprint = ONNX sha256, weights provenance, image size, precision, provider)."
+    "(fingerprint = ONNX sha256, weights provenance, image size, precision and the fp32 export it derives from, "
+    "int8 calibration, provider)."
 )
 
 

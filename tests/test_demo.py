@@ -39,7 +39,7 @@ def test_demo_runs_every_stage_and_reuses_its_work(tmp_path, monkeypatch, capsys
     assert demo.main(args) == 0
     captured = capsys.readouterr()
     assert captured.err.count("UNTRAINED RANDOM WEIGHTS") == 1 and "vgg16 and resnet50" in captured.err
-    assert "/vgg16     30 x 4096 (30 computed now" in captured.out
+    assert "/vgg16          30 x 4096 (30 computed now" in captured.out
     assert sorted(EmbeddingStore(tmp_path / "demo.h5").feature_sets()) == ["pixels", "resnet50", "vgg16"]
     for row in ("vgg16 (untrained)     logreg", "resnet50 (untrained)  svm", "pixels                logreg"):
         assert row in captured.out

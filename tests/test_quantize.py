@@ -94,7 +94,7 @@ def test_fp16_variant_converts_every_weight_and_keeps_uint8_in_float32_out(model
     assert float_types == {onnx.TensorProto.FLOAT16}
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert manifest.precision == "fp16" and manifest.calibration == {} and manifest.verification["on"] == "your images"
+    assert manifest.precision == "fp16" and manifest.calibration == {} and manifest.verification["on"] == "images of your folder"
     assert manifest.verification["min_cosine"] >= 0.999
 
 
@@ -118,7 +118,7 @@ def test_cli_makes_the_variant_once(models_dir, tmp_path):
                "--calibration", str(tmp_path / "data"), "--calibration-images", "6", "--models-dir", str(models_dir)]
     first = subprocess.run(command, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
-    assert "resnet50-int8: resnet50-int8.onnx, calibrated on 6 images; cosine to fp32 min" in first.stdout
+    assert "resnet50-int8: resnet50-int8.onnx, calibrated on 6 images (seed 0); cosine to fp32 min" in first.stdout
     assert "on 4 images outside the calibration sample" in first.stdout
     second = subprocess.run(command, capture_output=True, text=True)
-    assert second.returncode == 0 and "Up to date; nothing to do." in second.stdout
+    assert second.returncode == 0 and "so it is kept; --force makes it again" in second.stdout
