@@ -190,6 +190,7 @@ def test_precisions_are_separate_feature_sets_and_int8_is_calibrated_on_the_data
     hashes = "\n".join(manifest["calibration"]["sha256"]).encode()
     assert int8.attrs["calibration_sha256"] == hashlib.sha256(hashes).hexdigest()
 
+    assert extract_quietly(data, cache, models_dir)[0].name == "resnet50-int8"  # auto keeps the store's precision
     specs = extract_quietly(data, cache, models_dir, precision="fp32")  # the int8 set is untouched beside it
     assert specs[0].name == "resnet50" and specs[0].embedded == 9 and specs[1].embedded == 0
     store = EmbeddingStore(cache)
