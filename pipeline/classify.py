@@ -15,7 +15,6 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from pipeline.backbones import BACKBONES
 from pipeline.bundle import ClassifierBundle
 from pipeline.decode import PIXELS_FINGERPRINT, batches
 from pipeline.discover import discover
@@ -23,7 +22,7 @@ from pipeline.embedder import Embedded, embed_files, stored_features
 from pipeline.errors import UserError, run_cli
 from pipeline.heads import CLASSIFIERS
 from pipeline.files import sha256_file
-from pipeline.manifest import PRECISIONS, variant_name
+from pipeline.manifest import FEATURE_VARIANTS, PRECISIONS, variant_name
 from pipeline.runtime import DEVICES, BackboneSession, open_backbone
 from pipeline.store import PIXELS
 
@@ -293,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("folder", help="image folder (any layout extract accepts) or CSV manifest")
     parser.add_argument("--classifier", type=Path, help="a bundle file (default: the best in --classifiers-dir/report.json)")
-    parser.add_argument("--model", choices=[*(variant_name(m, p) for m in BACKBONES for p in PRECISIONS), PIXELS],
+    parser.add_argument("--model", choices=[*FEATURE_VARIANTS, PIXELS],
                         metavar="FEATURES", help="choose among bundles of these features: vgg16, resnet50, resnet50-int8, "
                         "pixels...")
     parser.add_argument("--classifier-name", choices=CLASSIFIERS, help="choose among bundles of this classifier")

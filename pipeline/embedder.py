@@ -15,7 +15,7 @@ from tqdm import tqdm
 from pipeline.backbones import BACKBONES
 from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_SIZE, batches, decode_file, map_ordered
 from pipeline.errors import UserError
-from pipeline.manifest import parse_variant
+from pipeline.manifest import FEATURE_VARIANTS
 from pipeline.runtime import BackboneSession, available_cores, open_backbone
 from pipeline.store import PIXELS, EmbeddingStore
 
@@ -181,7 +181,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             raise ValueError(f"on_error={self.on_error!r} must be one of {ON_ERROR}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be at least 1")
-        if self.model != PIXELS and not _is_variant(self.model):
+        if self.model not in (*FEATURE_VARIANTS, PIXELS):
             raise ValueError(f"model={self.model!r} is not one of {', '.join((*BACKBONES, PIXELS))} "
                              "(or a precision variant such as resnet50-int8)")
         self.__dict__.pop("_session", None)
@@ -248,14 +248,6 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
                 )
             self._session = session
         return session
-
-
-def _is_variant(name: str) -> bool:
-    try:
-        parse_variant(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _paths(X: Iterable[str | os.PathLike]) -> list[str]:

@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 from sklearn.base import clone
 
-from pipeline.backbones import BACKBONES
 from pipeline.bundle import ClassifierBundle, library_versions, provenance_of
 from pipeline.errors import UserError, run_cli
 from pipeline.files import sha256_file
 from pipeline.heads import CLASSIFIERS, FOLDS, FittedHead, describe_classifier, fit_head
-from pipeline.manifest import PRECISIONS, variant_name
+from pipeline.manifest import FEATURE_VARIANTS
 from pipeline.report import (
     comparison_rows,
     confusion_figure,
@@ -79,8 +78,7 @@ def load_features(store: EmbeddingStore, models: Sequence[str] | None) -> dict[s
     present = store.feature_sets()
     if not store.exists():
         store.load(PIXELS)  # raises the store's own "run extract first" error
-    variants = [variant_name(model, precision) for model in BACKBONES for precision in PRECISIONS]
-    names = list(models) if models else [name for name in variants if name in present]
+    names = list(models) if models else [name for name in FEATURE_VARIANTS if name in present]
     if not names:
         raise UserError(f"{store.path} holds no backbone features (it has: {', '.join(present) or 'none'}); run extract.")
     if PIXELS in present:
@@ -405,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"), help="the HDF5 store (default: features/embeddings.h5)")
     parser.add_argument("--models", nargs="+", metavar="MODEL",
-                        choices=[variant_name(m, p) for m in sorted(BACKBONES) for p in PRECISIONS],
+                        choices=FEATURE_VARIANTS,
                         help="backbone feature sets to fit on: vgg16, resnet50, or a precision variant such as "
                         "resnet50-int8 (default: every one in the store); the pixel baseline is added")
     parser.add_argument("--classifiers", nargs="+", choices=CLASSIFIERS, default=list(CLASSIFIERS), metavar="NAME",

@@ -145,6 +145,10 @@ def parse_variant(name: str) -> tuple[str, str]:
     return model, precision
 
 
+FEATURE_VARIANTS = tuple(variant_name(model, precision) for model in BACKBONES for precision in PRECISIONS)
+"""Every backbone feature-set name, in registry then precision order: vgg16, vgg16-fp16, vgg16-int8, resnet50, ..."""
+
+
 def model_paths(out_dir: str | os.PathLike, model: str) -> tuple[Path, Path]:
     """Return ``(onnx_path, manifest_path)`` of ``model`` in ``out_dir``."""
     out = Path(out_dir)
