@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 import time
@@ -15,43 +13,23 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline import cluster
 from pipeline.backbones import BACKBONES, Preprocessing
-from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_PREPROCESSING, PIXELS_SIZE, DecodedImage, batches, decode_file, map_ordered
+from pipeline.decode import batches, decode_file, map_ordered
 from pipeline.discover import Dataset, ImageRecord, discover
 from pipeline.errors import UserError, run_cli
+from pipeline.features import FeatureSpec, embed_batch, feature_specs
 from pipeline.manifest import PRECISIONS, ModelManifest, model_paths, variant_name
 from pipeline.quantize import CALIBRATION_IMAGES, calibration_paths, check_calibration_images, current_variant, describe, make_variant
 from pipeline.runtime import CUDA, DEVICES, BackboneSession, available_cores, open_backbone
-from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
+from pipeline.store import EmbeddingStore, FileState, Segment
 from pipeline.weights import parse_weights
 
+BACKENDS = ("local", "ray")
 EXIT_SKIPPED = 1  # with --strict: the run finished but some files could not be decoded
 UNREADABLE = FileState("", -1, -1)
 JOURNAL_ROWS = 512  # results are journaled at least every this many images...
 JOURNAL_SECONDS = 30.0  # ...or this many seconds, so a kill loses at most that much work
-
-
-@dataclass
-class FeatureSpec:
-    """One feature set to compute: a backbone session, or the raw-pixel baseline (``session`` None)."""
-
-    name: str
-    fingerprint: str
-    attrs: dict
-    session: BackboneSession | None = None
-    crop_index: int = 0
-    seconds: float = 0.0
-    embedded: int = 0
-    skipped: int = 0
-
-    def features(self, decoded: Sequence[DecodedImage]) -> np.ndarray:
-        """Features of successfully decoded images, ``[N, D]`` float32."""
-        if self.session is None:
-            return np.stack([d.pixels for d in decoded])
-        started = time.perf_counter()
-        result = self.session.embed(np.stack([d.crops[self.crop_index] for d in decoded]))
-        self.seconds += time.perf_counter() - started
-        return result
 
 
 @dataclass
@@ -136,57 +114,6 @@ def open_sessions(
     return sessions
 
 
-def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec], list[Preprocessing]]:
-    """Feature sets for the sessions plus the pixel baseline, and the distinct crops they need."""
-    preprocessings: list[Preprocessing] = []
-    specs = []
-    for session in sessions:
-        manifest = session.manifest
-        spec_input = manifest.input
-        preprocessing = manifest.preprocessing
-        if preprocessing not in preprocessings:
-            preprocessings.append(preprocessing)
-        attrs = {
-            "kind": "onnx",
-            "model": manifest.model,
-            "precision": manifest.precision,
-            "source_onnx_sha256": manifest.source_sha256,
-            "calibration_images": manifest.calibration.get("images", 0),
-            "calibration_sha256": _digest(manifest.calibration.get("sha256", [])),
-            "fingerprint": manifest.onnx_sha256,
-            "onnx_file": manifest.onnx_file,
-            "onnx_sha256": manifest.onnx_sha256,
-            "weights_source": manifest.weights["source"],
-            "weights_id": manifest.weights_id,
-            "weights_sha256": manifest.weights.get("sha256", ""),
-            "weights": json.dumps(manifest.weights),
-            "untrained": manifest.untrained,
-            "image_size": spec_input["size"],
-            "resize_size": spec_input["resize_size"],
-            "interpolation": spec_input["interpolation"],
-            "provider": session.provider,
-            "embedding_dim": manifest.output["dim"],
-            "embedding_layer": manifest.output["layer"],
-        }
-        specs.append(FeatureSpec(manifest.name, manifest.onnx_sha256, attrs, session, preprocessings.index(preprocessing)))
-    pixel_attrs = {
-        "kind": "pixels",
-        "fingerprint": PIXELS_FINGERPRINT,
-        "image_size": PIXELS_SIZE,
-        "resize_size": PIXELS_PREPROCESSING.resize_size,
-        "interpolation": PIXELS_PREPROCESSING.interpolation,
-        "embedding_dim": PIXELS_SIZE * PIXELS_SIZE * 3,
-        "description": "raw-pixel baseline: 32x32 RGB center crop, flattened (HWC), scaled to [0, 1]",
-    }
-    specs.append(FeatureSpec(PIXELS, PIXELS_FINGERPRINT, pixel_attrs))
-    return specs, preprocessings
-
-
-def _digest(hashes: Sequence[str]) -> str:
-    """One sha256 over a list of image hashes (the list itself is in the model's manifest)."""
-    return hashlib.sha256("\n".join(hashes).encode()).hexdigest() if hashes else ""
-
-
 def check_store(store: EmbeddingStore, dataset: Dataset, specs: Sequence[FeatureSpec], overwrite: bool) -> None:
     """Refuse to mix another dataset or other models' embeddings into the store, unless ``overwrite``."""
     root = store.root_attrs().get("dataset_root")
@@ -249,35 +176,45 @@ def plan(dataset: Dataset, store: EmbeddingStore, specs: Sequence[FeatureSpec]) 
     return work
 
 
-def decode_stream(
-    items: Sequence[WorkItem], dataset: Dataset, preprocessings: Sequence[Preprocessing], workers: int, window: int
-) -> Iterator[tuple[WorkItem, DecodedImage]]:
-    """Decode ``items`` in ``workers`` threads, in order, at most ``window`` ahead: memory stays flat."""
+def embed_locally(
+    items: Sequence[WorkItem], dataset: Dataset, specs: Sequence[FeatureSpec], preprocessings: Sequence[Preprocessing],
+    workers: int, batch_size: int,
+) -> Iterator[tuple[list[WorkItem], list[str], list[str], dict[str, np.ndarray]]]:
+    """Decode ``items`` in ``workers`` threads (in order, at most two batches ahead, so memory stays flat) and
+    embed them batch by batch; yield each batch's outcome as :func:`record_batch` takes it."""
     decode = lambda item: decode_file(dataset.absolute(item.record), preprocessings)  # noqa: E731
-    return zip(items, map_ordered(decode, items, workers, window))
+    stream = zip(items, map_ordered(decode, items, workers, window=2 * batch_size))
+    for batch in batches(stream, batch_size):
+        batch_items = [item for item, _ in batch]
+        decoded = [decoded for _, decoded in batch]
+        features = embed_batch(decoded, [item.needed for item in batch_items], specs)
+        yield batch_items, [d.sha256 for d in decoded], [d.error for d in decoded], features
 
 
-def process_batch(batch: Sequence[tuple[WorkItem, DecodedImage]], specs: Sequence[FeatureSpec], segments: dict[str, Segment]) -> None:
-    """Compute every needed feature set for a batch of decoded images and add the rows to the segments."""
+def record_batch(
+    items: Sequence[WorkItem], hashes: Sequence[str], errors: Sequence[str], features: dict[str, np.ndarray],
+    specs: Sequence[FeatureSpec], segments: dict[str, Segment],
+) -> None:
+    """Add a batch's outcomes to the segments: a row per image that needed a feature set and decoded, else a failure.
+
+    ``features[name]`` holds the rows of the images that needed ``name`` and decoded, in batch order
+    (as :func:`pipeline.features.embed_batch` returns them).
+    """
     for spec in specs:
-        wanted = [(item, decoded) for item, decoded in batch if spec.name in item.needed]
-        good = [(item, decoded) for item, decoded in wanted if not decoded.error]
         segment = segments[spec.name]
-        for item, decoded in wanted:
-            if decoded.error:
-                segment.failures.append((item.record.path, _final_state(item, decoded), decoded.error))
+        rows = iter(features.get(spec.name, ()))
+        for item, sha256, error in zip(items, hashes, errors):
+            if spec.name not in item.needed:
+                continue
+            state = FileState(sha256, item.state.size, item.state.mtime_ns)
+            if error:
+                segment.failures.append((item.record.path, state, error))
                 spec.skipped += 1
-        if good:
-            features = spec.features([decoded for _, decoded in good])
-            for (item, decoded), row in zip(good, features):
+            else:
                 segment.records.append(item.record)
-                segment.states.append(_final_state(item, decoded))
-                segment.embeddings.append(np.asarray(row, dtype=np.float32))
-            spec.embedded += len(good)
-
-
-def _final_state(item: WorkItem, decoded: DecodedImage) -> FileState:
-    return FileState(decoded.sha256, item.state.size, item.state.mtime_ns)
+                segment.states.append(state)
+                segment.embeddings.append(np.asarray(next(rows), dtype=np.float32))
+                spec.embedded += 1
 
 
 def run_extract(
@@ -294,6 +231,7 @@ def run_extract(
     journal_rows: int = JOURNAL_ROWS,
     precision: str = "auto",
     calibration_images: int = CALIBRATION_IMAGES,
+    backend: str = "local",
 ) -> list[FeatureSpec]:
     """Embed every image of ``data`` with each model (and the pixel baseline) into the store at ``cache``.
 
@@ -301,6 +239,9 @@ def run_extract(
     Results are journaled every ``journal_rows`` images or 30 seconds, whichever comes first.
     ``precision`` (auto, fp32, fp16, int8) picks the model variant; each precision is its own feature set
     (``resnet50``, ``resnet50-int8``) with its own fingerprint, so precisions never mix.
+    ``backend`` ``ray`` decodes and embeds on a Ray cluster (``RAY_ADDRESS``, or a local Ray instance) with
+    ``workers`` actors, this process remaining the one writer of the store; ``local`` uses ``workers``
+    decoding threads here.
 
     Returns
     -------
@@ -316,6 +257,8 @@ def run_extract(
         raise UserError(f"--batch-size {batch_size} must be at least 1.")
     if device not in DEVICES:
         raise UserError(f"--device {device} is not one of {', '.join(DEVICES)}.")
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend} is not one of {', '.join(BACKENDS)}.")
     if precision not in ("auto", *PRECISIONS):
         raise UserError(f"--precision {precision} is not one of auto, {', '.join(PRECISIONS)}.")
     check_calibration_images(calibration_images)
@@ -337,14 +280,20 @@ def run_extract(
             return specs
         root = str(dataset.root)
         segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs, root) for spec in specs}
-        workers = workers or available_cores()
-        stream = decode_stream(work, dataset, preprocessings, workers, window=2 * batch_size)
+        started_ray = backend == "ray" and cluster.connect()
+        if backend == "ray":
+            pool = cluster.plan_workers(device, workers)
+            print(f"ray: {pool.describe()} for {_count(len(work), 'image')}.", file=sys.stderr)
+            paths = [str(dataset.absolute(item.record)) for item in work]
+            outcomes = cluster.embed_on_ray(work, paths, specs, preprocessings, models_dir, device, batch_size, pool)
+        else:
+            outcomes = embed_locally(work, dataset, specs, preprocessings, workers or available_cores(), batch_size)
         last_journal = time.monotonic()
         with tqdm(total=len(work), unit="img", desc="extract", disable=None if progress is None else not progress) as bar:
             try:
-                for batch in batches(stream, batch_size):
-                    process_batch(batch, specs, segments)
-                    bar.update(len(batch))
+                for items, hashes, errors, features in outcomes:
+                    record_batch(items, hashes, errors, features, specs, segments)
+                    bar.update(len(items))
                     if max(map(len, segments.values())) >= journal_rows or time.monotonic() - last_journal > JOURNAL_SECONDS:
                         for segment in segments.values():
                             store.append(segment)
@@ -352,6 +301,8 @@ def run_extract(
             finally:
                 for segment in segments.values():  # on Ctrl-C or an error too: the next run merges it
                     store.append(segment)
+                if started_ray:
+                    cluster.shutdown()
         dropped = store.commit(dataset.root, dataset.records, {spec.name: spec.fingerprint for spec in specs})
         for name, count in dropped.items():
             if count:
@@ -383,7 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"), help="the HDF5 store (default: features/embeddings.h5)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default: 16 on the CPU, 128 on CUDA)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when usable, else CPU (default: auto)")
-    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: the number of available cores)")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="local",
+        help="local: decode in threads and embed in this process; ray: Ray Data decodes and an actor pool embeds on "
+        "the Ray cluster at RAY_ADDRESS (a local Ray instance when unset); needs pip install -e '.[ray]' (default: local)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="local: decoding threads (default: the available cores); ray: embedding actors (default: one per GPU "
+        "of the cluster, else one per CPU)",
+    )
     parser.add_argument(
         "--precision", choices=("auto", *PRECISIONS), default="auto",
         help="model variant: fp32; int8 (static quantization calibrated on a sample of DATA, the fast choice on a "
@@ -414,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = run_extract(
         args.data, args.models, args.cache, args.batch_size, args.device, args.workers, args.models_dir,
         args.weights, args.overwrite, precision=args.precision, calibration_images=args.calibration_images,
+        backend=args.backend,
     )
     wall = time.perf_counter() - started
     store = EmbeddingStore(args.cache)

@@ -68,7 +68,9 @@ class BackboneSession:
         return 128 if self.provider == CUDA else 16
 
 
-def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto") -> BackboneSession:
+def open_backbone(
+    models_dir: str | os.PathLike, model: str, device: str = "auto", threads: int | None = None
+) -> BackboneSession:
     """Open ``models_dir/<model>.onnx`` after checking it against its manifest.
 
     Parameters
@@ -79,6 +81,8 @@ def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto
         Backbone name, or a variant's (``resnet50-int8``, ``resnet50-fp16``).
     device : {"auto", "cuda", "cpu"}
         ``auto`` uses CUDA when a session can actually be created on it, otherwise the CPU with a notice.
+    threads : int, optional
+        onnxruntime's intra-op threads on the CPU (default: every available core).
 
     Raises
     ------
@@ -104,7 +108,7 @@ def open_backbone(models_dir: str | os.PathLike, model: str, device: str = "auto
         raise UserError(f"{onnx_path} does not match its manifest {manifest_path} (missing or changed since it was made); "
                         f"make it again: {again}.")
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = available_cores()
+    options.intra_op_num_threads = threads or available_cores()
     if device in ("auto", "cuda"):
         session = _cuda_session(onnx_path, options)
         if session is not None:

@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 from pipeline.export import ExportResult, export_backbone
+from pipeline.extract import run_extract
 
 STATE_DICT_SEED = 1234
 
@@ -66,3 +67,26 @@ def exported(tmp_path_factory, state_dict_file) -> Callable[[str, int], ExportRe
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def small_models(exported) -> Path:
+    """A models folder holding resnet50 exported at 64 px from the seeded state dict (do not write to it)."""
+    return exported("resnet50", 64).onnx_path.parent
+
+
+@pytest.fixture
+def seeded_weights(state_dict_file) -> str:
+    """The weights the exported test models have, as ``--weights`` names them."""
+    return str(state_dict_file("resnet50"))
+
+
+@pytest.fixture
+def extract_quietly(seeded_weights):
+    """``run_extract`` for resnet50 with the test models' weights and no progress bar."""
+
+    def run(data, cache, models_dir, **options):
+        options.setdefault("weights", seeded_weights)
+        return run_extract(data, ["resnet50"], cache, models_dir=models_dir, progress=False, **options)
+
+    return run

@@ -42,3 +42,13 @@ def class_folders(root: Path, classes: dict[str, int], size: tuple[int, int] = (
             relative = f"sub/{i}.png" if i % 3 == 2 else f"{i}.jpg"
             save(root / name / relative, photo(size[0] + i, size[1], number))
     return root
+
+
+def pets(root: Path) -> Path:
+    """Two classes in nested folders, PNG and JPEG, an EXIF-rotated photo, a corrupt file, clutter."""
+    class_folders(root, {"cat": 4, "dog": 3})
+    with_orientation(root / "dog" / "rotated.jpg", photo(70, 110, seed=42), orientation=6)
+    save(root / "cat" / "gray.png", photo(90, 60, seed=7)[..., 0])
+    (root / "dog" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this JPEG stops here")
+    (root / "notes.txt").write_text("ignored")
+    return root

@@ -26,7 +26,7 @@ from pipeline.errors import UserError
 from pipeline.extract import run_extract
 from pipeline.store import PIXELS, EmbeddingStore
 from tests.conftest import make_state_dict
-from tests.images import class_folders, photo, save, with_orientation
+from tests.images import class_folders, pets, photo, save
 
 
 def reference_embeddings(model: str, root: Path, paths, size: int) -> np.ndarray:
@@ -49,39 +49,6 @@ def reference_embeddings(model: str, root: Path, paths, size: int) -> np.ndarray
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
-def pets(root: Path) -> Path:
-    """Two classes in nested folders, PNG and JPEG, an EXIF-rotated photo, a corrupt file, clutter."""
-    class_folders(root, {"cat": 4, "dog": 3})
-    with_orientation(root / "dog" / "rotated.jpg", photo(70, 110, seed=42), orientation=6)
-    save(root / "cat" / "gray.png", photo(90, 60, seed=7)[..., 0])
-    (root / "dog" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this JPEG stops here")
-    (root / "notes.txt").write_text("ignored")
-    return root
-
-
-@pytest.fixture
-def small_models(exported) -> Path:
-    """A models folder holding resnet50 exported at 64 px from the seeded state dict (do not write to it)."""
-    return exported("resnet50", 64).onnx_path.parent
-
-
-@pytest.fixture
-def seeded_weights(state_dict_file) -> str:
-    """The weights the exported test models have, as ``--weights`` names them."""
-    return str(state_dict_file("resnet50"))
-
-
-@pytest.fixture
-def extract_quietly(seeded_weights):
-    """``run_extract`` for resnet50 with the test models' weights and no progress bar."""
-
-    def run(data, cache, models_dir, **options):
-        options.setdefault("weights", seeded_weights)
-        return run_extract(data, ["resnet50"], cache, models_dir=models_dir, progress=False, **options)
-
-    return run
 
 
 def test_embeddings_equal_torchvision_and_failures_are_recorded(tmp_path, small_models, extract_quietly):
@@ -212,7 +179,7 @@ def test_ctrl_c_keeps_finished_batches(tmp_path, small_models, monkeypatch, extr
     cache = tmp_path / "e.h5"
     extract_quietly(class_folders(tmp_path / "first", {"x": 1}), tmp_path / "other.h5", small_models)
     calls = {"n": 0}
-    real = extract.process_batch
+    real = extract.record_batch
 
     def interrupted_on_third_batch(*args):
         calls["n"] += 1
@@ -220,10 +187,10 @@ def test_ctrl_c_keeps_finished_batches(tmp_path, small_models, monkeypatch, extr
             raise KeyboardInterrupt
         real(*args)
 
-    monkeypatch.setattr(extract, "process_batch", interrupted_on_third_batch)
+    monkeypatch.setattr(extract, "record_batch", interrupted_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         extract_quietly(data, cache, small_models, batch_size=2)
-    monkeypatch.setattr(extract, "process_batch", real)
+    monkeypatch.setattr(extract, "record_batch", real)
     embedded, failed = EmbeddingStore(cache).state("resnet50", EmbeddingStore(tmp_path / "other.h5").load_attrs("resnet50")["fingerprint"])
     assert len(embedded) + len(failed) == 4  # two batches of two, in the journal
     specs = extract_quietly(data, cache, small_models, batch_size=2)

@@ -1,0 +1,241 @@
+"""Stages 2-3 on Ray: Ray Data reads and decodes in CPU tasks, an actor pool embeds, results stream to one writer.
+
+extract stays the only writer of the store: it lists the images, plans the work and journals the results
+exactly as with the local backend, so a killed driver resumes the same way. Ray retries a batch whose
+worker died (decoding and inference are deterministic, so a retried batch gives the same rows).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.backbones import Preprocessing
+from pipeline.decode import PIXELS_SIZE, DecodedImage, decode_file
+from pipeline.errors import UserError
+from pipeline.features import FeatureSpec, embed_batch, feature_specs
+from pipeline.runtime import open_backbone
+
+RAY_MISSING = "the ray backend needs Ray: pip install -e '.[ray]' (Ray Data and its dependencies)."
+BLOCK_BATCHES = 4  # batches per input block: small blocks spread the work evenly over the actors
+
+Outcome = tuple[list, list[str], list[str], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The actor pool: how many embedding actors, and what each one reserves of the cluster."""
+
+    actors: int
+    cpus: float
+    gpus: float
+
+    def describe(self) -> str:
+        each = f"{self.gpus:g} GPU" if self.gpus else f"{self.cpus:g} CPU"
+        return f"{self.actors} embedding actor{'s' if self.actors != 1 else ''} ({each} each)"
+
+
+def connect() -> bool:
+    """Join the Ray cluster at ``RAY_ADDRESS``, or start a local Ray instance when it is unset.
+
+    Returns
+    -------
+    bool
+        True when this call started Ray (the caller then shuts it down), False when it was running.
+
+    Raises
+    ------
+    UserError
+        Ray is not installed, or the cluster at ``RAY_ADDRESS`` cannot be reached.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise UserError(RAY_MISSING) from None
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, TimeoutError, RuntimeError) as error:
+        raise UserError(
+            f"cannot join the Ray cluster at RAY_ADDRESS={address} ({error}); start it (ray start --head) "
+            "or unset RAY_ADDRESS to run on a local Ray instance."
+        ) from None
+    return True
+
+
+def shutdown() -> None:
+    """Stop the local Ray instance :func:`connect` started."""
+    import ray
+
+    ray.shutdown()
+
+
+def plan_workers(device: str, requested: int | None) -> Workers:
+    """One actor per GPU of the cluster (or ``requested``), or on CPUs one per CPU, sharing the CPUs evenly.
+
+    Raises
+    ------
+    UserError
+        ``--device cuda`` on a cluster without GPUs.
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    if device != "cpu" and gpus:
+        return Workers(requested or gpus, 1.0, 1.0)
+    if device == "cuda":
+        raise UserError("--device cuda was asked for but the Ray cluster has no GPUs; use --device cpu or auto.")
+    actors = requested or cpus
+    return Workers(actors, float(max(1, cpus // actors)), 0.0)
+
+
+def embed_on_ray(
+    items: Sequence, paths: Sequence[str], specs: Sequence[FeatureSpec], preprocessings: Sequence[Preprocessing],
+    models_dir: Path, device: str, batch_size: int, workers: Workers,
+) -> Iterator[Outcome]:
+    """Decode and embed ``items`` on the cluster; yield each batch's outcome, in the order of ``items``.
+
+    Parameters
+    ----------
+    items : sequence
+        The work items (returned with the outcomes, not sent to the cluster).
+    paths : sequence of str
+        Each item's absolute file path, as every worker sees it (a shared filesystem on a multi-node cluster).
+    specs : sequence of FeatureSpec
+        The feature sets, from sessions the driver opened; actors open the same files from ``models_dir``
+        and refuse to run when a file's sha256 differs from the driver's.
+    preprocessings : sequence of Preprocessing
+        The crops the specs need.
+    models_dir : Path
+        The exported models, at the same path on every node.
+    device : {"auto", "cuda", "cpu"}
+    batch_size : int
+        Images per inference batch.
+    workers : Workers
+        The actor pool (see :func:`plan_workers`).
+
+    Yields
+    ------
+    tuple
+        ``(items, sha256s, errors, features)`` as :func:`pipeline.extract.record_batch` takes them.
+    """
+    import pyarrow
+    import ray
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows land in the store in the same order as locally
+    context.enable_progress_bars = False  # extract draws its own bar
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    needed = [sum(1 << bit for bit, spec in enumerate(specs) if spec.name in item.needed) for item in items]
+    # A few batches per block, but at least two blocks per actor when there are enough images.
+    block = batch_size * max(1, min(BLOCK_BATCHES, len(items) // (2 * batch_size * workers.actors)))
+    blocks = [
+        pyarrow.table({
+            "index": np.arange(start, min(start + block, len(items)), dtype=np.int64),
+            "path": list(paths[start : start + block]),
+            "needed": np.array(needed[start : start + block], dtype=np.int64),
+        })
+        for start in range(0, len(items), block)
+    ]
+    backbones = [spec for spec in specs if spec.session is not None]
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        decode_batch, batch_size=batch_size, fn_kwargs={"preprocessings": list(preprocessings)}, num_cpus=1,
+    ).map_batches(
+        EmbedActor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers.actors),
+        num_cpus=workers.cpus, num_gpus=workers.gpus,
+        fn_constructor_kwargs={
+            "models_dir": str(models_dir), "variants": [s.name for s in backbones],
+            "fingerprints": [s.fingerprint for s in backbones], "device": device, "threads": int(workers.cpus),
+        },
+    )
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            rows = [items[i] for i in batch["index"]]
+            hashes, errors = [str(s) for s in batch["sha256"]], [str(e) for e in batch["error"]]
+            features = {}
+            for bit, spec in enumerate(specs):
+                wanted = (batch["needed"] & (1 << bit)).astype(bool) & (batch["error"] == "")
+                if wanted.any():
+                    features[spec.name] = batch[f"features{bit}"][wanted]
+            for spec, provider in zip(backbones, str(batch["providers"][0]).split(",")):
+                spec.attrs["provider"] = provider
+            yield rows, hashes, errors, features
+    except ray.exceptions.RayError as error:
+        cause = _user_error(error)
+        if cause is not None:
+            raise UserError(f"on a Ray worker: {cause}") from None
+        raise
+
+
+def _user_error(error: BaseException) -> UserError | None:
+    """The UserError a worker raised, if that is what ended the run."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, UserError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None
+
+
+def decode_batch(batch: dict[str, np.ndarray], preprocessings: Sequence[Preprocessing]) -> dict[str, np.ndarray]:
+    """Ray Data task: read, hash and decode a batch of files with the local backend's code; never raises."""
+    decoded = [decode_file(str(path), preprocessings) for path in batch["path"]]
+    columns = {
+        "index": batch["index"],
+        "needed": batch["needed"],
+        "sha256": np.array([d.sha256 for d in decoded], dtype=object),
+        "error": np.array([d.error for d in decoded], dtype=object),
+        "pixels": np.stack([
+            d.pixels if not d.error else np.zeros(PIXELS_SIZE * PIXELS_SIZE * 3, np.float32) for d in decoded
+        ]),
+    }
+    for number, preprocessing in enumerate(preprocessings):
+        blank = np.zeros((preprocessing.crop_size, preprocessing.crop_size, 3), np.uint8)
+        columns[f"crop{number}"] = np.stack([d.crops[number] if not d.error else blank for d in decoded])
+    return columns
+
+
+class EmbedActor:
+    """Ray Data actor: the backbone sessions of one worker, embedding decoded batches for every feature set."""
+
+    def __init__(self, models_dir: str, variants: list[str], fingerprints: list[str], device: str, threads: int) -> None:
+        sessions = [open_backbone(models_dir, variant, device, threads) for variant in variants]
+        for session, fingerprint in zip(sessions, fingerprints):
+            if session.manifest.onnx_sha256 != fingerprint:
+                raise UserError(
+                    f"{session.onnx_path} on this node (sha256 {session.manifest.onnx_sha256[:12]}) is not the model "
+                    f"the driver embeds with (sha256 {fingerprint[:12]}); give every node the same --models-dir."
+                )
+        self.specs, _ = feature_specs(sessions)
+        self.providers = ",".join(session.provider for session in sessions)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        crops = [f"crop{number}" for number in range(sum(key.startswith("crop") for key in batch))]
+        decoded = [
+            DecodedImage(str(sha256), tuple(batch[key][row] for key in crops), batch["pixels"][row], str(error))
+            for row, (sha256, error) in enumerate(zip(batch["sha256"], batch["error"]))
+        ]
+        needed = [{spec.name for bit, spec in enumerate(self.specs) if mask >> bit & 1} for mask in batch["needed"]]
+        features = embed_batch(decoded, needed, self.specs)
+        columns = {key: batch[key] for key in ("index", "needed", "sha256", "error")}
+        for bit, spec in enumerate(self.specs):
+            full = np.zeros((len(decoded), int(spec.attrs["embedding_dim"])), np.float32)
+            wanted = [spec.name in names and not d.error for d, names in zip(decoded, needed)]
+            if any(wanted):
+                full[np.flatnonzero(wanted)] = features[spec.name]
+            columns[f"features{bit}"] = full
+        columns["providers"] = np.array([self.providers] * len(decoded), dtype=object)
+        return columns

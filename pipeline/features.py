@@ -1,0 +1,116 @@
+"""Stage 3b: the feature sets a run computes per batch: one per backbone session, and the raw-pixel baseline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.backbones import Preprocessing
+from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_PREPROCESSING, PIXELS_SIZE, DecodedImage
+from pipeline.runtime import BackboneSession
+from pipeline.store import PIXELS
+
+
+@dataclass
+class FeatureSpec:
+    """One feature set to compute: a backbone session, or the raw-pixel baseline (``session`` None)."""
+
+    name: str
+    fingerprint: str
+    attrs: dict
+    session: BackboneSession | None = None
+    crop_index: int = 0
+    seconds: float = 0.0
+    embedded: int = 0
+    skipped: int = 0
+
+    def features(self, decoded: Sequence[DecodedImage]) -> np.ndarray:
+        """Features of successfully decoded images, ``[N, D]`` float32."""
+        if self.session is None:
+            return np.stack([d.pixels for d in decoded])
+        started = time.perf_counter()
+        result = self.session.embed(np.stack([d.crops[self.crop_index] for d in decoded]))
+        self.seconds += time.perf_counter() - started
+        return result
+
+
+def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec], list[Preprocessing]]:
+    """Feature sets for the sessions plus the pixel baseline, and the distinct crops they need."""
+    preprocessings: list[Preprocessing] = []
+    specs = []
+    for session in sessions:
+        manifest = session.manifest
+        spec_input = manifest.input
+        preprocessing = manifest.preprocessing
+        if preprocessing not in preprocessings:
+            preprocessings.append(preprocessing)
+        attrs = {
+            "kind": "onnx",
+            "model": manifest.model,
+            "precision": manifest.precision,
+            "source_onnx_sha256": manifest.source_sha256,
+            "calibration_images": manifest.calibration.get("images", 0),
+            "calibration_sha256": _digest(manifest.calibration.get("sha256", [])),
+            "fingerprint": manifest.onnx_sha256,
+            "onnx_file": manifest.onnx_file,
+            "onnx_sha256": manifest.onnx_sha256,
+            "weights_source": manifest.weights["source"],
+            "weights_id": manifest.weights_id,
+            "weights_sha256": manifest.weights.get("sha256", ""),
+            "weights": json.dumps(manifest.weights),
+            "untrained": manifest.untrained,
+            "image_size": spec_input["size"],
+            "resize_size": spec_input["resize_size"],
+            "interpolation": spec_input["interpolation"],
+            "provider": session.provider,
+            "embedding_dim": manifest.output["dim"],
+            "embedding_layer": manifest.output["layer"],
+        }
+        specs.append(FeatureSpec(manifest.name, manifest.onnx_sha256, attrs, session, preprocessings.index(preprocessing)))
+    pixel_attrs = {
+        "kind": "pixels",
+        "fingerprint": PIXELS_FINGERPRINT,
+        "image_size": PIXELS_SIZE,
+        "resize_size": PIXELS_PREPROCESSING.resize_size,
+        "interpolation": PIXELS_PREPROCESSING.interpolation,
+        "embedding_dim": PIXELS_SIZE * PIXELS_SIZE * 3,
+        "description": "raw-pixel baseline: 32x32 RGB center crop, flattened (HWC), scaled to [0, 1]",
+    }
+    specs.append(FeatureSpec(PIXELS, PIXELS_FINGERPRINT, pixel_attrs))
+    return specs, preprocessings
+
+
+def _digest(hashes: Sequence[str]) -> str:
+    """One sha256 over a list of image hashes (the list itself is in the model's manifest)."""
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest() if hashes else ""
+
+
+def embed_batch(
+    decoded: Sequence[DecodedImage], needed: Sequence[Collection[str]], specs: Sequence[FeatureSpec]
+) -> dict[str, np.ndarray]:
+    """Per feature set, the features of the images that need it and decoded, in batch order.
+
+    Parameters
+    ----------
+    decoded : sequence of DecodedImage
+        A batch of decoding results, failures included.
+    needed : sequence of collections of str
+        For each image, the feature sets it needs.
+    specs : sequence of FeatureSpec
+
+    Returns
+    -------
+    dict
+        ``{name: float32 [n, D]}`` for each feature set with at least one such image.
+    """
+    features = {}
+    for spec in specs:
+        good = [d for d, names in zip(decoded, needed) if spec.name in names and not d.error]
+        if good:
+            features[spec.name] = spec.features(good)
+    return features

@@ -1,0 +1,157 @@
+"""extract --backend ray on a real local Ray instance (2 CPUs): same store as the local backend, killed workers and drivers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray,dev]')")
+
+from pipeline.backbones import BACKBONES  # noqa: E402
+from pipeline.cluster import EmbedActor, decode_batch, plan_workers  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.store import PIXELS, EmbeddingStore  # noqa: E402
+from tests.images import class_folders, pets  # noqa: E402
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """A local Ray instance with 2 CPUs for the module; extract joins it instead of starting its own."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Both stores hold the same rows in the same order, bit for bit, and the same failures."""
+    first, second = EmbeddingStore(a), EmbeddingStore(b)
+    assert first.feature_sets() == second.feature_sets()
+    for name in first.feature_sets():
+        x, y = first.load(name), second.load(name)
+        np.testing.assert_array_equal(x.paths, y.paths)
+        np.testing.assert_array_equal(x.embeddings, y.embeddings)
+        np.testing.assert_array_equal(x.labels, y.labels)
+        np.testing.assert_array_equal(x.splits, y.splits)
+        np.testing.assert_array_equal(x.sha256, y.sha256)
+        assert x.attrs == y.attrs
+        assert first.counts(name) == second.counts(name)
+
+
+@pytest.mark.slow  # starts Ray, whose actors load the model: seconds
+def test_ray_store_equals_local_store_and_runs_are_incremental(tmp_path, small_models, extract_quietly, ray_instance):
+    data = pets(tmp_path / "pets")
+    extract_quietly(data, tmp_path / "local.h5", small_models, batch_size=3)
+    specs = extract_quietly(data, tmp_path / "ray.h5", small_models, batch_size=3, backend="ray")
+    assert [(s.name, s.embedded, s.skipped) for s in specs] == [("resnet50", 9, 1), (PIXELS, 9, 1)]
+    assert_same_store(tmp_path / "local.h5", tmp_path / "ray.h5")
+    assert ray.is_initialized()  # a running instance is joined, and left running
+
+    assert extract_quietly(data, tmp_path / "ray.h5", small_models, backend="ray")[0].embedded == 0
+    class_folders(data, {"bird": 2}, seed=50)
+    for cache in ("local.h5", "ray.h5"):
+        specs = extract_quietly(data, tmp_path / cache, small_models, batch_size=3, backend="ray" if cache == "ray.h5" else "local")
+        assert (specs[0].embedded, specs[0].skipped) == (2, 0)  # only the new images
+    assert_same_store(tmp_path / "local.h5", tmp_path / "ray.h5")
+
+
+def _embedding_actor_pids() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if command.startswith(b"ray::MapWorker") and b"EmbedActor" in command:
+                pids.add(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow  # starts Ray, whose actors load the model: seconds
+def test_a_worker_killed_mid_run_changes_nothing(tmp_path, small_models, extract_quietly, ray_instance):
+    data = class_folders(tmp_path / "many", {"a": 120, "b": 120}, size=(120, 160))
+    extract_quietly(data, tmp_path / "local.h5", small_models, batch_size=4)
+    journal = tmp_path / "ray.h5.journal"
+    killed = []
+
+    def kill_one_actor_once_rows_arrive() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            pids = _embedding_actor_pids()
+            if pids and journal.exists() and any(journal.glob("resnet50-*.npz")):
+                os.kill(min(pids), signal.SIGKILL)
+                killed.append(min(pids))
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_one_actor_once_rows_arrive)
+    killer.start()
+    specs = extract_quietly(data, tmp_path / "ray.h5", small_models, batch_size=4, backend="ray", journal_rows=8)
+    killer.join()
+    assert killed, "the run ended before an actor could be killed"
+    assert (specs[0].embedded, specs[0].skipped) == (240, 0)
+    assert_same_store(tmp_path / "local.h5", tmp_path / "ray.h5")
+
+
+KILLED_DRIVER = """
+import sys
+from pipeline.extract import run_extract
+run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=4, models_dir=sys.argv[3], weights=sys.argv[4],
+            progress=False, journal_rows=8, backend="ray")
+"""
+
+
+@pytest.mark.slow  # starts Ray, whose actors load the model: seconds
+def test_a_killed_driver_resumes_to_the_uninterrupted_store(tmp_path, small_models, extract_quietly, seeded_weights, ray_instance):
+    data = class_folders(tmp_path / "many", {"a": 100, "b": 100}, size=(120, 160))
+    extract_quietly(data, tmp_path / "local.h5", small_models, batch_size=4)
+    cache, journal = tmp_path / "ray.h5", tmp_path / "ray.h5.journal"
+    # The driver starts its own local Ray instance; its process group goes down with it, as in a killed job.
+    driver = subprocess.Popen(
+        [sys.executable, "-c", KILLED_DRIVER, str(data), str(cache), str(small_models), seeded_weights],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and driver.poll() is None and len(list(journal.glob("resnet50-*.npz"))) < 2:
+        time.sleep(0.01)
+    assert driver.poll() is None, "the driver ended before it could be killed"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done = len(EmbeddingStore(cache).state("resnet50", EmbeddingStore(tmp_path / "local.h5").load_attrs("resnet50")["fingerprint"])[0])
+    assert 0 < done < 200
+
+    specs = extract_quietly(data, cache, small_models, batch_size=4, backend="ray")
+    assert specs[0].embedded == 200 - done  # only what the killed run had not journaled
+    assert not journal.exists()
+    local, resumed = EmbeddingStore(tmp_path / "local.h5").load("resnet50"), EmbeddingStore(cache).load("resnet50")
+    assert sorted(resumed.paths) == sorted(local.paths) and len(set(resumed.paths)) == 200
+    order = {path: row for row, path in enumerate(resumed.paths)}
+    np.testing.assert_array_equal(resumed.embeddings[[order[p] for p in local.paths]], local.embeddings)
+
+
+@pytest.mark.slow  # starts Ray, whose actors load the model: seconds
+def test_workers_follow_the_cluster_and_refuse_cuda_without_gpus(ray_instance):
+    assert plan_workers("auto", None).actors == 2 and plan_workers("cpu", None).cpus == 1
+    assert plan_workers("cpu", 1).cpus == 2  # one actor gets both CPUs, as threads
+    with pytest.raises(UserError, match="the Ray cluster has no GPUs"):
+        plan_workers("cuda", None)
+
+
+def test_an_actor_refuses_a_model_file_other_than_the_drivers(small_models):
+    with pytest.raises(UserError, match="is not the model the driver embeds with"):
+        EmbedActor(str(small_models), ["resnet50"], ["0" * 64], "cpu", 1)
+
+
+def test_decode_tasks_record_failures_in_their_row(tmp_path):
+    data = pets(tmp_path / "pets")
+    paths = np.array([str(data / "cat" / "0.jpg"), str(data / "dog" / "corrupt.jpg"), str(data / "gone.jpg")], dtype=object)
+    columns = decode_batch({"index": np.arange(3), "needed": np.full(3, 3), "path": paths}, [BACKBONES["resnet50"].preprocessing()])
+    assert columns["crop0"].shape == (3, 224, 224, 3) and columns["pixels"].shape == (3, 3072)
+    assert columns["error"][0] == "" and columns["error"][1] and columns["error"][2].startswith("unreadable")
+    assert columns["sha256"][1] and not columns["sha256"][2] and not columns["crop0"][1].any()
