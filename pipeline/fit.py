@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import shutil
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import joblib
 import numpy as np
 from sklearn.base import clone
 
+from pipeline import cluster
 from pipeline.bundle import ClassifierBundle, library_versions, provenance_of
 from pipeline.errors import UserError, run_cli
 from pipeline.files import sha256_file
@@ -32,11 +36,13 @@ from pipeline.report import (
     write_report,
 )
 from pipeline.store import PIXELS, EmbeddingStore, FeatureSet
+from pipeline.streaming import CHUNK_ROWS, EPOCHS, RowStream, describe_streaming, fit_streaming, predict_proba_streaming, streamed_scaler
 
 CURVE_PER_CLASS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 CURVE_REPEATS = 3  # random draws averaged per point of the learning curve
 MIN_TRAIN_PER_CLASS = 2
 STAGING = ".fit-in-progress"
+JOBLIB_BACKENDS = ("loky", "ray")
 
 
 @dataclass
@@ -73,8 +79,11 @@ class Split:
         return self.part == "test"
 
 
-def load_features(store: EmbeddingStore, models: Sequence[str] | None) -> dict[str, FeatureSet]:
-    """The feature sets to fit: ``models`` (default: every backbone in the store), then the pixel baseline."""
+def load_features(store: EmbeddingStore, models: Sequence[str] | None, embeddings: bool = True) -> dict[str, FeatureSet]:
+    """The feature sets to fit: ``models`` (default: every backbone in the store), then the pixel baseline.
+
+    Without ``embeddings``, only the rows' paths, labels and splits are loaded (for fitting out of core).
+    """
     present = store.feature_sets()
     if not store.exists():
         store.load(PIXELS)  # raises the store's own "run extract first" error
@@ -87,7 +96,10 @@ def load_features(store: EmbeddingStore, models: Sequence[str] | None) -> dict[s
         warnings.warn(f"{store.path} has no pixels feature set, so the report has no raw-pixel baseline.", stacklevel=2)
     features = {}
     for name in names:
-        feature_set = store.load(name)
+        feature_set = store.load(name, embeddings)
+        if not embeddings:
+            features[name] = feature_set  # non-finite rows are caught chunk by chunk
+            continue
         finite = np.isfinite(feature_set.embeddings).all(axis=1)
         if not finite.all():
             raise UserError(
@@ -106,10 +118,10 @@ def make_split(features: dict[str, FeatureSet], test_size: float, seed: int, sto
     """
     first = next(iter(features.values()))
     common = None
-    for feature_set in features.values():
-        labelled = set(feature_set.paths[feature_set.labels >= 0].tolist())
-        common = labelled if common is None else common & labelled
-    if not common:
+    for feature_set in features.values():  # numpy set operations: no Python object per image
+        labelled = np.unique(feature_set.paths[feature_set.labels >= 0])
+        common = labelled if common is None else np.intersect1d(common, labelled, assume_unique=True)
+    if not len(common):
         raise UserError(
             f"{store_path} has no labelled images to fit on; extract a folder of class sub-folders "
             "(DATA/<class>/<image>) or a CSV with a label column."
@@ -118,7 +130,7 @@ def make_split(features: dict[str, FeatureSet], test_size: float, seed: int, sto
     if any(lost.values()):
         warnings.warn(f"fitting on the {len(common)} labelled images every feature set has "
                       f"(others skipped: {lost}); run extract again to complete the store.", stacklevel=2)
-    order = np.flatnonzero(np.isin(first.paths, sorted(common)))
+    order = np.flatnonzero(np.isin(first.paths, common))
     paths, store_labels, recorded = first.paths[order], first.labels[order], first.splits[order]
     present = np.unique(store_labels)
     if len(present) < 2:
@@ -164,10 +176,15 @@ def _hold_out(labels: np.ndarray, test_size: float, seed: int) -> np.ndarray:
     return part
 
 
+def row_indices(feature_set: FeatureSet, paths: np.ndarray) -> np.ndarray:
+    """The store rows of ``paths`` (all present), in that order."""
+    order = np.argsort(feature_set.paths, kind="stable")
+    return order[np.searchsorted(feature_set.paths[order], paths)]
+
+
 def rows_of(feature_set: FeatureSet, paths: np.ndarray) -> np.ndarray:
     """The embeddings of ``paths`` (all present) in that order."""
-    index = {path: i for i, path in enumerate(feature_set.paths.tolist())}
-    return feature_set.embeddings[[index[path] for path in paths.tolist()]]
+    return feature_set.embeddings[row_indices(feature_set, paths)]
 
 
 def learning_curve(
@@ -212,11 +229,19 @@ def run_fit(
     class_weight: str | None = None,
     curve: bool = True,
     reuse: bool = False,
+    out_of_core: bool = False,
+    chunk_rows: int = CHUNK_ROWS,
+    epochs: int = EPOCHS,
+    joblib_backend: str = "loky",
 ) -> dict[str, Any]:
     """Fit every classifier on every feature set of the store, score them on the test part, save and report.
 
     With ``reuse``, a report in ``out`` made from the same store bytes and arguments, whose bundles are
-    all present and unchanged, is returned instead of fitting again.
+    all present and unchanged, is returned instead of fitting again. With ``out_of_core``, embeddings are
+    never all in memory: linear models are fitted by SGD over chunks of ``chunk_rows`` rows for ``epochs``
+    passes (see :mod:`pipeline.streaming`), and no learning curve is drawn. ``joblib_backend`` runs the
+    hyper-parameter search's parallel fits on ``loky`` (this machine's cores) or ``ray`` (the Ray cluster
+    at ``RAY_ADDRESS``, or a local Ray instance).
 
     Returns
     -------
@@ -238,19 +263,39 @@ def run_fit(
         raise UserError(f"--test-size {test_size} must be at least 0 and below 1.")
     if n_jobs == 0:
         raise UserError("--n-jobs 0 runs nothing; use a positive number of parallel fits, or -1 for every core.")
+    if out_of_core and (chunk_rows < 1 or epochs < 1):
+        raise UserError(f"--chunk-rows {chunk_rows} and --epochs {epochs} must be at least 1.")
+    if joblib_backend not in JOBLIB_BACKENDS:
+        raise UserError(f"--joblib-backend {joblib_backend} is not one of {', '.join(JOBLIB_BACKENDS)}.")
     store = EmbeddingStore(cache)
-    features = load_features(store, models)
+    features = load_features(store, models, embeddings=not out_of_core)
     out = Path(out)
     inputs = {
         "store_sha256": sha256_file(store.path), "models": list(features), "classifiers": list(classifiers),
         "test_size": test_size, "seed": seed, "folds": folds, "class_weight": class_weight, "learning_curve": curve,
     }
+    if out_of_core:
+        inputs["out_of_core"] = {"chunk_rows": chunk_rows, "epochs": epochs}
     if reuse and (previous := _previous_report(out, inputs)) is not None:
         return previous
     split = make_split(features, test_size, seed, store.path)
+    if curve and out_of_core:
+        warnings.warn("the learning curve needs the training embeddings in memory; none is drawn with --out-of-core.",
+                      stacklevel=2)
+        curve = False
     if curve and "logreg" not in classifiers:
         warnings.warn("the learning curve is drawn with logreg, which is not among --classifiers; no curve this time.",
                       stacklevel=2)
+    with _joblib_backend(joblib_backend):
+        return _fit_all(store, features, split, classifiers, out, inputs, seed, n_jobs, folds, class_weight, curve,
+                        out_of_core, chunk_rows, epochs)
+
+
+def _fit_all(
+    store: EmbeddingStore, features: dict[str, FeatureSet], split: Split, classifiers: Sequence[str], out: Path,
+    inputs: dict[str, Any], seed: int, n_jobs: int | None, folds: int, class_weight: str | None, curve: bool,
+    out_of_core: bool, chunk_rows: int, epochs: int,
+) -> dict[str, Any]:
     # Everything is written to a staging folder and moved into ``out`` at the end, report last: until then
     # the previous report and the bundles it lists stay as they were, whatever stops this run.
     final_out, out = out, out / STAGING
@@ -261,14 +306,24 @@ def run_fit(
     validation = (split.part[split.train] == "validation") if (split.part == "validation").any() else None
     results, curves = [], {}
     for name, feature_set in features.items():
-        X = rows_of(feature_set, split.paths)
-        X_train, X_test = X[split.train], X[split.test]
+        if out_of_core:
+            stream = RowStream(store, name, row_indices(feature_set, split.paths), y, chunk_rows)
+            train_stream, test_stream = stream.subset(split.train), stream.subset(split.test)
+            scaler = streamed_scaler(train_stream)
+        else:
+            X = rows_of(feature_set, split.paths)
+            X_train, X_test = X[split.train], X[split.test]
         for classifier in classifiers:
-            head = fit_head(classifier, X_train, y_train, validation=validation, seed=seed, folds=folds,
-                            n_jobs=n_jobs, class_weight=class_weight)
-            result = _result(name, classifier, feature_set.attrs, head, split)
+            if out_of_core:
+                head = fit_streaming(classifier, train_stream, copy.deepcopy(scaler), validation=validation, seed=seed,
+                                     folds=folds, epochs=epochs, n_jobs=n_jobs, class_weight=class_weight)
+            else:
+                head = fit_head(classifier, X_train, y_train, validation=validation, seed=seed, folds=folds,
+                                n_jobs=n_jobs, class_weight=class_weight)
+            result = _result(name, classifier, feature_set.attrs, head, split, out_of_core)
             if len(y_test):
-                result["test"] = evaluate(head.pipeline.predict_proba(X_test), y_test, split.classes)
+                proba = predict_proba_streaming(head, test_stream) if out_of_core else head.pipeline.predict_proba(X_test)
+                result["test"] = evaluate(proba, y_test, split.classes)
                 figure = f"confusion-{name}-{classifier}.png"
                 title = f"{_label(name, feature_set.attrs)} + {classifier}: test accuracy {result['test']['accuracy']:.3f}"
                 confusion_figure(np.array(result["test"]["confusion"]), split.classes, title, out / figure)
@@ -283,12 +338,30 @@ def run_fit(
             if classifier == "logreg" and curve and len(y_test):
                 curves[name] = learning_curve(head, X_train, y_train, X_test, y_test, seed)
                 curves[name]["label"] = _label(name, feature_set.attrs)
-        del X, X_train, X_test
+        X = X_train = X_test = None  # one feature set in memory at a time
     report = _report(store, features, split, results, curves, seed, out)
     report["inputs"] = inputs
     write_report(out, report)
     _publish(out, final_out)
     return report
+
+
+@contextlib.contextmanager
+def _joblib_backend(name: str) -> Iterator[None]:
+    """Run joblib's parallel fits (the hyper-parameter search's) on ``name``: loky here, or the Ray cluster."""
+    if name == "loky":
+        yield
+        return
+    started = cluster.connect()
+    from ray.util.joblib import register_ray
+
+    register_ray()
+    try:
+        with joblib.parallel_config(backend="ray"):
+            yield
+    finally:
+        if started:
+            cluster.shutdown()
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -318,12 +391,14 @@ def _label(name: str, attrs: dict[str, Any]) -> str:
     return f"{name} (untrained)" if attrs.get("untrained") else name
 
 
-def _result(name: str, classifier: str, attrs: dict[str, Any], head: FittedHead, split: Split) -> dict[str, Any]:
+def _result(
+    name: str, classifier: str, attrs: dict[str, Any], head: FittedHead, split: Split, out_of_core: bool
+) -> dict[str, Any]:
     return {
         "features": name,
         "classifier": classifier,
         "untrained": bool(attrs.get("untrained", False)),
-        "description": describe_classifier(classifier, head.params),
+        "description": describe_streaming(classifier) if out_of_core else describe_classifier(classifier, head.params),
         "selection": head.selection,
         "params": head.params,
         "validation_score": head.validation_score,
@@ -417,6 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--class-weight", choices=("none", "balanced"), default="none",
                         help="balanced: weight classes inversely to their frequency (default: none)")
     parser.add_argument("--no-learning-curve", action="store_true", help="skip the learning-curve figure")
+    parser.add_argument(
+        "--out-of-core", action="store_true",
+        help="never hold all embeddings in memory: standardise from a streaming first pass, then fit linear models by "
+        "SGD (log-loss for logreg, hinge for svm) over chunks of --chunk-rows rows; for stores larger than memory",
+    )
+    parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS,
+                        help=f"with --out-of-core: embeddings in memory at once (default: {CHUNK_ROWS})")
+    parser.add_argument("--epochs", type=int, default=EPOCHS,
+                        help=f"with --out-of-core: SGD passes over the training rows (default: {EPOCHS})")
+    parser.add_argument(
+        "--joblib-backend", choices=JOBLIB_BACKENDS, default="loky",
+        help="where the hyper-parameter search's parallel fits run: loky (this machine) or ray (the Ray cluster at "
+        "RAY_ADDRESS, or a local Ray instance; needs pip install -e '.[ray]') (default: loky)",
+    )
     return parser
 
 
@@ -427,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run_fit(
         args.cache, args.models, args.classifiers, args.out, args.test_size, args.seed, args.n_jobs,
         args.folds, None if args.class_weight == "none" else args.class_weight, not args.no_learning_curve,
+        out_of_core=args.out_of_core, chunk_rows=args.chunk_rows, epochs=args.epochs, joblib_backend=args.joblib_backend,
     )
     print_summary(report, args.out, time.perf_counter() - started)
     return 0

@@ -53,8 +53,9 @@ class FeatureSet:
 
     Attributes
     ----------
-    embeddings : numpy.ndarray
-        float32 ``[N, D]``.
+    embeddings : numpy.ndarray or None
+        float32 ``[N, D]``; None when loaded without them (read them in blocks with
+        :meth:`EmbeddingStore.embeddings`).
     labels : numpy.ndarray
         int32 ``[N]``, indices into ``classes``; -1 for unlabelled images.
     paths : numpy.ndarray
@@ -64,12 +65,12 @@ class FeatureSet:
     splits : numpy.ndarray
         str ``[N]``: ``train``, ``validation``, ``test`` or ``""``.
     sha256 : numpy.ndarray
-        str ``[N]``, hex sha256 of each file's bytes.
+        str ``[N]``, hex sha256 of each file's bytes (empty when loaded without embeddings).
     attrs : dict
         The group's attributes: how the embeddings were computed.
     """
 
-    embeddings: np.ndarray
+    embeddings: np.ndarray | None
     labels: np.ndarray
     paths: np.ndarray
     classes: np.ndarray
@@ -138,8 +139,11 @@ class EmbeddingStore:
         with self._open() as store:
             return dict(store.attrs)
 
-    def load(self, name: str) -> FeatureSet:
+    def load(self, name: str, embeddings: bool = True) -> FeatureSet:
         """Load one feature set (a backbone name or ``"pixels"``) into memory.
+
+        Without ``embeddings``, only the index is loaded: paths, labels, splits (``embeddings`` None and
+        ``sha256`` empty), for reading the embeddings in blocks with :meth:`embeddings`.
 
         Raises
         ------
@@ -161,14 +165,25 @@ class EmbeddingStore:
                 raise UserError(f"{self.path} has no {name!r} features (it has: {present}); extract them first.")
             group = store[name]
             return FeatureSet(
-                embeddings=group["embeddings"][()],
+                embeddings=group["embeddings"][()] if embeddings else None,
                 labels=group["labels"][()],
                 paths=_strings(group["paths"]),
                 classes=_strings(store["classes"]),
                 splits=_strings(group["split"]),
-                sha256=_strings(group["sha256"]),
+                sha256=_strings(group["sha256"]) if embeddings else np.array([], dtype=str),
                 attrs=dict(group.attrs),
             )
+
+    @contextlib.contextmanager
+    def embeddings(self, name: str) -> Iterator[h5py.Dataset]:
+        """The embeddings of feature set ``name``, open for reading in blocks (``dataset[start:stop]``).
+
+        Reading whole HDF5 chunks (``dataset.chunks[0]`` rows each) decompresses each chunk once.
+        """
+        with self._open() as store:
+            if name not in store:
+                raise UserError(f"{self.path} has no {name!r} features; extract them first.")
+            yield store[name]["embeddings"]
 
     def counts(self, name: str) -> tuple[int, int]:
         """``(rows, failures)`` of feature set ``name`` in the store file; ``(0, 0)`` when it is absent."""

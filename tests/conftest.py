@@ -90,3 +90,12 @@ def extract_quietly(seeded_weights):
         return run_extract(data, ["resnet50"], cache, models_dir=models_dir, progress=False, **options)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    """A local Ray instance with 2 CPUs, started once; extract and fit join it instead of starting their own."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray,dev]')")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

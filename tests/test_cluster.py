@@ -21,14 +21,6 @@ from pipeline.errors import UserError  # noqa: E402
 from pipeline.store import PIXELS, EmbeddingStore  # noqa: E402
 from tests.images import class_folders, pets  # noqa: E402
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    """A local Ray instance with 2 CPUs for the module; extract joins it instead of starting its own."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def assert_same_store(a: Path, b: Path) -> None:
     """Both stores hold the same rows in the same order, bit for bit, and the same failures."""
     first, second = EmbeddingStore(a), EmbeddingStore(b)

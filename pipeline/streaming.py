@@ -1,0 +1,244 @@
+"""Stage 5b: heads fitted out of core: SGD over the store in chunks, standardised from a first streaming pass."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.frozen import FrozenEstimator
+from sklearn.linear_model import SGDClassifier
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils import check_random_state
+
+from pipeline.errors import UserError
+from pipeline.heads import FOLDS, SEARCH_MAX_TRAIN, FittedHead
+from pipeline.store import EmbeddingStore
+
+CHUNK_ROWS = 4096  # default rows in memory at once: 64 MB of 4096-d float32 embeddings
+EPOCHS = 5
+SGD_LOSS = {"logreg": "log_loss", "svm": "hinge"}
+SGD_ALPHA = (1e-5, 1e-4, 1e-3, 1e-2)
+CALIBRATION_ROWS = 2_000  # the linear SVM's sigmoid calibration is fitted on this many held-out training rows
+
+
+@dataclass
+class RowStream:
+    """Rows of one feature set read from the store in chunks, never all at once.
+
+    Attributes
+    ----------
+    store : EmbeddingStore
+    name : str
+        The feature set.
+    rows : numpy.ndarray
+        int ``[n]``, the store rows to read, in sample order.
+    labels : numpy.ndarray
+        int ``[n]``, each sample's label.
+    chunk_rows : int
+        At most this many samples per chunk (while reading, up to one HDF5 chunk, at most 1 MB, more).
+    """
+
+    store: EmbeddingStore
+    name: str
+    rows: np.ndarray
+    labels: np.ndarray
+    chunk_rows: int = CHUNK_ROWS
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, keep: np.ndarray) -> RowStream:
+        """The stream of the samples where ``keep`` is true (or at the indices ``keep``)."""
+        return RowStream(self.store, self.name, self.rows[keep], self.labels[keep], self.chunk_rows)
+
+    def chunks(self, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``(samples, X, y)`` chunks of at most ``chunk_rows`` samples, covering every sample once.
+
+        ``samples`` are positions in this stream. Without ``rng`` the store is read front to back; with it,
+        its HDF5 chunks are visited in random order and the samples of a chunk are shuffled: reads stay whole
+        chunks, and a chunk mixes rows from all over the store (stores are in folder order, so contiguous
+        rows would often be one class).
+        """
+        with self.store.embeddings(self.name) as dataset:
+            block = dataset.chunks[0] if dataset.chunks else 4096
+            order = np.argsort(self.rows, kind="stable")
+            starts = np.searchsorted(self.rows[order], np.arange(0, dataset.shape[0] + block, block))
+            blocks = [b for b in range(len(starts) - 1) if starts[b + 1] > starts[b]]
+            if rng is not None:
+                blocks = list(rng.permutation(blocks))
+            index, X = np.zeros(0, np.int64), np.zeros((0, dataset.shape[1]), np.float32)
+            for number in blocks:
+                samples = order[starts[number] : starts[number + 1]]
+                rows = self.rows[samples]
+                first = int(rows.min())
+                read = dataset[first : int(rows.max()) + 1]
+                if len(read) != len(rows) or (rows != np.arange(first, first + len(rows))).any():
+                    read = read[rows - first]
+                index, X = (np.concatenate([index, samples]), np.concatenate([X, read])) if len(index) else (samples, read)
+                if rng is not None:
+                    mix = rng.permutation(len(index))
+                    index, X = index[mix], X[mix]
+                while len(index) >= self.chunk_rows:
+                    yield self._checked(index[: self.chunk_rows], X[: self.chunk_rows])
+                    index, X = index[self.chunk_rows :], X[self.chunk_rows :]
+            if len(index):
+                yield self._checked(index, X)
+
+    def _checked(self, index: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        finite = np.isfinite(X).all(axis=1)
+        if not finite.all():
+            raise UserError(
+                f"{self.store.path}: {self.name} row {self.rows[index[~finite][0]]} holds NaN or infinite values; "
+                "the model file is broken: export it again and extract with --overwrite."
+            )
+        return index, X, self.labels[index]
+
+    def read(self) -> np.ndarray:
+        """All the samples' rows at once, in sample order (for samples known to be few)."""
+        return self.apply(lambda X: X)
+
+    def apply(self, function: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """``function`` applied chunk by chunk, its output rows put back in sample order."""
+        out = None
+        for index, X, _ in self.chunks():
+            result = function(X)
+            if out is None:
+                out = np.zeros((len(self), *result.shape[1:]), result.dtype)
+            out[index] = result
+        return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+def streamed_scaler(stream: RowStream) -> StandardScaler:
+    """A StandardScaler fitted by one pass over the stream (``partial_fit`` per chunk)."""
+    scaler = StandardScaler()
+    for _, X, _ in stream.chunks():
+        scaler.partial_fit(X)
+    return scaler
+
+
+def fit_streaming(
+    name: str,
+    train: RowStream,
+    scaler: StandardScaler,
+    *,
+    validation: np.ndarray | None = None,
+    seed: int = 0,
+    folds: int = FOLDS,
+    epochs: int = EPOCHS,
+    n_jobs: int | None = None,
+    class_weight: str | None = None,
+) -> FittedHead:
+    """Fit classifier ``name`` as a linear model by SGD over ``train`` in chunks: log-loss for logreg, hinge for svm.
+
+    ``alpha`` is chosen on an in-memory stratified sample of at most ``chunk_rows`` rows (as the in-memory
+    heads choose their settings on a sample), scored on the recorded validation split or by cross-validation;
+    then ``epochs`` passes of ``partial_fit`` over the whole training stream in shuffled chunks. The SVM's
+    probabilities are sigmoid-calibrated on up to 2,000 (and ``chunk_rows``) training rows held out of the
+    SGD passes. Memory holds one chunk at a time, besides the rows' labels and indices.
+
+    Parameters
+    ----------
+    name : {"logreg", "svm"}
+    train : RowStream
+        The training rows (validation rows included) and their labels.
+    scaler : StandardScaler
+        Fitted on ``train`` (see :func:`streamed_scaler`).
+    validation : numpy.ndarray of bool, optional
+        Which training samples form a recorded validation split.
+    seed, folds, n_jobs, class_weight
+        As for :func:`pipeline.heads.fit_head`.
+    epochs : int
+        Passes over the training stream.
+
+    Returns
+    -------
+    FittedHead
+        Its pipeline is the scaler then the SGD classifier (calibrated for svm), with ``predict_proba``.
+    """
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    y = train.labels
+    classes = np.unique(y)
+    weights = _class_weights(y, classes) if class_weight == "balanced" else None
+    notes = [f"fitted out of core: {epochs} SGD epochs over chunks of at most {train.chunk_rows} rows"]
+    fitting = train
+    calibration = None
+    if name == "svm":
+        held = _stratified_sample(y, min(CALIBRATION_ROWS, train.chunk_rows, len(y) // 5), seed + 1)
+        calibration = train.subset(held)
+        fitting = train.subset(np.setdiff1d(np.arange(len(y)), held))
+        validation = None if validation is None else np.delete(validation, held)
+    alpha, score, selection = _choose_alpha(name, fitting, scaler, validation, seed, folds, epochs, n_jobs, weights)
+    sgd = SGDClassifier(loss=SGD_LOSS[name], alpha=alpha, class_weight=weights, random_state=seed)
+    for _ in range(epochs):
+        for _, X, labels in fitting.chunks(rng):
+            sgd.partial_fit(scaler.transform(X), labels, classes=classes)
+    clf = sgd
+    if calibration is not None:
+        clf = CalibratedClassifierCV(FrozenEstimator(sgd), method="sigmoid")
+        clf.fit(scaler.transform(calibration.read()), calibration.labels)
+        notes.append(f"probabilities calibrated on {len(calibration)} training images held out of the SGD passes")
+    params = {"scale": "standard", "loss": SGD_LOSS[name], "alpha": alpha, "epochs": epochs}
+    if weights:
+        params["class_weight"] = "balanced"
+    pipeline = Pipeline([("scale", scaler), ("clf", clf)])
+    return FittedHead(pipeline, params, score, selection, time.perf_counter() - started, notes)
+
+
+def predict_proba_streaming(head: FittedHead, stream: RowStream) -> np.ndarray:
+    """``head.pipeline.predict_proba`` over the stream chunk by chunk, in sample order."""
+    return stream.apply(head.pipeline.predict_proba)
+
+
+def describe_streaming(name: str) -> str:
+    """What the out-of-core classifier ``name`` is, in words."""
+    if name == "logreg":
+        return "logistic regression by SGD (log-loss), out of core"
+    return "linear SVM by SGD (hinge) with sigmoid-calibrated probabilities, out of core"
+
+
+def _choose_alpha(
+    name: str, train: RowStream, scaler: StandardScaler, validation: np.ndarray | None, seed: int, folds: int,
+    epochs: int, n_jobs: int | None, weights: dict | None,
+) -> tuple[float, float, str]:
+    sample = _stratified_sample(train.labels, min(SEARCH_MAX_TRAIN[name], train.chunk_rows), seed)
+    X, y = scaler.transform(train.subset(sample).read()), train.labels[sample]
+    if validation is not None and validation[sample].any():
+        splitter = PredefinedSplit(np.where(validation[sample], 0, -1))
+        selection = "alpha scored on the recorded validation split"
+    else:
+        n_splits = max(2, min(folds, int(np.bincount(y)[np.unique(y)].min())))
+        splitter = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+        selection = f"alpha by {n_splits}-fold stratified cross-validation"
+    selection += f" on a stratified sample of {len(sample)} of {len(train)} training images"
+    search = GridSearchCV(
+        SGDClassifier(loss=SGD_LOSS[name], max_iter=epochs, tol=None, class_weight=weights, random_state=seed),
+        {"alpha": list(SGD_ALPHA)}, scoring="balanced_accuracy" if weights else "accuracy", cv=splitter,
+        n_jobs=n_jobs, refit=False,
+    )
+    search.fit(X, y)
+    return float(search.best_params_["alpha"]), float(search.best_score_), selection
+
+
+def _stratified_sample(y: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of about ``limit`` rows, each class in proportion and with at least two rows."""
+    if len(y) <= limit:
+        return np.arange(len(y))
+    rng = check_random_state(seed)
+    keep = []
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        count = max(2, round(len(members) * limit / len(y)))
+        keep.append(rng.choice(members, size=min(count, len(members)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def _class_weights(y: np.ndarray, classes: np.ndarray) -> dict[int, float]:
+    """scikit-learn's "balanced" weights, n / (k * count), which ``partial_fit`` does not compute itself."""
+    counts = np.bincount(y, minlength=int(classes.max()) + 1)[classes]
+    return {int(c): float(len(y) / (len(classes) * n)) for c, n in zip(classes, counts)}
