@@ -18,16 +18,18 @@ FIT_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 PRECISION ?= auto
+BACKEND ?= local
 
-.PHONY: help install test test-fast models extract fit demo bench clean
+.PHONY: help install test test-fast models extract fit demo bench bench-ray clean
 
 help:
 	@echo "make demo        run the pipeline end to end on built-in data"
 	@echo "make test        run the test suite (make test-fast skips the slow parity tests)"
 	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' WEIGHTS=$(WEIGHTS) IMAGE_SIZE=$(IMAGE_SIZE)"
-	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)' PRECISION=$(PRECISION)"
+	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)' PRECISION=$(PRECISION) BACKEND=$(BACKEND)"
 	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE) into CLASSIFIERS_DIR=$(CLASSIFIERS_DIR) (FIT_ARGS=...)"
 	@echo "make bench       extraction speed and int8 fidelity side by side, writes benchmarks/bench.json (~25 min)"
+	@echo "make bench-ray   extract on a local Ray instance vs locally, the one writer's ceiling, 1M/100M-image estimates (~5 min)"
 	@echo "make install     only create $(VENV) and install the project"
 	@echo "make clean       remove $(VENV) (models/ and features/ are kept)"
 
@@ -49,7 +51,7 @@ models: $(INSTALLED)
 
 extract: $(INSTALLED)
 	@test -n "$(DATA)" || { echo "error: say which images to embed: make extract DATA=path/to/folder (or a CSV file)."; exit 2; }
-	$(PY) -m pipeline.extract "$(DATA)" --models $(MODELS) --cache $(CACHE) --models-dir $(MODELS_DIR) --weights $(WEIGHTS) --precision $(PRECISION) $(EXTRACT_ARGS)
+	$(PY) -m pipeline.extract "$(DATA)" --models $(MODELS) --cache $(CACHE) --models-dir $(MODELS_DIR) --weights $(WEIGHTS) --precision $(PRECISION) --backend $(BACKEND) $(EXTRACT_ARGS)
 
 fit: $(INSTALLED)
 	$(PY) -m pipeline.fit --cache $(CACHE) --out $(CLASSIFIERS_DIR) $(FIT_ARGS)
@@ -59,6 +61,9 @@ demo: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) benchmarks/bench_extract.py $(BENCH_ARGS)
+
+bench-ray: $(INSTALLED)
+	$(PY) benchmarks/bench_ray.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

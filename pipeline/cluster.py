@@ -7,6 +7,7 @@ worker died (decoding and inference are deterministic, so a retried batch gives 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ from pipeline.backbones import Preprocessing
 from pipeline.decode import PIXELS_SIZE, DecodedImage, decode_file
 from pipeline.errors import UserError
 from pipeline.features import FeatureSpec, embed_batch, feature_specs
-from pipeline.runtime import open_backbone
+from pipeline.runtime import CPU_BATCH, CUDA_BATCH, open_backbone
 
 RAY_MISSING = "the ray backend needs Ray: pip install -e '.[ray]' (Ray Data and its dependencies)."
 BLOCK_BATCHES = 4  # batches per input block: small blocks spread the work evenly over the actors
@@ -34,6 +35,11 @@ class Workers:
     actors: int
     cpus: float
     gpus: float
+
+    @property
+    def batch_size(self) -> int:
+        """The default images per batch on these actors' device."""
+        return CUDA_BATCH if self.gpus else CPU_BATCH
 
     def describe(self) -> str:
         each = f"{self.gpus:g} GPU" if self.gpus else f"{self.cpus:g} CPU"
@@ -78,6 +84,17 @@ def shutdown() -> None:
     import ray
 
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def actor_pool(device: str, requested: int | None) -> Iterator[Workers]:
+    """Join (or start) Ray for a run and plan its actor pool; a Ray instance started here stops at the end."""
+    started = connect()
+    try:
+        yield plan_workers(device, requested)
+    finally:
+        if started:
+            shutdown()
 
 
 def plan_workers(device: str, requested: int | None) -> Workers:

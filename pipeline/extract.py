@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -69,6 +70,7 @@ def model_manifest(models_dir: Path, model: str, weights: str) -> ModelManifest:
 def open_sessions(
     models_dir: Path, models: Sequence[str], device: str, precision: str, dataset: Dataset, calibration_images: int,
     stored: Collection[str] = (),
+    workers_on_cuda: bool | None = None,
 ) -> list[BackboneSession]:
     """Open a session per model at ``precision``, making fp16 / int8 variants first where missing or stale.
 
@@ -88,6 +90,9 @@ def open_sessions(
         Size of that sample.
     stored : collection of str
         Feature sets the store holds already.
+    workers_on_cuda : bool, optional
+        Whether the models will run on CUDA elsewhere (Ray actors); ``auto`` then follows it instead of
+        probing this machine.
 
     Returns
     -------
@@ -100,6 +105,8 @@ def open_sessions(
             held = [p for p in PRECISIONS if variant_name(model, p) in stored]
             if len(held) == 1:
                 wanted = held[0]
+            elif workers_on_cuda is not None:
+                wanted = "fp16" if workers_on_cuda else "fp32"
             else:
                 session = open_backbone(models_dir, model, device)
                 if session.provider != CUDA:
@@ -268,21 +275,24 @@ def run_extract(
     dataset = discover(data)
     models_dir = Path(models_dir)
     store = EmbeddingStore(cache)
-    with store.lock():
+    ray_pool = contextlib.nullcontext() if backend == "local" else cluster.actor_pool(device, workers)
+    with store.lock(), ray_pool as pool:
         for model in models:
             model_manifest(models_dir, model, weights)  # exports the model first when it must
-        sessions = open_sessions(models_dir, models, device, precision, dataset, calibration_images, store.feature_sets())
+        # With Ray the driver's sessions only describe the models (the actors run them): on the CPU here.
+        sessions = open_sessions(
+            models_dir, models, "cpu" if pool else device, precision, dataset, calibration_images,
+            store.feature_sets(), workers_on_cuda=bool(pool.gpus) if pool else None,
+        )
         specs, preprocessings = feature_specs(sessions)
-        batch_size = batch_size or min((s.default_batch_size for s in sessions), default=16)
+        batch_size = batch_size or (pool.batch_size if pool else min(s.default_batch_size for s in sessions))
         check_store(store, dataset, specs, overwrite)
         work = plan(dataset, store, specs)
         if not work and store.matches(dataset.records, [spec.name for spec in specs]):
             return specs
         root = str(dataset.root)
         segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs, root) for spec in specs}
-        started_ray = backend == "ray" and cluster.connect()
-        if backend == "ray":
-            pool = cluster.plan_workers(device, workers)
+        if pool:
             print(f"ray: {pool.describe()} for {_count(len(work), 'image')}.", file=sys.stderr)
             paths = [str(dataset.absolute(item.record)) for item in work]
             outcomes = cluster.embed_on_ray(work, paths, specs, preprocessings, models_dir, device, batch_size, pool)
@@ -301,8 +311,6 @@ def run_extract(
             finally:
                 for segment in segments.values():  # on Ctrl-C or an error too: the next run merges it
                     store.append(segment)
-                if started_ray:
-                    cluster.shutdown()
         dropped = store.commit(dataset.root, dataset.records, {spec.name: spec.fingerprint for spec in specs})
         for name, count in dropped.items():
             if count:

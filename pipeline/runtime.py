@@ -18,6 +18,7 @@ from pipeline.manifest import ModelManifest, model_paths, parse_variant
 DEVICES = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+CPU_BATCH, CUDA_BATCH = 16, 128  # default images per inference batch
 _FATAL_ONLY = 4  # onnxruntime log severity: keep a failed CUDA probe from dumping library errors
 
 
@@ -65,7 +66,7 @@ class BackboneSession:
     @property
     def default_batch_size(self) -> int:
         """Images per batch that keep this device busy: 16 on a CPU (beyond it nothing is gained), 128 on CUDA."""
-        return 128 if self.provider == CUDA else 16
+        return CUDA_BATCH if self.provider == CUDA else CPU_BATCH
 
 
 def open_backbone(

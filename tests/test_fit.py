@@ -228,3 +228,30 @@ def test_cli_prints_the_table_and_fails_in_one_line(tmp_path):
     failed = subprocess.run(command[:4] + [str(tmp_path / "missing.h5")], capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2 and failed.stderr.startswith("error: no embedding store at")
     assert len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_cli_fits_out_of_core(tmp_path):
+    synthetic_store(tmp_path / "s.h5", per_class=60, classes=3, features={"resnet50": (16, 0.5), PIXELS: (4, 3.0)})
+    command = [sys.executable, "-m", "pipeline.fit", "--cache", str(tmp_path / "s.h5"), "--out", str(tmp_path / "o"),
+               "--n-jobs", "1", "--out-of-core", "--chunk-rows", "50", "--epochs", "3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resnet50  svm" in done.stdout and "none is drawn with --out-of-core" in done.stderr
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert {r["params"]["loss"] for r in report["results"]} == {"log_loss", "hinge"}
+    bundle = ClassifierBundle.load(tmp_path / "o" / "resnet50-logreg.joblib")
+    assert bundle.pipeline.named_steps["clf"].__class__.__name__ == "SGDClassifier"
+    bad = subprocess.run(command + ["--chunk-rows", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--chunk-rows 0 and --epochs 3 must be at least 1" in bad.stderr
+
+
+@pytest.mark.slow  # starts Ray
+def test_the_search_on_the_ray_joblib_backend_gives_the_same_fit(tmp_path, ray_instance):
+    store = synthetic_store(tmp_path / "s.h5", per_class=20, classes=3)
+    on_loky = run_fit(store.path, out=tmp_path / "loky", curve=False, n_jobs=2)
+    on_ray = run_fit(store.path, out=tmp_path / "ray", curve=False, n_jobs=2, joblib_backend="ray")
+    summary = lambda report: [  # noqa: E731
+        (r["features"], r["classifier"], r["params"], r["validation_score"], r["test"]["accuracy"]) for r in report["results"]
+    ]
+    assert summary(on_ray) == summary(on_loky)
+    assert ray_instance.is_initialized()  # joined, and left running
