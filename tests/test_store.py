@@ -197,3 +197,33 @@ def test_journal_roots_and_providers_are_recorded(tmp_path):
     store.append(second)
     store.commit(ROOT, DATASET[:2], {"m": "f1"})
     assert store.load_attrs("m")["provider"] == "CPUExecutionProvider,CUDAExecutionProvider"
+
+
+def test_rows_across_many_chunks_are_compressed_in_threads_as_standard_gzip(tmp_path):
+    dim = 512  # 512 rows per 1 MB chunk
+    rng = np.random.default_rng(0)
+    wanted = {f"{i:05d}.jpg": rng.random(dim, dtype=np.float32) for i in range(1300)}
+    store = EmbeddingStore(tmp_path / "s.h5")
+    names = sorted(wanted)
+    for start in range(0, 1300, 300):  # segments that do not line up with chunks
+        part = Segment("m", "f1", {**ATTRS, "embedding_dim": dim}, str(ROOT))
+        for path in names[start : start + 300]:
+            part.records.append(ImageRecord(path))
+            part.states.append(FileState("0" * 64, 1, 1))
+            part.embeddings.append(wanted[path])
+        store.append(part)
+    store.commit(ROOT, [ImageRecord(p) for p in names], {"m": "f1"})
+    kept = names[100:1250:2]  # drop rows, then add one: old rows copied, new ones appended
+    extra = Segment("m", "f1", {**ATTRS, "embedding_dim": dim}, str(ROOT))
+    extra.records.append(ImageRecord("new.jpg"))
+    extra.states.append(FileState("1" * 64, 1, 1))
+    extra.embeddings.append(np.full(dim, 7, np.float32))
+    store.append(extra)
+    store.commit(ROOT, [ImageRecord(p) for p in kept + ["new.jpg"]], {"m": "f1"})
+    loaded = store.load("m")
+    assert list(loaded.paths) == kept + ["new.jpg"]
+    np.testing.assert_array_equal(loaded.embeddings[:-1], np.stack([wanted[p] for p in kept]))
+    np.testing.assert_array_equal(loaded.embeddings[-1], np.full(dim, 7, np.float32))
+    with h5py.File(store.path, "r") as f:
+        dataset = f["m/embeddings"]
+        assert (dataset.compression, dataset.compression_opts, dataset.shuffle, dataset.chunks) == ("gzip", 4, True, (512, dim))
