@@ -136,7 +136,7 @@ def fit_head(
     started = time.perf_counter()
     notes: list[str] = []
     estimator, grid = search_space(name, X, seed, class_weight)
-    rows = _search_rows(y, validation, seed, SEARCH_MAX_TRAIN[name])
+    rows = search_rows(y, validation, seed, SEARCH_MAX_TRAIN[name])
     if len(rows) < len(y):
         notes.append(f"hyper-parameters chosen on a stratified sample of {len(rows)} of {len(y)} training images")
     Xs, ys = X[rows], y[rows]
@@ -168,8 +168,11 @@ def fit_head(
     return FittedHead(final, _params(chosen), score, selection, time.perf_counter() - started, notes)
 
 
-def _search_rows(y: np.ndarray, validation: np.ndarray | None, seed: int, limit: int) -> np.ndarray:
-    """Indices of a stratified sample of about ``limit`` rows (all rows when there are fewer)."""
+def search_rows(y: np.ndarray, validation: np.ndarray | None, seed: int, limit: int) -> np.ndarray:
+    """Sorted indices of a stratified sample of about ``limit`` rows (all rows when there are fewer).
+
+    Each class, within the validation rows and within the others, keeps its share and at least two rows.
+    """
     if len(y) <= limit:
         return np.arange(len(y))
     rng = check_random_state(seed)

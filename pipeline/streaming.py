@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
 
 from pipeline.errors import UserError
-from pipeline.heads import FOLDS, SEARCH_MAX_TRAIN, FittedHead
+from pipeline.heads import FOLDS, SEARCH_MAX_TRAIN, FittedHead, search_rows
 from pipeline.store import EmbeddingStore
 
 CHUNK_ROWS = 4096  # default rows in memory at once: 64 MB of 4096-d float32 embeddings
@@ -24,6 +24,7 @@ EPOCHS = 5
 SGD_LOSS = {"logreg": "log_loss", "svm": "hinge"}
 SGD_ALPHA = (1e-5, 1e-4, 1e-3, 1e-2)
 CALIBRATION_ROWS = 2_000  # the linear SVM's sigmoid calibration is fitted on this many held-out training rows
+MIN_CLASS_ROWS = 2  # rows per class on each side of the calibration hold-out
 
 
 @dataclass
@@ -135,11 +136,13 @@ def fit_streaming(
 ) -> FittedHead:
     """Fit classifier ``name`` as a linear model by SGD over ``train`` in chunks: log-loss for logreg, hinge for svm.
 
-    ``alpha`` is chosen on an in-memory stratified sample of at most ``chunk_rows`` rows (as the in-memory
-    heads choose their settings on a sample), scored on the recorded validation split or by cross-validation;
-    then ``epochs`` passes of ``partial_fit`` over the whole training stream in shuffled chunks. The SVM's
-    probabilities are sigmoid-calibrated on up to 2,000 (and ``chunk_rows``) training rows held out of the
-    SGD passes. Memory holds one chunk at a time, besides the rows' labels and indices.
+    ``alpha`` is chosen on an in-memory stratified sample of at most ``chunk_rows`` rows (and 5,000 for
+    logreg, 2,000 for svm, as the in-memory heads choose their settings), scored on the recorded validation
+    split or by cross-validation; then ``epochs`` passes of ``partial_fit`` over the whole training stream in
+    shuffled chunks. The SVM's probabilities are sigmoid-calibrated on training rows held out of the SGD
+    passes (a fifth of them, at most 2,000 and ``chunk_rows``; on training rows when a class has fewer
+    than four). Memory
+    holds one chunk at a time, besides the rows' labels and indices.
 
     Parameters
     ----------
@@ -166,11 +169,9 @@ def fit_streaming(
     classes = np.unique(y)
     weights = _class_weights(y, classes) if class_weight == "balanced" else None
     notes = [f"fitted out of core: {epochs} SGD epochs over chunks of at most {train.chunk_rows} rows"]
-    fitting = train
-    calibration = None
+    fitting, held = train, np.zeros(0, np.int64)
     if name == "svm":
-        held = _stratified_sample(y, min(CALIBRATION_ROWS, train.chunk_rows, len(y) // 5), seed + 1)
-        calibration = train.subset(held)
+        held = calibration_rows(y, min(CALIBRATION_ROWS, train.chunk_rows, len(y) // 5), seed + 1)
         fitting = train.subset(np.setdiff1d(np.arange(len(y)), held))
         validation = None if validation is None else np.delete(validation, held)
     alpha, score, selection = _choose_alpha(name, fitting, scaler, validation, seed, folds, epochs, n_jobs, weights)
@@ -179,10 +180,16 @@ def fit_streaming(
         for _, X, labels in fitting.chunks(rng):
             sgd.partial_fit(scaler.transform(X), labels, classes=classes)
     clf = sgd
-    if calibration is not None:
-        clf = CalibratedClassifierCV(FrozenEstimator(sgd), method="sigmoid")
+    if name == "svm":
+        if len(held):
+            calibration = train.subset(held)
+            notes.append(f"probabilities calibrated on {len(held)} training images held out of the SGD passes")
+        else:
+            calibration = fitting.subset(search_rows(fitting.labels, None, seed, min(CALIBRATION_ROWS, train.chunk_rows)))
+            notes.append("probabilities calibrated on training images: too few to hold any out")
+        # cv only splits the predictions of the frozen SVM; both folds hold every class
+        clf = CalibratedClassifierCV(FrozenEstimator(sgd), method="sigmoid", cv=MIN_CLASS_ROWS)
         clf.fit(scaler.transform(calibration.read()), calibration.labels)
-        notes.append(f"probabilities calibrated on {len(calibration)} training images held out of the SGD passes")
     params = {"scale": "standard", "loss": SGD_LOSS[name], "alpha": alpha, "epochs": epochs}
     if weights:
         params["class_weight"] = "balanced"
@@ -202,11 +209,28 @@ def describe_streaming(name: str) -> str:
     return "linear SVM by SGD (hinge) with sigmoid-calibrated probabilities, out of core"
 
 
+def calibration_rows(y: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of about ``limit`` rows to hold out for calibration, each class in proportion.
+
+    Every class gives at least two rows and keeps at least two for the SGD passes; when some class cannot
+    (fewer than four training images), nothing is held out and the result is empty.
+    """
+    rng = check_random_state(seed)
+    held = []
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        count = min(max(MIN_CLASS_ROWS, round(len(members) * limit / len(y))), len(members) - MIN_CLASS_ROWS)
+        if count < MIN_CLASS_ROWS:
+            return np.zeros(0, np.int64)
+        held.append(rng.choice(members, size=count, replace=False))
+    return np.sort(np.concatenate(held))
+
+
 def _choose_alpha(
     name: str, train: RowStream, scaler: StandardScaler, validation: np.ndarray | None, seed: int, folds: int,
     epochs: int, n_jobs: int | None, weights: dict | None,
 ) -> tuple[float, float, str]:
-    sample = _stratified_sample(train.labels, min(SEARCH_MAX_TRAIN[name], train.chunk_rows), seed)
+    sample = search_rows(train.labels, validation, seed, min(SEARCH_MAX_TRAIN[name], train.chunk_rows))
     X, y = scaler.transform(train.subset(sample).read()), train.labels[sample]
     if validation is not None and validation[sample].any():
         splitter = PredefinedSplit(np.where(validation[sample], 0, -1))
@@ -223,19 +247,6 @@ def _choose_alpha(
     )
     search.fit(X, y)
     return float(search.best_params_["alpha"]), float(search.best_score_), selection
-
-
-def _stratified_sample(y: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """Sorted indices of about ``limit`` rows, each class in proportion and with at least two rows."""
-    if len(y) <= limit:
-        return np.arange(len(y))
-    rng = check_random_state(seed)
-    keep = []
-    for label in np.unique(y):
-        members = np.flatnonzero(y == label)
-        count = max(2, round(len(members) * limit / len(y)))
-        keep.append(rng.choice(members, size=min(count, len(members)), replace=False))
-    return np.sort(np.concatenate(keep))
 
 
 def _class_weights(y: np.ndarray, classes: np.ndarray) -> dict[int, float]:

@@ -15,6 +15,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray,dev]')")
 
+from pipeline import cluster, extract  # noqa: E402
 from pipeline.backbones import BACKBONES  # noqa: E402
 from pipeline.cluster import EmbedActor, decode_batch, plan_workers  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
@@ -37,7 +38,9 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow  # starts Ray, whose actors load the model: seconds
-def test_ray_store_equals_local_store_and_runs_are_incremental(tmp_path, small_models, extract_quietly, ray_instance):
+def test_ray_store_equals_local_store_and_runs_are_incremental(
+    tmp_path, small_models, extract_quietly, seeded_weights, ray_instance, capsys
+):
     data = pets(tmp_path / "pets")
     extract_quietly(data, tmp_path / "local.h5", small_models, batch_size=3)
     specs = extract_quietly(data, tmp_path / "ray.h5", small_models, batch_size=3, backend="ray")
@@ -45,7 +48,10 @@ def test_ray_store_equals_local_store_and_runs_are_incremental(tmp_path, small_m
     assert_same_store(tmp_path / "local.h5", tmp_path / "ray.h5")
     assert ray.is_initialized()  # a running instance is joined, and left running
 
-    assert extract_quietly(data, tmp_path / "ray.h5", small_models, backend="ray")[0].embedded == 0
+    command = [str(data), "--models", "resnet50", "--cache", str(tmp_path / "ray.h5"), "--models-dir", str(small_models),
+               "--weights", seeded_weights, "--backend", "ray"]
+    assert extract.main(command) == 0
+    assert "nothing to do" in capsys.readouterr().out
     class_folders(data, {"bird": 2}, seed=50)
     for cache in ("local.h5", "ray.h5"):
         specs = extract_quietly(data, tmp_path / cache, small_models, batch_size=3, backend="ray" if cache == "ray.h5" else "local")
@@ -147,3 +153,9 @@ def test_decode_tasks_record_failures_in_their_row(tmp_path):
     assert columns["crop0"].shape == (3, 224, 224, 3) and columns["pixels"].shape == (3, 3072)
     assert columns["error"][0] == "" and columns["error"][1] and columns["error"][2].startswith("unreadable")
     assert columns["sha256"][1] and not columns["sha256"][2] and not columns["crop0"][1].any()
+
+
+def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the ray extra were not installed
+    with pytest.raises(UserError, match=r"needs Ray: pip install -e '\.\[ray\]'"):
+        cluster.connect()
