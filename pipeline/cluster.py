@@ -33,16 +33,24 @@ class Workers:
     """The actor pool: how many embedding actors, and what each one reserves of the cluster."""
 
     actors: int
-    cpus: float
-    gpus: float
+    threads: int  # onnxruntime threads per actor on CPUs
+    gpus: float  # GPUs per actor (a share when there are more actors than GPUs)
 
     @property
     def batch_size(self) -> int:
         """The default images per batch on these actors' device."""
         return CUDA_BATCH if self.gpus else CPU_BATCH
 
+    @property
+    def remote_args(self) -> dict[str, float]:
+        """What each actor reserves. GPU actors reserve no CPU, so that every CPU is left to the decoding
+        tasks; CPU actors reserve one, the same as a decoding task, so that Ray fuses decoding into them
+        (no crops through the object store) and nothing waits for a CPU an actor holds."""
+        return {"num_cpus": 0.0, "num_gpus": self.gpus} if self.gpus else {"num_cpus": 1.0}
+
     def describe(self) -> str:
-        each = f"{self.gpus:g} GPU" if self.gpus else f"{self.cpus:g} CPU"
+        """The pool in words, e.g. ``2 embedding actors (1 thread each)``."""
+        each = f"{self.gpus:g} GPU" if self.gpus else f"{self.threads} thread{'s' if self.threads != 1 else ''}"
         return f"{self.actors} embedding actor{'s' if self.actors != 1 else ''} ({each} each)"
 
 
@@ -61,6 +69,7 @@ def connect() -> bool:
     """
     try:
         import ray
+        import ray.data  # noqa: F401  (Ray without its data extra cannot run extract)
     except ImportError:
         raise UserError(RAY_MISSING) from None
     if ray.is_initialized():
@@ -69,18 +78,20 @@ def connect() -> bool:
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    except (ConnectionError, TimeoutError, RuntimeError) as error:
-        raise UserError(
-            f"cannot join the Ray cluster at RAY_ADDRESS={address} ({error}); start it (ray start --head) "
-            "or unset RAY_ADDRESS to run on a local Ray instance."
-        ) from None
+        else:  # a new instance on this machine, never one a stale `ray start` left behind
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as error:
+        if address:
+            raise UserError(
+                f"cannot join the Ray cluster at RAY_ADDRESS={address} ({error}); start it (ray start --head), "
+                "fix the address (host:port), or unset RAY_ADDRESS to run on a local Ray instance."
+            ) from None
+        raise UserError(f"cannot start a local Ray instance ({error}); see `ray status`, or use --backend local.") from None
     return True
 
 
 def shutdown() -> None:
-    """Stop the local Ray instance :func:`connect` started."""
+    """Stop the Ray instance :func:`connect` started (or leave the cluster it joined)."""
     import ray
 
     ray.shutdown()
@@ -88,7 +99,13 @@ def shutdown() -> None:
 
 @contextlib.contextmanager
 def actor_pool(device: str, requested: int | None) -> Iterator[Workers]:
-    """Join (or start) Ray for a run and plan its actor pool; a Ray instance started here stops at the end."""
+    """Join (or start) Ray for a run and plan its actor pool; a Ray instance started here stops at the end.
+
+    Yields
+    ------
+    Workers
+        The pool :func:`plan_workers` plans for ``device`` and ``requested`` actors.
+    """
     started = connect()
     try:
         yield plan_workers(device, requested)
@@ -98,7 +115,8 @@ def actor_pool(device: str, requested: int | None) -> Iterator[Workers]:
 
 
 def plan_workers(device: str, requested: int | None) -> Workers:
-    """One actor per GPU of the cluster (or ``requested``), or on CPUs one per CPU, sharing the CPUs evenly.
+    """One actor per GPU of the cluster (or ``requested``, sharing the GPUs), or on CPUs one per CPU
+    (or ``requested``, with the CPUs shared out as onnxruntime threads).
 
     Raises
     ------
@@ -110,11 +128,12 @@ def plan_workers(device: str, requested: int | None) -> Workers:
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     if device != "cpu" and gpus:
-        return Workers(requested or gpus, 1.0, 1.0)
+        actors = requested or gpus
+        return Workers(actors, 1, min(1.0, gpus / actors))
     if device == "cuda":
         raise UserError("--device cuda was asked for but the Ray cluster has no GPUs; use --device cpu or auto.")
     actors = requested or cpus
-    return Workers(actors, float(max(1, cpus // actors)), 0.0)
+    return Workers(actors, max(1, cpus // actors), 0.0)
 
 
 def embed_on_ray(
@@ -171,44 +190,48 @@ def embed_on_ray(
         decode_batch, batch_size=batch_size, fn_kwargs={"preprocessings": list(preprocessings)}, num_cpus=1,
     ).map_batches(
         EmbedActor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers.actors),
-        num_cpus=workers.cpus, num_gpus=workers.gpus,
         fn_constructor_kwargs={
-            "models_dir": str(models_dir), "variants": [s.name for s in backbones],
-            "fingerprints": [s.fingerprint for s in backbones], "device": device, "threads": int(workers.cpus),
+            "models_dir": str(Path(models_dir).resolve()), "variants": [s.name for s in backbones],
+            "fingerprints": [s.fingerprint for s in backbones], "device": device, "threads": workers.threads,
         },
+        **workers.remote_args,
     )
-    try:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            rows = [items[i] for i in batch["index"]]
-            hashes, errors = [str(s) for s in batch["sha256"]], [str(e) for e in batch["error"]]
-            features = {}
-            for bit, spec in enumerate(specs):
-                wanted = (batch["needed"] & (1 << bit)).astype(bool) & (batch["error"] == "")
-                if wanted.any():
-                    features[spec.name] = batch[f"features{bit}"][wanted]
-            for spec, provider in zip(backbones, str(batch["providers"][0]).split(",")):
-                spec.attrs["provider"] = provider
-            yield rows, hashes, errors, features
-    except ray.exceptions.RayError as error:
-        cause = _user_error(error)
-        if cause is not None:
-            raise UserError(f"on a Ray worker: {cause}") from None
-        raise
+    providers: set[str] = set()
+    first = True
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        if batch["fatal"][0]:
+            raise UserError(f"on a Ray worker: {batch['fatal'][0]}")
+        rows = [items[i] for i in batch["index"]]
+        hashes, errors = [str(s) for s in batch["sha256"]], [str(e) for e in batch["error"]]
+        if first:
+            _check_workers_see_the_files([paths[i] for i in batch["index"]], errors)
+            first = False
+        features = {}
+        for bit, spec in enumerate(specs):
+            wanted = (batch["needed"] & (1 << bit)).astype(bool) & (batch["error"] == "")
+            if wanted.any():
+                features[spec.name] = batch[f"features{bit}"][wanted]
+        providers.add(str(batch["providers"][0]))
+        for number, spec in enumerate(backbones):
+            spec.attrs["provider"] = ",".join(sorted({p.split(",")[number] for p in providers}))
+        yield rows, hashes, errors, features
 
 
-def _user_error(error: BaseException) -> UserError | None:
-    """The UserError a worker raised, if that is what ended the run."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, UserError):
-            return error
-        error = getattr(error, "cause", None) or error.__cause__
-    return None
+def _check_workers_see_the_files(paths: Sequence[str], errors: Sequence[str]) -> None:
+    """Stop when the workers could read none of a batch's files that this machine can read."""
+    if errors and all(e.startswith("unreadable") for e in errors) and os.access(paths[0], os.R_OK):
+        raise UserError(
+            f"the Ray workers cannot read {paths[0]}, which this machine can: put the images on a filesystem "
+            "every node mounts at the same path."
+        )
 
 
 def decode_batch(batch: dict[str, np.ndarray], preprocessings: Sequence[Preprocessing]) -> dict[str, np.ndarray]:
-    """Ray Data task: read, hash and decode a batch of files with the local backend's code; never raises."""
+    """Ray Data task: read, hash and decode a batch of files with the local backend's code; never raises.
+
+    Returns the batch's ``index`` and ``needed`` columns with ``sha256``, ``error`` (``""`` when decoded),
+    ``pixels`` and one uint8 ``crop<n>`` column per preprocessing (zeros where decoding failed).
+    """
     decoded = [decode_file(str(path), preprocessings) for path in batch["path"]]
     columns = {
         "index": batch["index"],
@@ -229,10 +252,15 @@ class EmbedActor:
     """Ray Data actor: the backbone sessions of one worker, embedding decoded batches for every feature set."""
 
     def __init__(self, models_dir: str, variants: list[str], fingerprints: list[str], device: str, threads: int) -> None:
-        sessions = [open_backbone(models_dir, variant, device, threads) for variant in variants]
+        self.fatal = ""  # a problem the user must fix, sent to the driver instead of crashing the actor in a loop
+        try:
+            sessions = [open_backbone(models_dir, variant, device, threads) for variant in variants]
+        except UserError as error:
+            self.fatal = str(error)
+            return
         for session, fingerprint in zip(sessions, fingerprints):
             if session.manifest.onnx_sha256 != fingerprint:
-                raise UserError(
+                self.fatal = (
                     f"{session.onnx_path} on this node (sha256 {session.manifest.onnx_sha256[:12]}) is not the model "
                     f"the driver embeds with (sha256 {fingerprint[:12]}); give every node the same --models-dir."
                 )
@@ -240,6 +268,10 @@ class EmbedActor:
         self.providers = ",".join(session.provider for session in sessions)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Embed a decoded batch: ``features<bit>`` float32 ``[B, D]`` per feature set (zeros where not
+        needed or not decoded), beside the batch's index, needed mask, hashes and errors."""
+        if self.fatal:
+            return {"index": batch["index"], "fatal": np.array([self.fatal] * len(batch["index"]), dtype=object)}
         crops = [f"crop{number}" for number in range(sum(key.startswith("crop") for key in batch))]
         decoded = [
             DecodedImage(str(sha256), tuple(batch[key][row] for key in crops), batch["pixels"][row], str(error))
@@ -255,4 +287,5 @@ class EmbedActor:
                 full[np.flatnonzero(wanted)] = features[spec.name]
             columns[f"features{bit}"] = full
         columns["providers"] = np.array([self.providers] * len(decoded), dtype=object)
+        columns["fatal"] = np.array([""] * len(decoded), dtype=object)
         return columns

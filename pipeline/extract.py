@@ -292,14 +292,15 @@ def run_extract(
             return specs
         root = str(dataset.root)
         segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs, root) for spec in specs}
-        if pool:
+        if pool and work:
             print(f"ray: {pool.describe()} for {_count(len(work), 'image')}.", file=sys.stderr)
             paths = [str(dataset.absolute(item.record)) for item in work]
             outcomes = cluster.embed_on_ray(work, paths, specs, preprocessings, models_dir, device, batch_size, pool)
         else:
             outcomes = embed_locally(work, dataset, specs, preprocessings, workers or available_cores(), batch_size)
         last_journal = time.monotonic()
-        with tqdm(total=len(work), unit="img", desc="extract", disable=None if progress is None else not progress) as bar:
+        bar = tqdm(total=len(work), unit="img", desc="extract", disable=None if progress is None else not progress)
+        with bar, contextlib.closing(outcomes):  # closed before Ray stops, whatever ends the loop
             try:
                 for items, hashes, errors, features in outcomes:
                     record_batch(items, hashes, errors, features, specs, segments)
@@ -394,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if failures:
             failed_sets.append((spec.name, failures))
         rate = spec.embedded / wall if spec.embedded else 0.0
-        where = f" on {spec.attrs['provider']}, {spec.seconds:.1f} s of it inference" if spec.session else ""
+        where = f" on {spec.attrs['provider']}" if spec.session else ""
+        where += f", {spec.seconds:.1f} s of it inference" if spec.seconds else ""  # measured here, not on Ray
         untrained = " [UNTRAINED random weights]" if spec.attrs.get("untrained") else ""
         print(
             f"{spec.name}{untrained}: embedded {spec.embedded}, skipped {spec.skipped} in {wall:.1f} s "

@@ -353,10 +353,10 @@ def _joblib_backend(name: str) -> Iterator[None]:
         yield
         return
     started = cluster.connect()
-    from ray.util.joblib import register_ray
-
-    register_ray()
     try:
+        from ray.util.joblib import register_ray
+
+        register_ray()
         with joblib.parallel_config(backend="ray"):
             yield
     finally:

@@ -503,7 +503,8 @@ class _ChunkWriter:
         self.level = dataset.compression_opts
         self.pending: list[np.ndarray] = []
         self.buffered = 0
-        self.next_row = 0
+        self.rows_written = 0
+        self.next_row = 0  # where the next whole chunk goes
         self.workers = _cores()
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="deflate")
         self.in_flight: deque = deque()
@@ -515,6 +516,7 @@ class _ChunkWriter:
         """Append ``rows`` (float32 ``[n, D]``) after the rows written so far."""
         self.pending.append(np.asarray(rows, dtype=np.float32))
         self.buffered += len(rows)
+        self.rows_written += len(rows)
         if self.buffered >= self.chunk_rows:
             block = np.concatenate(self.pending)
             whole = len(block) - len(block) % self.chunk_rows
@@ -532,6 +534,8 @@ class _ChunkWriter:
                 self._submit(padded)
             while self.in_flight and not error[0]:
                 self._write_oldest()
+            if not error[0] and self.rows_written != self.dataset.shape[0]:
+                raise RuntimeError(f"{self.dataset.name}: {self.rows_written} rows written for {self.dataset.shape[0]}")
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
 

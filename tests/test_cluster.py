@@ -17,9 +17,13 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 
 from pipeline import cluster, extract  # noqa: E402
 from pipeline.backbones import BACKBONES  # noqa: E402
-from pipeline.cluster import EmbedActor, decode_batch, plan_workers  # noqa: E402
+from pipeline.cluster import decode_batch, embed_on_ray, plan_workers  # noqa: E402
+from pipeline.discover import ImageRecord  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.store import PIXELS, EmbeddingStore  # noqa: E402
+from pipeline.extract import WorkItem  # noqa: E402
+from pipeline.features import feature_specs  # noqa: E402
+from pipeline.runtime import open_backbone  # noqa: E402
+from pipeline.store import PIXELS, EmbeddingStore, FileState  # noqa: E402
 from tests.images import class_folders, pets  # noqa: E402
 
 def assert_same_store(a: Path, b: Path) -> None:
@@ -53,8 +57,9 @@ def test_ray_store_equals_local_store_and_runs_are_incremental(
     assert extract.main(command) == 0
     assert "nothing to do" in capsys.readouterr().out
     class_folders(data, {"bird": 2}, seed=50)
-    for cache in ("local.h5", "ray.h5"):
-        specs = extract_quietly(data, tmp_path / cache, small_models, batch_size=3, backend="ray" if cache == "ray.h5" else "local")
+    for cache in ("local.h5", "ray.h5"):  # one actor of two threads this time
+        specs = extract_quietly(data, tmp_path / cache, small_models, batch_size=3, workers=1,
+                                backend="ray" if cache == "ray.h5" else "local")
         assert (specs[0].embedded, specs[0].skipped) == (2, 0)  # only the new images
     assert_same_store(tmp_path / "local.h5", tmp_path / "ray.h5")
 
@@ -127,23 +132,27 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_store(tmp_path, small_mode
     specs = extract_quietly(data, cache, small_models, batch_size=4, backend="ray")
     assert specs[0].embedded == 200 - done  # only what the killed run had not journaled
     assert not journal.exists()
-    local, resumed = EmbeddingStore(tmp_path / "local.h5").load("resnet50"), EmbeddingStore(cache).load("resnet50")
-    assert sorted(resumed.paths) == sorted(local.paths) and len(set(resumed.paths)) == 200
-    order = {path: row for row, path in enumerate(resumed.paths)}
-    np.testing.assert_array_equal(resumed.embeddings[[order[p] for p in local.paths]], local.embeddings)
+    assert_same_store(tmp_path / "local.h5", cache)
 
 
 @pytest.mark.slow  # starts Ray, whose actors load the model: seconds
 def test_workers_follow_the_cluster_and_refuse_cuda_without_gpus(ray_instance):
-    assert plan_workers("auto", None).actors == 2 and plan_workers("cpu", None).cpus == 1
-    assert plan_workers("cpu", 1).cpus == 2  # one actor gets both CPUs, as threads
+    assert plan_workers("auto", None).actors == 2 and plan_workers("cpu", None).threads == 1
+    assert plan_workers("cpu", 1).threads == 2  # one actor gets both CPUs, as threads
+    assert plan_workers("cpu", 1).remote_args == {"num_cpus": 1.0}  # as a decoding task: fused, never waiting
     with pytest.raises(UserError, match="the Ray cluster has no GPUs"):
         plan_workers("cuda", None)
 
 
-def test_an_actor_refuses_a_model_file_other_than_the_drivers(small_models):
-    with pytest.raises(UserError, match="is not the model the driver embeds with"):
-        EmbedActor(str(small_models), ["resnet50"], ["0" * 64], "cpu", 1)
+@pytest.mark.slow  # starts Ray actors
+def test_actors_refuse_a_model_file_other_than_the_drivers_in_one_sentence(tmp_path, small_models, ray_instance):
+    image = class_folders(tmp_path / "one", {"a": 1}) / "a" / "0.jpg"
+    specs, preprocessings = feature_specs([open_backbone(small_models, "resnet50", "cpu")])
+    specs[0].fingerprint = "0" * 64  # as if another node held another export under the same path
+    items = [WorkItem(ImageRecord("a/0.jpg"), FileState("", 1, 1), [spec.name for spec in specs])]
+    outcomes = embed_on_ray(items, [str(image)], specs, preprocessings, small_models, "cpu", 4, plan_workers("cpu", 1))
+    with pytest.raises(UserError, match=r"^on a Ray worker: .*resnet50.onnx on this node .* is not the model the driver"):
+        list(outcomes)
 
 
 def test_decode_tasks_record_failures_in_their_row(tmp_path):
