@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pipeline.features import FeatureSpec, embed_batch, feature_specs
 from pipeline.runtime import CPU_BATCH, CUDA_BATCH, open_backbone
 
 RAY_MISSING = "the ray backend needs Ray: pip install -e '.[ray]' (Ray Data and its dependencies)."
+CONNECT_SECONDS = 5.0
 BLOCK_BATCHES = 4  # batches per input block: small blocks spread the work evenly over the actors
 
 Outcome = tuple[list, list[str], list[str], dict[str, np.ndarray]]
@@ -75,6 +77,8 @@ def connect() -> bool:
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -88,6 +92,20 @@ def connect() -> bool:
             ) from None
         raise UserError(f"cannot start a local Ray instance ({error}); see `ray status`, or use --backend local.") from None
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds when nothing listens at a ``host:port`` address (Ray itself retries for minutes)."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray's own parser will judge
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as error:
+        raise UserError(
+            f"nothing answers at RAY_ADDRESS={address} ({error.strerror or error}); start the cluster there "
+            "(ray start --head), fix the address, or unset RAY_ADDRESS to run on a local Ray instance."
+        ) from None
 
 
 def shutdown() -> None:

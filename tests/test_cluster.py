@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -168,3 +169,13 @@ def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the ray extra were not installed
     with pytest.raises(UserError, match=r"needs Ray: pip install -e '\.\[ray\]'"):
         cluster.connect()
+
+
+def test_an_unreachable_ray_address_is_one_sentence_within_seconds():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(UserError, match=f"nothing answers at RAY_ADDRESS=127.0.0.1:{port}"):
+        cluster._check_reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 10
