@@ -20,15 +20,12 @@ import numpy as np
 from pipeline.backbones import Preprocessing
 from pipeline.decode import PIXELS_SIZE, DecodedImage, decode_file
 from pipeline.errors import UserError
-from pipeline.features import FeatureSpec, embed_batch, feature_specs
+from pipeline.features import BatchOutcome, FeatureSpec, embed_batch, feature_specs
 from pipeline.runtime import CPU_BATCH, CUDA_BATCH, open_backbone
 
 RAY_MISSING = "the ray backend needs Ray: pip install -e '.[ray]' (Ray Data and its dependencies)."
 CONNECT_SECONDS = 5.0
 BLOCK_BATCHES = 4  # batches per input block: small blocks spread the work evenly over the actors
-
-Outcome = tuple[list, list[str], list[str], dict[str, np.ndarray]]
-
 
 @dataclass(frozen=True)
 class Workers:
@@ -157,7 +154,7 @@ def plan_workers(device: str, requested: int | None) -> Workers:
 def embed_on_ray(
     items: Sequence, paths: Sequence[str], specs: Sequence[FeatureSpec], preprocessings: Sequence[Preprocessing],
     models_dir: Path, device: str, batch_size: int, workers: Workers,
-) -> Iterator[Outcome]:
+) -> Iterator[BatchOutcome]:
     """Decode and embed ``items`` on the cluster; yield each batch's outcome, in the order of ``items``.
 
     Parameters

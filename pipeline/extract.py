@@ -19,7 +19,7 @@ from pipeline.backbones import BACKBONES, Preprocessing
 from pipeline.decode import batches, decode_file, map_ordered
 from pipeline.discover import Dataset, ImageRecord, discover
 from pipeline.errors import UserError, run_cli
-from pipeline.features import FeatureSpec, embed_batch, feature_specs
+from pipeline.features import BatchOutcome, FeatureSpec, embed_batch, feature_specs
 from pipeline.manifest import PRECISIONS, ModelManifest, model_paths, variant_name
 from pipeline.quantize import CALIBRATION_IMAGES, calibration_paths, check_calibration_images, current_variant, describe, make_variant
 from pipeline.runtime import CUDA, DEVICES, BackboneSession, available_cores, open_backbone
@@ -186,7 +186,7 @@ def plan(dataset: Dataset, store: EmbeddingStore, specs: Sequence[FeatureSpec]) 
 def embed_locally(
     items: Sequence[WorkItem], dataset: Dataset, specs: Sequence[FeatureSpec], preprocessings: Sequence[Preprocessing],
     workers: int, batch_size: int,
-) -> Iterator[tuple[list[WorkItem], list[str], list[str], dict[str, np.ndarray]]]:
+) -> Iterator[BatchOutcome]:
     """Decode ``items`` in ``workers`` threads (in order, at most two batches ahead, so memory stays flat) and
     embed them batch by batch; yield each batch's outcome as :func:`record_batch` takes it."""
     decode = lambda item: decode_file(dataset.absolute(item.record), preprocessings)  # noqa: E731

@@ -15,6 +15,10 @@ from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_PREPROCESSING, PIXELS_SIZ
 from pipeline.runtime import BackboneSession
 from pipeline.store import PIXELS
 
+# A batch's outcome, as the backends yield it and extract records it: the work items, each file's sha256
+# and decoding error ("" when decoded), and per feature set the rows of the items that needed it and decoded.
+BatchOutcome = tuple[list, list[str], list[str], dict[str, np.ndarray]]
+
 
 @dataclass
 class FeatureSpec:
