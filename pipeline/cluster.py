@@ -187,8 +187,9 @@ def embed_on_ray(
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows land in the store in the same order as locally
-    context.enable_progress_bars = False  # extract draws its own bar
+    context.enable_progress_bars = False  # extract draws its own bar...
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # ...so Ray's notice that its are off is noise
     needed = [sum(1 << bit for bit, spec in enumerate(specs) if spec.name in item.needed) for item in items]
     # A few batches per block, but at least two blocks per actor when there are enough images.
     block = batch_size * max(1, min(BLOCK_BATCHES, len(items) // (2 * batch_size * workers.actors)))
