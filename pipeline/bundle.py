@@ -113,6 +113,36 @@ class ClassifierBundle:
         return cls(**{name: payload[name] for name in cls.__dataclass_fields__})
 
 
+def check_listed(path: str | os.PathLike) -> None:
+    """Refuse a bundle that the ``report.json`` beside it does not list with the sha256 it has now.
+
+    Loading a bundle unpickles it, which can run any code; a bundle fit wrote, unchanged since, is listed.
+
+    Raises
+    ------
+    UserError
+        When the bundle exists but is not listed, or its bytes changed since fit listed them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return  # ClassifierBundle.load says it is missing
+    report = path.parent / "report.json"
+    try:
+        listed = {entry["path"]: entry["sha256"] for entry in json.loads(report.read_text(encoding="utf-8"))["bundles"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = {}
+    if path.name not in listed:
+        raise UserError(
+            f"{path} is not listed in {report}, and loading a classifier bundle runs the code inside it; use a bundle "
+            "fit wrote, or pass --trust if you know where this one comes from."
+        )
+    if sha256_file(path) != listed[path.name]:
+        raise UserError(
+            f"{path} is not the file {report} lists (its sha256 changed); fit again, or pass --trust if you know why "
+            "it changed."
+        )
+
+
 def _fields(bundle: ClassifierBundle) -> dict[str, Any]:
     """The bundle's fields as a dict, without copying the fitted pipeline (``dataclasses.asdict`` deep-copies)."""
     return {name: getattr(bundle, name) for name in bundle.__dataclass_fields__}

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from pipeline.bundle import ClassifierBundle
+from pipeline.bundle import ClassifierBundle, check_listed
 from pipeline.decode import PIXELS_FINGERPRINT, batches
 from pipeline.discover import discover
 from pipeline.embedder import Embedded, embed_files, stored_features
@@ -203,10 +203,12 @@ def run_classify(
     progress: bool | None = None,
     precision: str = "auto",
     allow_precision_change: bool = False,
+    trust: bool = False,
 ) -> dict[str, Any]:
     """Classify every image of ``folder`` and write the rows to ``output`` (or print them).
 
-    ``precision`` ``auto`` runs the backbone at the precision the classifier was fitted on.
+    ``precision`` ``auto`` runs the backbone at the precision the classifier was fitted on. The bundle
+    must be listed, with its sha256, in the ``report.json`` beside it (loading it runs code), unless ``trust``.
 
     Returns
     -------
@@ -221,6 +223,8 @@ def run_classify(
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k {top_k} must be at least 1.")
     dataset = discover(folder)
+    if not trust:
+        check_listed(bundle_path)
     bundle = ClassifierBundle.load(bundle_path)
     top_k = min(top_k or 3, len(bundle.classes))
     if bundle.provenance.get("untrained"):
@@ -309,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"),
                         help="reuse embeddings of images already in this store, by content (default: features/embeddings.h5)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: available cores)")
+    parser.add_argument("--trust", action="store_true",
+                        help="load a bundle that no report.json beside it lists with its sha256 (loading runs its code)")
     return parser
 
 
@@ -320,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle_path = choose_bundle(args.classifier, args.model, args.classifier_name, args.classifiers_dir)
     counts = run_classify(args.folder, bundle_path, args.output, args.top_k, args.batch_size, args.device,
                           args.models_dir, args.cache, args.workers, precision=args.precision,
-                          allow_precision_change=args.allow_precision_change)
+                          allow_precision_change=args.allow_precision_change, trust=args.trust)
     accuracy = f"; {counts['correct']}/{counts['labelled']} match their folder's label" if counts["labelled"] else ""
     where = f" into {args.output}" if args.output else ""
     reused = (f"{counts['cached']} embeddings reused from {args.cache}" if args.cache.exists()

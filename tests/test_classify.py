@@ -122,7 +122,22 @@ def test_a_bundle_of_another_model_file_is_refused_naming_both(fitted, tmp_path)
     bundle.provenance["onnx_sha256"] = "0" * 64
     bundle.save(tmp_path / "other.joblib")
     with pytest.raises(UserError, match="was fitted on resnet50 embeddings of ONNX sha256 000000000000 .* but .*resnet50.onnx has sha256"):
-        run_classify(work / "pets", tmp_path / "other.joblib", None, models_dir=models_dir, cache=None)
+        run_classify(work / "pets", tmp_path / "other.joblib", None, models_dir=models_dir, cache=None, trust=True)
+
+
+def test_unlisted_or_changed_bundles_are_not_loaded_unless_trusted(fitted, tmp_path):
+    work, models_dir, _ = fitted
+    stranger = tmp_path / "stranger.joblib"
+    shutil.copy(work / "classifiers" / "resnet50-logreg.joblib", stranger)
+    with pytest.raises(UserError, match=r"stranger.joblib is not listed in .*report.json, and loading .* runs the code"):
+        run_classify(work / "pets", stranger, None, models_dir=models_dir, cache=None)
+    assert run_classify(work / "pets", stranger, tmp_path / "p.csv", models_dir=models_dir, cache=None, trust=True)["images"]
+    listed = tmp_path / "listed"
+    shutil.copytree(work / "classifiers", listed)
+    with open(listed / "resnet50-logreg.joblib", "ab") as stream:
+        stream.write(b"\0")  # changed since fit listed it
+    with pytest.raises(UserError, match="is not the file .*report.json lists .*sha256 changed"):
+        run_classify(work / "pets", listed / "resnet50-logreg.joblib", None, models_dir=models_dir, cache=None)
 
 
 def run(*args, cwd):
