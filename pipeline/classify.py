@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from pipeline.bundle import ClassifierBundle, check_listed
-from pipeline.decode import PIXELS_FINGERPRINT, batches
+from pipeline.decode import MAX_PIXELS, PIXELS_FINGERPRINT, batches
 from pipeline.discover import discover
 from pipeline.embedder import Embedded, embed_files, stored_features
 from pipeline.errors import UserError, run_cli
@@ -204,6 +204,7 @@ def run_classify(
     precision: str = "auto",
     allow_precision_change: bool = False,
     trust: bool = False,
+    max_pixels: int = MAX_PIXELS,
 ) -> dict[str, Any]:
     """Classify every image of ``folder`` and write the rows to ``output`` (or print them).
 
@@ -222,6 +223,8 @@ def run_classify(
         raise UserError(f"--output {output} must end in {' or '.join(OUTPUT_FORMATS)}.")
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k {top_k} must be at least 1.")
+    if max_pixels < 1:
+        raise UserError(f"--max-pixels {max_pixels} must be at least 1.")
     dataset = discover(folder)
     if not trust:
         check_listed(bundle_path)
@@ -247,7 +250,7 @@ def run_classify(
             counts["cached"] += item.cached
             yield item
 
-    embedded = tally(embed_files(shown, session, known, batch_size, workers, progress))
+    embedded = tally(embed_files(shown, session, known, batch_size, workers, progress, max_pixels))
     with _destination(output) as stream:
         write = {".csv": csv_writer, ".jsonl": jsonl_writer}.get(output.suffix if output else "", table_writer)(
             stream, top_k, labelled)
@@ -313,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"),
                         help="reuse embeddings of images already in this store, by content (default: features/embeddings.h5)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: available cores)")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help=f"images that would decode to more pixels get a 'too large' error row (default: {MAX_PIXELS:,})")
     parser.add_argument("--trust", action="store_true",
                         help="load a bundle that no report.json beside it lists with its sha256 (loading runs its code)")
     return parser
@@ -326,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle_path = choose_bundle(args.classifier, args.model, args.classifier_name, args.classifiers_dir)
     counts = run_classify(args.folder, bundle_path, args.output, args.top_k, args.batch_size, args.device,
                           args.models_dir, args.cache, args.workers, precision=args.precision,
-                          allow_precision_change=args.allow_precision_change, trust=args.trust)
+                          allow_precision_change=args.allow_precision_change, trust=args.trust,
+                          max_pixels=args.max_pixels)
     accuracy = f"; {counts['correct']}/{counts['labelled']} match their folder's label" if counts["labelled"] else ""
     where = f" into {args.output}" if args.output else ""
     reused = (f"{counts['cached']} embeddings reused from {args.cache}" if args.cache.exists()

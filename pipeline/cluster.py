@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.backbones import Preprocessing
-from pipeline.decode import PIXELS_SIZE, DecodedImage, decode_file
+from pipeline.decode import MAX_PIXELS, PIXELS_SIZE, DecodedImage, decode_file
 from pipeline.errors import UserError
 from pipeline.features import BatchOutcome, FeatureSpec, embed_batch, feature_specs
 from pipeline.runtime import CPU_BATCH, CUDA_BATCH, open_backbone
@@ -153,7 +153,7 @@ def plan_workers(device: str, requested: int | None) -> Workers:
 
 def embed_on_ray(
     items: Sequence, paths: Sequence[str], specs: Sequence[FeatureSpec], preprocessings: Sequence[Preprocessing],
-    models_dir: Path, device: str, batch_size: int, workers: Workers,
+    models_dir: Path, device: str, batch_size: int, workers: Workers, max_pixels: int = MAX_PIXELS,
 ) -> Iterator[BatchOutcome]:
     """Decode and embed ``items`` on the cluster; yield each batch's outcome, in the order of ``items``.
 
@@ -175,6 +175,8 @@ def embed_on_ray(
         Images per inference batch.
     workers : Workers
         The actor pool (see :func:`plan_workers`).
+    max_pixels : int
+        Images above it are failures (see :func:`pipeline.decode.decode_file`).
 
     Yields
     ------
@@ -203,7 +205,8 @@ def embed_on_ray(
     ]
     backbones = [spec for spec in specs if spec.session is not None]
     dataset = ray.data.from_arrow(blocks).map_batches(
-        decode_batch, batch_size=batch_size, fn_kwargs={"preprocessings": list(preprocessings)}, num_cpus=1,
+        decode_batch, batch_size=batch_size, fn_kwargs={"preprocessings": list(preprocessings), "max_pixels": max_pixels},
+        num_cpus=1,
     ).map_batches(
         EmbedActor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers.actors),
         fn_constructor_kwargs={
@@ -242,13 +245,15 @@ def _check_workers_see_the_files(paths: Sequence[str], errors: Sequence[str]) ->
         )
 
 
-def decode_batch(batch: dict[str, np.ndarray], preprocessings: Sequence[Preprocessing]) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], preprocessings: Sequence[Preprocessing], max_pixels: int = MAX_PIXELS
+) -> dict[str, np.ndarray]:
     """Ray Data task: read, hash and decode a batch of files with the local backend's code; never raises.
 
     Returns the batch's ``index`` and ``needed`` columns with ``sha256``, ``error`` (``""`` when decoded),
     ``pixels`` and one uint8 ``crop<n>`` column per preprocessing (zeros where decoding failed).
     """
-    decoded = [decode_file(str(path), preprocessings) for path in batch["path"]]
+    decoded = [decode_file(str(path), preprocessings, max_pixels=max_pixels) for path in batch["path"]]
     columns = {
         "index": batch["index"],
         "needed": batch["needed"],

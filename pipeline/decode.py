@@ -6,6 +6,7 @@ import hashlib
 import io
 import math
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,9 @@ PIXELS_FINGERPRINT = f"pixels:{PIXELS_SIZE}:v1"  # the store's fingerprint of th
 # of the full decode (max 3-9), embedding cosine >= 0.99999 to it; at 1x the margin the error reached 41 levels.
 DRAFT_MARGIN = 2
 DRAFT_FLOOR = 512
+# Images decoding to more pixels than this are skipped before any pixel is decoded (a decompression bomb,
+# a scan far larger than any resize needs). Pillow's own warning threshold, about 9459 x 9459; --max-pixels.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 T = TypeVar("T")
 R = TypeVar("R")
@@ -59,7 +63,8 @@ class DecodedImage:
 
 
 def decode_file(
-    path: str | os.PathLike, preprocessings: Sequence[Preprocessing], known: Collection[str] = ()
+    path: str | os.PathLike, preprocessings: Sequence[Preprocessing], known: Collection[str] = (),
+    max_pixels: int = MAX_PIXELS,
 ) -> DecodedImage:
     """Read, hash and decode one image file; never raises for a bad file.
 
@@ -71,6 +76,9 @@ def decode_file(
         The recipes to crop with (one per distinct backbone input).
     known : collection of str, optional
         Content hashes whose features are already at hand: such a file is hashed but not decoded.
+    max_pixels : int
+        An image that would decode to more pixels is a failure ("too large"), found from its header alone;
+        it is returned without a hash, like an unreadable file, so that a later run tries it again.
 
     Returns
     -------
@@ -87,9 +95,12 @@ def decode_file(
     if sha256 in known:
         return DecodedImage(sha256, known=True)
     try:
-        image = load_rgb(data, draft_floor(preprocessings))
+        image = load_rgb(data, draft_floor(preprocessings), max_pixels)
         crops = tuple(resize_center_crop(image, p) for p in preprocessings)
         pixels = resize_center_crop(image, PIXELS_PREPROCESSING).reshape(-1).astype(np.float32) / 255.0
+    except (TooManyPixels, Image.DecompressionBombError) as error:
+        # No hash recorded, so the file is tried again on the next run: a raised --max-pixels then applies.
+        return DecodedImage("", error=f"too large: {error}")
     except Exception as error:  # Pillow raises many types for damaged or hostile files; each one is a skip
         return DecodedImage(sha256, error=_reason(error))
     return DecodedImage(sha256, crops, pixels)
@@ -136,6 +147,10 @@ def draft_floor(preprocessings: Sequence[Preprocessing]) -> int:
     return max(DRAFT_FLOOR, DRAFT_MARGIN * max((p.resize_size for p in preprocessings), default=0))
 
 
+class TooManyPixels(ValueError):
+    """An image larger than the pixel limit; raised before it is decoded."""
+
+
 def jpeg_draft_size(size: tuple[int, int], min_short_side: int) -> tuple[int, int] | None:
     """The size to ask a JPEG's DCT-domain downscaling for, so its short side stays >= ``min_short_side``.
 
@@ -148,7 +163,7 @@ def jpeg_draft_size(size: tuple[int, int], min_short_side: int) -> tuple[int, in
     return math.ceil(width * factor), math.ceil(height * factor)
 
 
-def load_rgb(data: bytes, min_short_side: int = 0) -> Image.Image:
+def load_rgb(data: bytes, min_short_side: int = 0, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode image bytes to an 8-bit RGB PIL image, upright.
 
     The first frame of an animation is used; EXIF orientation is applied; grayscale, CMYK, palette and
@@ -156,10 +171,19 @@ def load_rgb(data: bytes, min_short_side: int = 0) -> Image.Image:
     (and 32-bit integer) grayscale is scaled to 8 bits rather than clipped to white by ``convert``.
     A JPEG at least twice ``min_short_side`` is decoded at a reduced scale (draft mode) that keeps its
     short side >= ``min_short_side``: decode.DRAFT_MARGIN says how much above the resize that is.
+    An image that would decode to more than ``max_pixels`` pixels raises :class:`TooManyPixels` first.
     """
-    with Image.open(io.BytesIO(data)) as opened:
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses twice its limit in open(); ours is the one that counts
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+        opened = Image.open(io.BytesIO(data))
+    with opened:
         opened.seek(0)
         draft = jpeg_draft_size(opened.size, min_short_side) if opened.format == "JPEG" else None
+        width, height = _draft_result(opened.size, draft) if draft else opened.size
+        if width * height > max_pixels:
+            raise TooManyPixels(f"{opened.size[0]}x{opened.size[1]} pixels, above the limit of {max_pixels:,} (--max-pixels)")
         if draft:
             opened.draft(None, draft)
         image = ImageOps.exif_transpose(opened)
@@ -172,6 +196,14 @@ def load_rgb(data: bytes, min_short_side: int = 0) -> Image.Image:
         scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1.0  # float images are usually in [0, 1]
         image = Image.fromarray(np.rint(np.clip(np.nan_to_num(values) * scale, 0, 255)).astype(np.uint8), mode="L")
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _draft_result(size: tuple[int, int], draft: tuple[int, int]) -> tuple[int, int]:
+    """The size libjpeg decodes to when asked for at least ``draft``: the largest 1/2^k scale that covers it."""
+    scale = 1
+    while scale < 8 and size[0] // (scale * 2) >= draft[0] and size[1] // (scale * 2) >= draft[1]:
+        scale *= 2
+    return -(-size[0] // scale), -(-size[1] // scale)
 
 
 def resize_center_crop(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:

@@ -13,7 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm import tqdm
 
 from pipeline.backbones import BACKBONES
-from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_SIZE, batches, decode_file, map_ordered
+from pipeline.decode import MAX_PIXELS, PIXELS_FINGERPRINT, PIXELS_SIZE, batches, decode_file, map_ordered
 from pipeline.errors import UserError
 from pipeline.manifest import FEATURE_VARIANTS
 from pipeline.runtime import BackboneSession, available_cores, open_backbone
@@ -65,6 +65,7 @@ def embed_files(
     batch_size: int = 16,
     workers: int | None = None,
     progress: bool | None = False,
+    max_pixels: int = MAX_PIXELS,
 ) -> Iterator[Embedded]:
     """Embed image files in order: decode in threads, run the backbone in batches, reuse ``known`` hashes.
 
@@ -82,6 +83,8 @@ def embed_files(
         Decoding threads (default: available cores).
     progress : bool or None
         Show a progress bar (None: only on a terminal).
+    max_pixels : int
+        Images that would decode to more pixels get a "too large" error instead.
 
     Yields
     ------
@@ -90,7 +93,7 @@ def embed_files(
     """
     known = known or {}
     preprocessings = [session.manifest.preprocessing] if session is not None else []
-    decode = lambda path: decode_file(path, preprocessings, known)  # noqa: E731
+    decode = lambda path: decode_file(path, preprocessings, known, max_pixels)  # noqa: E731
     stream = zip(paths, map_ordered(decode, paths, workers or available_cores(), 2 * batch_size))
     with tqdm(total=len(paths), unit="img", desc="embed", disable=None if progress is None else not progress) as bar:
         for batch in batches(stream, batch_size):

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pipeline import cluster
 from pipeline.backbones import BACKBONES, Preprocessing
-from pipeline.decode import batches, decode_file, map_ordered
+from pipeline.decode import MAX_PIXELS, batches, decode_file, map_ordered
 from pipeline.discover import Dataset, ImageRecord, discover
 from pipeline.errors import UserError, run_cli
 from pipeline.features import BatchOutcome, FeatureSpec, embed_batch, feature_specs
@@ -185,11 +185,11 @@ def plan(dataset: Dataset, store: EmbeddingStore, specs: Sequence[FeatureSpec]) 
 
 def embed_locally(
     items: Sequence[WorkItem], dataset: Dataset, specs: Sequence[FeatureSpec], preprocessings: Sequence[Preprocessing],
-    workers: int, batch_size: int,
+    workers: int, batch_size: int, max_pixels: int = MAX_PIXELS,
 ) -> Iterator[BatchOutcome]:
     """Decode ``items`` in ``workers`` threads (in order, at most two batches ahead, so memory stays flat) and
     embed them batch by batch; yield each batch's outcome as :func:`record_batch` takes it."""
-    decode = lambda item: decode_file(dataset.absolute(item.record), preprocessings)  # noqa: E731
+    decode = lambda item: decode_file(dataset.absolute(item.record), preprocessings, max_pixels=max_pixels)  # noqa: E731
     stream = zip(items, map_ordered(decode, items, workers, window=2 * batch_size))
     for batch in batches(stream, batch_size):
         batch_items = [item for item, _ in batch]
@@ -239,6 +239,7 @@ def run_extract(
     precision: str = "auto",
     calibration_images: int = CALIBRATION_IMAGES,
     backend: str = "local",
+    max_pixels: int = MAX_PIXELS,
 ) -> list[FeatureSpec]:
     """Embed every image of ``data`` with each model (and the pixel baseline) into the store at ``cache``.
 
@@ -248,7 +249,7 @@ def run_extract(
     (``resnet50``, ``resnet50-int8``) with its own fingerprint, so precisions never mix.
     ``backend`` ``ray`` decodes and embeds on a Ray cluster (``RAY_ADDRESS``, or a local Ray instance) with
     ``workers`` actors, this process remaining the one writer of the store; ``local`` uses ``workers``
-    decoding threads here.
+    decoding threads here. Images above ``max_pixels`` are recorded as too large, and tried again next run.
 
     Returns
     -------
@@ -262,6 +263,8 @@ def run_extract(
     """
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1.")
+    if max_pixels < 1:
+        raise UserError(f"--max-pixels {max_pixels} must be at least 1.")
     if device not in DEVICES:
         raise UserError(f"--device {device} is not one of {', '.join(DEVICES)}.")
     if backend not in BACKENDS:
@@ -295,9 +298,13 @@ def run_extract(
         if pool and work:
             print(f"ray: {pool.describe()} for {_count(len(work), 'image')}.", file=sys.stderr)
             paths = [str(dataset.absolute(item.record)) for item in work]
-            outcomes = cluster.embed_on_ray(work, paths, specs, preprocessings, models_dir, device, batch_size, pool)
+            outcomes = cluster.embed_on_ray(
+                work, paths, specs, preprocessings, models_dir, device, batch_size, pool, max_pixels
+            )
         else:
-            outcomes = embed_locally(work, dataset, specs, preprocessings, workers or available_cores(), batch_size)
+            outcomes = embed_locally(
+                work, dataset, specs, preprocessings, workers or available_cores(), batch_size, max_pixels
+            )
         last_journal = time.monotonic()
         bar = tqdm(total=len(work), unit="img", desc="extract", disable=None if progress is None else not progress)
         with bar, contextlib.closing(outcomes):  # closed before Ray stops, whatever ends the loop
@@ -369,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights the models must have: a model missing from --models-dir, or exported with other weights, is "
         "exported first as by pipeline.export (default: imagenet)",
     )
+    parser.add_argument(
+        "--max-pixels", type=int, default=MAX_PIXELS,
+        help=f"skip (and record as too large) images that would decode to more pixels, e.g. decompression bombs; "
+        f"they are tried again on the next run (default: {MAX_PIXELS:,}, Pillow's warning threshold)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace features of another model file or dataset in the store")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any image of DATA could not be decoded")
     return parser
@@ -383,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = run_extract(
         args.data, args.models, args.cache, args.batch_size, args.device, args.workers, args.models_dir,
         args.weights, args.overwrite, precision=args.precision, calibration_images=args.calibration_images,
-        backend=args.backend,
+        backend=args.backend, max_pixels=args.max_pixels,
     )
     wall = time.perf_counter() - started
     store = EmbeddingStore(args.cache)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -121,3 +123,31 @@ def test_large_jpegs_decode_at_reduced_scale_within_parity(tmp_path):
     assert 0 < difference.mean() < 0.5 and difference.max() <= 12
     png = save(tmp_path / "big.png", picture)  # not a JPEG: no draft, bit for bit
     np.testing.assert_array_equal(decode_file(png, [RECIPE]).crops[0], torchvision_crop(Image.open(png), RECIPE))
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` grey pixels, with only a sliver of data behind it."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+
+
+def test_images_above_the_pixel_limit_are_too_large_before_decoding(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(30000, 30000))
+    result = decode_file(bomb, [RECIPE])
+    assert result.error.startswith("too large") and result.sha256 == "" and not result.crops  # tried again next run
+    strip = save(tmp_path / "strip.png", photo(10, 10000))
+    dot = save(tmp_path / "dot.png", photo(1, 1))
+    assert not decode_file(strip, [RECIPE]).error and not decode_file(dot, [RECIPE]).error
+    small = save(tmp_path / "small.png", photo(100, 100))
+    assert decode_file(small, [RECIPE], max_pixels=9_999).error == "too large: 100x100 pixels, above the limit of 9,999 (--max-pixels)"
+    assert not decode_file(small, [RECIPE], max_pixels=10_000).error
+
+
+def test_the_pixel_limit_counts_what_a_reduced_jpeg_decode_makes(tmp_path):
+    large = save(tmp_path / "large.jpg", photo(1536, 2048), quality=90)  # decoded at 1/2 for 224 px: 1024x768
+    assert not decode_file(large, [RECIPE], max_pixels=1024 * 768).error
+    assert decode_file(large, [RECIPE], max_pixels=1024 * 768 - 1).error.startswith("too large: 2048x1536")

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -342,3 +343,18 @@ def test_journal_of_another_folder_is_not_mixed_in(tmp_path, small_models, extra
         extract_quietly(data, cache, small_models)
     assert extract_quietly(data, cache, small_models, overwrite=True)[0].embedded == 1
     assert list(EmbeddingStore(cache).load("resnet50").paths) == ["cat/0.jpg"]
+
+
+def test_too_large_images_are_recorded_then_tried_again_under_a_higher_limit(tmp_path, small_models, extract_quietly):
+    data = class_folders(tmp_path / "pets", {"cat": 2})
+    save(data / "cat" / "big.png", photo(300, 400))
+    specs = extract_quietly(data, tmp_path / "e.h5", small_models, max_pixels=100_000)
+    assert (specs[0].embedded, specs[0].skipped) == (2, 1)
+    with h5py.File(tmp_path / "e.h5", "r") as store:
+        reasons = store["resnet50/failures/reason"].asstr()[()].tolist()
+    assert reasons == ["too large: 400x300 pixels, above the limit of 100,000 (--max-pixels)"]
+    specs = extract_quietly(data, tmp_path / "e.h5", small_models)  # the default limit
+    assert (specs[0].embedded, specs[0].skipped) == (1, 0)
+    assert EmbeddingStore(tmp_path / "e.h5").counts("resnet50") == (3, 0)
+    with pytest.raises(UserError, match="--max-pixels 0 must be at least 1"):
+        extract_quietly(data, tmp_path / "e.h5", small_models, max_pixels=0)
