@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import filelock
 import joblib
 import numpy as np
 from sklearn.base import clone
@@ -42,6 +43,7 @@ CURVE_PER_CLASS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 CURVE_REPEATS = 3  # random draws averaged per point of the learning curve
 MIN_TRAIN_PER_CLASS = 2
 STAGING = ".fit-in-progress"
+LOCK = ".fit.lock"
 JOBLIB_BACKENDS = ("loky", "ray")
 
 
@@ -286,9 +288,24 @@ def run_fit(
     if curve and "logreg" not in classifiers:
         warnings.warn("the learning curve is drawn with logreg, which is not among --classifiers; no curve this time.",
                       stacklevel=2)
-    with _joblib_backend(joblib_backend):
+    with _lock(out), _joblib_backend(joblib_backend):
         return _fit_all(store, features, split, classifiers, out, inputs, seed, n_jobs, folds, class_weight, curve,
                         out_of_core, chunk_rows, epochs)
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock for a fit; a second fit into the same folder gets a clear error, not a mixed folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(out / LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise UserError(f"another fit is writing {out}; wait for it to finish, or use another --out.") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _fit_all(

@@ -255,3 +255,14 @@ def test_the_search_on_the_ray_joblib_backend_gives_the_same_fit(tmp_path, ray_i
     ]
     assert summary(on_ray) == summary(on_loky)
     assert ray_instance.is_initialized()  # joined, and left running
+
+
+def test_a_second_fit_into_the_same_folder_gets_a_clear_error(tmp_path):
+    import filelock
+
+    store = synthetic_store(tmp_path / "s.h5", per_class=10, classes=2)
+    (tmp_path / "out").mkdir()
+    with filelock.FileLock(tmp_path / "out" / fit.LOCK):  # as a running fit holds it
+        with pytest.raises(UserError, match="another fit is writing .*out; wait for it to finish, or use another --out"):
+            run_fit(store.path, out=tmp_path / "out", n_jobs=1, curve=False)
+    assert run_fit(store.path, out=tmp_path / "out", n_jobs=1, curve=False)["results"]
