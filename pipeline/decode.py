@@ -31,6 +31,10 @@ DRAFT_FLOOR = 512
 # Images decoding to more pixels than this are skipped before any pixel is decoded (a decompression bomb,
 # a scan far larger than any resize needs). Pillow's own warning threshold, about 9459 x 9459; --max-pixels.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# Pillow warns about damaged EXIF, truncated TIFF reads and large images; the outcome of each file is recorded
+# (its crops or its reason) and the pixel limit is ours, so those warnings are noise here, from every thread.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 T = TypeVar("T")
 R = TypeVar("R")
@@ -175,10 +179,7 @@ def load_rgb(data: bytes, min_short_side: int = 0, max_pixels: int = MAX_PIXELS)
     """
     if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
         Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses twice its limit in open(); ours is the one that counts
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
-        opened = Image.open(io.BytesIO(data))
-    with opened:
+    with Image.open(io.BytesIO(data)) as opened:
         opened.seek(0)
         draft = jpeg_draft_size(opened.size, min_short_side) if opened.format == "JPEG" else None
         width, height = _draft_result(opened.size, draft) if draft else opened.size

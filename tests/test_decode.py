@@ -9,6 +9,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageOps
 from torchvision import transforms
 
@@ -151,3 +153,42 @@ def test_the_pixel_limit_counts_what_a_reduced_jpeg_decode_makes(tmp_path):
     large = save(tmp_path / "large.jpg", photo(1536, 2048), quality=90)  # decoded at 1/2 for 224 px: 1024x768
     assert not decode_file(large, [RECIPE], max_pixels=1024 * 768).error
     assert decode_file(large, [RECIPE], max_pixels=1024 * 768 - 1).error.startswith("too large: 2048x1536")
+
+
+def _seed_images() -> list[bytes]:
+    """Small valid files of every format decode reads, for the fuzzer to damage."""
+    seeds = []
+    picture = Image.fromarray(photo(24, 32, seed=5))
+    for fmt, options in (("JPEG", {"quality": 80}), ("PNG", {}), ("GIF", {}), ("WEBP", {}), ("BMP", {}), ("TIFF", {})):
+        buffer = io.BytesIO()
+        picture.save(buffer, fmt, **options)
+        seeds.append(buffer.getvalue())
+    return seeds
+
+
+SEED_IMAGES = _seed_images()
+MAGIC = [b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"RIFF\0\0\0\0WEBPVP8 ", b"BM", b"II*\0", b""]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on damaged EXIF and TIFF; decode ignores them too
+@settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(SEED_IMAGES),
+    cut=st.integers(min_value=0, max_value=4096),
+    flips=st.lists(st.tuples(st.integers(min_value=0, max_value=4095), st.integers(min_value=0, max_value=255)), max_size=8),
+    magic=st.sampled_from(MAGIC),
+    noise=st.binary(max_size=512),
+)
+def test_damaged_bytes_never_raise_out_of_decoding(tmp_path_factory, seed, cut, flips, magic, noise):
+    """Truncated, bit-flipped and made-up files of every format: a result or a reason, never an exception."""
+    data = bytearray(seed[: max(cut, 1)] if cut < len(seed) else seed)
+    for position, value in flips:
+        if position < len(data):
+            data[position] = value
+    path = tmp_path_factory.getbasetemp() / "fuzzed.bin"
+    for content in (bytes(data), magic + noise):
+        path.write_bytes(content)
+        result = decode_file(path, [RECIPE, Preprocessing(73, 64)])
+        assert isinstance(result.error, str)
+        if not result.error:
+            assert [c.shape for c in result.crops] == [(224, 224, 3), (64, 64, 3)] and result.pixels.shape == (3072,)
