@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -100,7 +101,28 @@ def _from_folder(root: Path) -> Dataset:
     else:
         records = [ImageRecord(path, label) for path, label in _labelled_images(root, "")]
         layout = "classes" if any(r.label is not None for r in records) else "flat"
-    return Dataset(root, layout, tuple(sorted(records, key=lambda r: r.path)))
+    return Dataset(root, layout, tuple(sorted(_utf8_named(records, root), key=lambda r: r.path)))
+
+
+def _utf8_named(records: list[ImageRecord], root: Path) -> list[ImageRecord]:
+    """The records whose paths are valid UTF-8 (what the store keeps); warns once about the others."""
+    kept = [r for r in records if _is_utf8(r.path)]
+    if len(kept) < len(records):
+        first = next(r.path for r in records if not _is_utf8(r.path))
+        warnings.warn(
+            f"skipped {len(records) - len(kept)} file(s) in {root} whose names are not valid UTF-8 (first: "
+            f"{ascii(first)}); the store keeps paths as UTF-8 text: rename them to include them.",
+            stacklevel=3,
+        )
+    return kept
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")  # a name of undecodable bytes holds surrogates, which UTF-8 cannot encode
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _subfolders(root: Path) -> list[str]:

@@ -23,11 +23,13 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from pipeline import extract
 from pipeline.backbones import BACKBONES
+from pipeline.decode import decode_file
 from pipeline.errors import UserError
 from pipeline.extract import run_extract
+from pipeline.runtime import open_backbone
 from pipeline.store import PIXELS, EmbeddingStore
 from tests.conftest import make_state_dict
-from tests.images import class_folders, pets, photo, save
+from tests.images import class_folders, hostile_corpus, pets, photo, save
 
 
 def reference_embeddings(model: str, root: Path, paths, size: int) -> np.ndarray:
@@ -358,3 +360,20 @@ def test_too_large_images_are_recorded_then_tried_again_under_a_higher_limit(tmp
     assert EmbeddingStore(tmp_path / "e.h5").counts("resnet50") == (3, 0)
     with pytest.raises(UserError, match="--max-pixels 0 must be at least 1"):
         extract_quietly(data, tmp_path / "e.h5", small_models, max_pixels=0)
+
+
+def test_a_hostile_corpus_embeds_every_good_file_once_in_its_own_row(tmp_path, small_models, extract_quietly):
+    data, good, bad = hostile_corpus(tmp_path / "hostile")
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) .* not valid UTF-8 \(first: 'mixed/odd-\\udcff-bytes.jpg'\)"):
+        specs = extract_quietly(data, tmp_path / "e.h5", small_models, batch_size=4)
+    assert (specs[0].embedded, specs[0].skipped) == (len(good), len(bad))
+    store = EmbeddingStore(tmp_path / "e.h5")
+    features = store.load("resnet50")
+    assert sorted(features.paths) == sorted(good)  # each once
+    with h5py.File(tmp_path / "e.h5", "r") as opened:
+        reasons = dict(zip(opened["resnet50/failures/paths"].asstr()[()], opened["resnet50/failures/reason"].asstr()[()]))
+    assert set(reasons) == bad and reasons["mixed/bomb.png"].startswith("too large")
+    session = open_backbone(small_models, "resnet50", "cpu")
+    for path, row in zip(features.paths, features.embeddings):  # the row of each path is that file's own embedding
+        alone = session.embed(decode_file(data / path, [session.manifest.preprocessing]).crops[0][None])[0]
+        np.testing.assert_allclose(row, alone, rtol=1e-4, atol=1e-4, err_msg=path)
