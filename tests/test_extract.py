@@ -244,6 +244,35 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, small_
     np.testing.assert_array_equal(resumed.labels[rows], whole.labels)
 
 
+@pytest.mark.slow  # eight runs killed at random moments: about a minute
+def test_kill_9_at_eight_random_moments_never_costs_or_doubles_an_image(tmp_path, small_models, extract_quietly,
+                                                                          seeded_weights):
+    data = class_folders(tmp_path / "many", {"a": 15, "b": 15}, size=(200, 260))
+    (data / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    uninterrupted = tmp_path / "whole.h5"
+    extract_quietly(data, uninterrupted, small_models)
+    command = [sys.executable, "-c", KILLED_RUN, str(data), "", str(small_models), seeded_weights]
+    started = time.monotonic()
+    subprocess.run(command[:4] + [str(tmp_path / "timed.h5")] + command[5:], check=True, capture_output=True)
+    whole_run = time.monotonic() - started  # start-up, embedding, and the commit at the end
+    cache = tmp_path / "killed.h5"
+    rng = np.random.default_rng(7)
+    for delay in sorted(rng.uniform(0.2, 1.0, 8) * whole_run):
+        process = subprocess.Popen(command[:4] + [str(cache)] + command[5:], stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if cache.exists():
+            EmbeddingStore(cache).feature_sets()  # the file opens after every kill
+    extract_quietly(data, cache, small_models)
+    whole, resumed = EmbeddingStore(uninterrupted), EmbeddingStore(cache)
+    assert resumed.counts("resnet50") == whole.counts("resnet50") == (30, 1)
+    a, b = whole.load("resnet50"), resumed.load("resnet50")
+    order = {path: row for row, path in enumerate(b.paths)}
+    np.testing.assert_allclose(b.embeddings[[order[p] for p in a.paths]], a.embeddings, rtol=1e-5, atol=1e-5)
+    assert not list(tmp_path.glob(".killed.h5.*.tmp"))  # a commit killed midway leaves nothing behind
+
+
 def test_missing_models_are_exported_first(tmp_path, state_dict_file):
     data = class_folders(tmp_path / "pets", {"cat": 1})
     models_dir = tmp_path / "models"
