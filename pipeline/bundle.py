@@ -132,9 +132,10 @@ def check_listed(path: str | os.PathLike) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         listed = {}
     if path.name not in listed:
+        where = f"listed in {report}" if report.exists() else f"beside a report.json (none at {report})"
         raise UserError(
-            f"{path} is not listed in {report}, and loading a classifier bundle runs the code inside it; use a bundle "
-            "fit wrote, or pass --trust if you know where this one comes from."
+            f"{path} is not {where}, and loading a classifier bundle runs the code inside it; use a bundle fit "
+            "wrote, or pass --trust if you know where this one comes from."
         )
     if sha256_file(path) != listed[path.name]:
         raise UserError(

@@ -418,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed_sets:
         name, failures = failed_sets[0]
         print(
-            f"{_count(failures, 'image')} of the dataset could not be decoded; paths and reasons: "
+            f"{_count(failures, 'image')} of the dataset could not be decoded (or were too large); paths and reasons: "
             f"h5dump -d /{name}/failures/reason {args.cache} (or /{name}/failures/paths).",
             file=sys.stderr,
         )

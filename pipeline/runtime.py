@@ -151,7 +151,8 @@ def _precision_notice(model: str, text: str) -> None:
 
 @functools.cache
 def _cpu_notice(threads: int) -> None:
-    print(f"notice: no usable CUDA device for onnxruntime; running on the CPU ({threads} threads).", file=sys.stderr)
+    print(f"notice: no usable CUDA device for onnxruntime; running on the CPU ({threads} thread{'s' if threads != 1 else ''}).",
+          file=sys.stderr)
 
 
 def _cuda_session(onnx_path: Path, options: onnxruntime.SessionOptions) -> onnxruntime.InferenceSession | None:

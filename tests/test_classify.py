@@ -129,7 +129,7 @@ def test_unlisted_or_changed_bundles_are_not_loaded_unless_trusted(fitted, tmp_p
     work, models_dir, _ = fitted
     stranger = tmp_path / "stranger.joblib"
     shutil.copy(work / "classifiers" / "resnet50-logreg.joblib", stranger)
-    with pytest.raises(UserError, match=r"stranger.joblib is not listed in .*report.json, and loading .* runs the code"):
+    with pytest.raises(UserError, match=r"stranger.joblib is not beside a report.json \(none at .*\), and loading .* runs"):
         run_classify(work / "pets", stranger, None, models_dir=models_dir, cache=None)
     assert run_classify(work / "pets", stranger, tmp_path / "p.csv", models_dir=models_dir, cache=None, trust=True)["images"]
     listed = tmp_path / "listed"
