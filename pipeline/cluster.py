@@ -1,6 +1,6 @@
 """Stages 2-3 on Ray: Ray Data reads and decodes in CPU tasks, an actor pool embeds, results stream to one writer.
 
-extract stays the only writer of the store: it lists the images, plans the work and journals the results
+Also joining a Ray cluster (or starting a local instance), which fit's joblib backend uses too. extract stays the only writer of the store: it lists the images, plans the work and journals the results
 exactly as with the local backend, so a killed driver resumes the same way. Ray retries a batch whose
 worker died (decoding and inference are deterministic, so a retried batch gives the same rows).
 """
@@ -26,6 +26,7 @@ from pipeline.runtime import CPU_BATCH, CUDA_BATCH, open_backbone
 RAY_MISSING = "the ray backend needs Ray: pip install -e '.[ray]' (Ray Data and its dependencies)."
 CONNECT_SECONDS = 5.0
 BLOCK_BATCHES = 4  # batches per input block: small blocks spread the work evenly over the actors
+
 
 @dataclass(frozen=True)
 class Workers:
