@@ -72,7 +72,8 @@ class RowStream:
             blocks = [b for b in range(len(starts) - 1) if starts[b + 1] > starts[b]]
             if rng is not None:
                 blocks = list(rng.permutation(blocks))
-            index, X = np.zeros(0, np.int64), np.zeros((0, dataset.shape[1]), np.float32)
+            pieces: list[tuple[np.ndarray, np.ndarray]] = []
+            pending = 0
             for number in blocks:
                 samples = order[starts[number] : starts[number + 1]]
                 rows = self.rows[samples]
@@ -80,15 +81,27 @@ class RowStream:
                 read = dataset[first : int(rows.max()) + 1]
                 if len(read) != len(rows) or (rows != np.arange(first, first + len(rows))).any():
                     read = read[rows - first]
-                index, X = (np.concatenate([index, samples]), np.concatenate([X, read])) if len(index) else (samples, read)
-                if rng is not None:
-                    mix = rng.permutation(len(index))
-                    index, X = index[mix], X[mix]
-                while len(index) >= self.chunk_rows:
-                    yield self._checked(index[: self.chunk_rows], X[: self.chunk_rows])
-                    index, X = index[self.chunk_rows :], X[self.chunk_rows :]
-            if len(index):
-                yield self._checked(index, X)
+                pieces.append((samples, read))
+                pending += len(samples)
+                if pending >= self.chunk_rows:  # joined once per chunk, not once per HDF5 chunk
+                    index, X = self._joined(pieces, rng)
+                    whole = len(index) - len(index) % self.chunk_rows
+                    for start in range(0, whole, self.chunk_rows):
+                        yield self._checked(index[start : start + self.chunk_rows], X[start : start + self.chunk_rows])
+                    pieces = [(index[whole:], X[whole:])] if whole < len(index) else []
+                    pending = len(index) - whole
+            if pieces:
+                yield self._checked(*self._joined(pieces, rng))
+
+    @staticmethod
+    def _joined(
+        pieces: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        index, X = np.concatenate([i for i, _ in pieces]), np.concatenate([x for _, x in pieces])
+        if rng is None:
+            return index, X
+        mix = rng.permutation(len(index))
+        return index[mix], X[mix]
 
     def _checked(self, index: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         finite = np.isfinite(X).all(axis=1)
