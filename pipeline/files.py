@@ -1,4 +1,4 @@
-"""File helpers shared by the stages: content hashes and writes that never leave a half-written file."""
+"""File helpers shared by the stages: content hashes, writes that never leave a half-written file, run locks."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import filelock
+
+from pipeline.errors import UserError
 
 _CHUNK = 1 << 20
 
@@ -54,3 +58,24 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, busy: str) -> Iterator[None]:
+    """Hold the lock file ``lock_path`` without waiting; when another process holds it, ``busy`` is the error.
+
+    Raises
+    ------
+    UserError
+        With ``busy``, when another run holds the lock.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise UserError(busy) from None
+    try:
+        yield
+    finally:
+        lock.release()

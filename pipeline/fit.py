@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import filelock
 import joblib
 import numpy as np
 from sklearn.base import clone
@@ -25,7 +24,7 @@ from sklearn.base import clone
 from pipeline import cluster
 from pipeline.bundle import ClassifierBundle, library_versions, provenance_of
 from pipeline.errors import UserError, run_cli
-from pipeline.files import sha256_file
+from pipeline.files import exclusive, sha256_file
 from pipeline.heads import CLASSIFIERS, FOLDS, FittedHead, describe_classifier, fit_head
 from pipeline.manifest import FEATURE_VARIANTS
 from pipeline.report import (
@@ -288,24 +287,10 @@ def run_fit(
     if curve and "logreg" not in classifiers:
         warnings.warn("the learning curve is drawn with logreg, which is not among --classifiers; no curve this time.",
                       stacklevel=2)
-    with _lock(out), _joblib_backend(joblib_backend):
+    busy = f"another fit is writing {out}; wait for it to finish, or use another --out."
+    with exclusive(out / LOCK, busy), _joblib_backend(joblib_backend):
         return _fit_all(store, features, split, classifiers, out, inputs, seed, n_jobs, folds, class_weight, curve,
                         out_of_core, chunk_rows, epochs)
-
-
-@contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    """Hold ``out``'s lock for a fit; a second fit into the same folder gets a clear error, not a mixed folder."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(out / LOCK)
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise UserError(f"another fit is writing {out}; wait for it to finish, or use another --out.") from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _fit_all(

@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import filelock
 import h5py
 import numpy as np
 
 from pipeline.discover import ImageRecord
 from pipeline.errors import UserError
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, exclusive
 
 FORMAT_VERSION = 1
 ENCODING = "pipeline.embedding-store"
@@ -252,20 +251,11 @@ class EmbeddingStore:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the store's lock for a run; a second run on the same store gets a clear error."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(self.path.with_name(self.path.name + ".lock"))
-        try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
-            raise UserError(
-                f"another run is writing {self.path}; wait for it to finish, or use another --cache."
-            ) from None
-        try:
+        busy = f"another run is writing {self.path}; wait for it to finish, or use another --cache."
+        with exclusive(self.path.with_name(self.path.name + ".lock"), busy):
             for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # from a run killed mid-commit
                 stale.unlink(missing_ok=True)
             yield
-        finally:
-            lock.release()
 
     def append(self, segment: Segment) -> None:
         """Write a segment to the journal atomically; after this returns, its rows survive a kill."""
