@@ -1,10 +1,11 @@
-"""Stage 5b: a fitted classifier saved with what it needs to be trusted later: its features' provenance."""
+"""Stage 5d: a fitted classifier saved with its features' provenance, checked before loading, matched to its backbone."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from sklearn.pipeline import Pipeline
 import pipeline
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, sha256_file
+from pipeline.manifest import variant_name
+from pipeline.runtime import BackboneSession, open_backbone
+from pipeline.store import PIXELS
 
 BUNDLE_FORMAT = "pipeline.classifier-bundle"
 BUNDLE_VERSION = 1
@@ -142,6 +146,49 @@ def check_listed(path: str | os.PathLike) -> None:
             f"{path} is not the file {report} lists (its sha256 changed); fit again, or pass --trust if you know why "
             "it changed."
         )
+
+
+def open_fitted_backbone(
+    bundle: ClassifierBundle, bundle_path: Path, models_dir: Path, device: str,
+    precision: str = "auto", allow_precision_change: bool = False,
+) -> BackboneSession | None:
+    """The backbone the bundle was fitted on, checked by ONNX sha256 (None for the pixel baseline).
+
+    ``precision`` ``auto`` is the bundle's own. Another precision of the same fp32 export is refused
+    unless ``allow_precision_change``: its embeddings differ slightly from those the classifier learnt.
+    """
+    if bundle.features == PIXELS:
+        if precision != "auto":
+            print(f"notice: --precision {precision} does not apply to {bundle_path}: it classifies raw pixels.", file=sys.stderr)
+        return None
+    fitted = bundle.provenance.get("precision", "fp32")
+    model = bundle.provenance.get("model") or bundle.features
+    wanted = fitted if precision == "auto" else precision
+    if wanted != fitted and not allow_precision_change:
+        raise UserError(
+            f"{bundle_path} was fitted on {fitted} embeddings ({bundle.features}), not {wanted}; classify with "
+            f"--precision {fitted}, fit a classifier on {variant_name(model, wanted)} features, or pass "
+            "--allow-precision-change to use it anyway (predictions may shift slightly)."
+        )
+    session = open_backbone(models_dir, variant_name(model, wanted), device)
+    if wanted == fitted and session.manifest.onnx_sha256 != bundle.onnx_sha256:
+        remedy = ("export that model again" if fitted == "fp32" else
+                  f"fit again on {session.manifest.name} features extracted with it (the variant was made again)")
+        raise UserError(
+            f"{bundle_path} was fitted on {bundle.features} embeddings of ONNX sha256 {bundle.onnx_sha256[:12]} "
+            f"({bundle.provenance.get('weights_id')}), but {session.onnx_path} has sha256 "
+            f"{session.manifest.onnx_sha256[:12]} ({session.manifest.weights_id}); {remedy}, or use a classifier "
+            "fitted on this one."
+        )
+    source = bundle.provenance.get("source_onnx_sha256", bundle.onnx_sha256)
+    if wanted != fitted and session.manifest.source_sha256 != source:
+        raise UserError(
+            f"{session.onnx_path} derives from an fp32 export of sha256 {session.manifest.source_sha256[:12]}, but "
+            f"{bundle_path} from one of sha256 {source[:12]}; make the variant again from the current export "
+            f"(python -m pipeline.quantize --model {model} --precision {wanted} --force"
+            + (" --calibration DATA" if wanted == "int8" else "") + ") or classify at --precision " + fitted + "."
+        )
+    return session
 
 
 def _fields(bundle: ClassifierBundle) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Stage driver: ``python -m pipeline.classify FOLDER``: predict a class for every image with a fitted bundle."""
+"""Stage driver: ``python -m pipeline.classify FOLDER``: predict every image's class with a bundle or a deployed ONNX."""
 
 from __future__ import annotations
 
@@ -8,22 +8,23 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
-from pipeline.bundle import ClassifierBundle, check_listed
+from pipeline.bundle import ClassifierBundle, check_listed, open_fitted_backbone
+from pipeline.deploy import load_deployed
 from pipeline.decode import MAX_PIXELS, PIXELS_FINGERPRINT, batches
 from pipeline.discover import discover
 from pipeline.embedder import Embedded, embed_files, stored_features
 from pipeline.errors import UserError, run_cli
 from pipeline.heads import CLASSIFIERS
 from pipeline.files import sha256_file
-from pipeline.manifest import FEATURE_VARIANTS, PRECISIONS, variant_name
-from pipeline.runtime import DEVICES, BackboneSession, open_backbone
+from pipeline.manifest import FEATURE_VARIANTS, PRECISIONS
+from pipeline.runtime import DEVICES, BackboneSession, start_session
 from pipeline.store import PIXELS
 
 EXIT_UNREADABLE = 1  # every image got a row, but some could not be decoded (their rows hold the error)
@@ -80,58 +81,72 @@ def choose_bundle(
     return path
 
 
-def open_features(
-    bundle: ClassifierBundle, bundle_path: Path, models_dir: Path, device: str,
-    precision: str = "auto", allow_precision_change: bool = False,
-) -> BackboneSession | None:
-    """The backbone the bundle was fitted on, checked by ONNX sha256 (None for the pixel baseline).
+@dataclass
+class Classifier:
+    """What classify runs: the images' session, how its outputs become probabilities, and the class names.
 
-    ``precision`` ``auto`` is the bundle's own. Another precision of the same fp32 export is refused
-    unless ``allow_precision_change``: its embeddings differ slightly from those the classifier learnt.
+    Attributes
+    ----------
+    classes : list of str
+        Class names, in the order of the probabilities' columns.
+    session : BackboneSession or None
+        The backbone (or deployed classifier) images go through; None for the raw-pixel baseline.
+    probabilities : callable
+        ``[N, D]`` session outputs to ``[N, C]`` class probabilities (the identity for a deployed classifier).
+    known : dict
+        Stored features reusable by content hash (empty for a deployed classifier: they are not probabilities).
+    untrained : bool
+        Whether the features come from random weights.
     """
-    if bundle.features == PIXELS:
-        if precision != "auto":
-            print(f"notice: --precision {precision} does not apply to {bundle_path}: it classifies raw pixels.", file=sys.stderr)
-        return None
-    fitted = bundle.provenance.get("precision", "fp32")
-    model = bundle.provenance.get("model") or bundle.features
-    wanted = fitted if precision == "auto" else precision
-    if wanted != fitted and not allow_precision_change:
-        raise UserError(
-            f"{bundle_path} was fitted on {fitted} embeddings ({bundle.features}), not {wanted}; classify with "
-            f"--precision {fitted}, fit a classifier on {variant_name(model, wanted)} features, or pass "
-            "--allow-precision-change to use it anyway (predictions may shift slightly)."
-        )
-    session = open_backbone(models_dir, variant_name(model, wanted), device)
-    if wanted == fitted and session.manifest.onnx_sha256 != bundle.onnx_sha256:
-        remedy = ("export that model again" if fitted == "fp32" else
-                  f"fit again on {session.manifest.name} features extracted with it (the variant was made again)")
-        raise UserError(
-            f"{bundle_path} was fitted on {bundle.features} embeddings of ONNX sha256 {bundle.onnx_sha256[:12]} "
-            f"({bundle.provenance.get('weights_id')}), but {session.onnx_path} has sha256 "
-            f"{session.manifest.onnx_sha256[:12]} ({session.manifest.weights_id}); {remedy}, or use a classifier "
-            "fitted on this one."
-        )
-    source = bundle.provenance.get("source_onnx_sha256", bundle.onnx_sha256)
-    if wanted != fitted and session.manifest.source_sha256 != source:
-        raise UserError(
-            f"{session.onnx_path} derives from an fp32 export of sha256 {session.manifest.source_sha256[:12]}, but "
-            f"{bundle_path} from one of sha256 {source[:12]}; make the variant again from the current export "
-            f"(python -m pipeline.quantize --model {model} --precision {wanted} --force"
-            + (" --calibration DATA" if wanted == "int8" else "") + ") or classify at --precision " + fitted + "."
-        )
-    return session
+
+    classes: list[str]
+    session: BackboneSession | None
+    probabilities: Callable[[np.ndarray], np.ndarray]
+    known: dict[str, np.ndarray]
+    untrained: bool
+
+
+def open_classifier(
+    path: Path, models_dir: Path, cache: Path | None, device: str = "auto", precision: str = "auto",
+    allow_precision_change: bool = False, trust: bool = False,
+) -> Classifier:
+    """A bundle with the backbone it was fitted on, or a deployed ``.onnx`` classifier (no pickle loaded).
+
+    Raises
+    ------
+    UserError
+        An unlisted bundle (unless ``trust``), a backbone or precision that does not match, or a changed file.
+    """
+    if path.suffix == ".onnx":
+        manifest = load_deployed(path)
+        if precision not in ("auto", manifest.precision):
+            raise UserError(
+                f"{path} runs its backbone at {manifest.precision}, merged into the file; classify without "
+                f"--precision {precision}, or deploy a classifier fitted on {precision} features."
+            )
+        session = start_session(manifest, path, device)
+        return Classifier(manifest.classes, session, lambda probabilities: probabilities, {}, manifest.untrained)
+    if not trust:
+        check_listed(path)
+    bundle = ClassifierBundle.load(path)
+    session = open_fitted_backbone(bundle, path, models_dir, device, precision, allow_precision_change)
+    if session is None:
+        known = stored_features(cache, PIXELS, PIXELS_FINGERPRINT)
+    else:
+        known = stored_features(cache, session.manifest.name, session.manifest.onnx_sha256)
+    return Classifier(bundle.classes, session, bundle.pipeline.predict_proba, known,
+                      bool(bundle.provenance.get("untrained")))
 
 
 def predict(
-    bundle: ClassifierBundle, embedded: Iterator[Embedded], top_k: int, batch_size: int
+    classifier: Classifier, embedded: Iterator[Embedded], top_k: int, batch_size: int
 ) -> Iterator[Prediction]:
     """Predictions in input order, computed a batch at a time; files that could not be decoded keep their error."""
-    classes = np.array(bundle.classes)
+    classes = np.array(classifier.classes)
     for batch in batches(embedded, batch_size):
         good = [item for item in batch if item.features is not None]
         if good:
-            probabilities = bundle.pipeline.predict_proba(np.stack([item.features for item in good]))
+            probabilities = classifier.probabilities(np.stack([item.features for item in good]))
             order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
             ranked = iter(zip(order, probabilities))
         for item in batch:
@@ -208,8 +223,10 @@ def run_classify(
 ) -> dict[str, Any]:
     """Classify every image of ``folder`` and write the rows to ``output`` (or print them).
 
-    ``precision`` ``auto`` runs the backbone at the precision the classifier was fitted on. The bundle
-    must be listed, with its sha256, in the ``report.json`` beside it (loading it runs code), unless ``trust``.
+    ``bundle_path`` is a bundle written by fit, or a ``.onnx`` classifier written by deploy (which loads
+    no pickle and reuses no stored embeddings). ``precision`` ``auto`` runs the backbone at the precision
+    the classifier was fitted on. A bundle must be listed, with its sha256, in the ``report.json`` beside it
+    (loading it runs code), unless ``trust``.
 
     Returns
     -------
@@ -226,19 +243,13 @@ def run_classify(
     if max_pixels < 1:
         raise UserError(f"--max-pixels {max_pixels} must be at least 1.")
     dataset = discover(folder)
-    if not trust:
-        check_listed(bundle_path)
-    bundle = ClassifierBundle.load(bundle_path)
-    top_k = min(top_k or 3, len(bundle.classes))
-    if bundle.provenance.get("untrained"):
+    classifier = open_classifier(bundle_path, models_dir, cache, device, precision, allow_precision_change, trust)
+    top_k = min(top_k or 3, len(classifier.classes))
+    if classifier.untrained:
         print(f"warning: {bundle_path} was fitted on UNTRAINED random-weight features; its predictions show the "
               "pipeline works, not what transfer learning can do.", file=sys.stderr)
-    session = open_features(bundle, bundle_path, models_dir, device, precision, allow_precision_change)
+    session = classifier.session
     batch_size = batch_size or (session.default_batch_size if session else 16)
-    if session is None:
-        known = stored_features(cache, PIXELS, PIXELS_FINGERPRINT)
-    else:
-        known = stored_features(cache, session.manifest.name, session.manifest.onnx_sha256)
     shown = [os.path.join(os.fspath(folder), r.path) if dataset.layout != "csv" else str(dataset.absolute(r))
              for r in dataset.records]
     labels = {path: r.label for path, r in zip(shown, dataset.records)}
@@ -250,11 +261,11 @@ def run_classify(
             counts["cached"] += item.cached
             yield item
 
-    embedded = tally(embed_files(shown, session, known, batch_size, workers, progress, max_pixels))
+    embedded = tally(embed_files(shown, session, classifier.known, batch_size, workers, progress, max_pixels))
     with _destination(output) as stream:
         write = {".csv": csv_writer, ".jsonl": jsonl_writer}.get(output.suffix if output else "", table_writer)(
             stream, top_k, labelled)
-        for row in predict(bundle, embedded, top_k, batch_size):
+        for row in predict(classifier, embedded, top_k, batch_size):
             row.label = labels[row.path]
             write(row)
             if row.error:
@@ -298,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("folder", help="image folder (any layout extract accepts) or CSV manifest")
-    parser.add_argument("--classifier", type=Path, help="a bundle file (default: the best in --classifiers-dir/report.json)")
+    parser.add_argument("--classifier", type=Path, help="a bundle (.joblib) or a classifier made by pipeline.deploy "
+                        "(.onnx) (default: the best bundle in --classifiers-dir/report.json)")
     parser.add_argument("--model", choices=[*FEATURE_VARIANTS, PIXELS],
                         metavar="FEATURES", help="choose among bundles of these features: vgg16, resnet50, resnet50-int8, "
                         "pixels...")
@@ -335,8 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                           max_pixels=args.max_pixels)
     accuracy = f"; {counts['correct']}/{counts['labelled']} match their folder's label" if counts["labelled"] else ""
     where = f" into {args.output}" if args.output else ""
-    reused = (f"{counts['cached']} embeddings reused from {args.cache}" if args.cache.exists()
-              else f"no store at {args.cache} to reuse embeddings from")
+    if bundle_path.suffix == ".onnx":
+        reused = "a deployed classifier embeds every image"
+    elif args.cache.exists():
+        reused = f"{counts['cached']} embeddings reused from {args.cache}"
+    else:
+        reused = f"no store at {args.cache} to reuse embeddings from"
     print(f"classified {counts['classified']} of {counts['images']} images with {bundle_path}{where} "
           f"({reused}){accuracy}.", file=sys.stderr)
     if counts["unreadable"]:

@@ -32,7 +32,11 @@ def available_cores() -> int:
 
 @dataclass
 class BackboneSession:
-    """An onnxruntime session over one exported backbone, and the manifest that describes it."""
+    """An onnxruntime session over one exported backbone, and the manifest that describes it.
+
+    A deployed classifier (``pipeline.deploy``) is a backbone with the classifier merged behind it: its
+    session's :meth:`embed` gives class probabilities instead of an embedding.
+    """
 
     manifest: ModelManifest
     onnx_path: Path
@@ -108,6 +112,22 @@ def open_backbone(
         )
         raise UserError(f"{onnx_path} does not match its manifest {manifest_path} (missing or changed since it was made); "
                         f"make it again: {again}.")
+    return start_session(manifest, onnx_path, device, threads)
+
+
+def start_session(
+    manifest: ModelManifest, onnx_path: Path, device: str = "auto", threads: int | None = None
+) -> BackboneSession:
+    """An onnxruntime session over ``onnx_path``, already checked against ``manifest``, on ``device``.
+
+    ``auto`` uses CUDA when a session can actually be created on it, otherwise the CPU with a notice.
+
+    Raises
+    ------
+    UserError
+        When ``cuda`` is asked for and cannot be used.
+    """
+    model = manifest.name
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or available_cores()
     if device in ("auto", "cuda"):

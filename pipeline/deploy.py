@@ -1,0 +1,358 @@
+"""Stage 6: a fitted classifier merged behind its backbone into one ONNX file: uint8 crops in, probabilities out."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.compose
+import onnxruntime
+import skl2onnx
+import sklearn
+from onnx import helper
+from skl2onnx import convert_sklearn
+from skl2onnx.common.data_types import FloatTensorType
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.frozen import FrozenEstimator
+from sklearn.pipeline import Pipeline
+
+import pipeline
+from pipeline.bundle import ClassifierBundle, check_listed, open_fitted_backbone
+from pipeline.errors import UserError, run_cli
+from pipeline.files import atomic_path, sha256_file
+from pipeline.manifest import ModelManifest
+from pipeline.runtime import CPU, BackboneSession
+from pipeline.store import PIXELS
+
+OUTPUT_NAME = "probabilities"
+HEAD_INPUT = "embedding"
+HEAD_PREFIX = "classifier/"  # keeps the classifier's node and tensor names apart from the backbone's
+ML_OPSET = 3  # ai.onnx.ml: LinearClassifier, SVMClassifier, Scaler, Normalizer
+VERIFY_IMAGES = 8
+VERIFY_MAX_DIFFERENCE = 1e-4  # largest probability difference to the bundle (float32 ONNX vs float64 scikit-learn)
+
+
+@dataclass(frozen=True)
+class DeployedManifest(ModelManifest):
+    """The manifest beside a deployed classifier: a backbone manifest whose output is class probabilities.
+
+    The inherited fields describe the merged file (``onnx_file``, ``onnx_sha256``, ``verification`` against
+    the bundle), its input (the backbone's: uint8 NHWC crops and how to make them) and the backbone's
+    weights, precision and derivation; ``output`` is ``probabilities``, one column per class.
+
+    Attributes
+    ----------
+    classes : list of str
+        Class names, in the order of the output's columns.
+    classifier : dict
+        ``name`` (logreg or svm), ``features``, ``params``, ``metrics``, ``seed``, the bundle it was made from
+        (``bundle_file``, ``bundle_sha256``, ``fitted_with`` library versions) and the backbone merged in
+        (``backbone_onnx_file``, ``backbone_onnx_sha256``).
+    """
+
+    classes: list[str] = field(default_factory=list)
+    classifier: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DeployedManifest:
+        """Read the manifest of a deployed classifier.
+
+        Raises
+        ------
+        UserError
+            If the file is missing, is not JSON, or describes something else (a backbone, say).
+        """
+        path = Path(path)
+        again = "deploy the classifier again (python -m pipeline.deploy BUNDLE)"
+        try:
+            manifest = cls(**json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise UserError(f"no manifest at {path} beside the deployed classifier; {again}.") from None
+        except (ValueError, UnicodeDecodeError, TypeError):
+            raise UserError(f"{path} is not the manifest of a deployed classifier; {again}.") from None
+        if not manifest.classes:
+            raise UserError(f"{path} describes a backbone, not a classifier; pass a bundle (.joblib) or a classifier "
+                            "made by python -m pipeline.deploy (.onnx).")
+        return manifest
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """The outcome of :func:`deploy_classifier`: the manifest, the file, and whether anything was written."""
+
+    manifest: DeployedManifest
+    onnx_path: Path
+    deployed: bool
+
+
+def head_graph(fitted: Pipeline, dim: int, opset: int) -> onnx.ModelProto:
+    """A fitted classifier pipeline as ONNX: float32 ``embedding [N, dim]`` in, ``probabilities [N, C]`` out.
+
+    Parameters
+    ----------
+    fitted : sklearn.pipeline.Pipeline
+        A bundle's pipeline: a scaler then a classifier with ``predict_proba``.
+    dim : int
+        Embedding width.
+    opset : int
+        Opset of the default domain (the backbone's, so that the two graphs merge).
+    """
+    convertible = _without_frozen(fitted)
+    classifier = convertible.steps[-1][1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skl2onnx warns about opsets newer than it was tested with
+        head = convert_sklearn(
+            convertible, initial_types=[(HEAD_INPUT, FloatTensorType([None, dim]))],
+            target_opset={"": opset, "ai.onnx.ml": ML_OPSET}, options={id(classifier): {"zipmap": False}},
+        )
+    _set_opsets(head, _opsets(head))  # skl2onnx may list a domain twice
+    return head
+
+
+def _without_frozen(fitted: Pipeline) -> Pipeline:
+    """``fitted``, or a copy whose calibrated SGD (``fit --out-of-core``'s svm) is no longer wrapped in the
+    FrozenEstimator that skl2onnx does not know; the wrapper only kept calibration from refitting it."""
+    classifier = fitted.steps[-1][1]
+    if not isinstance(classifier, CalibratedClassifierCV) or not any(
+        isinstance(calibrated.estimator, FrozenEstimator) for calibrated in classifier.calibrated_classifiers_
+    ):
+        return fitted
+    classifier = copy.deepcopy(classifier)
+    for calibrated in classifier.calibrated_classifiers_:
+        if isinstance(calibrated.estimator, FrozenEstimator):
+            calibrated.estimator = calibrated.estimator.estimator
+    return Pipeline([*fitted.steps[:-1], (fitted.steps[-1][0], classifier)])
+
+
+def merge(backbone: onnx.ModelProto, head: onnx.ModelProto, embedding: str, classes: Sequence[str]) -> onnx.ModelProto:
+    """``head`` fed by the ``embedding`` output of ``backbone``, as one model whose only output is ``probabilities``.
+
+    The class names are also kept in the model's metadata (``classes``, a JSON list), for runtimes that
+    read the ONNX file without its manifest.
+    """
+    head = onnx.compose.add_prefix(head, HEAD_PREFIX)
+    head.ir_version = backbone.ir_version
+    opsets = _opsets(backbone)
+    _set_opsets(head, {domain: opsets.get(domain, version) for domain, version in _opsets(head).items()})
+    merged = onnx.compose.merge_models(
+        backbone, head, io_map=[(embedding, HEAD_PREFIX + HEAD_INPUT)], outputs=[HEAD_PREFIX + OUTPUT_NAME]
+    )
+    _set_opsets(merged, _opsets(merged))
+    merged.graph.node.append(helper.make_node("Identity", [HEAD_PREFIX + OUTPUT_NAME], [OUTPUT_NAME]))
+    output = merged.graph.output[0]
+    output.name = OUTPUT_NAME
+    output.type.tensor_type.shape.dim[0].dim_param = backbone.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    merged.graph.name = "classifier"
+    merged.doc_string = "uint8 NHWC crops in, class probabilities out: a backbone and a scikit-learn classifier merged"
+    helper.set_model_props(merged, {"classes": json.dumps(list(classes))})
+    return merged
+
+
+def _opsets(model: onnx.ModelProto) -> dict[str, int]:
+    """The model's opset per domain (the highest, where a domain is listed twice)."""
+    opsets: dict[str, int] = {}
+    for entry in model.opset_import:
+        opsets[entry.domain] = max(entry.version, opsets.get(entry.domain, 0))
+    return opsets
+
+
+def _set_opsets(model: onnx.ModelProto, opsets: dict[str, int]) -> None:
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in opsets.items())
+
+
+def deploy_classifier(
+    bundle_path: str | os.PathLike,
+    models_dir: str | os.PathLike = "models",
+    out: str | os.PathLike | None = None,
+    trust: bool = False,
+    force: bool = False,
+) -> DeployResult:
+    """Merge the classifier in ``bundle_path`` behind the backbone it was fitted on into ``out``.
+
+    Parameters
+    ----------
+    bundle_path : path-like
+        A bundle written by ``pipeline.fit``; it must be listed with its sha256 in the ``report.json``
+        beside it (loading it runs code) unless ``trust``.
+    models_dir : path-like
+        Folder of the exported backbones; the one the bundle was fitted on must be there unchanged.
+    out : path-like, optional
+        The ONNX file to write (default: the bundle's path with ``.onnx``); its manifest goes beside it (``.json``).
+    trust : bool
+        Load a bundle that no report lists.
+    force : bool
+        Deploy even when ``out`` is already this bundle behind this backbone.
+
+    Returns
+    -------
+    DeployResult
+
+    Raises
+    ------
+    UserError
+        An unlisted or unreadable bundle, a pixel-baseline bundle, or a missing or different backbone.
+    """
+    bundle_path = Path(bundle_path)
+    out = Path(out) if out is not None else bundle_path.with_suffix(".onnx")
+    if out.suffix != ".onnx":
+        raise UserError(f"--out {out} must end in .onnx (its manifest is written beside it as .json).")
+    if out.resolve() == bundle_path.resolve():
+        raise UserError(f"--out {out} is the bundle itself; choose another file name.")
+    if not trust:
+        check_listed(bundle_path)
+    bundle = ClassifierBundle.load(bundle_path)
+    if bundle.features == PIXELS:
+        raise UserError(
+            f"{bundle_path} classifies raw 32x32 pixels, which the host makes from the image, so there is no "
+            "backbone to merge it with; deploy a classifier fitted on vgg16 or resnet50 embeddings."
+        )
+    backbone = open_fitted_backbone(bundle, bundle_path, Path(models_dir), "cpu")
+    bundle_sha256 = sha256_file(bundle_path)
+    manifest_path = out.with_suffix(".json")
+    if not force:
+        current = _current(out, manifest_path, bundle_sha256, backbone.manifest.onnx_sha256)
+        if current is not None:
+            return DeployResult(current, out, deployed=False)
+    head = head_graph(bundle.pipeline, backbone.manifest.output["dim"], backbone.manifest.opset)
+    merged = merge(onnx.load(backbone.onnx_path), head, backbone.manifest.output["name"], bundle.classes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        onnx.save(merged, tmp)
+        onnx.checker.check_model(str(tmp), full_check=True)
+        verification = _verify(bundle, backbone, tmp)
+        # As in export: until the new manifest lands, none claims the new file.
+        manifest_path.unlink(missing_ok=True)
+    manifest = DeployedManifest(**{
+        **asdict(backbone.manifest),
+        "onnx_file": out.name,
+        "onnx_sha256": sha256_file(out),
+        "output": {"name": OUTPUT_NAME, "dim": len(bundle.classes), "layer": "classifier"},
+        "versions": _versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "verification": verification,
+        "classes": list(bundle.classes),
+        "classifier": {
+            "name": bundle.classifier, "features": bundle.features, "params": bundle.params,
+            "metrics": bundle.metrics, "seed": bundle.seed, "bundle_file": bundle_path.name,
+            "bundle_sha256": bundle_sha256, "fitted_with": bundle.versions,
+            "backbone_onnx_file": backbone.manifest.onnx_file, "backbone_onnx_sha256": backbone.manifest.onnx_sha256,
+        },
+    })
+    manifest.save(manifest_path)
+    return DeployResult(manifest, out, deployed=True)
+
+
+def _current(out: Path, manifest_path: Path, bundle_sha256: str, backbone_sha256: str) -> DeployedManifest | None:
+    """The manifest of ``out`` when it is intact and already merges this bundle with this backbone."""
+    if not (out.exists() and manifest_path.exists()):
+        return None
+    try:
+        manifest = DeployedManifest.load(manifest_path)
+    except UserError:
+        return None
+    same = (manifest.classifier.get("bundle_sha256") == bundle_sha256
+            and manifest.classifier.get("backbone_onnx_sha256") == backbone_sha256)
+    return manifest if same and sha256_file(out) == manifest.onnx_sha256 else None
+
+
+def _verify(bundle: ClassifierBundle, backbone: BackboneSession, merged: Path) -> dict[str, Any]:
+    """Compare the merged model with the backbone then the bundle on random crops; refuse it if they disagree."""
+    size = backbone.manifest.input["size"]
+    crops = np.random.default_rng(0).integers(0, 256, (VERIFY_IMAGES, size, size, 3), dtype=np.uint8)
+    want = bundle.pipeline.predict_proba(backbone.embed(crops))
+    session = onnxruntime.InferenceSession(str(merged), providers=[CPU])
+    got = session.run([OUTPUT_NAME], {backbone.manifest.input["name"]: crops})[0]
+    difference = float(np.max(np.abs(got - want)))
+    if not difference <= VERIFY_MAX_DIFFERENCE:
+        raise RuntimeError(f"the merged ONNX classifier disagrees with its bundle (probabilities differ by up to "
+                           f"{difference:.2g}); please report this.")
+    return {"images": VERIFY_IMAGES, "max_abs_difference": difference}
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "pipeline": pipeline.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+        "skl2onnx": skl2onnx.__version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__,
+    }
+
+
+def load_deployed(path: str | os.PathLike) -> DeployedManifest:
+    """The manifest of the deployed classifier ``path``, checked against the file; nothing is unpickled.
+
+    ``runtime.start_session(manifest, path)`` then runs it: its ``embed`` gives class probabilities ``[N, C]``.
+
+    Raises
+    ------
+    UserError
+        When the manifest is missing or is not a deployed classifier's, or the ONNX file changed.
+    """
+    path = Path(path)
+    manifest_path = path.with_suffix(".json")
+    manifest = DeployedManifest.load(manifest_path)
+    if not path.is_file() or sha256_file(path) != manifest.onnx_sha256:
+        raise UserError(
+            f"{path} does not match its manifest {manifest_path} (missing or changed since it was deployed); deploy "
+            f"it again: python -m pipeline.deploy {manifest.classifier.get('bundle_file', 'BUNDLE')} --force."
+        )
+    return manifest
+
+
+def describe(result: DeployResult) -> str:
+    """One line saying what a deployment did."""
+    manifest = result.manifest
+    size = manifest.input["size"]
+    what = (f"{manifest.classifier['features']} + {manifest.classifier['name']}, {len(manifest.classes)} classes: "
+            f"uint8 [N, {size}, {size}, 3] in, {OUTPUT_NAME} [N, {len(manifest.classes)}] out")
+    if not result.deployed:
+        return f"{result.onnx_path} is up to date ({what}); nothing to do."
+    return (f"deployed {manifest.classifier['bundle_file']} as {result.onnx_path} ({what}, "
+            f"{result.onnx_path.stat().st_size / 1e6:.1f} MB); its probabilities differ from the bundle's by at most "
+            f"{manifest.verification['max_abs_difference']:.1g} on {manifest.verification['images']} random images.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m pipeline.deploy``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.deploy",
+        description=(
+            "Merge a fitted classifier behind its backbone into one ONNX file (uint8 RGB crops [N, S, S, 3] in, "
+            "class probabilities [N, C] out) that onnxruntime runs without loading any pickle; its manifest (classes, "
+            "how to make the crops, provenance) goes beside it as .json. python -m pipeline.classify --classifier "
+            "FILE.onnx runs it."
+        ),
+    )
+    parser.add_argument("bundle", type=Path, help="a classifier bundle written by pipeline.fit (.joblib)")
+    parser.add_argument("--out", type=Path, help="the ONNX file to write (default: the bundle's path with .onnx)")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported backbones (default: models/)")
+    parser.add_argument("--trust", action="store_true",
+                        help="load a bundle that no report.json beside it lists with its sha256 (loading runs its code)")
+    parser.add_argument("--force", action="store_true", help="deploy even if the file is already up to date")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Deploy one bundle and print one line."""
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    result = deploy_classifier(args.bundle, args.models_dir, args.out, args.trust, args.force)
+    if result.manifest.untrained:
+        print(f"warning: {args.bundle} was fitted on UNTRAINED random-weight features.", file=sys.stderr)
+    print(describe(result) + (f" [{time.perf_counter() - started:.1f} s]" if result.deployed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
