@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from pipeline import embedder
 from pipeline.bundle import ClassifierBundle
 from pipeline.classify import choose_bundle, run_classify
 from pipeline.errors import UserError
@@ -62,6 +63,30 @@ def test_every_good_image_gets_a_prediction_and_bad_ones_an_error_row(fitted, tm
         assert float(row["probability"]) + float(row["top2_probability"]) == pytest.approx(1, abs=1e-5)
     assert by_name["notes.jpg"]["prediction"] == "" and "not an image" in by_name["notes.jpg"]["error"]
     assert by_name["corrupt.jpg"]["error"]
+
+
+def test_a_file_that_vanishes_mid_run_gets_an_error_row_and_costs_no_other(fitted, tmp_path, monkeypatch):
+    work, models_dir, _ = fitted
+    folder = new_folder(tmp_path / "new", with_bad=False)
+    bundle = work / "classifiers" / "resnet50-logreg.joblib"
+    run_classify(folder, bundle, tmp_path / "before.csv", models_dir=models_dir, cache=None, progress=False)
+    vanished, decode, first = folder / "new1.png", embedder.decode_file, []
+
+    def decode_while_a_file_vanishes(path, *args, **kwargs):
+        if not first:  # listed, not yet read
+            first.append(path)
+            vanished.unlink()
+        return decode(path, *args, **kwargs)
+
+    monkeypatch.setattr(embedder, "decode_file", decode_while_a_file_vanishes)
+    counts = run_classify(folder, bundle, tmp_path / "p.csv", models_dir=models_dir, cache=None, progress=False, workers=1)
+    assert (counts["classified"], counts["unreadable"]) == (2, 1)
+    before = {row["path"]: row for row in csv.DictReader(open(tmp_path / "before.csv"))}
+    for row in csv.DictReader(open(tmp_path / "p.csv")):
+        if row["path"] == str(vanished):
+            assert row["error"].startswith("unreadable") and row["prediction"] == ""
+        else:
+            assert (row["prediction"], row["probability"]) == (before[row["path"]]["prediction"], before[row["path"]]["probability"])
 
 
 def test_predictions_equal_the_bundle_on_stored_embeddings_and_reuse_them(fitted, tmp_path):

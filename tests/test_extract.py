@@ -273,6 +273,119 @@ def test_kill_9_at_eight_random_moments_never_costs_or_doubles_an_image(tmp_path
     assert not list(tmp_path.glob(".killed.h5.*.tmp"))  # a commit killed midway leaves nothing behind
 
 
+COMMIT_KILLED_AT = """
+import shutil, sys, time
+from pathlib import Path
+import pipeline.store as store
+from pipeline.extract import run_extract
+
+marker, where = Path(sys.argv[5]), sys.argv[6]
+
+def stop_here():
+    marker.touch()
+    time.sleep(300)  # the test kills the process here
+
+merge, rmtree = store._merge_group, shutil.rmtree
+
+def merge_one_then_stop(new, *args):  # the new file half-written: one feature set merged, the next not
+    merge(new, *args)
+    new.flush()
+    stop_here()
+
+def stop_before_removing(path, *args, **kwargs):  # the new file in place, the journal still there
+    if str(path).endswith(".journal"):
+        stop_here()
+    rmtree(path, *args, **kwargs)
+
+def remove_half_then_stop(path, *args, **kwargs):  # the journal half removed
+    if str(path).endswith(".journal"):
+        for segment in sorted(Path(path).glob("*.npz"))[::2]:
+            segment.unlink()
+        stop_here()
+    rmtree(path, *args, **kwargs)
+
+if where == "writing":
+    store._merge_group = merge_one_then_stop
+else:
+    shutil.rmtree = stop_before_removing if where == "replaced" else remove_half_then_stop
+run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=2, models_dir=sys.argv[3], weights=sys.argv[4],
+            progress=False, journal_rows=2)
+"""
+
+
+@pytest.mark.parametrize("where", ["writing", "replaced", "removing"])
+def test_kill_9_inside_the_commit_loses_and_doubles_nothing(tmp_path, small_models, extract_quietly, seeded_weights,
+                                                            where):
+    data = class_folders(tmp_path / "many", {"a": 4, "b": 4}, size=(120, 160))
+    cache, marker = tmp_path / "killed.h5", tmp_path / "in-commit"
+    extract_quietly(data, cache, small_models)
+    class_folders(data / "a" / "more", {"c": 4}, size=(100, 150), seed=50)  # 4 more images of class a
+    uninterrupted = tmp_path / "whole.h5"
+    extract_quietly(data, uninterrupted, small_models)
+
+    command = [sys.executable, "-c", COMMIT_KILLED_AT, data, cache, small_models, seeded_weights, marker, where]
+    process = subprocess.Popen(list(map(str, command)), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert marker.exists(), process.stderr.read() if process.poll() is not None else "the commit was never reached"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    rows = EmbeddingStore(cache).counts("resnet50")[0]  # the file opens: the old one, or the new one whole
+    assert rows == (8 if where == "writing" else 12)
+    assert (tmp_path / "killed.h5.journal").exists()
+
+    specs = extract_quietly(data, cache, small_models)
+    assert specs[0].embedded == 0  # everything the killed run computed was kept
+    assert not (tmp_path / "killed.h5.journal").exists() and not list(tmp_path.glob(".killed.h5.*.tmp"))
+    whole, resumed = EmbeddingStore(uninterrupted).load("resnet50"), EmbeddingStore(cache).load("resnet50")
+    assert len(resumed.paths) == len(set(resumed.paths)) == 12
+    order = {path: row for row, path in enumerate(resumed.paths)}
+    at = [order[path] for path in whole.paths]
+    np.testing.assert_allclose(resumed.embeddings[at], whole.embeddings, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(resumed.labels[at], whole.labels)
+
+
+def test_a_file_that_changes_or_vanishes_mid_run_costs_no_other_image(tmp_path, small_models, extract_quietly,
+                                                                       monkeypatch):
+    data = pets(tmp_path / "pets")
+    changed, vanished = data / "dog" / "0.jpg", data / "dog" / "1.jpg"
+    decode, first = extract.decode_file, []
+
+    def decode_while_files_move(path, *args, **kwargs):
+        if not first:  # after the run has listed the files, before it reads any
+            first.append(Path(path))
+            vanished.unlink()
+            save(changed, photo(90, 70, seed=321))  # new content under the same name
+        return decode(path, *args, **kwargs)
+
+    monkeypatch.setattr(extract, "decode_file", decode_while_files_move)
+    cache = tmp_path / "e.h5"
+    specs = extract_quietly(data, cache, small_models, batch_size=3, workers=1)
+    assert first[0] not in (changed, vanished) and (specs[0].embedded, specs[0].skipped) == (8, 2)
+    features = EmbeddingStore(cache).load("resnet50")
+    assert len(features.paths) == len(set(features.paths)) == 8 and "dog/1.jpg" not in features.paths
+    with h5py.File(cache, "r") as opened:
+        reasons = dict(zip(opened["resnet50/failures/paths"].asstr()[()], opened["resnet50/failures/reason"].asstr()[()]))
+    assert set(reasons) == {"dog/1.jpg", "dog/corrupt.jpg"} and reasons["dog/1.jpg"].startswith("unreadable")
+    session = open_backbone(small_models, "resnet50", "cpu")
+    for path, row in zip(features.paths, features.embeddings):  # every row is its file's content as read
+        alone = session.embed(decode_file(data / path, [session.manifest.preprocessing]).crops[0][None])[0]
+        np.testing.assert_allclose(row, alone, rtol=1e-4, atol=1e-4, err_msg=path)
+
+    monkeypatch.undo()
+    again = extract_quietly(data, cache, small_models)
+    # The changed file was stat'ed before it changed, so it is read again (and embedded again) once.
+    assert (again[0].embedded, again[0].skipped) == (1, 0)
+    whole = tmp_path / "whole.h5"
+    extract_quietly(data, whole, small_models)
+    a, b = EmbeddingStore(whole).load("resnet50"), EmbeddingStore(cache).load("resnet50")
+    assert sorted(a.paths) == sorted(b.paths)
+    order = {path: row for row, path in enumerate(b.paths)}
+    np.testing.assert_allclose(b.embeddings[[order[p] for p in a.paths]], a.embeddings, rtol=1e-5, atol=1e-5)
+    assert EmbeddingStore(cache).counts("resnet50") == EmbeddingStore(whole).counts("resnet50") == (8, 1)
+
+
 def test_missing_models_are_exported_first(tmp_path, state_dict_file):
     data = class_folders(tmp_path / "pets", {"cat": 1})
     models_dir = tmp_path / "models"
