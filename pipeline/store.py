@@ -341,6 +341,13 @@ class EmbeddingStore:
         if store.attrs.get("encoding") != ENCODING:
             store.close()
             raise UserError(f"{self.path} is not an embedding store written by this pipeline; use another --cache.")
+        version = store.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            store.close()
+            raise UserError(
+                f"{self.path} is embedding store format {version}, and this version of the pipeline reads format "
+                f"{FORMAT_VERSION}; extract into another --cache, or use the pipeline version that wrote it."
+            )
         return store
 
     def _segments(self, name: str | None = None) -> Iterator[dict[str, Any]]:

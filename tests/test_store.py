@@ -159,6 +159,11 @@ def test_missing_store_set_and_foreign_files_are_user_errors(tmp_path):
         other["x"] = 1
     with pytest.raises(UserError, match="not an embedding store"):
         EmbeddingStore(tmp_path / "other.h5").load("m")
+    shutil.copy(tmp_path / "e.h5", tmp_path / "future.h5")
+    with h5py.File(tmp_path / "future.h5", "a") as future:
+        future.attrs["format_version"] = 2
+    with pytest.raises(UserError, match="future.h5 is embedding store format 2, and this version .* reads format 1"):
+        EmbeddingStore(tmp_path / "future.h5").load("m")
     (tmp_path / "junk.h5").write_bytes(b"junk")
     with pytest.raises(UserError, match="not a readable HDF5 store"):
         EmbeddingStore(tmp_path / "junk.h5").load("m")
