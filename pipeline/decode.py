@@ -6,6 +6,7 @@ import hashlib
 import io
 import math
 import os
+import stat
 import warnings
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -31,6 +32,8 @@ DRAFT_FLOOR = 512
 # Images decoding to more pixels than this are skipped before any pixel is decoded (a decompression bomb,
 # a scan far larger than any resize needs). Pillow's own warning threshold, about 9459 x 9459; --max-pixels.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# A file larger than this many bytes per allowed pixel (16-bit RGBA, uncompressed) is skipped unread.
+MAX_BYTES_PER_PIXEL = 8
 # Pillow warns about damaged EXIF, truncated TIFF reads and large images; the outcome of each file is recorded
 # (its crops or its reason) and the pixel limit is ours, so those warnings are noise here, from every thread.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -82,7 +85,8 @@ def decode_file(
         Content hashes whose features are already at hand: such a file is hashed but not decoded.
     max_pixels : int
         An image that would decode to more pixels is a failure ("too large"), found from its header alone;
-        it is returned without a hash, like an unreadable file, so that a later run tries it again.
+        it is returned without a hash, like an unreadable file, so that a later run tries it again. So is
+        a file of more than ``MAX_BYTES_PER_PIXEL`` bytes per pixel, which is not read at all.
 
     Returns
     -------
@@ -91,8 +95,9 @@ def decode_file(
         and no crops, when its hash is in ``known``.
     """
     try:
-        with open(path, "rb") as stream:
-            data = stream.read()
+        data = read_image_file(path, max_pixels * MAX_BYTES_PER_PIXEL)
+    except TooManyPixels as error:
+        return DecodedImage("", error=f"too large: {error}")
     except OSError as error:
         return DecodedImage("", error=f"unreadable: {error.strerror or error}")
     sha256 = hashlib.sha256(data).hexdigest()
@@ -108,6 +113,27 @@ def decode_file(
     except Exception as error:  # Pillow raises many types for damaged or hostile files; each one is a skip
         return DecodedImage(sha256, error=_reason(error))
     return DecodedImage(sha256, crops, pixels)
+
+
+def read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``.
+
+    Raises
+    ------
+    OSError
+        When it cannot be opened or is not a regular file: a FIFO named ``.jpg`` would block the run, a
+        link to ``/dev/zero`` never end. It is opened non-blocking so that checking a FIFO does not hang.
+    TooManyPixels
+        When it is larger than ``max_bytes``, before anything is read.
+    """
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(descriptor, "rb") as stream:
+        status = os.fstat(stream.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(f"not a regular file (mode {stat.filemode(status.st_mode)})")
+        if status.st_size > max_bytes:
+            raise TooManyPixels(f"{status.st_size:,} bytes, more than an image within --max-pixels needs ({max_bytes:,})")
+        return stream.read()
 
 
 _END = object()
@@ -152,7 +178,7 @@ def draft_floor(preprocessings: Sequence[Preprocessing]) -> int:
 
 
 class TooManyPixels(ValueError):
-    """An image larger than the pixel limit; raised before it is decoded."""
+    """An image (or image file) larger than the limit; raised before it is decoded (or read)."""
 
 
 def jpeg_draft_size(size: tuple[int, int], min_short_side: int) -> tuple[int, int] | None:

@@ -113,4 +113,8 @@ def hostile_corpus(root: Path) -> tuple[Path, set[str], set[str]]:
     (folder / "loop-a.jpg").symlink_to(folder / "loop-b.jpg")
     (folder / "loop-b.jpg").symlink_to(folder / "loop-a.jpg")
     bad |= {"mixed/loop-a.jpg", "mixed/loop-b.jpg"}
+    if hasattr(os, "mkfifo"):  # opening a named pipe to read waits for a writer; reading /dev/zero never ends
+        os.mkfifo(folder / "pipe.jpg")
+        (folder / "zero.jpg").symlink_to("/dev/zero")
+        bad |= {"mixed/pipe.jpg", "mixed/zero.jpg"}
     return root, good, bad

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -147,6 +149,31 @@ def test_images_above_the_pixel_limit_are_too_large_before_decoding(tmp_path):
     small = save(tmp_path / "small.png", photo(100, 100))
     assert decode_file(small, [RECIPE], max_pixels=9_999).error == "too large: 100x100 pixels, above the limit of 9,999 (--max-pixels)"
     assert not decode_file(small, [RECIPE], max_pixels=10_000).error
+
+
+def test_files_larger_than_any_image_within_the_limit_are_not_read(tmp_path):
+    sparse = tmp_path / "huge.jpg"
+    with open(sparse, "wb") as stream:
+        stream.truncate(8 * 10_000 + 1)  # a sparse file: nothing is written, nothing should be read
+    result = decode_file(sparse, [RECIPE], max_pixels=10_000)
+    assert result.error == "too large: 80,001 bytes, more than an image within --max-pixels needs (80,000)"
+    assert result.sha256 == ""  # tried again next run, under a higher limit
+    assert decode_file(sparse, [RECIPE], max_pixels=10_001).error.startswith("not an image")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_or_a_device_named_jpg_is_unreadable_without_blocking(tmp_path):
+    (tmp_path / "pipe.jpg").unlink(missing_ok=True)
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it to read would wait for a writer forever
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")  # reading it would never end
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(
+        {name: decode_file(tmp_path / name, [RECIPE]) for name in ("pipe.jpg", "zero.jpg")}), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "decoding a FIFO or a device blocked"
+    assert results["pipe.jpg"].error == "unreadable: not a regular file (mode prw-r--r--)"
+    assert results["zero.jpg"].error.startswith("unreadable: not a regular file (mode crw-rw-rw-)")
 
 
 def test_the_pixel_limit_counts_what_a_reduced_jpeg_decode_makes(tmp_path):
