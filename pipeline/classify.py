@@ -16,14 +16,13 @@ from typing import Any, TextIO
 import numpy as np
 
 from pipeline.bundle import ClassifierBundle, check_listed, open_fitted_backbone
-from pipeline.deploy import load_deployed
 from pipeline.decode import MAX_PIXELS, PIXELS_FINGERPRINT, batches
 from pipeline.discover import discover
 from pipeline.embedder import Embedded, embed_files, stored_features
 from pipeline.errors import UserError, run_cli
 from pipeline.heads import CLASSIFIERS
 from pipeline.files import sha256_file
-from pipeline.manifest import FEATURE_VARIANTS, PRECISIONS
+from pipeline.manifest import FEATURE_VARIANTS, PRECISIONS, load_deployed
 from pipeline.runtime import DEVICES, BackboneSession, start_session
 from pipeline.store import PIXELS
 

@@ -32,7 +32,8 @@ DRAFT_FLOOR = 512
 # Images decoding to more pixels than this are skipped before any pixel is decoded (a decompression bomb,
 # a scan far larger than any resize needs). Pillow's own warning threshold, about 9459 x 9459; --max-pixels.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
-# A file larger than this many bytes per allowed pixel (16-bit RGBA, uncompressed) is skipped unread.
+# A file larger than this many bytes per allowed pixel (16-bit RGBA, uncompressed) is skipped unread; the
+# default pixel limit sets the floor, since a JPEG decoded at reduced scale may have 64x more pixels than it makes.
 MAX_BYTES_PER_PIXEL = 8
 # Pillow warns about damaged EXIF, truncated TIFF reads and large images; the outcome of each file is recorded
 # (its crops or its reason) and the pixel limit is ours, so those warnings are noise here, from every thread.
@@ -86,7 +87,8 @@ def decode_file(
     max_pixels : int
         An image that would decode to more pixels is a failure ("too large"), found from its header alone;
         it is returned without a hash, like an unreadable file, so that a later run tries it again. So is
-        a file of more than ``MAX_BYTES_PER_PIXEL`` bytes per pixel, which is not read at all.
+        a file of more than ``MAX_BYTES_PER_PIXEL`` bytes per pixel of ``max_pixels`` (or of the default
+        limit, if higher), which is not read at all.
 
     Returns
     -------
@@ -95,7 +97,7 @@ def decode_file(
         and no crops, when its hash is in ``known``.
     """
     try:
-        data = read_image_file(path, max_pixels * MAX_BYTES_PER_PIXEL)
+        data = read_image_file(path, max(max_pixels, MAX_PIXELS) * MAX_BYTES_PER_PIXEL)
     except TooManyPixels as error:
         return DecodedImage("", error=f"too large: {error}")
     except OSError as error:
@@ -121,19 +123,21 @@ def read_image_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     Raises
     ------
     OSError
-        When it cannot be opened or is not a regular file: a FIFO named ``.jpg`` would block the run, a
-        link to ``/dev/zero`` never end. It is opened non-blocking so that checking a FIFO does not hang.
+        When it cannot be read or is not a regular file: opening a FIFO named ``.jpg`` would block the
+        run, reading a link to ``/dev/zero`` never end, so neither is opened.
     TooManyPixels
         When it is larger than ``max_bytes``, before anything is read.
     """
-    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    with os.fdopen(descriptor, "rb") as stream:
-        status = os.fstat(stream.fileno())
-        if not stat.S_ISREG(status.st_mode):
-            raise OSError(f"not a regular file (mode {stat.filemode(status.st_mode)})")
-        if status.st_size > max_bytes:
-            raise TooManyPixels(f"{status.st_size:,} bytes, more than an image within --max-pixels needs ({max_bytes:,})")
-        return stream.read()
+    status = os.stat(path)
+    if not stat.S_ISREG(status.st_mode):
+        raise OSError(f"not a regular file (mode {stat.filemode(status.st_mode)})")
+    if status.st_size > max_bytes:
+        raise TooManyPixels(f"{status.st_size:,} bytes, more than an image within --max-pixels needs ({max_bytes:,})")
+    with open(path, "rb") as stream:
+        data = stream.read(max_bytes + 1)  # bounded, should it have grown since
+    if len(data) > max_bytes:
+        raise TooManyPixels(f"more than {max_bytes:,} bytes, more than an image within --max-pixels needs")
+    return data
 
 
 _END = object()

@@ -10,7 +10,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import pipeline
 from pipeline.bundle import ClassifierBundle, check_listed, open_fitted_backbone
 from pipeline.errors import UserError, run_cli
 from pipeline.files import atomic_path, sha256_file
-from pipeline.manifest import ModelManifest
+from pipeline.manifest import DeployedManifest
 from pipeline.runtime import CPU, BackboneSession
 from pipeline.store import PIXELS
 
@@ -42,50 +42,6 @@ HEAD_PREFIX = "classifier/"  # keeps the classifier's node and tensor names apar
 ML_OPSET = 3  # ai.onnx.ml: LinearClassifier, SVMClassifier, Scaler, Normalizer
 VERIFY_IMAGES = 8
 VERIFY_MAX_DIFFERENCE = 1e-4  # largest probability difference to the bundle (float32 ONNX vs float64 scikit-learn)
-
-
-@dataclass(frozen=True)
-class DeployedManifest(ModelManifest):
-    """The manifest beside a deployed classifier: a backbone manifest whose output is class probabilities.
-
-    The inherited fields describe the merged file (``onnx_file``, ``onnx_sha256``, ``verification`` against
-    the bundle), its input (the backbone's: uint8 NHWC crops and how to make them) and the backbone's
-    weights, precision and derivation; ``output`` is ``probabilities``, one column per class.
-
-    Attributes
-    ----------
-    classes : list of str
-        Class names, in the order of the output's columns.
-    classifier : dict
-        ``name`` (logreg or svm), ``features``, ``params``, ``metrics``, ``seed``, the bundle it was made from
-        (``bundle_file``, ``bundle_sha256``, ``fitted_with`` library versions) and the backbone merged in
-        (``backbone_onnx_file``, ``backbone_onnx_sha256``).
-    """
-
-    classes: list[str] = field(default_factory=list)
-    classifier: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> DeployedManifest:
-        """Read the manifest of a deployed classifier.
-
-        Raises
-        ------
-        UserError
-            If the file is missing, is not JSON, or describes something else (a backbone, say).
-        """
-        path = Path(path)
-        again = "deploy the classifier again (python -m pipeline.deploy BUNDLE)"
-        try:
-            manifest = cls(**json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise UserError(f"no manifest at {path} beside the deployed classifier; {again}.") from None
-        except (ValueError, UnicodeDecodeError, TypeError):
-            raise UserError(f"{path} is not the manifest of a deployed classifier; {again}.") from None
-        if not manifest.classes:
-            raise UserError(f"{path} describes a backbone, not a classifier; pass a bundle (.joblib) or a classifier "
-                            "made by python -m pipeline.deploy (.onnx).")
-        return manifest
 
 
 @dataclass(frozen=True)
@@ -156,7 +112,10 @@ def merge(backbone: onnx.ModelProto, head: onnx.ModelProto, embedding: str, clas
     output.type.tensor_type.shape.dim[0].dim_param = backbone.graph.input[0].type.tensor_type.shape.dim[0].dim_param
     merged.graph.name = "classifier"
     merged.doc_string = "uint8 NHWC crops in, class probabilities out: a backbone and a scikit-learn classifier merged"
-    helper.set_model_props(merged, {"classes": json.dumps(list(classes))})
+    kept = [prop for prop in merged.metadata_props if prop.key != "classes"]
+    del merged.metadata_props[:]
+    merged.metadata_props.extend(kept)
+    merged.metadata_props.add(key="classes", value=json.dumps(list(classes)))
     return merged
 
 
@@ -207,10 +166,7 @@ def deploy_classifier(
     """
     bundle_path = Path(bundle_path)
     out = Path(out) if out is not None else bundle_path.with_suffix(".onnx")
-    if out.suffix != ".onnx":
-        raise UserError(f"--out {out} must end in .onnx (its manifest is written beside it as .json).")
-    if out.resolve() == bundle_path.resolve():
-        raise UserError(f"--out {out} is the bundle itself; choose another file name.")
+    _check_out(out, bundle_path)
     if not trust:
         check_listed(bundle_path)
     bundle = ClassifierBundle.load(bundle_path)
@@ -219,6 +175,9 @@ def deploy_classifier(
             f"{bundle_path} classifies raw 32x32 pixels, which the host makes from the image, so there is no "
             "backbone to merge it with; deploy a classifier fitted on vgg16 or resnet50 embeddings."
         )
+    if list(getattr(bundle.pipeline, "classes_", [])) != list(range(len(bundle.classes))):
+        raise UserError(f"{bundle_path}'s classifier does not predict the indices of its {len(bundle.classes)} classes; "
+                        "deploy a bundle pipeline.fit wrote.")
     backbone = open_fitted_backbone(bundle, bundle_path, Path(models_dir), "cpu")
     bundle_sha256 = sha256_file(bundle_path)
     manifest_path = out.with_suffix(".json")
@@ -226,8 +185,13 @@ def deploy_classifier(
         current = _current(out, manifest_path, bundle_sha256, backbone.manifest.onnx_sha256)
         if current is not None:
             return DeployResult(current, out, deployed=False)
-    head = head_graph(bundle.pipeline, backbone.manifest.output["dim"], backbone.manifest.opset)
-    merged = merge(onnx.load(backbone.onnx_path), head, backbone.manifest.output["name"], bundle.classes)
+    backbone_model = onnx.load(backbone.onnx_path)
+    try:
+        head = head_graph(bundle.pipeline, backbone.manifest.output["dim"], _opsets(backbone_model)[""])
+    except Exception as error:  # skl2onnx raises several types for estimators it cannot convert
+        raise UserError(f"{bundle_path}: skl2onnx cannot convert its {type(bundle.pipeline[-1]).__name__} "
+                        f"({type(error).__name__}); deploy a bundle pipeline.fit wrote.") from None
+    merged = merge(backbone_model, head, backbone.manifest.output["name"], bundle.classes)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         onnx.save(merged, tmp)
@@ -240,9 +204,9 @@ def deploy_classifier(
         "onnx_file": out.name,
         "onnx_sha256": sha256_file(out),
         "output": {"name": OUTPUT_NAME, "dim": len(bundle.classes), "layer": "classifier"},
-        "versions": _versions(),
+        "versions": {**backbone.manifest.versions, **_versions()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "verification": verification,
+        "verification": {**verification, "backbone": backbone.manifest.verification},
         "classes": list(bundle.classes),
         "classifier": {
             "name": bundle.classifier, "features": bundle.features, "params": bundle.params,
@@ -255,8 +219,24 @@ def deploy_classifier(
     return DeployResult(manifest, out, deployed=True)
 
 
+def _check_out(out: Path, bundle_path: Path) -> None:
+    """Refuse an output that would replace something else: the bundle, or a file whose ``.json`` is not ours."""
+    if out.suffix != ".onnx":
+        raise UserError(f"--out {out} must end in .onnx (its manifest is written beside it as .json).")
+    if out.resolve() == bundle_path.resolve():
+        raise UserError(f"--out {out} is the bundle itself; choose another file name.")
+    manifest_path = out.with_suffix(".json")
+    if manifest_path.exists():
+        try:
+            DeployedManifest.load(manifest_path)
+        except UserError:
+            raise UserError(f"{manifest_path} exists and is not a deployed classifier's manifest (a backbone's, or "
+                            "fit's report?); choose another --out.") from None
+
+
 def _current(out: Path, manifest_path: Path, bundle_sha256: str, backbone_sha256: str) -> DeployedManifest | None:
-    """The manifest of ``out`` when it is intact and already merges this bundle with this backbone."""
+    """The manifest of ``out`` when it is intact and already merges this bundle with this backbone, made by
+    the same versions of this package and skl2onnx."""
     if not (out.exists() and manifest_path.exists()):
         return None
     try:
@@ -264,7 +244,8 @@ def _current(out: Path, manifest_path: Path, bundle_sha256: str, backbone_sha256
     except UserError:
         return None
     same = (manifest.classifier.get("bundle_sha256") == bundle_sha256
-            and manifest.classifier.get("backbone_onnx_sha256") == backbone_sha256)
+            and manifest.classifier.get("backbone_onnx_sha256") == backbone_sha256
+            and all(manifest.versions.get(k) == v for k, v in _versions().items() if k in ("pipeline", "skl2onnx")))
     return manifest if same and sha256_file(out) == manifest.onnx_sha256 else None
 
 
@@ -287,27 +268,6 @@ def _versions() -> dict[str, str]:
         "pipeline": pipeline.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
         "skl2onnx": skl2onnx.__version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__,
     }
-
-
-def load_deployed(path: str | os.PathLike) -> DeployedManifest:
-    """The manifest of the deployed classifier ``path``, checked against the file; nothing is unpickled.
-
-    ``runtime.start_session(manifest, path)`` then runs it: its ``embed`` gives class probabilities ``[N, C]``.
-
-    Raises
-    ------
-    UserError
-        When the manifest is missing or is not a deployed classifier's, or the ONNX file changed.
-    """
-    path = Path(path)
-    manifest_path = path.with_suffix(".json")
-    manifest = DeployedManifest.load(manifest_path)
-    if not path.is_file() or sha256_file(path) != manifest.onnx_sha256:
-        raise UserError(
-            f"{path} does not match its manifest {manifest_path} (missing or changed since it was deployed); deploy "
-            f"it again: python -m pipeline.deploy {manifest.classifier.get('bundle_file', 'BUNDLE')} --force."
-        )
-    return manifest
 
 
 def describe(result: DeployResult) -> str:

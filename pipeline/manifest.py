@@ -1,4 +1,4 @@
-"""The JSON manifest beside each exported ONNX model: what it computes, from which weights, and how to feed it."""
+"""The JSON manifest beside each ONNX model (a backbone, or a classifier deployed behind one): what it computes, how."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.backbones import BACKBONES, Preprocessing
 from pipeline.errors import UserError
-from pipeline.files import write_json_atomic
+from pipeline.files import sha256_file, write_json_atomic
 
 MANIFEST_VERSION = 1
 INPUT_NAME = "images"
@@ -114,11 +114,80 @@ class ModelManifest:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and "classes" in data:
+                raise UserError(f"{path} describes a deployed classifier, not a backbone; export the backbone into "
+                                "a folder of its own (make models).")
             return cls(**data)
         except FileNotFoundError:
             raise UserError(f"no model manifest at {path}; export the model first (make models).") from None
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
             raise UserError(f"{path} is not a model manifest ({error}); delete it and export again.") from None
+
+
+@dataclass(frozen=True)
+class DeployedManifest(ModelManifest):
+    """The manifest beside a deployed classifier: a backbone manifest whose output is class probabilities.
+
+    The inherited fields describe the merged file (``onnx_file``, ``onnx_sha256``, ``verification`` against
+    the bundle), its input (the backbone's: uint8 NHWC crops and how to make them) and the backbone's
+    weights, precision and derivation; ``output`` is ``probabilities``, one column per class.
+
+    Attributes
+    ----------
+    classes : list of str
+        Class names, in the order of the output's columns.
+    classifier : dict
+        ``name`` (logreg or svm), ``features``, ``params``, ``metrics``, ``seed``, the bundle it was made from
+        (``bundle_file``, ``bundle_sha256``, ``fitted_with`` library versions) and the backbone merged in
+        (``backbone_onnx_file``, ``backbone_onnx_sha256``).
+    """
+
+    classes: list[str] = field(default_factory=list)
+    classifier: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DeployedManifest:
+        """Read the manifest of a deployed classifier.
+
+        Raises
+        ------
+        UserError
+            If the file is missing, is not JSON, or describes something else (a backbone, say).
+        """
+        path = Path(path)
+        again = "deploy the classifier again (python -m pipeline.deploy BUNDLE)"
+        try:
+            manifest = cls(**json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise UserError(f"no manifest at {path} beside the deployed classifier; {again}.") from None
+        except (ValueError, UnicodeDecodeError, TypeError):
+            raise UserError(f"{path} is not the manifest of a deployed classifier; {again}.") from None
+        if not manifest.classes:
+            raise UserError(f"{path} describes a backbone, not a classifier; pass a bundle (.joblib) or a classifier "
+                            "made by python -m pipeline.deploy (.onnx).")
+        return manifest
+
+
+def load_deployed(path: str | os.PathLike) -> DeployedManifest:
+    """The manifest of the deployed classifier ``path``, checked against the file; nothing is unpickled.
+
+    ``runtime.start_session(manifest, path)`` then runs it: its ``embed`` gives class probabilities ``[N, C]``.
+
+    Raises
+    ------
+    UserError
+        When the manifest is missing or is not a deployed classifier's, or the ONNX file changed.
+    """
+    path = Path(path)
+    manifest_path = path.with_suffix(".json")
+    manifest = DeployedManifest.load(manifest_path)
+    if not path.is_file() or sha256_file(path) != manifest.onnx_sha256:
+        bundle = path.parent / manifest.classifier.get("bundle_file", "BUNDLE")
+        raise UserError(
+            f"{path} does not match its manifest {manifest_path} (missing or changed since it was deployed); deploy "
+            f"it again: python -m pipeline.deploy {bundle} --out {path} --force."
+        )
+    return manifest
 
 
 def weights_id(weights: dict[str, Any]) -> str:

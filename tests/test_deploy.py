@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer
@@ -20,28 +21,31 @@ from sklearn.preprocessing import Normalizer
 from pipeline import heads
 from pipeline.bundle import ClassifierBundle
 from pipeline.classify import run_classify
-from pipeline.deploy import OUTPUT_NAME, DeployedManifest, deploy_classifier, head_graph, load_deployed
+from pipeline.deploy import OUTPUT_NAME, deploy_classifier, head_graph
 from pipeline.errors import UserError
+from pipeline.export import OPSET
 from pipeline.extract import run_extract
 from pipeline.files import sha256_file
 from pipeline.fit import run_fit
-from pipeline.manifest import ModelManifest
+from pipeline.manifest import DeployedManifest, ModelManifest, load_deployed
 from tests.images import photo, save
 from tests.stores import synthetic_store
 
 
 def head_probabilities(fitted: Pipeline, X: np.ndarray) -> np.ndarray:
-    model = head_graph(fitted, X.shape[1], 18)
+    model = head_graph(fitted, X.shape[1], OPSET)
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run([OUTPUT_NAME], {"embedding": X})[0]
 
 
 @pytest.mark.filterwarnings("ignore:.*has no pixels feature set")
-@pytest.mark.parametrize("kind", ["in-memory", "linear-svm", "out-of-core"])
-def test_every_head_fit_makes_converts_to_the_same_probabilities(tmp_path, monkeypatch, kind):
+@pytest.mark.parametrize("kind, classes", [("in-memory", 3), ("in-memory", 2), ("linear-svm", 2), ("out-of-core", 3),
+                                           ("out-of-core", 2)])
+def test_every_head_fit_makes_converts_to_the_same_probabilities(tmp_path, monkeypatch, kind, classes):
     if kind == "linear-svm":
         monkeypatch.setattr(heads, "RBF_MAX_TRAIN", 10)  # the SVM of large training sets, on a small one
-    store = synthetic_store(tmp_path / "s.h5", {"a": 40, "b": 30, "c": 20}, features={"resnet50": (24, 1.5)})
+    per_class = dict(list({"a": 40, "b": 30, "c": 20}.items())[:classes])
+    store = synthetic_store(tmp_path / "s.h5", per_class, features={"resnet50": (24, 1.5)})
     run_fit(store.path, models=["resnet50"], out=tmp_path / "out", n_jobs=1, curve=False,
             out_of_core=kind == "out-of-core", chunk_rows=64, epochs=2)
     X = store.load("resnet50").embeddings
@@ -146,8 +150,23 @@ def test_deploy_refuses_unlisted_pixel_and_mismatched_bundles(fitted, tmp_path):
     bundle.save(stranger)
     with pytest.raises(UserError, match="fitted on resnet50 embeddings of ONNX sha256 000000000000 .* but .*resnet50.onnx has"):
         deploy_classifier(stranger, models_dir, trust=True)
+    listed = work / "classifiers" / "resnet50-logreg.joblib"
     with pytest.raises(UserError, match="must end in .onnx"):
-        deploy_classifier(work / "classifiers" / "resnet50-logreg.joblib", models_dir, out=tmp_path / "x.joblib")
+        deploy_classifier(listed, models_dir, out=tmp_path / "x.joblib")
+    for taken in (models_dir / "resnet50.onnx", work / "classifiers" / "report.onnx"):  # a backbone's, fit's report
+        with pytest.raises(UserError, match=f"{taken.stem}.json exists and is not a deployed classifier's manifest"):
+            deploy_classifier(listed, models_dir, out=taken)
+
+    bundle = ClassifierBundle.load(listed)
+    bundle.pipeline.steps[-1] = ("clf", DummyClassifier().fit(np.zeros((3, 1)), [0, 1, 2]))
+    bundle.save(stranger)
+    with pytest.raises(UserError, match="skl2onnx cannot convert its DummyClassifier"):
+        deploy_classifier(stranger, models_dir, out=tmp_path / "dummy.onnx", trust=True)
+    bundle.pipeline.steps[-1] = ("clf", DummyClassifier().fit(np.zeros((3, 1)), [1, 2, 3]))
+    bundle.save(stranger)
+    with pytest.raises(UserError, match="does not predict the indices of its 3 classes"):
+        deploy_classifier(stranger, models_dir, out=tmp_path / "dummy.onnx", trust=True)
+    assert not list(tmp_path.glob("*.onnx"))
 
 
 def test_classify_refuses_a_changed_deployed_file_a_backbone_and_another_precision(fitted, tmp_path):
@@ -159,7 +178,8 @@ def test_classify_refuses_a_changed_deployed_file_a_backbone_and_another_precisi
         run_classify(work / "pets", models_dir / "resnet50.onnx", None, cache=None)
     with open(deployed.onnx_path, "ab") as stream:
         stream.write(b"\0")
-    with pytest.raises(UserError, match="d.onnx does not match its manifest .*d.json .* deploy it again"):
+    with pytest.raises(UserError, match=r"d.onnx does not match its manifest .*d.json .* deploy it again: .*resnet50-logreg"
+                       r".joblib --out .*d.onnx --force"):
         run_classify(work / "pets", deployed.onnx_path, None, cache=None)
     (tmp_path / "d.json").write_text("{}")
     with pytest.raises(UserError, match="d.json is not the manifest of a deployed classifier"):

@@ -324,11 +324,12 @@ def test_kill_9_inside_the_commit_loses_and_doubles_nothing(tmp_path, small_mode
     extract_quietly(data, uninterrupted, small_models)
 
     command = [sys.executable, "-c", COMMIT_KILLED_AT, data, cache, small_models, seeded_weights, marker, where]
-    process = subprocess.Popen(list(map(str, command)), stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(list(map(str, command)), stderr=stderr)
     deadline = time.monotonic() + 120
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert marker.exists(), process.stderr.read() if process.poll() is not None else "the commit was never reached"
+    assert marker.exists(), (tmp_path / "stderr.txt").read_text() or "the commit was never reached"
     process.send_signal(signal.SIGKILL)
     process.wait()
     rows = EmbeddingStore(cache).counts("resnet50")[0]  # the file opens: the old one, or the new one whole
