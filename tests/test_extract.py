@@ -201,6 +201,16 @@ def test_ctrl_c_keeps_finished_batches(tmp_path, small_models, monkeypatch, extr
     assert len(set(EmbeddingStore(cache).load("resnet50").paths)) == 9
 
 
+def assert_same_images(expected: Path, actual: Path, images: int) -> None:
+    """``actual`` holds each of ``expected``'s ``images`` resnet50 rows once, with its embedding and label, in any order."""
+    want, got = EmbeddingStore(expected).load("resnet50"), EmbeddingStore(actual).load("resnet50")
+    assert len(got.paths) == len(set(got.paths)) == images and sorted(got.paths) == sorted(want.paths)
+    order = {path: row for row, path in enumerate(got.paths)}
+    at = [order[path] for path in want.paths]
+    np.testing.assert_allclose(got.embeddings[at], want.embeddings, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got.labels[at], want.labels)
+
+
 KILLED_RUN = """
 import sys
 from pipeline.extract import run_extract
@@ -236,12 +246,7 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, small_
 
     extract_quietly(data, cache, small_models)
     assert not journal.exists()
-    whole, resumed = EmbeddingStore(uninterrupted).load("resnet50"), EmbeddingStore(cache).load("resnet50")
-    assert len(resumed.paths) == len(set(resumed.paths)) == 40
-    order = {p: i for i, p in enumerate(resumed.paths)}
-    rows = [order[p] for p in whole.paths]
-    np.testing.assert_allclose(resumed.embeddings[rows], whole.embeddings, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(resumed.labels[rows], whole.labels)
+    assert_same_images(uninterrupted, cache, 40)
 
 
 @pytest.mark.slow  # eight runs killed at random moments: about a minute
@@ -265,11 +270,8 @@ def test_kill_9_at_eight_random_moments_never_costs_or_doubles_an_image(tmp_path
         if cache.exists():
             EmbeddingStore(cache).feature_sets()  # the file opens after every kill
     extract_quietly(data, cache, small_models)
-    whole, resumed = EmbeddingStore(uninterrupted), EmbeddingStore(cache)
-    assert resumed.counts("resnet50") == whole.counts("resnet50") == (30, 1)
-    a, b = whole.load("resnet50"), resumed.load("resnet50")
-    order = {path: row for row, path in enumerate(b.paths)}
-    np.testing.assert_allclose(b.embeddings[[order[p] for p in a.paths]], a.embeddings, rtol=1e-5, atol=1e-5)
+    assert EmbeddingStore(cache).counts("resnet50") == EmbeddingStore(uninterrupted).counts("resnet50") == (30, 1)
+    assert_same_images(uninterrupted, cache, 30)
     assert not list(tmp_path.glob(".killed.h5.*.tmp"))  # a commit killed midway leaves nothing behind
 
 
@@ -339,12 +341,7 @@ def test_kill_9_inside_the_commit_loses_and_doubles_nothing(tmp_path, small_mode
     specs = extract_quietly(data, cache, small_models)
     assert specs[0].embedded == 0  # everything the killed run computed was kept
     assert not (tmp_path / "killed.h5.journal").exists() and not list(tmp_path.glob(".killed.h5.*.tmp"))
-    whole, resumed = EmbeddingStore(uninterrupted).load("resnet50"), EmbeddingStore(cache).load("resnet50")
-    assert len(resumed.paths) == len(set(resumed.paths)) == 12
-    order = {path: row for row, path in enumerate(resumed.paths)}
-    at = [order[path] for path in whole.paths]
-    np.testing.assert_allclose(resumed.embeddings[at], whole.embeddings, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(resumed.labels[at], whole.labels)
+    assert_same_images(uninterrupted, cache, 12)
 
 
 def test_a_file_that_changes_or_vanishes_mid_run_costs_no_other_image(tmp_path, small_models, extract_quietly,
@@ -380,10 +377,7 @@ def test_a_file_that_changes_or_vanishes_mid_run_costs_no_other_image(tmp_path, 
     assert (again[0].embedded, again[0].skipped) == (1, 0)
     whole = tmp_path / "whole.h5"
     extract_quietly(data, whole, small_models)
-    a, b = EmbeddingStore(whole).load("resnet50"), EmbeddingStore(cache).load("resnet50")
-    assert sorted(a.paths) == sorted(b.paths)
-    order = {path: row for row, path in enumerate(b.paths)}
-    np.testing.assert_allclose(b.embeddings[[order[p] for p in a.paths]], a.embeddings, rtol=1e-5, atol=1e-5)
+    assert_same_images(whole, cache, 8)
     assert EmbeddingStore(cache).counts("resnet50") == EmbeddingStore(whole).counts("resnet50") == (8, 1)
 
 
