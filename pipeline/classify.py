@@ -320,12 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default: 16 on the CPU, 128 on CUDA)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when usable, else CPU (default: auto)")
     parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
-                        help="backbone precision (default: auto, the one the classifier was fitted on)")
+                        help="backbone precision (default: auto, the one the classifier was fitted on; a deployed .onnx "
+                        "has its own)")
     parser.add_argument("--allow-precision-change", action="store_true",
                         help="run a classifier at another precision than it was fitted on (same fp32 export)")
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported models (default: models/)")
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"),
-                        help="reuse embeddings of images already in this store, by content (default: features/embeddings.h5)")
+                        help="reuse embeddings of images already in this store, by content (default: features/embeddings.h5; "
+                        "not with a deployed .onnx, which gives probabilities)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: available cores)")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                         help=f"images that would decode to more pixels get a 'too large' error row (default: {MAX_PIXELS:,})")

@@ -41,6 +41,7 @@ HEAD_INPUT = "embedding"
 HEAD_PREFIX = "classifier/"  # keeps the classifier's node and tensor names apart from the backbone's
 ML_OPSET = 3  # ai.onnx.ml: LinearClassifier, SVMClassifier, Scaler, Normalizer
 VERIFY_IMAGES = 8
+VERIFY_EMBEDDINGS = 256
 VERIFY_MAX_DIFFERENCE = 1e-4  # largest probability difference to the bundle (float32 ONNX vs float64 scikit-learn)
 
 
@@ -196,7 +197,7 @@ def deploy_classifier(
     with atomic_path(out) as tmp:
         onnx.save(merged, tmp)
         onnx.checker.check_model(str(tmp), full_check=True)
-        verification = _verify(bundle, backbone, tmp)
+        verification = _verify(bundle, backbone, head, tmp)
         # As in export: until the new manifest lands, none claims the new file.
         manifest_path.unlink(missing_ok=True)
     manifest = DeployedManifest(**{
@@ -220,7 +221,7 @@ def deploy_classifier(
 
 
 def _check_out(out: Path, bundle_path: Path) -> None:
-    """Refuse an output that would replace something else: the bundle, or a file whose ``.json`` is not ours."""
+    """Refuse an output that would replace something else than a deployed classifier: a backbone, fit's report."""
     if out.suffix != ".onnx":
         raise UserError(f"--out {out} must end in .onnx (its manifest is written beside it as .json).")
     if out.resolve() == bundle_path.resolve():
@@ -232,6 +233,9 @@ def _check_out(out: Path, bundle_path: Path) -> None:
         except UserError:
             raise UserError(f"{manifest_path} exists and is not a deployed classifier's manifest (a backbone's, or "
                             "fit's report?); choose another --out.") from None
+    elif out.exists():
+        raise UserError(f"{out} exists without a deployed classifier's manifest beside it; choose another --out, or "
+                        "delete it if it is a deployment that was stopped midway.")
 
 
 def _current(out: Path, manifest_path: Path, bundle_sha256: str, backbone_sha256: str) -> DeployedManifest | None:
@@ -249,18 +253,40 @@ def _current(out: Path, manifest_path: Path, bundle_sha256: str, backbone_sha256
     return manifest if same and sha256_file(out) == manifest.onnx_sha256 else None
 
 
-def _verify(bundle: ClassifierBundle, backbone: BackboneSession, merged: Path) -> dict[str, Any]:
-    """Compare the merged model with the backbone then the bundle on random crops; refuse it if they disagree."""
+def _verify(bundle: ClassifierBundle, backbone: BackboneSession, head: onnx.ModelProto, merged: Path) -> dict[str, Any]:
+    """Check the deployed file against the bundle; refuse it if any probability differs by more than the limit.
+
+    The merged file is compared with the backbone then the bundle on random crops (its wiring), and the
+    converted classifier with the bundle on embeddings drawn like its training ones (the conversion):
+    crops of noise alone can push every probability to 1, where a wrong conversion would not show.
+    """
+    rng = np.random.default_rng(0)
     size = backbone.manifest.input["size"]
-    crops = np.random.default_rng(0).integers(0, 256, (VERIFY_IMAGES, size, size, 3), dtype=np.uint8)
+    crops = rng.integers(0, 256, (VERIFY_IMAGES, size, size, 3), dtype=np.uint8)
     want = bundle.pipeline.predict_proba(backbone.embed(crops))
     session = onnxruntime.InferenceSession(str(merged), providers=[CPU])
-    got = session.run([OUTPUT_NAME], {backbone.manifest.input["name"]: crops})[0]
-    difference = float(np.max(np.abs(got - want)))
-    if not difference <= VERIFY_MAX_DIFFERENCE:
+    wiring = float(np.max(np.abs(session.run([OUTPUT_NAME], {backbone.manifest.input["name"]: crops})[0] - want)))
+    embeddings = _probe_embeddings(bundle.pipeline, backbone.manifest.output["dim"], rng)
+    want = bundle.pipeline.predict_proba(embeddings)
+    session = onnxruntime.InferenceSession(head.SerializeToString(), providers=[CPU])
+    conversion = float(np.max(np.abs(session.run([OUTPUT_NAME], {HEAD_INPUT: embeddings})[0] - want)))
+    if not max(wiring, conversion) <= VERIFY_MAX_DIFFERENCE:
         raise RuntimeError(f"the merged ONNX classifier disagrees with its bundle (probabilities differ by up to "
-                           f"{difference:.2g}); please report this.")
-    return {"images": VERIFY_IMAGES, "max_abs_difference": difference}
+                           f"{max(wiring, conversion):.2g}); please report this.")
+    return {
+        "images": VERIFY_IMAGES, "max_abs_difference": wiring, "embeddings": len(embeddings),
+        "embeddings_max_abs_difference": conversion, "embeddings_unsaturated": int(np.sum(want.max(axis=1) < 0.99)),
+    }
+
+
+def _probe_embeddings(fitted: Pipeline, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Embeddings to check a converted classifier on: around the training mean with the training spread when
+    it standardises, non-negative otherwise (backbone embeddings follow a ReLU; an L2 normaliser ignores norms)."""
+    noise = rng.standard_normal((VERIFY_EMBEDDINGS, dim))
+    scaler = fitted.steps[0][1]
+    if hasattr(scaler, "mean_"):
+        return (scaler.mean_ + scaler.scale_ * noise).astype(np.float32)
+    return np.abs(noise).astype(np.float32)
 
 
 def _versions() -> dict[str, str]:
@@ -280,13 +306,22 @@ def describe(result: DeployResult) -> str:
         return f"{result.onnx_path} is up to date ({what}); nothing to do."
     return (f"deployed {manifest.classifier['bundle_file']} as {result.onnx_path} ({what}, "
             f"{result.onnx_path.stat().st_size / 1e6:.1f} MB); its probabilities differ from the bundle's by at most "
-            f"{manifest.verification['max_abs_difference']:.1g} on {manifest.verification['images']} random images.")
+            f"{_largest_difference(manifest.verification):.1g}.")
+
+
+def _largest_difference(verification: dict[str, Any]) -> float:
+    return max(verification["max_abs_difference"], verification.get("embeddings_max_abs_difference", 0.0))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m pipeline.deploy``."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.deploy",
+        epilog=(
+            "Exit status: 0 when the file was deployed or was up to date; 2 when the bundle is not listed (see --trust), "
+            "cannot be converted or deployed, its backbone is missing or different, or --out would replace something "
+            "else (one line, no traceback)."
+        ),
         description=(
             "Merge a fitted classifier behind its backbone into one ONNX file (uint8 RGB crops [N, S, S, 3] in, "
             "class probabilities [N, C] out) that onnxruntime runs without loading any pickle; its manifest (classes, "

@@ -185,7 +185,7 @@ def load_deployed(path: str | os.PathLike) -> DeployedManifest:
         bundle = path.parent / manifest.classifier.get("bundle_file", "BUNDLE")
         raise UserError(
             f"{path} does not match its manifest {manifest_path} (missing or changed since it was deployed); deploy "
-            f"it again: python -m pipeline.deploy {bundle} --out {path} --force."
+            f"it again: python -m pipeline.deploy {bundle} --out {path}."
         )
     return manifest
 

@@ -97,7 +97,9 @@ def test_a_deployed_classifier_predicts_what_its_bundle_predicts_without_unpickl
     assert manifest.classifier["bundle_sha256"] == sha256_file(bundle_path)
     assert manifest.classifier["backbone_onnx_sha256"] == backbone.onnx_sha256
     assert manifest.weights == backbone.weights and manifest.input == backbone.input
-    assert manifest.verification["max_abs_difference"] <= 1e-4
+    verification = manifest.verification
+    assert verification["max_abs_difference"] <= 1e-4 and verification["embeddings_max_abs_difference"] <= 1e-4
+    assert verification["embeddings_unsaturated"] > 128  # the conversion was checked where probabilities vary
     model = onnx.load(tmp_path / "svm.onnx")
     assert json.loads({p.key: p.value for p in model.metadata_props}["classes"]) == bundle.classes
     session = onnxruntime.InferenceSession(str(tmp_path / "svm.onnx"), providers=["CPUExecutionProvider"])
@@ -156,6 +158,10 @@ def test_deploy_refuses_unlisted_pixel_and_mismatched_bundles(fitted, tmp_path):
     for taken in (models_dir / "resnet50.onnx", work / "classifiers" / "report.onnx"):  # a backbone's, fit's report
         with pytest.raises(UserError, match=f"{taken.stem}.json exists and is not a deployed classifier's manifest"):
             deploy_classifier(listed, models_dir, out=taken)
+    shutil.copy(models_dir / "resnet50.onnx", tmp_path / "lone.onnx")  # a backbone without its manifest
+    with pytest.raises(UserError, match="lone.onnx exists without a deployed classifier's manifest beside it"):
+        deploy_classifier(listed, models_dir, out=tmp_path / "lone.onnx")
+    (tmp_path / "lone.onnx").unlink()
 
     bundle = ClassifierBundle.load(listed)
     bundle.pipeline.steps[-1] = ("clf", DummyClassifier().fit(np.zeros((3, 1)), [0, 1, 2]))
@@ -179,7 +185,7 @@ def test_classify_refuses_a_changed_deployed_file_a_backbone_and_another_precisi
     with open(deployed.onnx_path, "ab") as stream:
         stream.write(b"\0")
     with pytest.raises(UserError, match=r"d.onnx does not match its manifest .*d.json .* deploy it again: .*resnet50-logreg"
-                       r".joblib --out .*d.onnx --force"):
+                       r".joblib --out .*d.onnx\."):
         run_classify(work / "pets", deployed.onnx_path, None, cache=None)
     (tmp_path / "d.json").write_text("{}")
     with pytest.raises(UserError, match="d.json is not the manifest of a deployed classifier"):
