@@ -163,7 +163,8 @@ def deploy_classifier(
     Raises
     ------
     UserError
-        An unlisted or unreadable bundle, a pixel-baseline bundle, or a missing or different backbone.
+        An unlisted or unreadable bundle, a pixel-baseline bundle or one skl2onnx cannot convert, a missing
+        or different backbone, or an ``out`` that would replace something else than a deployed classifier.
     """
     bundle_path = Path(bundle_path)
     out = Path(out) if out is not None else bundle_path.with_suffix(".onnx")
