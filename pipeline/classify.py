@@ -8,7 +8,7 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -92,7 +92,7 @@ class Classifier:
         The backbone (or deployed classifier) images go through; None for the raw-pixel baseline.
     probabilities : callable
         ``[N, D]`` session outputs to ``[N, C]`` class probabilities (the identity for a deployed classifier).
-    known : dict
+    known : mapping
         Stored features reusable by content hash (empty for a deployed classifier: they are not probabilities).
     untrained : bool
         Whether the features come from random weights.
@@ -101,7 +101,7 @@ class Classifier:
     classes: list[str]
     session: BackboneSession | None
     probabilities: Callable[[np.ndarray], np.ndarray]
-    known: dict[str, np.ndarray]
+    known: Mapping[str, np.ndarray]
     untrained: bool
 
 

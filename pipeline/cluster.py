@@ -1,18 +1,23 @@
-"""Stages 2-3 on Ray: Ray Data reads and decodes in CPU tasks, an actor pool embeds, results stream to one writer.
+"""Stages 2-4 on Ray: Ray Data reads and decodes in CPU tasks, an actor pool embeds and writes the shards.
 
-Also joining a Ray cluster (or starting a local instance), which fit's joblib backend uses too. extract stays the only writer of the store: it lists the images, plans the work and journals the results
-exactly as with the local backend, so a killed driver resumes the same way. Ray retries a batch whose
-worker died (decoding and inference are deterministic, so a retried batch gives the same rows).
+Also joining a Ray cluster (or starting a local instance), which fit's joblib backend uses too. The driver
+lists the images and plans the work exactly as with the local backend; each actor writes the rows it embeds
+as pending shards of the store and sends the driver only their metadata, and the driver commits the index,
+so embeddings never pass through it and a killed driver resumes the same way. Ray retries a batch whose
+worker died (decoding and inference are deterministic, so a retried batch gives the same rows; a shard it
+wrote twice is listed once).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
+import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +25,31 @@ import numpy as np
 from pipeline.backbones import Preprocessing
 from pipeline.decode import MAX_PIXELS, PIXELS_SIZE, DecodedImage, decode_file
 from pipeline.errors import UserError
-from pipeline.features import BatchOutcome, FeatureSpec, embed_batch, feature_specs
+from pipeline.discover import ImageRecord
+from pipeline.features import BatchOutcome, FeatureSpec, embed_batch, feature_specs, record_outcomes
 from pipeline.runtime import CPU_BATCH, CUDA_BATCH, open_backbone
+from pipeline.store import EmbeddingStore, FileState, Segment
+from pipeline.store.commit import RunName, write_segment
+from pipeline.store.shards import ShardEntry
 
 RAY_MISSING = "the ray backend needs Ray: pip install -e '.[ray]' (Ray Data and its dependencies)."
 CONNECT_SECONDS = 5.0
 BLOCK_BATCHES = 4  # batches per input block: small blocks spread the work evenly over the actors
+
+
+@dataclass(frozen=True)
+class ShardOutput:
+    """Where the actors write their rows: the store's shards folder, as pending shards of this run."""
+
+    store: EmbeddingStore
+    dataset_root: str
+    rows: int  # rows per actor call, so per shard at most
+
+    def target(self) -> dict:
+        """What an actor needs to name and write its shards (plain values: it crosses to the workers)."""
+        run = self.store.run_name()
+        return {"folder": str(self.store.shards.resolve()), "base_version": run.base_version, "run": run.run,
+                "dataset_root": self.dataset_root}
 
 
 @dataclass(frozen=True)
@@ -154,14 +178,14 @@ def plan_workers(device: str, requested: int | None) -> Workers:
 
 def embed_on_ray(
     items: Sequence, paths: Sequence[str], specs: Sequence[FeatureSpec], preprocessings: Sequence[Preprocessing],
-    models_dir: Path, device: str, batch_size: int, workers: Workers, max_pixels: int = MAX_PIXELS,
+    models_dir: Path, device: str, batch_size: int, workers: Workers, max_pixels: int, output: ShardOutput,
 ) -> Iterator[BatchOutcome]:
-    """Decode and embed ``items`` on the cluster; yield each batch's outcome, in the order of ``items``.
+    """Decode, embed and store ``items`` on the cluster; yield each batch's outcome, in the order of ``items``.
 
     Parameters
     ----------
-    items : sequence
-        The work items (returned with the outcomes, not sent to the cluster).
+    items : sequence of WorkItem
+        The work items (their records, listed file states and needed feature sets go to the workers).
     paths : sequence of str
         Each item's absolute file path, as every worker sees it (a shared filesystem on a multi-node cluster).
     specs : sequence of FeatureSpec
@@ -178,18 +202,22 @@ def embed_on_ray(
         The actor pool (see :func:`plan_workers`).
     max_pixels : int
         Images above it are failures (see :func:`pipeline.decode.decode_file`).
+    output : ShardOutput
+        The store the actors write pending shards to (``output.rows`` images per actor call), on a filesystem
+        the driver sees too; each shard they report is registered with the store for the commit.
 
     Yields
     ------
     tuple
-        ``(items, sha256s, errors, features)`` as :func:`pipeline.extract.record_batch` takes them.
+        ``(items, sha256s, errors, None)`` as :func:`pipeline.extract.record_batch` takes them: the rows are
+        in shards already.
     """
     import pyarrow
     import ray
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # rows land in the store in the same order as locally
+    context.execution_options.preserve_order = True  # shards are named in work order, so rows keep it
     context.enable_progress_bars = False  # extract draws its own bar...
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # ...so Ray's notice that its are off is noise
@@ -200,6 +228,9 @@ def embed_on_ray(
         pyarrow.table({
             "index": np.arange(start, min(start + block, len(items)), dtype=np.int64),
             "path": list(paths[start : start + block]),
+            "record": [item.record.path for item in items[start : start + block]],
+            "size": np.array([item.state.size for item in items[start : start + block]], np.int64),
+            "mtime": np.array([item.state.mtime_ns for item in items[start : start + block]], np.int64),
             "needed": np.array(needed[start : start + block], dtype=np.int64),
         })
         for start in range(0, len(items), block)
@@ -209,10 +240,11 @@ def embed_on_ray(
         decode_batch, batch_size=batch_size, fn_kwargs={"preprocessings": list(preprocessings), "max_pixels": max_pixels},
         num_cpus=1,
     ).map_batches(
-        EmbedActor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers.actors),
+        EmbedActor, batch_size=max(output.rows, 1), compute=ray.data.ActorPoolStrategy(size=workers.actors),
         fn_constructor_kwargs={
             "models_dir": str(Path(models_dir).resolve()), "variants": [s.name for s in backbones],
             "fingerprints": [s.fingerprint for s in backbones], "device": device, "threads": workers.threads,
+            "batch_size": batch_size, "target": output.target(),
         },
         **workers.remote_args,
     )
@@ -226,15 +258,14 @@ def embed_on_ray(
         if first:
             _check_workers_see_the_files([paths[i] for i in batch["index"]], errors)
             first = False
-        features = {}
-        for bit, spec in enumerate(specs):
-            wanted = (batch["needed"] & (1 << bit)).astype(bool) & (batch["error"] == "")
-            if wanted.any():
-                features[spec.name] = batch[f"features{bit}"][wanted]
+        for reported in batch["shards"]:
+            for entry in json.loads(str(reported) or "[]"):
+                _check_driver_sees_the_shard(output.store, ShardEntry(**entry))
+                output.store.register(ShardEntry(**entry))
         providers.add(str(batch["providers"][0]))
         for number, spec in enumerate(backbones):
             spec.attrs["provider"] = ",".join(sorted({p.split(",")[number] for p in providers}))
-        yield rows, hashes, errors, features
+        yield rows, hashes, errors, None
 
 
 def _check_workers_see_the_files(paths: Sequence[str], errors: Sequence[str]) -> None:
@@ -246,24 +277,34 @@ def _check_workers_see_the_files(paths: Sequence[str], errors: Sequence[str]) ->
         )
 
 
+def _check_driver_sees_the_shard(store: EmbeddingStore, entry: ShardEntry) -> None:
+    """Stop when a shard a worker wrote is not where this machine looks for it (no shared filesystem)."""
+    path = store.shards / entry.file
+    if not path.exists() or path.stat().st_size != entry.bytes:
+        raise UserError(
+            f"a Ray worker wrote {path}, which this machine cannot see: put --cache on a filesystem every node "
+            "mounts at the same path."
+        )
+
+
 def decode_batch(
     batch: dict[str, np.ndarray], preprocessings: Sequence[Preprocessing], max_pixels: int = MAX_PIXELS
 ) -> dict[str, np.ndarray]:
     """Ray Data task: read, hash and decode a batch of files with the local backend's code; never raises.
 
-    Returns the batch's ``index`` and ``needed`` columns with ``sha256``, ``error`` (``""`` when decoded),
-    ``pixels`` and one uint8 ``crop<n>`` column per preprocessing (zeros where decoding failed).
+    Returns the batch's ``index``, ``record``, ``size``, ``mtime`` and ``needed`` columns with ``sha256``,
+    ``error`` (``""`` when decoded), ``pixels`` and one uint8 ``crop<n>`` column per preprocessing (zeros
+    where decoding failed).
     """
     decoded = [decode_file(str(path), preprocessings, max_pixels=max_pixels) for path in batch["path"]]
-    columns = {
-        "index": batch["index"],
-        "needed": batch["needed"],
+    columns = {key: batch[key] for key in ("index", "record", "size", "mtime", "needed")}
+    columns.update({
         "sha256": np.array([d.sha256 for d in decoded], dtype=object),
         "error": np.array([d.error for d in decoded], dtype=object),
         "pixels": np.stack([
             d.pixels if not d.error else np.zeros(PIXELS_SIZE * PIXELS_SIZE * 3, np.float32) for d in decoded
         ]),
-    }
+    })
     for number, preprocessing in enumerate(preprocessings):
         blank = np.zeros((preprocessing.crop_size, preprocessing.crop_size, 3), np.uint8)
         columns[f"crop{number}"] = np.stack([d.crops[number] if not d.error else blank for d in decoded])
@@ -271,10 +312,14 @@ def decode_batch(
 
 
 class EmbedActor:
-    """Ray Data actor: the backbone sessions of one worker, embedding decoded batches for every feature set."""
+    """Ray Data actor: the backbone sessions of one worker, embedding decoded batches and writing their shards."""
 
-    def __init__(self, models_dir: str, variants: list[str], fingerprints: list[str], device: str, threads: int) -> None:
+    def __init__(self, models_dir: str, variants: list[str], fingerprints: list[str], device: str, threads: int,
+                 batch_size: int, target: dict) -> None:
         self.fatal = ""  # a problem the user must fix, sent to the driver instead of crashing the actor in a loop
+        self.batch_size, self.target = batch_size, target
+        # Shards a retried batch writes again get another writer name; the commit lists one of each row.
+        self.run = RunName(target["base_version"], target["run"], uuid.uuid4().hex[:12])
         try:
             sessions = [open_backbone(models_dir, variant, device, threads) for variant in variants]
         except UserError as error:
@@ -290,8 +335,8 @@ class EmbedActor:
         self.providers = ",".join(session.provider for session in sessions)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Embed a decoded batch: ``features<bit>`` float32 ``[B, D]`` per feature set (zeros where not
-        needed or not decoded), beside the batch's index, needed mask, hashes and errors."""
+        """Embed a decoded batch (in inference batches of ``batch_size``) and write one pending shard per feature
+        set; return the batch's index, needed mask, hashes and errors, and the shards written (JSON, first row)."""
         if self.fatal:
             return {"index": batch["index"], "fatal": np.array([self.fatal] * len(batch["index"]), dtype=object)}
         crops = [f"crop{number}" for number in range(sum(key.startswith("crop") for key in batch))]
@@ -300,14 +345,27 @@ class EmbedActor:
             for row, (sha256, error) in enumerate(zip(batch["sha256"], batch["error"]))
         ]
         needed = [{spec.name for bit, spec in enumerate(self.specs) if mask >> bit & 1} for mask in batch["needed"]]
-        features = embed_batch(decoded, needed, self.specs)
+        features: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(decoded), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            for name, rows in embed_batch(decoded[part], needed[part], self.specs).items():
+                features.setdefault(name, []).append(rows)
+        root = self.target["dataset_root"]
+        segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs, root) for spec in self.specs}
+        record_outcomes(
+            [ImageRecord(str(path)) for path in batch["record"]],
+            [FileState("", int(size), int(mtime)) for size, mtime in zip(batch["size"], batch["mtime"])],
+            needed, [str(s) for s in batch["sha256"]], [str(e) for e in batch["error"]],
+            {name: np.concatenate(rows) for name, rows in features.items()}, self.specs, segments,
+        )
+        order = int(batch["index"][0])
+        folder = Path(self.target["folder"])
+        written = [
+            asdict(write_segment(folder, segment, self.run.shard(name, order), self.run.base_version))
+            for name, segment in segments.items() if len(segment)
+        ]
         columns = {key: batch[key] for key in ("index", "needed", "sha256", "error")}
-        for bit, spec in enumerate(self.specs):
-            full = np.zeros((len(decoded), int(spec.attrs["embedding_dim"])), np.float32)
-            wanted = [spec.name in names and not d.error for d, names in zip(decoded, needed)]
-            if any(wanted):
-                full[np.flatnonzero(wanted)] = features[spec.name]
-            columns[f"features{bit}"] = full
+        columns["shards"] = np.array([json.dumps(written)] + [""] * (len(decoded) - 1), dtype=object)
         columns["providers"] = np.array([self.providers] * len(decoded), dtype=object)
         columns["fatal"] = np.array([""] * len(decoded), dtype=object)
         return columns

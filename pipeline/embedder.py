@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,21 +47,20 @@ class Embedded:
     cached: bool = False
 
 
-def stored_features(cache: str | os.PathLike | None, name: str, fingerprint: str) -> dict[str, np.ndarray]:
-    """Stored features of feature set ``name`` by content hash, when computed with ``fingerprint``; else empty."""
+def stored_features(cache: str | os.PathLike | None, name: str, fingerprint: str) -> Mapping[str, np.ndarray]:
+    """Stored features of feature set ``name`` by content hash, when computed with ``fingerprint``; else empty.
+
+    Only the hashes are read up front; an embedding is read from its shard when it is asked for.
+    """
     if cache is None or not Path(cache).exists():
         return {}
-    store = EmbeddingStore(cache)
-    if name not in store.feature_sets() or store.load_attrs(name).get("fingerprint") != fingerprint:
-        return {}
-    features = store.load(name)
-    return dict(zip(features.sha256.tolist(), features.embeddings))
+    return EmbeddingStore(cache).lookup(name, fingerprint)
 
 
 def embed_files(
     paths: Sequence[str | os.PathLike],
     session: BackboneSession | None,
-    known: dict[str, np.ndarray] | None = None,
+    known: Mapping[str, np.ndarray] | None = None,
     batch_size: int = 16,
     workers: int | None = None,
     progress: bool | None = False,
@@ -75,7 +74,7 @@ def embed_files(
         Image files.
     session : BackboneSession or None
         The backbone; None for the 32x32 raw-pixel features.
-    known : dict, optional
+    known : mapping, optional
         Features already computed, by content hash (see :func:`stored_features`).
     batch_size : int
         Images per inference batch.

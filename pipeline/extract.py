@@ -19,17 +19,18 @@ from pipeline.backbones import BACKBONES, Preprocessing
 from pipeline.decode import MAX_PIXELS, batches, decode_file, map_ordered
 from pipeline.discover import Dataset, ImageRecord, discover
 from pipeline.errors import UserError, run_cli
-from pipeline.features import BatchOutcome, FeatureSpec, embed_batch, feature_specs
+from pipeline.features import BatchOutcome, FeatureSpec, count_outcomes, embed_batch, feature_specs, record_outcomes
 from pipeline.manifest import PRECISIONS, ModelManifest, model_paths, variant_name
 from pipeline.quantize import CALIBRATION_IMAGES, calibration_paths, check_calibration_images, current_variant, describe, make_variant
 from pipeline.runtime import CUDA, DEVICES, BackboneSession, available_cores, open_backbone
 from pipeline.store import EmbeddingStore, FileState, Segment
+from pipeline.store.spec import path_keys
 from pipeline.weights import parse_weights
 
 BACKENDS = ("local", "ray")
 EXIT_SKIPPED = 1  # with --strict: the run finished but some files could not be decoded
 UNREADABLE = FileState("", -1, -1)
-JOURNAL_ROWS = 512  # results are journaled at least every this many images...
+JOURNAL_ROWS = 512  # results are written as pending shards at least every this many images...
 JOURNAL_SECONDS = 30.0  # ...or this many seconds, so a kill loses at most that much work
 
 
@@ -130,16 +131,15 @@ def check_store(store: EmbeddingStore, dataset: Dataset, specs: Sequence[Feature
                 f"{store.path} holds images of {root}, not {dataset.root}; use another --cache, "
                 "or --overwrite to replace it."
             )
-        store.path.unlink()
-        store.clear_journal()
-    others = store.journal_roots() - {str(dataset.root)}
+        store.remove()
+    others = store.pending_roots() - {str(dataset.root)}
     if others:
         if not overwrite:
             raise UserError(
-                f"{store.journal} holds results of an interrupted run on {sorted(others)[0]}; run extract on that "
+                f"{store.shards} holds results of an interrupted run on {sorted(others)[0]}; run extract on that "
                 "folder again to finish it, or pass --overwrite to discard them."
             )
-        store.clear_journal()
+        store.discard_pending()
     for spec in specs:
         if spec.name not in store.feature_sets():
             continue
@@ -162,24 +162,25 @@ def _describe(attrs: dict) -> str:
 
 
 def plan(dataset: Dataset, store: EmbeddingStore, specs: Sequence[FeatureSpec]) -> list[WorkItem]:
-    """The images some feature set still lacks: new files, changed files (size or mtime) and unseen ones."""
-    known = {spec.name: store.state(spec.name, spec.fingerprint) for spec in specs}
-    work = []
-    for record in dataset.records:
+    """The images some feature set still lacks: new files, changed files (size or mtime) and unseen ones.
+
+    What the store holds is matched by path key in sorted arrays, so the bookkeeping costs a few dozen
+    bytes per image (see ``make bench-store``), whatever the store's size.
+    """
+    records = dataset.records
+    sizes, mtimes = np.full(len(records), -1, np.int64), np.full(len(records), -1, np.int64)
+    for number, record in enumerate(records):
         try:
             stat = os.stat(dataset.absolute(record))
-            state = FileState("", stat.st_size, stat.st_mtime_ns)
         except OSError:
-            state = UNREADABLE
-        item = WorkItem(record, state)
-        for spec in specs:
-            embedded, failed = known[spec.name]
-            done = embedded.get(record.path) or failed.get(record.path)
-            # A file that could not even be read (no hash) is tried again: permissions may have been fixed.
-            if done is None or not done.sha256 or (done.size, done.mtime_ns) != (state.size, state.mtime_ns):
-                item.needed.append(spec.name)
-        if item.needed:
-            work.append(item)
+            continue  # unreadable: tried on every run, recorded as such
+        sizes[number], mtimes[number] = stat.st_size, stat.st_mtime_ns
+    keys = path_keys(r.path for r in records)
+    needed = np.stack([store.known(s.name, s.fingerprint).needed(keys, sizes, mtimes) for s in specs])
+    work = []
+    for number in np.flatnonzero(needed.any(axis=0)):
+        state = FileState("", int(sizes[number]), int(mtimes[number])) if sizes[number] >= 0 else UNREADABLE
+        work.append(WorkItem(records[number], state, [s.name for s, n in zip(specs, needed[:, number]) if n]))
     return work
 
 
@@ -199,29 +200,17 @@ def embed_locally(
 
 
 def record_batch(
-    items: Sequence[WorkItem], hashes: Sequence[str], errors: Sequence[str], features: dict[str, np.ndarray],
+    items: Sequence[WorkItem], hashes: Sequence[str], errors: Sequence[str], features: dict[str, np.ndarray] | None,
     specs: Sequence[FeatureSpec], segments: dict[str, Segment],
 ) -> None:
-    """Add a batch's outcomes to the segments: a row per image that needed a feature set and decoded, else a failure.
-
-    ``features[name]`` holds the rows of the images that needed ``name`` and decoded, in batch order
-    (as :func:`pipeline.features.embed_batch` returns them).
-    """
-    for spec in specs:
-        segment = segments[spec.name]
-        rows = iter(features.get(spec.name, ()))
-        for item, sha256, error in zip(items, hashes, errors):
-            if spec.name not in item.needed:
-                continue
-            state = FileState(sha256, item.state.size, item.state.mtime_ns)
-            if error:
-                segment.failures.append((item.record.path, state, error))
-                spec.skipped += 1
-            else:
-                segment.records.append(item.record)
-                segment.states.append(state)
-                segment.embeddings.append(np.asarray(next(rows), dtype=np.float32))
-                spec.embedded += 1
+    """Add a batch's outcomes to the segments (see :func:`pipeline.features.record_outcomes`); with ``features``
+    None, the batch's shards were written where it was embedded (on Ray), and its outcomes are only counted."""
+    needed = [item.needed for item in items]
+    if features is None:
+        count_outcomes(needed, errors, specs)
+        return
+    record_outcomes([i.record for i in items], [i.state for i in items], needed, hashes, errors, features, specs,
+                    segments)
 
 
 def run_extract(
@@ -244,12 +233,13 @@ def run_extract(
     """Embed every image of ``data`` with each model (and the pixel baseline) into the store at ``cache``.
 
     Already stored images are not computed again; new and changed ones are; a killed run resumes.
-    Results are journaled every ``journal_rows`` images or 30 seconds, whichever comes first.
+    Results are written as pending shards every ``journal_rows`` images or 30 seconds, whichever comes first
+    (on Ray, by the workers, every ``journal_rows`` images each).
     ``precision`` (auto, fp32, fp16, int8) picks the model variant; each precision is its own feature set
     (``resnet50``, ``resnet50-int8``) with its own fingerprint, so precisions never mix.
     ``backend`` ``ray`` decodes and embeds on a Ray cluster (``RAY_ADDRESS``, or a local Ray instance) with
-    ``workers`` actors, this process remaining the one writer of the store; ``local`` uses ``workers``
-    decoding threads here. Images above ``max_pixels`` are recorded as too large, and tried again next run.
+    ``workers`` actors, which write their rows' shards themselves (this process commits the index); ``local``
+    uses ``workers`` decoding threads here. Images above ``max_pixels`` are recorded as too large, and tried again next run.
 
     Returns
     -------
@@ -290,16 +280,18 @@ def run_extract(
         specs, preprocessings = feature_specs(sessions)
         batch_size = batch_size or (pool.batch_size if pool else min(s.default_batch_size for s in sessions))
         check_store(store, dataset, specs, overwrite)
+        fingerprints = {spec.name: spec.fingerprint for spec in specs}
+        if overwrite:  # these sets are computed anew: emptied first, in a commit that keeps everything else
+            store.commit(dataset.root, dataset.records, fingerprints, replace=list(fingerprints))
         work = plan(dataset, store, specs)
-        if not work and store.matches(dataset.records, [spec.name for spec in specs]):
-            return specs
         root = str(dataset.root)
         segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs, root) for spec in specs}
         if pool and work:
             print(f"ray: {pool.describe()} for {_count(len(work), 'image')}.", file=sys.stderr)
             paths = [str(dataset.absolute(item.record)) for item in work]
             outcomes = cluster.embed_on_ray(
-                work, paths, specs, preprocessings, models_dir, device, batch_size, pool, max_pixels
+                work, paths, specs, preprocessings, models_dir, device, batch_size, pool, max_pixels,
+                cluster.ShardOutput(store, root, journal_rows),
             )
         else:
             outcomes = embed_locally(
@@ -317,9 +309,9 @@ def run_extract(
                             store.append(segment)
                         last_journal = time.monotonic()
             finally:
-                for segment in segments.values():  # on Ctrl-C or an error too: the next run merges it
+                for segment in segments.values():  # on Ctrl-C or an error too: the next run commits it
                     store.append(segment)
-        dropped = store.commit(dataset.root, dataset.records, {spec.name: spec.fingerprint for spec in specs})
+        dropped = store.commit(dataset.root, dataset.records, fingerprints)
         for name, count in dropped.items():
             if count:
                 print(f"notice: {name}: dropped {_count(count, 'image')} no longer in {dataset.root}.", file=sys.stderr)
@@ -381,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"skip (and record as too large) images that would decode to more pixels, e.g. decompression bombs; "
         f"they are tried again on the next run (default: {MAX_PIXELS:,}, Pillow's warning threshold)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace features of another model file or dataset in the store")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="compute the --models' features anew, discarding what the store holds of them; also replaces features "
+        "of another model file, or a store of another dataset",
+    )
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any image of DATA could not be decoded")
     return parser
 
@@ -419,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name, failures = failed_sets[0]
         print(
             f"{_count(failures, 'image')} of the dataset could not be decoded (or were too large); paths and reasons: "
-            f"h5dump -d /{name}/failures/reason {args.cache} (or /{name}/failures/paths).",
+            f"python -m pipeline.store failures {name} --cache {args.cache}",
             file=sys.stderr,
         )
     return EXIT_SKIPPED if args.strict and failed_sets else 0

@@ -12,8 +12,9 @@ import numpy as np
 
 from pipeline.backbones import Preprocessing
 from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_PREPROCESSING, PIXELS_SIZE, DecodedImage
+from pipeline.discover import ImageRecord
 from pipeline.runtime import BackboneSession
-from pipeline.store import PIXELS
+from pipeline.store import PIXELS, FileState, Segment
 
 # A batch's outcome, as the backends yield it and extract records it: the work items, each file's sha256
 # and decoding error ("" when decoded), and per feature set the rows of the items that needed it and decoded.
@@ -118,3 +119,52 @@ def embed_batch(
         if good:
             features[spec.name] = spec.features(good)
     return features
+
+
+def record_outcomes(
+    records: Sequence[ImageRecord], listed: Sequence[FileState], needed: Sequence[Collection[str]],
+    hashes: Sequence[str], errors: Sequence[str], features: dict[str, np.ndarray], specs: Sequence[FeatureSpec],
+    segments: dict[str, Segment],
+) -> None:
+    """Add a batch's outcomes to the segments: a row per image that needed a feature set and decoded, else a failure.
+
+    Parameters
+    ----------
+    records, listed, needed : sequences
+        Per image: its record, its file's size and mtime when the run listed it, the feature sets it needs.
+    hashes, errors : sequences of str
+        Per image: the sha256 of the bytes decoded, and why decoding failed (``""`` when it did not).
+    features : dict
+        ``features[name]`` holds the rows of the images that needed ``name`` and decoded, in batch order
+        (as :func:`embed_batch` returns them).
+    specs : sequence of FeatureSpec
+        Their ``embedded`` and ``skipped`` counts go up.
+    segments : dict
+        The segment of each feature set.
+    """
+    for spec in specs:
+        segment = segments[spec.name]
+        rows = iter(features.get(spec.name, ()))
+        for record, state, names, sha256, error in zip(records, listed, needed, hashes, errors):
+            if spec.name not in names:
+                continue
+            read = FileState(sha256, state.size, state.mtime_ns)
+            if error:
+                segment.failures.append((record.path, read, error))
+                spec.skipped += 1
+            else:
+                segment.records.append(record)
+                segment.states.append(read)
+                segment.embeddings.append(np.asarray(next(rows), dtype=np.float32))
+                spec.embedded += 1
+
+
+def count_outcomes(needed: Sequence[Collection[str]], errors: Sequence[str], specs: Sequence[FeatureSpec]) -> None:
+    """Count a batch's outcomes that another process recorded (embedded or skipped, per feature set)."""
+    for spec in specs:
+        for names, error in zip(needed, errors):
+            if spec.name in names:
+                if error:
+                    spec.skipped += 1
+                else:
+                    spec.embedded += 1

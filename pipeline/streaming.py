@@ -61,24 +61,25 @@ class RowStream:
         """``(samples, X, y)`` chunks of at most ``chunk_rows`` samples, covering every sample once.
 
         ``samples`` are positions in this stream. Without ``rng`` the store is read front to back; with it,
-        its HDF5 chunks are visited in random order and the samples of a chunk are shuffled: reads stay whole
-        chunks, and a chunk mixes rows from all over the store (stores are in folder order, so contiguous
-        rows would often be one class).
+        the HDF5 chunks of its shards are visited in random order and the samples of a chunk are shuffled:
+        reads stay whole chunks, and a chunk mixes rows from all over the store (stores are in folder order,
+        so contiguous rows would often be one class).
         """
-        with self.store.embeddings(self.name) as dataset:
-            block = dataset.chunks[0] if dataset.chunks else 4096
+        with self.store.rows(self.name) as reader:
+            blocks = list(reader.blocks())  # each within one HDF5 chunk of one shard: read whole, decompressed once
+            starts = np.array([start for start, _ in blocks] + [len(reader)], np.int64)
             order = np.argsort(self.rows, kind="stable")
-            starts = np.searchsorted(self.rows[order], np.arange(0, dataset.shape[0] + block, block))
-            blocks = [b for b in range(len(starts) - 1) if starts[b + 1] > starts[b]]
+            bounds = np.searchsorted(self.rows[order], starts)
+            wanted = [b for b in range(len(blocks)) if bounds[b + 1] > bounds[b]]
             if rng is not None:
-                blocks = list(rng.permutation(blocks))
+                wanted = list(rng.permutation(wanted))
             pieces: list[tuple[np.ndarray, np.ndarray]] = []
             pending = 0
-            for number in blocks:
-                samples = order[starts[number] : starts[number + 1]]
+            for number in wanted:
+                samples = order[bounds[number] : bounds[number + 1]]
                 rows = self.rows[samples]
                 first = int(rows.min())
-                read = dataset[first : int(rows.max()) + 1]
+                read = reader.read(first, int(rows.max()) + 1)
                 if len(read) != len(rows) or (rows != np.arange(first, first + len(rows))).any():
                     read = read[rows - first]
                 pieces.append((samples, read))

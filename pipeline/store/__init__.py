@@ -1,0 +1,18 @@
+"""Stage 4: the embedding store: an HDF5 index over immutable HDF5 shards, written crash-safely by every worker.
+
+Modules, one role each: :mod:`~pipeline.store.spec` (the format and its written spec),
+:mod:`~pipeline.store.shards` (shard files), :mod:`~pipeline.store.index` (the index file),
+:mod:`~pipeline.store.commit` (pending shards, planning state, commit), :mod:`~pipeline.store.compact`
+(compaction), :mod:`~pipeline.store.readers` (loading, streaming, lookup by hash),
+:mod:`~pipeline.store.legacy` (format 1), :mod:`~pipeline.store.embedding_store` (the public class).
+"""
+
+from pipeline.store.commit import Known, Segment
+from pipeline.store.embedding_store import Compaction, EmbeddingStore
+from pipeline.store.readers import Failures, FeatureSet, RowReader
+from pipeline.store.spec import FORMAT_VERSION, PIXELS, FileState
+
+__all__ = [
+    "FORMAT_VERSION", "PIXELS", "Compaction", "EmbeddingStore", "Failures", "FeatureSet", "FileState", "Known",
+    "RowReader", "Segment",
+]

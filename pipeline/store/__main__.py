@@ -1,0 +1,83 @@
+"""Stage tool: ``python -m pipeline.store``: look into a store, list its failures, check, convert or compact it."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.errors import UserError, run_cli
+from pipeline.store.embedding_store import EmbeddingStore
+
+COMMANDS = ("info", "failures", "verify", "convert", "compact")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m pipeline.store``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.store",
+        description=(
+            "info: the store's format, version and, per feature set, rows, failures, shards and deleted rows. "
+            "failures SET: each file of SET that could not be decoded, and why (tab-separated). verify: check the "
+            "size and sha256 of every shard. convert: convert a format-1 store to format 2 (any run that writes "
+            "does it too). compact: rewrite small and partly deleted shards into full ones (commits do it by "
+            "themselves past the thresholds in docs/store.md)."
+        ),
+        epilog="Exit status: 0 when done; 2 for an error you can fix (no store, a missing or altered shard): one line.",
+    )
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("feature_set", nargs="?", help="for failures: the feature set, e.g. resnet50")
+    parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"),
+                        help="the store's index file (default: features/embeddings.h5)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command on the store and print what it found or did."""
+    args = build_parser().parse_args(argv)
+    store = EmbeddingStore(args.cache)
+    if not store.exists():
+        raise UserError(f"no embedding store at {args.cache}; run extract first (make extract DATA=...).")
+    if args.command == "failures":
+        if not args.feature_set:
+            raise UserError(f"say which feature set: python -m pipeline.store failures SET (one of: {_sets(store)}).")
+        failures = store.failures(args.feature_set)
+        for path, reason in zip(failures.paths, failures.reasons):
+            print(f"{path}\t{reason}")
+        return 0
+    if args.command == "info":
+        print(_info(store))
+    elif args.command == "verify":
+        print(f"{store.path}: {store.verify()} shards checked, each of the listed size and sha256.")
+    else:
+        with store.lock():  # converts a format-1 store on the way
+            compaction = store.compact() if args.command == "compact" else None
+        if compaction:
+            for name in compaction.rewritten:
+                print(f"{name}: rewrote {compaction.rewritten[name]} shards as {compaction.written[name]}.")
+        elif args.command == "compact":
+            print(f"{store.path}: no shard needs rewriting.")
+        print(_info(store))
+    return 0
+
+
+def _info(store: EmbeddingStore) -> str:
+    attrs = store.root_attrs()
+    index = store.index(arrays=False)
+    lines = [f"{store.path}: format {attrs.get('format_version')}, version {index.version}, dataset {index.dataset_root}"]
+    for name, set_index in sorted(index.sets.items()):
+        rows, failures = set_index.counts()
+        size = sum(entry.bytes for entry in set_index.shards)
+        lines.append(
+            f"  {name}: {rows} rows, {failures} failed, {len(set_index.shards)} shards ({size / 2**20:.1f} MiB), "
+            f"{len(set_index.deleted) + len(set_index.deleted_failures)} deleted rows not yet compacted"
+        )
+    return "\n".join(lines)
+
+
+def _sets(store: EmbeddingStore) -> str:
+    return ", ".join(store.feature_sets()) or "none"
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,99 @@
+"""The store's on-disk format 2: its names, version and written spec, thresholds, and the path keys runs plan with."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 2
+LEGACY_VERSION = 1  # one HDF5 file rewritten whole by every run: read as it is, converted by the first write
+ENCODING = "pipeline.embedding-store"
+SHARD_ENCODING = "pipeline.embedding-shard"
+PIXELS = "pixels"
+SPLITS = ("", "train", "validation", "test")  # codes 0..3 of the index's split datasets
+STRING = h5py.string_dtype("utf-8")
+KEY_BYTES = 16
+
+# Compaction (see :mod:`pipeline.store.compact`): a shard holds up to SHARD_BYTES of embeddings; one with
+# fewer live rows than a quarter of that is small. A commit compacts a feature set by itself when it holds
+# more than SMALL_SHARDS small shards, or a shard whose rows are more than DEAD_SHARE deleted.
+SHARD_BYTES = 128 << 20
+SMALL_SHARE = 0.25
+SMALL_SHARDS = 64
+DEAD_SHARE = 0.25
+VIEW_PIECES = 65_536  # the index's virtual-dataset view is left out beyond this many pieces
+
+SPEC = (
+    "Embedding store, format 2: this index file, and immutable HDF5 shard files in the folder named by the "
+    "shards_folder attribute, beside it. INDEX: root attributes encoding = 'pipeline.embedding-store', "
+    "format_version = 2, version (the commit counter, +1 per commit), dataset_root (absolute path), shards_folder, "
+    "spec; /classes UTF-8 [C] (class names; an index never changes once written); /split_names UTF-8 "
+    "['', 'train', 'validation', 'test']. One group per feature set (a backbone such as 'resnet50', a precision "
+    "variant such as 'resnet50-int8', or 'pixels' for the 32x32 raw-pixel baseline), whose attributes say how "
+    "its rows were computed (fingerprint = ONNX sha256, weights provenance, image size, precision, provider...), "
+    "holding: shards/file UTF-8 [S] (POSIX paths relative to the shards folder), shards/sha256 [S] (hex sha256 "
+    "of each shard file), shards/bytes, shards/rows, shards/failures int64 [S]: the set's shards, in order; "
+    "labels int32 [R] (index into /classes, -1 when unlabelled) and split uint8 [R] (index into /split_names) of "
+    "every row of those shards in order, R being the sum of their rows; deleted and deleted_failures int64: "
+    "sorted positions, over the rows (the failure rows) of the set's shards in order, that are no longer live; "
+    "embeddings: a virtual dataset float32 [N, D] of the live rows in order, for plain HDF5 tools (it reads NaN "
+    "where a shard is missing; it MAY be absent, when it would need more than 65536 pieces). SHARD: root "
+    "attributes encoding = 'pipeline.embedding-shard', format_version = 2, feature_set, fingerprint, "
+    "dataset_root, base_version (the index version it was written on), origin (extract, compaction or "
+    "conversion), set_attrs (the set's attributes as JSON); datasets embeddings float32 [n, D] (gzip + shuffle), "
+    "paths UTF-8 [n] (POSIX, relative to dataset_root), path_key uint8 [n, 16] (BLAKE2b-128 of each path's "
+    "UTF-8 bytes), sha256 ASCII [n] (hex sha256 of each file's bytes), file_size and file_mtime_ns int64 [n] "
+    "(the file as read); failures/ with paths, path_key, sha256 ('' when unreadable), file_size, file_mtime_ns "
+    "and reason [f] for the files that could not be decoded. RULES: a writer MUST hold the lock file "
+    "<index>.lock; MUST write each shard whole under a temporary name, then rename it, and never change it "
+    "again; commits by writing a new index under a temporary name and renaming it over the old one; MUST NOT "
+    "delete a shard before an index that does not list it is in place. An unlisted shard whose base_version "
+    "equals the index's version and whose origin is extract is pending (a run's results not yet committed): "
+    "the next commit lists it. Where a path has rows in several listed or pending shards, the row of the latest "
+    "shard wins (listed shards in order, then pending ones by file name); the others are deleted. Any other "
+    "unlisted file in the shards folder MAY be deleted by a writer. A reader MUST check that each shard it reads "
+    "has the listed size and sha256, and MUST NOT return deleted rows."
+)
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What a store knows of one file: its content hash and the size and mtime it had when read."""
+
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+def path_keys(paths: Iterable[str]) -> np.ndarray:
+    """BLAKE2b-128 of each path's UTF-8 bytes, as ``S16``: how runs match files to rows without reading paths.
+
+    128 bits make an accidental collision negligible (about 1e-23 for 100 million paths).
+    """
+    digests = b"".join(hashlib.blake2b(p.encode("utf-8"), digest_size=KEY_BYTES).digest() for p in paths)
+    return np.frombuffer(digests, dtype=f"S{KEY_BYTES}").copy()
+
+
+def keys_from_bytes(raw: np.ndarray) -> np.ndarray:
+    """Keys read from an HDF5 ``uint8 [n, 16]`` dataset, as ``S16``."""
+    return np.ascontiguousarray(raw, dtype=np.uint8).view(f"S{KEY_BYTES}").reshape(-1)
+
+
+def keys_to_bytes(keys: np.ndarray) -> np.ndarray:
+    """``S16`` keys as ``uint8 [n, 16]``, for HDF5 (numpy drops trailing NUL bytes of ``S`` values it returns)."""
+    return np.frombuffer(np.ascontiguousarray(keys, dtype=f"S{KEY_BYTES}").tobytes(), np.uint8).reshape(-1, KEY_BYTES)
+
+
+def split_codes(splits: Iterable[str]) -> np.ndarray:
+    """Split names as uint8 codes into :data:`SPLITS`."""
+    code = {name: number for number, name in enumerate(SPLITS)}
+    return np.array([code[s] for s in splits], dtype=np.uint8)
+
+
+def shard_rows(dim: int) -> int:
+    """Rows of ``dim`` float32 values a full shard holds."""
+    return max(1, SHARD_BYTES // (4 * max(dim, 1)))
