@@ -281,8 +281,6 @@ def run_extract(
         batch_size = batch_size or (pool.batch_size if pool else min(s.default_batch_size for s in sessions))
         check_store(store, dataset, specs, overwrite)
         fingerprints = {spec.name: spec.fingerprint for spec in specs}
-        if overwrite:  # these sets are computed anew: emptied first, in a commit that keeps everything else
-            store.commit(dataset.root, dataset.records, fingerprints, replace=list(fingerprints))
         work = plan(dataset, store, specs)
         root = str(dataset.root)
         segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs, root) for spec in specs}
@@ -373,11 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"skip (and record as too large) images that would decode to more pixels, e.g. decompression bombs; "
         f"they are tried again on the next run (default: {MAX_PIXELS:,}, Pillow's warning threshold)",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true",
-        help="compute the --models' features anew, discarding what the store holds of them; also replaces features "
-        "of another model file, or a store of another dataset",
-    )
+    parser.add_argument("--overwrite", action="store_true", help="replace features of another model file or dataset in the store")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any image of DATA could not be decoded")
     return parser
 

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -76,12 +75,9 @@ def test_embeddings_equal_torchvision_and_failures_are_recorded(tmp_path, small_
 
     pixels = store.load(PIXELS)
     assert pixels.embeddings.shape == (9, 3072) and list(pixels.paths) == list(features.paths)
-    import h5py
-
-    with h5py.File(store.path) as raw:
-        assert list(raw["resnet50/failures/paths"].asstr()) == ["dog/corrupt.jpg"]
-        assert "Truncated" in raw["resnet50/failures/reason"].asstr()[0]
-        assert raw.attrs["dataset_root"] == str(data)
+    failures = store.failures("resnet50")
+    assert list(failures.paths) == ["dog/corrupt.jpg"] and "Truncated" in failures.reasons[0]
+    assert store.root_attrs()["dataset_root"] == str(data)
 
 
 def test_second_run_computes_nothing_and_changes_are_incremental(tmp_path, small_models, extract_quietly):
@@ -194,11 +190,24 @@ def test_ctrl_c_keeps_finished_batches(tmp_path, small_models, monkeypatch, extr
     with pytest.raises(KeyboardInterrupt):
         extract_quietly(data, cache, small_models, batch_size=2)
     monkeypatch.setattr(extract, "record_batch", real)
-    embedded, failed = EmbeddingStore(cache).state("resnet50", EmbeddingStore(tmp_path / "other.h5").load_attrs("resnet50")["fingerprint"])
-    assert len(embedded) + len(failed) == 4  # two batches of two, in the journal
+    fingerprint = EmbeddingStore(tmp_path / "other.h5").load_attrs("resnet50")["fingerprint"]
+    assert len(EmbeddingStore(cache).known("resnet50", fingerprint)) == 4  # two batches of two, in pending shards
     specs = extract_quietly(data, cache, small_models, batch_size=2)
     assert specs[0].embedded == 5 and specs[0].skipped == 1
     assert len(set(EmbeddingStore(cache).load("resnet50").paths)) == 9
+
+
+def failure_reasons(cache: Path, name: str = "resnet50") -> dict[str, str]:
+    failures = EmbeddingStore(cache).failures(name)
+    return dict(zip(failures.paths.tolist(), failures.reasons.tolist()))
+
+
+def unlisted(cache: Path) -> list[str]:
+    """Shard files beside the store that its index does not list: pending ones, or leftovers of a killed commit."""
+    store = EmbeddingStore(cache)
+    listed = {entry.file for s in store.index(arrays=False).sets.values() for entry in s.shards}
+    return sorted(p.relative_to(store.shards).as_posix() for p in store.shards.glob("*/*") if
+                  p.relative_to(store.shards).as_posix() not in listed)
 
 
 def assert_same_images(expected: Path, actual: Path, images: int) -> None:
@@ -226,13 +235,13 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, small_
     extract_quietly(data, uninterrupted, small_models)
 
     cache = tmp_path / "killed.h5"
-    journal = tmp_path / "killed.h5.journal"
+    shards = tmp_path / "killed.h5.shards" / "resnet50"
     kills = 0
     for delay in (0.0, 0.3):
         process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(data), str(cache), str(small_models), seeded_weights])
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
-            if journal.exists() and len(list(journal.glob("resnet50-*.npz"))) >= 2:
+            if len(list(shards.glob("*.h5"))) >= 2:
                 time.sleep(delay)
                 break
             time.sleep(0.01)
@@ -245,7 +254,7 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, small_
     assert kills >= 1
 
     extract_quietly(data, cache, small_models)
-    assert not journal.exists()
+    assert not unlisted(cache)  # every pending shard committed
     assert_same_images(uninterrupted, cache, 40)
 
 
@@ -272,13 +281,15 @@ def test_kill_9_at_eight_random_moments_never_costs_or_doubles_an_image(tmp_path
     extract_quietly(data, cache, small_models)
     assert EmbeddingStore(cache).counts("resnet50") == EmbeddingStore(uninterrupted).counts("resnet50") == (30, 1)
     assert_same_images(uninterrupted, cache, 30)
-    assert not list(tmp_path.glob(".killed.h5.*.tmp"))  # a commit killed midway leaves nothing behind
+    assert not list(tmp_path.glob(".killed.h5.*.tmp")) and not unlisted(cache)  # a commit killed midway leaves nothing
 
 
 COMMIT_KILLED_AT = """
-import shutil, sys, time
+import sys, time
 from pathlib import Path
-import pipeline.store as store
+import pipeline.store.compact as compact
+import pipeline.store.embedding_store as embedding_store
+import pipeline.store.index as index
 from pipeline.extract import run_extract
 
 marker, where = Path(sys.argv[5]), sys.argv[6]
@@ -287,40 +298,43 @@ def stop_here():
     marker.touch()
     time.sleep(300)  # the test kills the process here
 
-merge, rmtree = store._merge_group, shutil.rmtree
+write_view, write_index, write_shard = index._write_view, embedding_store.write_index, compact.write_shard
 
-def merge_one_then_stop(new, *args):  # the new file half-written: one feature set merged, the next not
-    merge(new, *args)
-    new.flush()
+def view_then_stop(group, *args):  # the new index half-written: one feature set's group, not the next
+    write_view(group, *args)
+    group.file.flush()
     stop_here()
 
-def stop_before_removing(path, *args, **kwargs):  # the new file in place, the journal still there
-    if str(path).endswith(".journal"):
-        stop_here()
-    rmtree(path, *args, **kwargs)
+def shard_then_stop(*args):  # compacting: a new shard written, the index that lists it not yet
+    write_shard(*args)
+    stop_here()
 
-def remove_half_then_stop(path, *args, **kwargs):  # the journal half removed
-    if str(path).endswith(".journal"):
-        for segment in sorted(Path(path).glob("*.npz"))[::2]:
-            segment.unlink()
-        stop_here()
-    rmtree(path, *args, **kwargs)
+written = []
 
+def second_index_then_stop(*args):  # the compacted index in place, the shards it retires not yet deleted
+    write_index(*args)
+    written.append(1)
+    if len(written) == 2:
+        stop_here()
+
+compact.SMALL_SHARDS = 0  # every commit compacts its small shards
 if where == "writing":
-    store._merge_group = merge_one_then_stop
+    index._write_view = view_then_stop
+elif where == "compacting":
+    compact.write_shard = shard_then_stop
 else:
-    shutil.rmtree = stop_before_removing if where == "replaced" else remove_half_then_stop
+    embedding_store.write_index = second_index_then_stop
 run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=2, models_dir=sys.argv[3], weights=sys.argv[4],
             progress=False, journal_rows=2)
 """
 
 
-@pytest.mark.parametrize("where", ["writing", "replaced", "removing"])
-def test_kill_9_inside_the_commit_loses_and_doubles_nothing(tmp_path, small_models, extract_quietly, seeded_weights,
-                                                            where):
+@pytest.mark.parametrize("where", ["writing", "compacting", "deleting"])
+def test_kill_9_inside_the_commit_or_compaction_loses_and_doubles_nothing(tmp_path, small_models, extract_quietly,
+                                                                          seeded_weights, where):
     data = class_folders(tmp_path / "many", {"a": 4, "b": 4}, size=(120, 160))
     cache, marker = tmp_path / "killed.h5", tmp_path / "in-commit"
-    extract_quietly(data, cache, small_models)
+    extract_quietly(data, cache, small_models, journal_rows=2)
     class_folders(data / "a" / "more", {"c": 4}, size=(100, 150), seed=50)  # 4 more images of class a
     uninterrupted = tmp_path / "whole.h5"
     extract_quietly(data, uninterrupted, small_models)
@@ -334,13 +348,13 @@ def test_kill_9_inside_the_commit_loses_and_doubles_nothing(tmp_path, small_mode
     assert marker.exists(), (tmp_path / "stderr.txt").read_text() or "the commit was never reached"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    rows = EmbeddingStore(cache).counts("resnet50")[0]  # the file opens: the old one, or the new one whole
+    rows = EmbeddingStore(cache).counts("resnet50")[0]  # the index opens: the old one, or the new one whole
     assert rows == (8 if where == "writing" else 12)
-    assert (tmp_path / "killed.h5.journal").exists()
+    assert unlisted(cache)  # pending shards, a compaction's new shard, or the shards it retired
 
     specs = extract_quietly(data, cache, small_models)
     assert specs[0].embedded == 0  # everything the killed run computed was kept
-    assert not (tmp_path / "killed.h5.journal").exists() and not list(tmp_path.glob(".killed.h5.*.tmp"))
+    assert not unlisted(cache) and not list(tmp_path.glob(".killed.h5.*.tmp"))
     assert_same_images(uninterrupted, cache, 12)
 
 
@@ -363,8 +377,7 @@ def test_a_file_that_changes_or_vanishes_mid_run_costs_no_other_image(tmp_path, 
     assert first[0] not in (changed, vanished) and (specs[0].embedded, specs[0].skipped) == (8, 2)
     features = EmbeddingStore(cache).load("resnet50")
     assert len(features.paths) == len(set(features.paths)) == 8 and "dog/1.jpg" not in features.paths
-    with h5py.File(cache, "r") as opened:
-        reasons = dict(zip(opened["resnet50/failures/paths"].asstr()[()], opened["resnet50/failures/reason"].asstr()[()]))
+    reasons = failure_reasons(cache)
     assert set(reasons) == {"dog/1.jpg", "dog/corrupt.jpg"} and reasons["dog/1.jpg"].startswith("unreadable")
     session = open_backbone(small_models, "resnet50", "cpu")
     for path, row in zip(features.paths, features.embeddings):  # every row is its file's content as read
@@ -407,11 +420,8 @@ def test_unreadable_files_are_failures_and_tried_again(tmp_path, small_models, e
     (data / "cat" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
     cache = tmp_path / "e.h5"
     assert extract_quietly(data, cache, small_models)[0].skipped == 1
-    import h5py
-
-    with h5py.File(cache) as raw:
-        assert list(raw["resnet50/failures/paths"].asstr()) == ["cat/dangling.jpg"]
-        assert raw["resnet50/failures/reason"].asstr()[0].startswith("unreadable")
+    reasons = failure_reasons(cache)
+    assert list(reasons) == ["cat/dangling.jpg"] and reasons["cat/dangling.jpg"].startswith("unreadable")
     save(tmp_path / "nowhere.jpg", photo(40, 40))  # the link now resolves
     specs = extract_quietly(data, cache, small_models)
     assert (specs[0].embedded, specs[0].skipped) == (1, 0)
@@ -430,7 +440,10 @@ def test_cli_exit_status_and_summary(tmp_path, small_models, seeded_weights):
     assert done.returncode == 0, done.stderr
     assert "resnet50: embedded 9, skipped 1 in" in done.stdout and "pixels: embedded 9, skipped 1 in" in done.stdout
     assert "the store holds 9 embeddings, 1 failed" in done.stdout
-    assert "1 image of the dataset could not be decoded" in done.stderr and "/resnet50/failures/reason" in done.stderr
+    hint = f"python -m pipeline.store failures resnet50 --cache {tmp_path / 'e.h5'}"
+    assert "1 image of the dataset could not be decoded" in done.stderr and hint in done.stderr
+    listed = subprocess.run([sys.executable, *hint.split()[1:]], capture_output=True, text=True, check=True).stdout
+    assert listed.startswith("dog/corrupt.jpg\t") and "Truncated" in listed
     strict = run_cli(str(data), *common, "--strict")
     assert strict.returncode == extract.EXIT_SKIPPED and "embedded 0, skipped 0 in" in strict.stdout
     assert "nothing to do" in strict.stdout
@@ -489,8 +502,7 @@ def test_too_large_images_are_recorded_then_tried_again_under_a_higher_limit(tmp
     save(data / "cat" / "big.png", photo(300, 400))
     specs = extract_quietly(data, tmp_path / "e.h5", small_models, max_pixels=100_000)
     assert (specs[0].embedded, specs[0].skipped) == (2, 1)
-    with h5py.File(tmp_path / "e.h5", "r") as store:
-        reasons = store["resnet50/failures/reason"].asstr()[()].tolist()
+    reasons = list(failure_reasons(tmp_path / "e.h5").values())
     assert reasons == ["too large: 400x300 pixels, above the limit of 100,000 (--max-pixels)"]
     specs = extract_quietly(data, tmp_path / "e.h5", small_models)  # the default limit
     assert (specs[0].embedded, specs[0].skipped) == (1, 0)
@@ -507,8 +519,7 @@ def test_a_hostile_corpus_embeds_every_good_file_once_in_its_own_row(tmp_path, s
     store = EmbeddingStore(tmp_path / "e.h5")
     features = store.load("resnet50")
     assert sorted(features.paths) == sorted(good)  # each once
-    with h5py.File(tmp_path / "e.h5", "r") as opened:
-        reasons = dict(zip(opened["resnet50/failures/paths"].asstr()[()], opened["resnet50/failures/reason"].asstr()[()]))
+    reasons = failure_reasons(tmp_path / "e.h5")
     assert set(reasons) == bad and reasons["mixed/bomb.png"].startswith("too large")
     session = open_backbone(small_models, "resnet50", "cpu")
     for path, row in zip(features.paths, features.embeddings):  # the row of each path is that file's own embedding

@@ -233,8 +233,8 @@ def test_a_missing_or_altered_shard_is_named_with_the_recovery(tmp_path):
     original = shard.read_bytes()
     shard.unlink()
     for read in (lambda: store.load("m"), lambda: store.counts("m") and store.known("m", "f1"), store.verify):
-        with pytest.raises(UserError, match=rf"{name} is missing, .* restore that file, or run extract again with "
-                                            "--overwrite --models m"):
+        with pytest.raises(UserError, match=rf"{name} is missing, .* restore that file, or compute that feature "
+                                            "set anew: python -m pipeline.store drop m --cache"):
             read()
     altered = bytearray(original)
     altered[-100] ^= 0xFF  # same size, other bytes: caught by the sha256 when the embeddings are read
@@ -283,15 +283,21 @@ def test_pending_roots_and_providers_are_recorded(tmp_path):
     assert store.load_attrs("m")["provider"] == "CPUExecutionProvider,CUDAExecutionProvider"
 
 
-def test_replace_empties_a_set_and_keeps_the_others_pending_rows(tmp_path):
+def test_a_dropped_set_is_computed_anew_and_pending_rows_stay_pending(tmp_path):
     store = EmbeddingStore(tmp_path / "e.h5")
     store.append(segment({"cat/a.jpg": 1}))
     store.commit(ROOT, DATASET[:1], {"m": "f1"})
-    store.append(segment({"cat/a.jpg": 5}, name="vgg", fingerprint="v"))  # a killed run's rows
-    (name,) = [n for n in shard_files(store) if n.startswith("m/")]
+    (name,) = shard_files(store)
     (store.shards / name).unlink()  # a lost shard: only computing the set anew recovers
-    store.commit(ROOT, DATASET[:1], {"m": "f1"}, replace=["m"])
-    assert store.counts("m") == (0, 0) and by_path(store, "vgg") == {"cat/a.jpg": 5}
+    store.append(segment({"cat/a.jpg": 5}, name="vgg", fingerprint="v"))  # a killed run's rows
+    with pytest.raises(UserError, match=f"{name} is missing"):
+        store.commit(ROOT, DATASET[:1], {"m": "f1"})
+    store.drop("m")  # the pending rows stay pending
+    assert store.feature_sets() == [] and not len(store.known("m", "f1")) and len(store.known("vgg", "v")) == 1
+    store = EmbeddingStore(store.path)  # the next run
+    store.append(segment({"cat/a.jpg": 1}))
+    store.commit(ROOT, DATASET[:1], {"m": "f1"})
+    assert by_path(store) == {"cat/a.jpg": 1} and by_path(store, "vgg") == {"cat/a.jpg": 5}
 
 
 def test_rows_across_many_chunks_are_compressed_in_threads_as_standard_gzip(tmp_path):

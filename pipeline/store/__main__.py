@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.errors import UserError, run_cli
 from pipeline.store.embedding_store import EmbeddingStore
 
-COMMANDS = ("info", "failures", "verify", "convert", "compact")
+COMMANDS = ("info", "failures", "verify", "convert", "compact", "drop")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,12 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
             "failures SET: each file of SET that could not be decoded, and why (tab-separated). verify: check the "
             "size and sha256 of every shard. convert: convert a format-1 store to format 2 (any run that writes "
             "does it too). compact: rewrite small and partly deleted shards into full ones (commits do it by "
-            "themselves past the thresholds in docs/store.md)."
+            "themselves past the thresholds in docs/store.md). drop SET: remove a feature set, so that the next "
+            "extract computes it anew (the recovery from a lost shard)."
         ),
         epilog="Exit status: 0 when done; 2 for an error you can fix (no store, a missing or altered shard): one line.",
     )
     parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("feature_set", nargs="?", help="for failures: the feature set, e.g. resnet50")
+    parser.add_argument("feature_set", nargs="?", help="for failures and drop: the feature set, e.g. resnet50")
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"),
                         help="the store's index file (default: features/embeddings.h5)")
     return parser
@@ -38,9 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = EmbeddingStore(args.cache)
     if not store.exists():
         raise UserError(f"no embedding store at {args.cache}; run extract first (make extract DATA=...).")
+    if args.command in ("failures", "drop") and not args.feature_set:
+        raise UserError(f"say which feature set: python -m pipeline.store {args.command} SET (one of: {_sets(store)}).")
     if args.command == "failures":
-        if not args.feature_set:
-            raise UserError(f"say which feature set: python -m pipeline.store failures SET (one of: {_sets(store)}).")
         failures = store.failures(args.feature_set)
         for path, reason in zip(failures.paths, failures.reasons):
             print(f"{path}\t{reason}")
@@ -51,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{store.path}: {store.verify()} shards checked, each of the listed size and sha256.")
     else:
         with store.lock():  # converts a format-1 store on the way
+            if args.command == "drop":
+                store.drop(args.feature_set)
             compaction = store.compact() if args.command == "compact" else None
         if compaction:
             for name in compaction.rewritten:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Collection, Sequence
@@ -86,17 +87,26 @@ def shard_files(folder: Path) -> list[str]:
 
 
 def pending_shards(folder: Path, index: Index) -> list[Pending]:
-    """The shards written on this index version by runs not yet committed, in run order (by file name)."""
+    """The shards runs wrote on this index version (or carried to a later one) that no commit has listed yet,
+    in run order (by file name)."""
     listed = {entry.file for entry in _all_shards(index)}
     pending = []
     for name in sorted(shard_files(folder), key=lambda n: Path(n).name):
         match = _NAME.match(Path(name).name)
-        if name in listed or not match or int(match[1]) != index.version or match[4] in ("compaction", "conversion"):
+        if name in listed or not match or int(match[1]) < index.version or match[4] in ("compaction", "conversion"):
             continue
         header = read_header(folder / name)
         if header is not None and header.origin == ORIGIN_EXTRACT:
             pending.append(Pending(name, header))
     return pending
+
+
+def carry(folder: Path, pending: Sequence[Pending], version: int) -> None:
+    """Rename pending shards onto index ``version`` before an index write that does not list them (a drop or
+    a compaction), so that they stay pending; a crash midway leaves them pending either way."""
+    for shard in pending:
+        folder_name, name = shard.name.rsplit("/", 1)
+        os.replace(folder / shard.name, folder / folder_name / f"{version:06d}{name[6:]}")
 
 
 def garbage(folder: Path, index: Index, keep: Collection[str]) -> list[Path]:
@@ -326,8 +336,7 @@ class Commit:
 
 
 def commit_sets(folder: Path, index_path: Path, index: Index, pending: Sequence[Pending], dataset_root: str,
-                records: Sequence[ImageRecord], fingerprints: dict[str, str], replace: Collection[str],
-                written: dict[str, ShardEntry]) -> Commit:
+                records: Sequence[ImageRecord], fingerprints: dict[str, str], written: dict[str, ShardEntry]) -> Commit:
     """The next index: every feature set brought up to date with ``records`` and the ``pending`` shards.
 
     Parameters
@@ -345,8 +354,6 @@ def commit_sets(folder: Path, index_path: Path, index: Index, pending: Sequence[
     fingerprints : dict
         The fingerprint of each feature set this run computes. A listed set of another fingerprint is
         replaced by the pending shards of this one; sets this run does not compute keep their own.
-    replace : collection of str
-        Feature sets to empty: their listed and pending shards are all retired.
     written : dict
         Entries of shards this process wrote (their sha256 is not computed again).
     """
@@ -362,10 +369,10 @@ def commit_sets(folder: Path, index_path: Path, index: Index, pending: Sequence[
         fingerprint = fingerprints.get(name) or (
             listed.fingerprint if listed else candidates[-1].header.fingerprint if candidates else ""
         )
-        if listed is not None and (listed.fingerprint != fingerprint or name in replace):
+        if listed is not None and listed.fingerprint != fingerprint:
             retired += [entry.file for entry in listed.shards]
             listed, changed = None, True
-        mine = [] if name in replace else [p for p in candidates if p.header.fingerprint == fingerprint]
+        mine = [p for p in candidates if p.header.fingerprint == fingerprint]
         merged = merge_set(folder, index_path, listed, [(p, pending_entry(folder, p, written)) for p in mine], listing)
         retired += merged.retired
         changed |= merged.changed

@@ -6,7 +6,7 @@ import contextlib
 import shutil
 import sys
 import warnings
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from pipeline.discover import ImageRecord
 from pipeline.errors import UserError
 from pipeline.files import exclusive
 from pipeline.store.commit import (
-    Known, Pending, RunName, Segment, commit_sets, garbage, known_files, pending_entry, pending_shards, write_segment,
+    Known, RunName, Segment, carry, commit_sets, garbage, known_files, pending_entry, pending_shards, write_segment,
 )
 from pipeline.store.compact import compact_index, plan_compaction
 from pipeline.store.index import Index, open_store_file, read_index, write_index
@@ -208,15 +208,14 @@ class EmbeddingStore:
         entries = [pending_entry(self.shards, p, self._written) for p in pending]
         return known_files(self.shards, self.path, listed, entries)
 
-    def commit(self, dataset_root: Path, records: Sequence[ImageRecord], fingerprints: dict[str, str],
-               replace: Collection[str] = ()) -> dict[str, int]:
+    def commit(self, dataset_root: Path, records: Sequence[ImageRecord], fingerprints: dict[str, str]) -> dict[str, int]:
         """List the pending shards in a new index for the dataset's current ``records``, then replace the index.
 
         Every feature set, computed by this run or not, is brought up to date: rows of files no longer in
         ``records`` are deleted, labels and splits follow ``records``, and a pending row or failure
         supersedes an older one of the same path. Sets whose fingerprint differs from ``fingerprints``
-        (other models, after ``--overwrite``) are replaced by the pending shards of the new one; sets in
-        ``replace`` are emptied. A commit that would change nothing writes nothing. Afterwards, shards no
+        (other models, after ``--overwrite``) are replaced by the pending shards of the new one. A commit that
+        would change nothing writes nothing. Afterwards, shards no
         longer listed are deleted, and sets past the thresholds of :mod:`pipeline.store.compact` compacted.
 
         Returns
@@ -226,7 +225,7 @@ class EmbeddingStore:
         """
         index = self._writable_index()
         pending = pending_shards(self.shards, index)
-        result = commit_sets(self.shards, self.path, index, pending, str(dataset_root), records, fingerprints, replace,
+        result = commit_sets(self.shards, self.path, index, pending, str(dataset_root), records, fingerprints,
                              self._written)
         if result.index is not None:
             self._replace(result.index, result.retired)
@@ -236,25 +235,32 @@ class EmbeddingStore:
         self._run, self._written = None, {}  # the next shards are written on the new index
         return result.dropped
 
-    def compact(self, force: bool = True) -> Compaction:
-        """Rewrite the shards that need it (see :func:`pipeline.store.compact.plan_compaction`), crash-safely.
+    def drop(self, name: str) -> None:
+        """Remove feature set ``name`` (its shards are deleted once the index no longer lists them).
 
         Raises
         ------
         UserError
-            When an interrupted run's shards are pending: extract must commit them first.
+            When the set is absent.
         """
         index = self._writable_index()
-        if pending_shards(self.shards, index):
-            raise UserError(
-                f"{self.path} has results of an interrupted run that are not committed yet; run extract on that "
-                "dataset again first, then compact."
-            )
+        if name not in index.sets:
+            raise UserError(f"{self.path} has no {name!r} features (it has: {', '.join(sorted(index.sets)) or 'none'}).")
+        retired = [entry.file for entry in index.sets[name].shards]
+        sets = {other: set_index for other, set_index in index.sets.items() if other != name}
+        self._replace(Index(index.version + 1, index.dataset_root, index.classes, sets), retired, carried=True)
+
+    def compact(self, force: bool = True) -> Compaction:
+        """Rewrite the shards that need it (see :func:`pipeline.store.compact.plan_compaction`), crash-safely.
+
+        Results of an interrupted run stay pending for the next commit.
+        """
+        index = self._writable_index()
         rewrites = plan_compaction(index, force)
         if not rewrites:
             return Compaction({}, {})
         new, retired = compact_index(self.shards, self.path, index, rewrites)
-        self._replace(new, retired)
+        self._replace(new, retired, carried=True)
         before = {name: len(s.shards) for name, s in index.sets.items()}
         rewritten = {r.feature_set: 0 for r in rewrites}
         for rewrite in rewrites:
@@ -309,10 +315,17 @@ class EmbeddingStore:
             adopt_journal(self.journal, self.shards, index.version)
         return index
 
-    def _replace(self, index: Index, retired: Sequence[str]) -> None:
-        """Put ``index`` in place, then delete the shards it no longer lists (never before)."""
+    def _replace(self, index: Index, retired: Sequence[str], carried: bool = False) -> None:
+        """Put ``index`` in place, then delete the shards it no longer lists (never before).
+
+        With ``carried``, pending shards stay pending on the new version (for index writes that are not
+        commits); otherwise the unlisted ones are garbage once it is in place.
+        """
+        if carried:
+            carry(self.shards, pending_shards(self.shards, self.index(arrays=False)), index.version)
         write_index(self.path, index, self.shards)
         for name in retired:
             (self.shards / name).unlink(missing_ok=True)
-        for path in garbage(self.shards, index, ()):
+        keep = [p.name for p in pending_shards(self.shards, index)] if carried else ()
+        for path in garbage(self.shards, index, keep):
             path.unlink(missing_ok=True)

@@ -161,8 +161,8 @@ class ShardReader:
         self.path = folder / entry.file
         self.entry = entry
         recovery = (
-            f"restore that file, or run extract again with --overwrite --models {_set_of(entry)} "
-            "to compute that feature set anew"
+            f"restore that file, or compute that feature set anew: python -m pipeline.store drop {_set_of(entry)} "
+            f"--cache {index_path}, then extract again"
         )
         try:
             size = self.path.stat().st_size
