@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,14 +19,22 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 
 from pipeline import cluster, extract  # noqa: E402
 from pipeline.backbones import BACKBONES  # noqa: E402
-from pipeline.cluster import decode_batch, embed_on_ray, plan_workers  # noqa: E402
+from pipeline.cluster import EmbedActor, ShardOutput, decode_batch, embed_on_ray, plan_workers  # noqa: E402
+from pipeline.decode import MAX_PIXELS  # noqa: E402
 from pipeline.discover import ImageRecord  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.extract import WorkItem  # noqa: E402
 from pipeline.features import feature_specs  # noqa: E402
 from pipeline.runtime import open_backbone  # noqa: E402
 from pipeline.store import PIXELS, EmbeddingStore, FileState  # noqa: E402
+from pipeline.store.shards import ShardEntry  # noqa: E402
 from tests.images import class_folders, pets  # noqa: E402
+
+def unlisted(cache: Path) -> list[str]:
+    store = EmbeddingStore(cache)
+    listed = {entry.file for s in store.index(arrays=False).sets.values() for entry in s.shards}
+    return [p.name for p in store.shards.glob("*/*") if p.relative_to(store.shards).as_posix() not in listed]
+
 
 def assert_same_store(a: Path, b: Path) -> None:
     """Both stores hold the same rows in the same order, bit for bit, and the same failures."""
@@ -82,14 +91,14 @@ def _embedding_actor_pids() -> set[int]:
 def test_a_worker_killed_mid_run_changes_nothing(tmp_path, small_models, extract_quietly, ray_instance):
     data = class_folders(tmp_path / "many", {"a": 120, "b": 120}, size=(120, 160))
     extract_quietly(data, tmp_path / "local.h5", small_models, batch_size=4)
-    journal = tmp_path / "ray.h5.journal"
+    shards = tmp_path / "ray.h5.shards" / "resnet50"
     killed = []
 
     def kill_one_actor_once_rows_arrive() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             pids = _embedding_actor_pids()
-            if pids and journal.exists() and any(journal.glob("resnet50-*.npz")):
+            if pids and any(shards.glob("*.h5")):
                 os.kill(min(pids), signal.SIGKILL)
                 killed.append(min(pids))
             time.sleep(0.01)
@@ -115,24 +124,24 @@ run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=4, models_dir=sys
 def test_a_killed_driver_resumes_to_the_uninterrupted_store(tmp_path, small_models, extract_quietly, seeded_weights, ray_instance):
     data = class_folders(tmp_path / "many", {"a": 100, "b": 100}, size=(120, 160))
     extract_quietly(data, tmp_path / "local.h5", small_models, batch_size=4)
-    cache, journal = tmp_path / "ray.h5", tmp_path / "ray.h5.journal"
+    cache, shards = tmp_path / "ray.h5", tmp_path / "ray.h5.shards" / "resnet50"
     # The driver starts its own local Ray instance; its process group goes down with it, as in a killed job.
     driver = subprocess.Popen(
         [sys.executable, "-c", KILLED_DRIVER, str(data), str(cache), str(small_models), seeded_weights],
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and driver.poll() is None and len(list(journal.glob("resnet50-*.npz"))) < 2:
+    while time.monotonic() < deadline and driver.poll() is None and len(list(shards.glob("*.h5"))) < 2:
         time.sleep(0.01)
     assert driver.poll() is None, "the driver ended before it could be killed"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    done = len(EmbeddingStore(cache).state("resnet50", EmbeddingStore(tmp_path / "local.h5").load_attrs("resnet50")["fingerprint"])[0])
-    assert 0 < done < 200
+    done = len(EmbeddingStore(cache).known("resnet50", EmbeddingStore(tmp_path / "local.h5").load_attrs("resnet50")["fingerprint"]))
+    assert 0 < done < 200  # rows in the shards the actors had written
 
     specs = extract_quietly(data, cache, small_models, batch_size=4, backend="ray")
-    assert specs[0].embedded == 200 - done  # only what the killed run had not journaled
-    assert not journal.exists()
+    assert specs[0].embedded == 200 - done  # only what the killed run's workers had not written
+    assert not unlisted(cache)  # every shard a worker wrote is listed, or was deleted
     assert_same_store(tmp_path / "local.h5", cache)
 
 
@@ -151,18 +160,54 @@ def test_actors_refuse_a_model_file_other_than_the_drivers_in_one_sentence(tmp_p
     specs, preprocessings = feature_specs([open_backbone(small_models, "resnet50", "cpu")])
     specs[0].fingerprint = "0" * 64  # as if another node held another export under the same path
     items = [WorkItem(ImageRecord("a/0.jpg"), FileState("", 1, 1), [spec.name for spec in specs])]
-    outcomes = embed_on_ray(items, [str(image)], specs, preprocessings, small_models, "cpu", 4, plan_workers("cpu", 1))
+    output = ShardOutput(EmbeddingStore(tmp_path / "e.h5"), str(tmp_path / "one"), 8)
+    outcomes = embed_on_ray(items, [str(image)], specs, preprocessings, small_models, "cpu", 4, plan_workers("cpu", 1),
+                            MAX_PIXELS, output)
     with pytest.raises(UserError, match=r"^on a Ray worker: .*resnet50.onnx on this node .* is not the model the driver"):
         list(outcomes)
 
 
+def decoded_batch(data: Path, names: list[str], preprocessing=BACKBONES["resnet50"].preprocessing()) -> dict[str, np.ndarray]:
+    """A decode task's output for files of ``data``, every file needing both feature sets."""
+    paths = np.array([str(data / name) for name in names], dtype=object)
+    columns = {"index": np.arange(len(names)), "needed": np.full(len(names), 3), "path": paths,
+               "record": np.array(names, dtype=object), "size": np.full(len(names), 7), "mtime": np.full(len(names), 8)}
+    return decode_batch(columns, [preprocessing])
+
+
 def test_decode_tasks_record_failures_in_their_row(tmp_path):
     data = pets(tmp_path / "pets")
-    paths = np.array([str(data / "cat" / "0.jpg"), str(data / "dog" / "corrupt.jpg"), str(data / "gone.jpg")], dtype=object)
-    columns = decode_batch({"index": np.arange(3), "needed": np.full(3, 3), "path": paths}, [BACKBONES["resnet50"].preprocessing()])
+    columns = decoded_batch(data, ["cat/0.jpg", "dog/corrupt.jpg", "gone.jpg"])
     assert columns["crop0"].shape == (3, 224, 224, 3) and columns["pixels"].shape == (3, 3072)
     assert columns["error"][0] == "" and columns["error"][1] and columns["error"][2].startswith("unreadable")
     assert columns["sha256"][1] and not columns["sha256"][2] and not columns["crop0"][1].any()
+    assert list(columns["record"]) == ["cat/0.jpg", "dog/corrupt.jpg", "gone.jpg"] and (columns["size"] == 7).all()
+
+
+def test_an_actor_writes_its_rows_as_pending_shards_and_returns_only_their_metadata(tmp_path, small_models):
+    data = pets(tmp_path / "pets")
+    store = EmbeddingStore(tmp_path / "e.h5")
+    target = ShardOutput(store, str(data), 8).target()
+    session = open_backbone(small_models, "resnet50", "cpu")
+    actor = EmbedActor(str(small_models), ["resnet50"], [session.manifest.onnx_sha256], "cpu", 1, 2, target)
+    names = ["cat/0.jpg", "cat/1.jpg", "dog/corrupt.jpg"]
+    crops = decoded_batch(data, names, session.manifest.preprocessing)
+    columns = actor(crops)
+    assert not any(key.startswith("features") for key in columns)  # no embedding goes back to the driver
+    written = [ShardEntry(**entry) for entry in json.loads(columns["shards"][0])]
+    assert [e.file.split("/")[0] for e in written] == ["resnet50", PIXELS] and [e.rows for e in written] == [2, 2]
+    assert all(e.failures == 1 and (store.shards / e.file).stat().st_size == e.bytes for e in written)
+    assert list(columns["shards"][1:]) == ["", ""]
+    store.commit(data, [ImageRecord(name, name.split("/")[0]) for name in names], {})  # the driver's commit
+    features = store.load("resnet50")
+    assert list(features.paths) == names[:2] and list(store.failures("resnet50").paths) == ["dog/corrupt.jpg"]
+    np.testing.assert_allclose(features.embeddings, session.embed(crops["crop0"][:2]), rtol=1e-5, atol=1e-5)
+
+
+def test_the_driver_refuses_shards_it_cannot_see(tmp_path):
+    store = EmbeddingStore(tmp_path / "e.h5")
+    with pytest.raises(UserError, match="a Ray worker wrote .*, which this machine cannot see: put --cache on a filesystem"):
+        cluster._check_driver_sees_the_shard(store, ShardEntry("resnet50/000000-x.h5", "", 10, 1, 0))
 
 
 def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):
