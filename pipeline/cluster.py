@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +34,6 @@ from pipeline.store.shards import ShardEntry
 
 RAY_MISSING = "the ray backend needs Ray: pip install -e '.[ray]' (Ray Data and its dependencies)."
 CONNECT_SECONDS = 5.0
-BLOCK_BATCHES = 4  # batches per input block: small blocks spread the work evenly over the actors
 
 
 @dataclass(frozen=True)
@@ -222,8 +221,8 @@ def embed_on_ray(
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # ...so Ray's notice that its are off is noise
     needed = [sum(1 << bit for bit, spec in enumerate(specs) if spec.name in item.needed) for item in items]
-    # A few batches per block, but at least two blocks per actor when there are enough images.
-    block = batch_size * max(1, min(BLOCK_BATCHES, len(items) // (2 * batch_size * workers.actors)))
+    # A shard's rows per block (few blocks: less scheduling on the driver), but two blocks per actor at least.
+    block = max(batch_size, min(output.rows, len(items) // (2 * workers.actors)))
     blocks = [
         pyarrow.table({
             "index": np.arange(start, min(start + block, len(items)), dtype=np.int64),
@@ -266,6 +265,15 @@ def embed_on_ray(
         for number, spec in enumerate(backbones):
             spec.attrs["provider"] = ",".join(sorted({p.split(",")[number] for p in providers}))
         yield rows, hashes, errors, None
+
+
+def map_on_ray(function: Callable, jobs: Iterable) -> list:
+    """``function`` over ``jobs`` as Ray tasks of one CPU each, results in order: the store's compaction jobs
+    run where the shards were written, so their embeddings never pass through the driver."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=3)(function)
+    return ray.get([task.remote(job) for job in jobs])
 
 
 def _check_workers_see_the_files(paths: Sequence[str], errors: Sequence[str]) -> None:

@@ -16,7 +16,7 @@ IMAGE_EXTENSIONS = frozenset(
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation", "test": "test"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a listing of 100M images holds 100M of these
 class ImageRecord:
     """One image of a dataset.
 

@@ -24,7 +24,6 @@ from pipeline.manifest import PRECISIONS, ModelManifest, model_paths, variant_na
 from pipeline.quantize import CALIBRATION_IMAGES, calibration_paths, check_calibration_images, current_variant, describe, make_variant
 from pipeline.runtime import CUDA, DEVICES, BackboneSession, available_cores, open_backbone
 from pipeline.store import EmbeddingStore, FileState, Segment
-from pipeline.store.spec import path_keys
 from pipeline.weights import parse_weights
 
 BACKENDS = ("local", "ray")
@@ -162,25 +161,34 @@ def _describe(attrs: dict) -> str:
 
 
 def plan(dataset: Dataset, store: EmbeddingStore, specs: Sequence[FeatureSpec]) -> list[WorkItem]:
-    """The images some feature set still lacks: new files, changed files (size or mtime) and unseen ones.
-
-    What the store holds is matched by path key in sorted arrays, so the bookkeeping costs a few dozen
-    bytes per image (see ``make bench-store``), whatever the store's size.
-    """
-    records = dataset.records
-    sizes, mtimes = np.full(len(records), -1, np.int64), np.full(len(records), -1, np.int64)
-    for number, record in enumerate(records):
+    """The images some feature set still lacks: new files, changed files (size or mtime) and unseen ones."""
+    sizes, mtimes = np.full(len(dataset.records), -1, np.int64), np.full(len(dataset.records), -1, np.int64)
+    for number, record in enumerate(dataset.records):
         try:
             stat = os.stat(dataset.absolute(record))
         except OSError:
             continue  # unreadable: tried on every run, recorded as such
         sizes[number], mtimes[number] = stat.st_size, stat.st_mtime_ns
-    keys = path_keys(r.path for r in records)
-    needed = np.stack([store.known(s.name, s.fingerprint).needed(keys, sizes, mtimes) for s in specs])
+    return needed_work(dataset.records, sizes, mtimes, store, specs)
+
+
+def needed_work(records: Sequence[ImageRecord], sizes: np.ndarray, mtimes: np.ndarray, store: EmbeddingStore,
+                specs: Sequence[FeatureSpec]) -> list[WorkItem]:
+    """The work items of ``records`` (with their files' ``sizes`` and ``mtimes``, -1 when unreadable).
+
+    What the store holds is matched by path key in sorted arrays (:class:`pipeline.store.Known`), so the
+    bookkeeping costs a few dozen bytes per image, whatever the store's size (``make bench-store``).
+    """
+    listing = store.listing(records)  # sorted by path key; the commit reuses it
+    sizes, mtimes = sizes[listing.order], mtimes[listing.order]
+    needed = np.stack([store.known(s.name, s.fingerprint).needed(listing.keys, sizes, mtimes) for s in specs])
+    wanted = np.flatnonzero(needed.any(axis=0))
     work = []
-    for number in np.flatnonzero(needed.any(axis=0)):
-        state = FileState("", int(sizes[number]), int(mtimes[number])) if sizes[number] >= 0 else UNREADABLE
-        work.append(WorkItem(records[number], state, [s.name for s, n in zip(specs, needed[:, number]) if n]))
+    for position in wanted[np.argsort(listing.order[wanted])]:  # in the records' order
+        size, mtime = int(sizes[position]), int(mtimes[position])
+        state = FileState("", size, mtime) if size >= 0 else UNREADABLE
+        names = [s.name for s, n in zip(specs, needed[:, position]) if n]
+        work.append(WorkItem(records[int(listing.order[position])], state, names))
     return work
 
 
@@ -309,7 +317,7 @@ def run_extract(
             finally:
                 for segment in segments.values():  # on Ctrl-C or an error too: the next run commits it
                     store.append(segment)
-        dropped = store.commit(dataset.root, dataset.records, fingerprints)
+        dropped = store.commit(dataset.root, dataset.records, fingerprints, cluster.map_on_ray if pool else map)
         for name, count in dropped.items():
             if count:
                 print(f"notice: {name}: dropped {_count(count, 'image')} no longer in {dataset.root}.", file=sys.stderr)

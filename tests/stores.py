@@ -75,3 +75,67 @@ def synthetic_store(
         store.append(segment)
     store.commit(ROOT, records, {name: feature_attrs(name, dim)["fingerprint"] for name, (dim, _) in features.items()})
     return store
+
+
+FORMAT1_SPEC = "Embedding store, format 1. (written by the tests as the previous version of the pipeline wrote it)"
+
+
+def format1_store(path: Path, per_class: int = 6, dim: int = 8, seed: int = 0) -> dict[str, dict]:
+    """A format-1 store, one HDF5 file laid out as the previous version wrote it, and what each set holds.
+
+    Two feature sets, ``resnet50`` (rows of two classes, with a recorded split, and one failure) and
+    ``pixels`` (the same rows); returns per set the expected paths, labels, splits, sha256, embeddings,
+    attributes and failures.
+    """
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    paths = [f"{label}/{i:03d}.jpg" for label in ("cat", "dog") for i in range(per_class)]
+    labels = np.array([0 if p.startswith("cat") else 1 for p in paths], np.int32)
+    splits = ["test" if i % 3 == 0 else "train" for i in range(len(paths))]
+    hashes = [f"{i:064x}" for i in range(len(paths))]
+    string = h5py.string_dtype("utf-8")
+    expected = {}
+    with h5py.File(path, "w") as store:
+        store.attrs.update({"encoding": "pipeline.embedding-store", "format_version": 1,
+                            "dataset_root": str(ROOT), "spec": FORMAT1_SPEC})
+        store.create_dataset("classes", data=np.array(["cat", "dog"], dtype=object), dtype=string)
+        for name, width in (("resnet50", dim), (PIXELS, dim + 4)):
+            attrs = feature_attrs(name, width)
+            embeddings = rng.random((len(paths), width), dtype=np.float32)
+            group = store.create_group(name)
+            group.attrs.update(attrs)
+            group.create_dataset("embeddings", data=embeddings, chunks=(4, width), maxshape=(None, width),
+                                 compression="gzip", compression_opts=4, shuffle=True)
+            group.create_dataset("paths", data=np.array(paths, dtype=object), dtype=string)
+            group.create_dataset("labels", data=labels)
+            group.create_dataset("split", data=np.array(splits, dtype=object), dtype=string)
+            group.create_dataset("sha256", data=np.array(hashes, dtype=object), dtype=string)
+            group.create_dataset("file_size", data=np.full(len(paths), 100, np.int64))
+            group.create_dataset("file_mtime_ns", data=np.arange(len(paths), dtype=np.int64))
+            failed = ["dog/broken.jpg"] if name == "resnet50" else []
+            failures = group.create_group("failures")
+            for column, values in (("paths", failed), ("reason", ["truncated"] * len(failed)), ("sha256", ["f" * 64] * len(failed))):
+                failures.create_dataset(column, data=np.array(values, dtype=object), dtype=string)
+            failures.create_dataset("file_size", data=np.full(len(failed), 5, np.int64))
+            failures.create_dataset("file_mtime_ns", data=np.full(len(failed), 5, np.int64))
+            expected[name] = {"paths": paths, "labels": labels, "splits": splits, "sha256": hashes,
+                              "embeddings": embeddings, "attrs": attrs, "failures": failed}
+    return expected
+
+
+def format1_journal_segment(store_path: Path, name: str, rows: dict[str, float], number: int = 1) -> None:
+    """A segment of a format-1 journal (``<store>.journal/<set>-<n>.npz``), as an interrupted run left it."""
+    journal = store_path.with_name(store_path.name + ".journal")
+    journal.mkdir(exist_ok=True)
+    dim = 8
+    np.savez(
+        journal / f"{name}-{number:06d}.npz", name=np.array(name), fingerprint=np.array(feature_attrs(name, dim)["fingerprint"]),
+        dataset_root=np.array(str(ROOT)), attrs=np.array(json.dumps(feature_attrs(name, dim))),
+        embeddings=np.stack([np.full(dim, v, np.float32) for v in rows.values()]),
+        paths=np.array(list(rows), dtype=str), sha256=np.array([f"{9:064x}"] * len(rows)),
+        file_size=np.full(len(rows), 1, np.int64), file_mtime_ns=np.full(len(rows), 1, np.int64),
+        failed_paths=np.array([], dtype=str), failed_sha256=np.array([], dtype=str),
+        failed_file_size=np.zeros(0, np.int64), failed_file_mtime_ns=np.zeros(0, np.int64),
+        failed_reasons=np.array([], dtype=str),
+    )

@@ -298,7 +298,7 @@ def stop_here():
     marker.touch()
     time.sleep(300)  # the test kills the process here
 
-write_view, write_index, write_shard = index._write_view, embedding_store.write_index, compact.write_shard
+write_view, write_index, write_shard = index._write_view, embedding_store.write_index, compact.write_shard_blocks
 
 def view_then_stop(group, *args):  # the new index half-written: one feature set's group, not the next
     write_view(group, *args)
@@ -321,7 +321,7 @@ compact.SMALL_SHARDS = 0  # every commit compacts its small shards
 if where == "writing":
     index._write_view = view_then_stop
 elif where == "compacting":
-    compact.write_shard = shard_then_stop
+    compact.write_shard_blocks = shard_then_stop
 else:
     embedding_store.write_index = second_index_then_stop
 run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=2, models_dir=sys.argv[3], weights=sys.argv[4],

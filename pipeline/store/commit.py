@@ -154,7 +154,10 @@ class Known:
 
 @dataclass
 class _Outcomes:
-    """Every live row and failure of a set, listed and pending, flattened; ``winner`` marks each path's latest."""
+    """Every live row and failure of a set, listed and pending, flattened; ``winner`` marks each path's latest.
+
+    ``sizes``, ``mtimes`` and ``readable`` are empty unless asked for (planning needs them, a commit not).
+    """
 
     keys: np.ndarray
     failure: np.ndarray  # bool
@@ -162,43 +165,46 @@ class _Outcomes:
     sizes: np.ndarray
     mtimes: np.ndarray
     readable: np.ndarray
-    winner: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    winner: np.ndarray
 
 
 def _outcomes(folder: Path, index_path: Path, shards: Sequence[ShardEntry], live_rows: np.ndarray,
-              live_failures: np.ndarray) -> _Outcomes:
-    parts: list[tuple] = []
-    row_at = failure_at = 0
+              live_failures: np.ndarray, states: bool) -> _Outcomes:
+    total = int(live_rows.sum() + live_failures.sum())
+    columns = _Outcomes(
+        np.empty(total, "S16"), np.empty(total, bool), np.empty(total, np.int64),
+        np.empty(total if states else 0, np.int64), np.empty(total if states else 0, np.int64),
+        np.empty(total if states else 0, bool), np.zeros(total, bool),
+    )
+    filled = row_at = failure_at = 0
     for entry in shards:
-        with ShardReader(folder, entry, index_path) as reader:
-            for failures, count, start, alive in (
-                (False, entry.rows, row_at, live_rows), (True, entry.failures, failure_at, live_failures)
-            ):
-                take = np.flatnonzero(alive[start : start + count])
-                if len(take):
-                    sizes, mtimes, readable = reader.states(failures)
-                    parts.append((reader.keys(failures)[take], np.full(len(take), failures), start + take,
-                                  sizes[take], mtimes[take], readable[take]))
+        parts = ((False, entry.rows, row_at, live_rows), (True, entry.failures, failure_at, live_failures))
+        takes = [np.flatnonzero(alive[start : start + count]) for _, count, start, alive in parts]
+        if any(len(take) for take in takes):
+            with ShardReader(folder, entry, index_path) as reader:
+                for (failures, _, start, _), take in zip(parts, takes):
+                    span = slice(filled, filled + len(take))
+                    columns.keys[span] = reader.keys(failures)[take]
+                    columns.failure[span], columns.position[span] = failures, start + take
+                    if states:
+                        sizes, mtimes, readable = reader.states(failures)
+                        columns.sizes[span], columns.mtimes[span], columns.readable[span] = sizes[take], mtimes[take], readable[take]
+                    filled += len(take)
         row_at, failure_at = row_at + entry.rows, failure_at + entry.failures
-    columns = [np.concatenate(c) for c in zip(*parts)] if parts else [
-        np.zeros(0, "S16"), np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
-        np.zeros(0, bool),
-    ]
-    outcomes = _Outcomes(*columns)
-    order = np.argsort(outcomes.keys, kind="stable")  # stable: within a path, shards stay in order
-    keys = outcomes.keys[order]
+    order = np.argsort(columns.keys, kind="stable")  # stable: within a path, shards stay in order
+    keys = columns.keys[order]
     last = np.ones(len(keys), bool)
     last[:-1] = keys[1:] != keys[:-1]
-    outcomes.winner = np.zeros(len(keys), bool)
-    outcomes.winner[order[last]] = True
-    return outcomes
+    del keys
+    columns.winner[order[last]] = True
+    return columns
 
 
 def known_files(folder: Path, index_path: Path, set_index: SetIndex | None, pending: Sequence[ShardEntry]) -> Known:
     """What a set holds, in its listed shards and in ``pending`` ones, as :class:`Known`."""
     shards = (set_index.shards if set_index else []) + list(pending)
     live_rows, live_failures = _live_with(set_index, pending)
-    outcomes = _outcomes(folder, index_path, shards, live_rows, live_failures)
+    outcomes = _outcomes(folder, index_path, shards, live_rows, live_failures, states=True)
     win = np.flatnonzero(outcomes.winner)
     order = win[np.argsort(outcomes.keys[win])]
     return Known(outcomes.keys[order], outcomes.sizes[order], outcomes.mtimes[order], outcomes.readable[order])
@@ -215,22 +221,34 @@ def _live_with(set_index: SetIndex | None, pending: Sequence[ShardEntry]) -> tup
 
 @dataclass
 class Listing:
-    """The dataset's current records as the commit matches them: sorted path keys, label and split codes."""
+    """A dataset's records as planning and the commit match them: path keys, labels and splits, sorted by key.
 
-    keys: np.ndarray
-    labels: np.ndarray  # int32, index into the classes, -1 when unlabelled
+    25 bytes per image; ``order`` maps each sorted position back to its record.
+    """
+
+    keys: np.ndarray  # S16, sorted
+    order: np.ndarray  # int32 (int64 beyond 2**31 records): record number of each key
+    labels: np.ndarray  # int32, index into ``names``, -1 when unlabelled
     splits: np.ndarray  # uint8 split codes
-    classes: list[str]
+    names: list[str]  # the dataset's class names, sorted
 
     @staticmethod
-    def of(records: Sequence[ImageRecord], old_classes: Sequence[str]) -> Listing:
-        """The listing of ``records``; classes keep ``old_classes``' indices, new ones come after, sorted."""
-        classes = list(old_classes) + sorted({r.label for r in records if r.label} - set(old_classes))
-        code = {name: number for number, name in enumerate(classes)}
+    def of(records: Sequence[ImageRecord]) -> Listing:
+        """The listing of ``records``."""
+        names = sorted({r.label for r in records if r.label})
+        code = {name: number for number, name in enumerate(names)}
         keys = path_keys(r.path for r in records)
-        order = np.argsort(keys)
-        labels = np.array([code[r.label] if r.label else -1 for r in records], np.int32)
-        return Listing(keys[order], labels[order], split_codes(r.split for r in records)[order], classes)
+        order = np.argsort(keys).astype(np.int32 if len(records) < 2**31 else np.int64)
+        labels = np.array([code[r.label] if r.label else -1 for r in records], np.int32)[order]
+        return Listing(keys[order], order, labels, split_codes(r.split for r in records)[order], names)
+
+    def classes(self, old: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """The store's classes after this listing (``old`` keep their indices, new ones come after, sorted),
+        and each key's label as an index into them (-1 when unlabelled)."""
+        classes = list(old) + sorted(set(self.names) - set(old))
+        index = {name: number for number, name in enumerate(classes)}
+        remap = np.array([index[name] for name in self.names] + [-1], np.int32)  # -1 picks the last: unlabelled
+        return classes, remap[self.labels]
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(found, at)``: which keys are listed, and where."""
@@ -251,15 +269,16 @@ class SetMerge:
 
 
 def merge_set(folder: Path, index_path: Path, listed: SetIndex | None, pending: Sequence[tuple[Pending, ShardEntry]],
-              listing: Listing) -> SetMerge:
+              listing: Listing, labels_of: np.ndarray) -> SetMerge:
     """The set's new index entry: its listed shards, then the pending ones, each path's latest outcome live.
 
     Rows and failures of files no longer in ``listing`` are deleted, and so are those an outcome of a later
-    shard supersedes; labels and splits follow ``listing``; shards left without anything live are retired.
+    shard supersedes; labels (``labels_of``, per listed key, as class indices) and splits follow ``listing``;
+    shards left without anything live are retired.
     """
     entries = (listed.shards if listed else []) + [entry for _, entry in pending]
     live_rows, live_failures = _live_with(listed, [entry for _, entry in pending])
-    outcomes = _outcomes(folder, index_path, entries, live_rows, live_failures)
+    outcomes = _outcomes(folder, index_path, entries, live_rows, live_failures, states=False)
     found, at = listing.find(outcomes.keys)
     keep = outcomes.winner & found
     total_rows, total_failures = len(live_rows), len(live_failures)
@@ -268,7 +287,7 @@ def merge_set(folder: Path, index_path: Path, listed: SetIndex | None, pending: 
     failures_alive[outcomes.position[keep & outcomes.failure]] = True
     labels, splits = np.full(total_rows, -1, np.int32), np.zeros(total_rows, np.uint8)
     kept_rows = keep & ~outcomes.failure
-    labels[outcomes.position[kept_rows]] = listing.labels[at[kept_rows]]
+    labels[outcomes.position[kept_rows]] = labels_of[at[kept_rows]]
     splits[outcomes.position[kept_rows]] = listing.splits[at[kept_rows]]
     listed_count = sum(e.rows for e in listed.shards) if listed else 0
     gone = outcomes.winner & ~found & ~outcomes.failure & (outcomes.position < listed_count)
@@ -336,7 +355,7 @@ class Commit:
 
 
 def commit_sets(folder: Path, index_path: Path, index: Index, pending: Sequence[Pending], dataset_root: str,
-                records: Sequence[ImageRecord], fingerprints: dict[str, str], written: dict[str, ShardEntry]) -> Commit:
+                listing: Listing, fingerprints: dict[str, str], written: dict[str, ShardEntry]) -> Commit:
     """The next index: every feature set brought up to date with ``records`` and the ``pending`` shards.
 
     Parameters
@@ -348,8 +367,8 @@ def commit_sets(folder: Path, index_path: Path, index: Index, pending: Sequence[
     pending : sequence of Pending
         Shards written since ``index`` (see :func:`pending_shards`), in run order.
     dataset_root : str
-        The dataset the records belong to; pending shards of another root are left out.
-    records : sequence of ImageRecord
+        The dataset the listing is of; pending shards of another root are left out.
+    listing : Listing
         The dataset's current files, labels and splits.
     fingerprints : dict
         The fingerprint of each feature set this run computes. A listed set of another fingerprint is
@@ -357,12 +376,12 @@ def commit_sets(folder: Path, index_path: Path, index: Index, pending: Sequence[
     written : dict
         Entries of shards this process wrote (their sha256 is not computed again).
     """
-    listing = Listing.of(records, index.classes)
+    classes, labels_of = listing.classes(index.classes)
     by_set: dict[str, list[Pending]] = {}
     for shard in pending:
         if shard.header.dataset_root == dataset_root:
             by_set.setdefault(shard.header.feature_set, []).append(shard)
-    changed = listing.classes != index.classes or dataset_root != index.dataset_root
+    changed = classes != index.classes or dataset_root != index.dataset_root
     sets, dropped, retired = {}, {}, []
     for name in sorted(set(fingerprints) | set(index.sets) | set(by_set)):
         listed, candidates = index.sets.get(name), by_set.get(name, [])
@@ -373,7 +392,8 @@ def commit_sets(folder: Path, index_path: Path, index: Index, pending: Sequence[
             retired += [entry.file for entry in listed.shards]
             listed, changed = None, True
         mine = [p for p in candidates if p.header.fingerprint == fingerprint]
-        merged = merge_set(folder, index_path, listed, [(p, pending_entry(folder, p, written)) for p in mine], listing)
+        mine = [(p, pending_entry(folder, p, written)) for p in mine]
+        merged = merge_set(folder, index_path, listed, mine, listing, labels_of)
         retired += merged.retired
         changed |= merged.changed
         if merged.set_index is not None:
@@ -381,4 +401,4 @@ def commit_sets(folder: Path, index_path: Path, index: Index, pending: Sequence[
             dropped[name] = merged.dropped
     if not changed:
         return Commit(None, dropped, [])
-    return Commit(Index(index.version + 1, dataset_root, listing.classes, sets), dropped, retired)
+    return Commit(Index(index.version + 1, dataset_root, classes, sets), dropped, retired)

@@ -1,8 +1,8 @@
-"""Compaction: small and mostly deleted shards rewritten into full ones, in order, crash-safely."""
+"""Compaction: small and mostly deleted shards rewritten into full ones, in order, crash-safely, by any worker."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +10,13 @@ import numpy as np
 
 from pipeline.store.commit import RunName
 from pipeline.store.index import Index, SetIndex
-from pipeline.store.shards import ShardEntry, ShardHeader, ShardReader, ShardTable, write_shard
+from pipeline.store.shards import ShardEntry, ShardHeader, ShardReader, ShardTable, write_shard_blocks
 from pipeline.store.spec import DEAD_SHARE, SMALL_SHARDS, SMALL_SHARE, shard_rows
+
+READ_CHUNKS = 4  # HDF5 chunks read at once while rewriting: about 4 MB in memory per block
+
+# How rewrite jobs run: the built-in ``map`` here, or tasks on a Ray cluster (see pipeline.cluster).
+JobRunner = Callable[[Callable, Iterable], Iterable]
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,22 @@ class Rewrite:
     feature_set: str
     first: int  # position of the first shard in the set's list
     stop: int
+
+
+@dataclass(frozen=True)
+class RewriteJob:
+    """All a worker needs to rewrite a run of shards: plain values, so that it can cross to another process.
+
+    ``sources`` are the run's shards, each with its live rows and live failures (local numbers); the live
+    rows are written, in order, as shards named ``names`` holding ``sizes`` rows each.
+    """
+
+    folder: str
+    index_path: str
+    header: ShardHeader
+    sources: tuple[tuple[ShardEntry, np.ndarray, np.ndarray], ...]
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
 
 
 def plan_compaction(index: Index, force: bool) -> list[Rewrite]:
@@ -34,11 +55,10 @@ def plan_compaction(index: Index, force: bool) -> list[Rewrite]:
     rewrites = []
     for name, set_index in sorted(index.sets.items()):
         small, dead = _shard_health(set_index)
-        many_small = force or int(small.sum()) > SMALL_SHARDS
-        worth = small & many_small
-        worth |= dead > (0 if force else DEAD_SHARE)
+        limit = 0.0 if force else DEAD_SHARE
+        worth = (small & (force or int(small.sum()) > SMALL_SHARDS)) | (dead > limit)
         for first, stop in _runs(worth):
-            if stop - first > 1 or dead[first] > (0 if force else DEAD_SHARE):
+            if stop - first > 1 or dead[first] > limit:
                 rewrites.append(Rewrite(name, first, stop))
     return rewrites
 
@@ -46,16 +66,17 @@ def plan_compaction(index: Index, force: bool) -> list[Rewrite]:
 def _shard_health(set_index: SetIndex) -> tuple[np.ndarray, np.ndarray]:
     """Per shard: is it small, and what share of its rows and failures is deleted."""
     full = shard_rows(set_index.dim)
+    alive, alive_failures = _live_counts(set_index)
+    totals = np.array([e.rows + e.failures for e in set_index.shards], float)
+    dead = np.divide(totals - alive - alive_failures, totals, out=np.zeros(len(totals)), where=totals > 0)
+    return alive < SMALL_SHARE * full, dead
+
+
+def _live_counts(set_index: SetIndex) -> tuple[np.ndarray, np.ndarray]:
     rows, failures = set_index.offsets(), set_index.offsets(True)
-    live_rows, live_failures = set_index.live(), set_index.live(True)
-    small, dead = [], []
-    for number, entry in enumerate(set_index.shards):
-        alive = int(live_rows[rows[number] : rows[number + 1]].sum())
-        alive_failures = int(live_failures[failures[number] : failures[number + 1]].sum())
-        small.append(alive < SMALL_SHARE * full)
-        total = entry.rows + entry.failures
-        dead.append(1 - (alive + alive_failures) / total if total else 0.0)
-    return np.array(small, bool), np.array(dead, float)
+    live_rows = np.concatenate([[0], np.cumsum(set_index.live())])[rows]
+    live_failures = np.concatenate([[0], np.cumsum(set_index.live(True))])[failures]
+    return np.diff(live_rows), np.diff(live_failures)
 
 
 def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
@@ -63,94 +84,103 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
     yield from zip(edges[::2].tolist(), edges[1::2].tolist())
 
 
-def compact_index(folder: Path, index_path: Path, index: Index, rewrites: Sequence[Rewrite]) -> tuple[Index, list[str]]:
-    """Write the new shards of ``rewrites`` and return the index listing them, and the shard files it retires.
+def compact_index(folder: Path, index_path: Path, index: Index, rewrites: Sequence[Rewrite],
+                  run: JobRunner = map) -> tuple[Index, list[str]]:
+    """Rewrite the ``rewrites`` (as jobs, by ``run``) and return the index listing the new shards, and the
+    shard files it retires.
 
     The new shards are unlisted until the returned index replaces the old one (a crash before leaves them
     as garbage the next writer deletes); the old ones must be deleted only after that.
     """
-    name = RunName(index.version, writer="compaction")
+    jobs = _jobs(folder, index_path, index, rewrites)
+    written = list(run(rewrite_shards, jobs))
     sets = dict(index.sets)
     retired: list[str] = []
-    order = 0
-    for rewrite in sorted(rewrites, key=lambda r: (r.feature_set, -r.first)):  # from the back: positions hold
-        set_index = sets[rewrite.feature_set]
-        written, labels, splits = [], [], []
-        for piece in _pieces(folder, index_path, set_index, rewrite):
-            rows, embeddings, failures, piece_labels, piece_splits = piece
-            header = ShardHeader(rewrite.feature_set, set_index.fingerprint, index.dataset_root, index.version,
-                                 "compaction", set_index.attrs)
-            written.append(write_shard(folder, name.shard(rewrite.feature_set, order), header, rows, embeddings, failures))
-            labels.append(piece_labels)
-            splits.append(piece_splits)
-            order += 1
+    for rewrite, entries in sorted(zip(rewrites, written), key=lambda r: (r[0].feature_set, -r[0].first)):
+        set_index = sets[rewrite.feature_set]  # from the back of each set: earlier positions hold
         retired += [e.file for e in set_index.shards[rewrite.first : rewrite.stop]]
-        sets[rewrite.feature_set] = _replaced(set_index, rewrite, written, labels, splits)
+        sets[rewrite.feature_set] = _replaced(set_index, rewrite, entries)
     return Index(index.version + 1, index.dataset_root, index.classes, sets), retired
 
 
-def _pieces(folder: Path, index_path: Path, set_index: SetIndex, rewrite: Rewrite) -> Iterator[tuple]:
-    """The live rows of the rewrite's shards, in order, in pieces of at most one full shard."""
-    full = shard_rows(set_index.dim)
-    rows, failures = set_index.offsets(), set_index.offsets(True)
-    live_rows, live_failures = set_index.live(), set_index.live(True)
-    buffer: list[tuple] = []
-    held = 0
-    failed = []
-    for number in range(rewrite.first, rewrite.stop):
-        entry = set_index.shards[number]
-        span, failure_span = slice(rows[number], rows[number + 1]), slice(failures[number], failures[number + 1])
-        alive = np.flatnonzero(live_rows[span])
+def _jobs(folder: Path, index_path: Path, index: Index, rewrites: Sequence[Rewrite]) -> list[RewriteJob]:
+    name = RunName(index.version, writer="compaction")
+    jobs, order = [], 0
+    for rewrite in rewrites:
+        set_index = index.sets[rewrite.feature_set]
+        live, live_failures = set_index.live(), set_index.live(True)
+        rows, failures = set_index.offsets(), set_index.offsets(True)
+        sources = tuple(
+            (set_index.shards[n], np.flatnonzero(live[rows[n] : rows[n + 1]]),
+             np.flatnonzero(live_failures[failures[n] : failures[n + 1]]))
+            for n in range(rewrite.first, rewrite.stop)
+        )
+        total, full = sum(len(s[1]) for s in sources), shard_rows(set_index.dim)
+        sizes = tuple([full] * (total // full) + ([total % full] if total % full or not total else []))
+        names = tuple(name.shard(rewrite.feature_set, order + n) for n in range(len(sizes)))
+        order += len(sizes)
+        header = ShardHeader(rewrite.feature_set, set_index.fingerprint, index.dataset_root, index.version,
+                             "compaction", set_index.attrs)
+        jobs.append(RewriteJob(str(folder.resolve()), str(index_path.resolve()), header, sources, names, sizes))
+    return jobs
+
+
+def rewrite_shards(job: RewriteJob) -> list[ShardEntry]:
+    """Write the live rows of the job's shards, in order, as its new shards; the failures go to the first.
+
+    Each source is checked by sha256 before it is read; memory holds one block of rows at a time.
+    """
+    folder, index_path = Path(job.folder), Path(job.index_path)
+    failures = []
+    for entry, _, kept in job.sources:
+        if len(kept):
+            with ShardReader(folder, entry, index_path) as reader:
+                failures.append(reader.table(True, kept))
+    rows = _Rows(_blocks(folder, index_path, job.sources))
+    written = []
+    for number, (name, size) in enumerate(zip(job.names, job.sizes)):
+        written.append(write_shard_blocks(folder, name, job.header, size, rows.take(size),
+                                          ShardTable.joined(failures) if number == 0 else ShardTable.empty()))
+    return written
+
+
+def _blocks(folder: Path, index_path: Path, sources: Iterable[tuple]) -> Iterator[tuple[ShardTable, np.ndarray]]:
+    """The sources' live rows in order, a few HDF5 chunks at a time."""
+    for entry, rows, _ in sources:
+        if not len(rows):
+            continue
         with ShardReader(folder, entry, index_path, verify=True) as reader:
-            if len(alive):
-                buffer.append((reader.table(rows=alive), reader.embeddings(alive), set_index.labels[span][alive],
-                               set_index.splits[span][alive]))
-                held += len(alive)
-            kept = np.flatnonzero(live_failures[failure_span])
-            if len(kept):
-                failed.append(reader.table(True, kept))
-        while held >= full:
-            piece, buffer, held = _take(buffer, full)
-            yield (*piece[:2], _joined(failed), *piece[2:])
-            failed = []
-    if held or failed:
-        piece, buffer, held = _take(buffer, held)
-        yield (*piece[:2], _joined(failed), *piece[2:])
+            table, step = reader.table(), reader.chunk_rows() * READ_CHUNKS
+            for start in range(0, len(rows), step):
+                part = rows[start : start + step]
+                yield table.take(part), reader.embeddings(part)
 
 
-def _take(buffer: list[tuple], count: int) -> tuple[tuple, list[tuple], int]:
-    """The first ``count`` rows of the buffered pieces, and what is left."""
-    tables, embeddings = _joined([t for t, *_ in buffer]), _stack([e for _, e, *_ in buffer])
-    labels = np.concatenate([b[2] for b in buffer]) if buffer else np.zeros(0, np.int32)
-    splits = np.concatenate([b[3] for b in buffer]) if buffer else np.zeros(0, np.uint8)
-    head = np.arange(count)
-    rest = np.arange(count, len(tables))
-    left = [(tables.take(rest), embeddings[count:], labels[count:], splits[count:])] if len(rest) else []
-    return (tables.take(head), embeddings[:count], labels[:count], splits[:count]), left, len(rest)
+class _Rows:
+    """A stream of row blocks that exact counts of rows are taken from, in order."""
+
+    def __init__(self, blocks: Iterable[tuple[ShardTable, np.ndarray]]) -> None:
+        self.blocks = iter(blocks)
+        self.carried: tuple[ShardTable, np.ndarray] | None = None  # the rest of a block split at a shard's end
+
+    def take(self, count: int) -> Iterator[tuple[ShardTable, np.ndarray]]:
+        """The next ``count`` rows, as blocks."""
+        while count:
+            table, rows = self.carried if self.carried is not None else next(self.blocks)
+            self.carried = None
+            if len(table) > count:
+                self.carried = (table.take(np.arange(count, len(table))), rows[count:])
+                table, rows = table.take(np.arange(count)), rows[:count]
+            count -= len(table)
+            yield table, rows
 
 
-def _joined(tables: Sequence[ShardTable]) -> ShardTable:
-    if not tables:
-        return ShardTable.empty()
-    reasons = [t.reasons for t in tables if len(t.reasons)]
-    return ShardTable(
-        np.concatenate([t.paths for t in tables]), np.concatenate([t.sha256 for t in tables]),
-        np.concatenate([t.sizes for t in tables]), np.concatenate([t.mtimes for t in tables]),
-        np.concatenate(reasons) if reasons else np.array([], dtype=str),
-    )
-
-
-def _stack(blocks: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
-
-
-def _replaced(set_index: SetIndex, rewrite: Rewrite, written: list[ShardEntry], labels: list[np.ndarray],
-              splits: list[np.ndarray]) -> SetIndex:
-    """``set_index`` with the rewrite's shards replaced by the ``written`` ones (all live)."""
+def _replaced(set_index: SetIndex, rewrite: Rewrite, written: list[ShardEntry]) -> SetIndex:
+    """``set_index`` with the rewrite's shards replaced by the ``written`` ones (all live, in the same order)."""
     rows, failures = set_index.offsets(), set_index.offsets(True)
     start, stop = rows[rewrite.first], rows[rewrite.stop]
     failure_start, failure_stop = failures[rewrite.first], failures[rewrite.stop]
-    added, added_failures = sum(e.rows for e in written), sum(e.failures for e in written)
+    live = set_index.live()[start:stop]
 
     def renumbered(deleted: np.ndarray, first: int, last: int, count: int) -> np.ndarray:
         before, after = deleted[deleted < first], deleted[deleted >= last]
@@ -159,8 +189,8 @@ def _replaced(set_index: SetIndex, rewrite: Rewrite, written: list[ShardEntry], 
     return SetIndex(
         set_index.attrs,
         set_index.shards[: rewrite.first] + written + set_index.shards[rewrite.stop :],
-        np.concatenate([set_index.labels[:start], *labels, set_index.labels[stop:]]).astype(np.int32),
-        np.concatenate([set_index.splits[:start], *splits, set_index.splits[stop:]]).astype(np.uint8),
-        renumbered(set_index.deleted, start, stop, added),
-        renumbered(set_index.deleted_failures, failure_start, failure_stop, added_failures),
+        np.concatenate([set_index.labels[:start], set_index.labels[start:stop][live], set_index.labels[stop:]]),
+        np.concatenate([set_index.splits[:start], set_index.splits[start:stop][live], set_index.splits[stop:]]),
+        renumbered(set_index.deleted, start, stop, sum(e.rows for e in written)),
+        renumbered(set_index.deleted_failures, failure_start, failure_stop, sum(e.failures for e in written)),
     )

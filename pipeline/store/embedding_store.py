@@ -17,14 +17,15 @@ from pipeline.discover import ImageRecord
 from pipeline.errors import UserError
 from pipeline.files import exclusive
 from pipeline.store.commit import (
-    Known, RunName, Segment, carry, commit_sets, garbage, known_files, pending_entry, pending_shards, write_segment,
+    Known, Listing, RunName, Segment, carry, commit_sets, garbage, known_files, pending_entry, pending_shards,
+    write_segment,
 )
-from pipeline.store.compact import compact_index, plan_compaction
+from pipeline.store.compact import JobRunner, compact_index, plan_compaction
 from pipeline.store.index import Index, open_store_file, read_index, write_index
 from pipeline.store.legacy import adopt_journal, convert, legacy_index
 from pipeline.store.readers import FeatureSet, Failures, RowReader, StoredEmbeddings, load_failures, load_set
 from pipeline.store.shards import ShardEntry, ShardReader
-from pipeline.store.spec import LEGACY_VERSION
+from pipeline.store.spec import LEGACY_VERSION, shard_rows
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class EmbeddingStore:
         self._order = 0
         self._written: dict[str, ShardEntry] = {}
         self._verified: set[str] = set()  # sha256 of the shards whose bytes this process has checked
+        self._listing: tuple[Sequence[ImageRecord], Listing] | None = None
 
     # ---- reading -------------------------------------------------------------------------------------------
 
@@ -179,13 +181,19 @@ class EmbeddingStore:
             yield
 
     def append(self, segment: Segment) -> None:
-        """Write a segment as a pending shard; after this returns, its rows survive a kill."""
+        """Write a segment as pending shards (of at most a full shard's rows each); after this returns, its rows
+        survive a kill."""
         if not len(segment):
             return
         run = self.run_name()
-        self._order += 1
-        entry = write_segment(self.shards, segment, run.shard(segment.name, self._order), run.base_version)
-        self._written[entry.file] = entry
+        full = shard_rows(int(segment.attrs["embedding_dim"]))
+        for start in range(0, max(len(segment.records), 1), full):
+            piece = Segment(segment.name, segment.fingerprint, segment.attrs, segment.dataset_root,
+                            segment.records[start : start + full], segment.states[start : start + full],
+                            segment.embeddings[start : start + full], segment.failures if start == 0 else [])
+            self._order += 1
+            entry = write_segment(self.shards, piece, run.shard(segment.name, self._order), run.base_version)
+            self._written[entry.file] = entry
         segment.records, segment.states, segment.embeddings, segment.failures = [], [], [], []
 
     def run_name(self) -> RunName:
@@ -198,6 +206,12 @@ class EmbeddingStore:
         """A pending shard another process wrote for this run, as it reported it (its sha256 is not recomputed)."""
         self._written[entry.file] = entry
 
+    def listing(self, records: Sequence[ImageRecord]) -> Listing:
+        """The records as planning and the commit match them (made once per run: the same records are reused)."""
+        if self._listing is None or self._listing[0] is not records:
+            self._listing = (records, Listing.of(records))
+        return self._listing[1]
+
     def known(self, name: str, fingerprint: str) -> Known:
         """What feature set ``name`` holds of each file, committed or pending, when computed with ``fingerprint``."""
         index = self.index(arrays=False)
@@ -208,7 +222,8 @@ class EmbeddingStore:
         entries = [pending_entry(self.shards, p, self._written) for p in pending]
         return known_files(self.shards, self.path, listed, entries)
 
-    def commit(self, dataset_root: Path, records: Sequence[ImageRecord], fingerprints: dict[str, str]) -> dict[str, int]:
+    def commit(self, dataset_root: Path, records: Sequence[ImageRecord], fingerprints: dict[str, str],
+               run_jobs: JobRunner = map) -> dict[str, int]:
         """List the pending shards in a new index for the dataset's current ``records``, then replace the index.
 
         Every feature set, computed by this run or not, is brought up to date: rows of files no longer in
@@ -216,7 +231,8 @@ class EmbeddingStore:
         supersedes an older one of the same path. Sets whose fingerprint differs from ``fingerprints``
         (other models, after ``--overwrite``) are replaced by the pending shards of the new one. A commit that
         would change nothing writes nothing. Afterwards, shards no
-        longer listed are deleted, and sets past the thresholds of :mod:`pipeline.store.compact` compacted.
+        longer listed are deleted, and sets past the thresholds of :mod:`pipeline.store.compact` compacted
+        by ``run_jobs`` (``map`` here, or tasks on the cluster whose workers wrote the shards).
 
         Returns
         -------
@@ -225,14 +241,14 @@ class EmbeddingStore:
         """
         index = self._writable_index()
         pending = pending_shards(self.shards, index)
-        result = commit_sets(self.shards, self.path, index, pending, str(dataset_root), records, fingerprints,
-                             self._written)
+        result = commit_sets(self.shards, self.path, index, pending, str(dataset_root), self.listing(records),
+                             fingerprints, self._written)
         if result.index is not None:
             self._replace(result.index, result.retired)
             rewrites = plan_compaction(result.index, force=False)
             if rewrites:
-                self._replace(*compact_index(self.shards, self.path, result.index, rewrites))
-        self._run, self._written = None, {}  # the next shards are written on the new index
+                self._replace(*compact_index(self.shards, self.path, result.index, rewrites, run_jobs))
+        self._run, self._written, self._listing = None, {}, None  # the next shards are written on the new index
         return result.dropped
 
     def drop(self, name: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -12,8 +13,10 @@ import numpy as np
 from pipeline.discover import ImageRecord
 from pipeline.store.commit import RunName, Segment, write_segment
 from pipeline.store.index import Index, SetIndex, open_store_file, write_index
-from pipeline.store.shards import ShardEntry, ShardHeader, ShardReader, ShardTable, read_strings, write_shard
+from pipeline.store.shards import ShardEntry, ShardHeader, ShardReader, ShardTable, read_strings, write_shard_blocks
 from pipeline.store.spec import LEGACY_VERSION, FileState, shard_rows, split_codes
+
+BLOCK_ROWS = 1024  # rows copied at a time
 
 
 def legacy_index(store: h5py.File, path: Path) -> Index:
@@ -50,15 +53,23 @@ def convert(path: Path, folder: Path, journal: Path) -> Index:
             with ShardReader(folder, entry, path) as reader:
                 rows, failures = reader.table(), reader.table(True)
                 for number, start in enumerate(range(0, max(entry.rows, 1), full)):
-                    block = np.arange(start, min(entry.rows, start + full))
-                    shard = name.shard(set_name, number)
-                    written.append(write_shard(folder, shard, header, rows.take(block), reader.embeddings(block),
-                                               failures if number == 0 else ShardTable.empty()))
+                    stop = min(entry.rows, start + full)
+                    written.append(write_shard_blocks(
+                        folder, name.shard(set_name, number), header, stop - start, _copied(reader, rows, start, stop),
+                        failures if number == 0 else ShardTable.empty(),
+                    ))
         sets[set_name] = SetIndex(set_index.attrs, written, set_index.labels, set_index.splits)
     index = Index(1, legacy.dataset_root, legacy.classes, sets)
     write_index(path, index, folder)
     adopt_journal(journal, folder, index.version)
     return index
+
+
+def _copied(reader: ShardReader, rows: ShardTable, start: int, stop: int) -> Iterator[tuple[ShardTable, np.ndarray]]:
+    """Rows ``start..stop-1`` of a format-1 group, a block at a time (a few MB in memory)."""
+    for first in range(start, stop, BLOCK_ROWS):
+        picked = np.arange(first, min(first + BLOCK_ROWS, stop))
+        yield rows.take(picked), reader.embeddings(picked)
 
 
 def adopt_journal(journal: Path, folder: Path, base_version: int) -> int:

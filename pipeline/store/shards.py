@@ -6,7 +6,7 @@ import json
 import os
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +75,18 @@ class ShardTable:
         reasons = self.reasons[rows] if len(self.reasons) else self.reasons
         return ShardTable(self.paths[rows], self.sha256[rows], self.sizes[rows], self.mtimes[rows], reasons)
 
+    @staticmethod
+    def joined(tables: Sequence[ShardTable]) -> ShardTable:
+        """The tables one after the other."""
+        if not tables:
+            return ShardTable.empty()
+        reasons = [t.reasons for t in tables if len(t.reasons)]
+        return ShardTable(
+            np.concatenate([t.paths for t in tables]), np.concatenate([t.sha256 for t in tables]),
+            np.concatenate([t.sizes for t in tables]), np.concatenate([t.mtimes for t in tables]),
+            np.concatenate(reasons) if reasons else np.array([], dtype=str),
+        )
+
 
 @dataclass(frozen=True)
 class ShardHeader:
@@ -111,7 +123,15 @@ def write_shard(folder: Path, name: str, header: ShardHeader, rows: ShardTable, 
     ShardEntry
         The entry an index lists it by.
     """
+    return write_shard_blocks(folder, name, header, len(rows), [(rows, embeddings)], failures)
+
+
+def write_shard_blocks(folder: Path, name: str, header: ShardHeader, count: int,
+                       blocks: Iterable[tuple[ShardTable, np.ndarray]], failures: ShardTable) -> ShardEntry:
+    """:func:`write_shard` for rows that come in blocks (``count`` rows in all), so that a shard written from
+    other shards (compaction, conversion) holds one block in memory at a time."""
     path = folder / name
+    dim = int(header.set_attrs["embedding_dim"])
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as shard:
             shard.attrs.update({
@@ -120,10 +140,12 @@ def write_shard(folder: Path, name: str, header: ShardHeader, rows: ShardTable, 
                 "base_version": header.base_version, "origin": header.origin,
                 "set_attrs": json.dumps(header.set_attrs, sort_keys=True, default=_plain),
             })
-            dim = int(header.set_attrs["embedding_dim"])
-            dataset = _create_embeddings(shard, dim, len(rows))
-            with ChunkWriter(dataset) as writer:
-                writer.write(np.asarray(embeddings, np.float32).reshape(len(rows), dim))
+            tables = []
+            with ChunkWriter(_create_embeddings(shard, dim, count)) as writer:
+                for table, embeddings in blocks:
+                    writer.write(np.asarray(embeddings, np.float32).reshape(len(table), dim))
+                    tables.append(table)
+            rows = ShardTable.joined(tables)
             _write_table(shard, rows)
             _write_table(shard.create_group("failures"), failures)
             shard["failures"].create_dataset("reason", data=_objects(failures.reasons), dtype=STRING)

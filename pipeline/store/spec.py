@@ -74,8 +74,10 @@ def path_keys(paths: Iterable[str]) -> np.ndarray:
 
     128 bits make an accidental collision negligible (about 1e-23 for 100 million paths).
     """
-    digests = b"".join(hashlib.blake2b(p.encode("utf-8"), digest_size=KEY_BYTES).digest() for p in paths)
-    return np.frombuffer(digests, dtype=f"S{KEY_BYTES}").copy()
+    keys = bytearray()
+    for path in paths:  # appended in place: no list of a million digests on the way
+        keys += hashlib.blake2b(path.encode("utf-8"), digest_size=KEY_BYTES).digest()
+    return np.frombuffer(bytes(keys), dtype=f"S{KEY_BYTES}")
 
 
 def keys_from_bytes(raw: np.ndarray) -> np.ndarray:

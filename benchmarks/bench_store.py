@@ -1,0 +1,295 @@
+"""``make bench-store``: what store runs cost, through the real store code, on synthetic rows of 2,048 floats.
+
+For each store size N (10k, 100k, 1M images by default) and in this order: the first commit (pending shards
+of 512 rows as extract journals them, then the commit, compaction included), a run that adds 1% (planned,
+written, committed), a run that changes nothing, a run that deletes 1% of the files, and a forced compaction.
+Each row gives wall seconds, the bytes the run wrote (shards and index) and the peak resident memory above
+what the process held before it (so h5py's own allocations count). The bookkeeping per listed image is the
+peak of Python and numpy allocations (tracemalloc) of the same three runs repeated once more, traced (tracing
+slows them, so they are not the timed ones): listing, planning, shards of the new rows, commit. Then, on a
+local Ray instance, the commit path's intake when actors write the shards: images per second of the driver's
+CPU time for extract's own Ray loop (receiving the shards' metadata, counting outcomes) and the commit, whose
+compaction runs as Ray tasks.
+
+Targets (issue 14): a +1% commit at 1M images within 3x the time of writing those 1% alone (the first commit
+of a store of N/100 images); bookkeeping <= 300 bytes per listed image at 1M; commit-path intake >= 20,000
+images/s.
+
+    python benchmarks/bench_store.py [--sizes 10000 100000 1000000] [--work build/bench-store]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import tracemalloc
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.discover import ImageRecord
+from pipeline.extract import WorkItem, needed_work, record_batch
+from pipeline.features import FeatureSpec
+from pipeline.runtime import available_cores
+from pipeline.store import EmbeddingStore, FileState, Segment
+
+DIM = 2048
+NAME = "resnet50"
+ATTRS = {"kind": "onnx", "model": NAME, "fingerprint": "synthetic", "embedding_dim": DIM, "weights_id": "synthetic"}
+ROOT = Path("/synthetic")
+SEGMENT_ROWS = 512  # extract's journal_rows
+POOL = np.maximum(np.random.default_rng(0).normal(0.3, 0.5, (8192, DIM)), 0).astype(np.float32)  # ReLU-like rows
+
+
+class Memory:
+    """Peak resident memory of a block above what the process held when it started (Linux: VmHWM reset)."""
+
+    def __enter__(self) -> Memory:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark to the current RSS
+        self.before = _status("VmRSS")
+        return self
+
+    def __exit__(self, *error: object) -> None:
+        self.peak = max(0, _status("VmHWM") - self.before)
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+LABELS = [f"class{c}" for c in range(10)]  # one string per class, as discover shares its folder names
+
+
+def records_for(numbers: np.ndarray) -> list[ImageRecord]:
+    return [ImageRecord(f"{LABELS[n % 10]}/{n:09d}.jpg", LABELS[n % 10], "") for n in numbers.tolist()]
+
+
+def state_of(number: int) -> FileState:
+    return FileState(f"{number:064x}", 100_000 + number % 1000, number)
+
+
+def write_rows(store: EmbeddingStore, numbers: np.ndarray) -> None:
+    """Append the images ``numbers`` as extract does: a pending shard every 512 rows."""
+    for start in range(0, len(numbers), SEGMENT_ROWS):
+        segment = Segment(NAME, "synthetic", ATTRS, str(ROOT))
+        part = numbers[start : start + SEGMENT_ROWS]
+        segment.records = records_for(part)
+        segment.states = [state_of(n) for n in part.tolist()]
+        segment.embeddings = list(POOL[np.arange(start, start + len(part)) % len(POOL)])
+        store.append(segment)
+
+
+def written_bytes(store: EmbeddingStore, before: dict[str, int]) -> int:
+    """Bytes of the shard files that are new since ``before``, and of the index if it changed."""
+    now = _files(store)
+    return sum(size for name, size in now.items() if name not in before)
+
+
+def _files(store: EmbeddingStore) -> dict[str, int]:
+    files = {f"{p.relative_to(store.shards)}@{p.stat().st_mtime_ns}": p.stat().st_size for p in store.shards.glob("*/*.h5")}
+    if store.exists():
+        files[f"index@{store.path.stat().st_mtime_ns}"] = store.path.stat().st_size
+    return files
+
+
+def run(store: EmbeddingStore, listed: np.ndarray, added: np.ndarray, traced: bool = False) -> dict:
+    """One extract run's store work on the listing ``listed``: plan, write the ``added`` images, commit."""
+    spec = FeatureSpec(NAME, "synthetic", ATTRS)
+    before = _files(store)
+    if traced:
+        tracemalloc.start()
+    with Memory() as memory:
+        records = records_for(listed)  # what discover would list: not timed
+        sizes = 100_000 + listed.astype(np.int64) % 1000  # what os.stat would say (state_of)
+        started = time.perf_counter()
+        work = needed_work(records, sizes, listed.astype(np.int64), store, [spec])
+        planned = time.perf_counter()
+        assert len(work) == len(added), (len(work), len(added))
+        write_rows(store, added)
+        store.commit(ROOT, records, {NAME: "synthetic"})
+        done = time.perf_counter()
+    seconds = done - started
+    result = {"seconds": round(seconds, 3), "plan_seconds": round(planned - started, 3),
+              "commit_seconds": round(done - planned, 3), "written_mb": round(written_bytes(store, before) / 2**20, 1),
+              "peak_mb": round(memory.peak / 2**20, 1), "work": len(work)}
+    if traced:
+        result["traced_peak_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+        result["bytes_per_listed_image"] = round(tracemalloc.get_traced_memory()[1] / len(listed), 1)
+        tracemalloc.stop()
+    return result
+
+
+def size_row(work: Path, images: int) -> dict:
+    """The five operations on a store of ``images`` images."""
+    folder = work / f"n{images}"
+    shutil.rmtree(folder, ignore_errors=True)
+    store = EmbeddingStore(folder / "embeddings.h5")
+    numbers = np.arange(images)
+    row = {"images": images}
+    row["first_commit"] = run(store, numbers, numbers)
+    extra = np.arange(images, images + images // 100)
+    numbers = np.concatenate([numbers, extra])
+    row["add_1_percent"] = run(store, numbers, extra)
+    row["no_op"] = run(store, numbers, extra[:0])
+    row["no_op"]["index_rewritten"] = row["no_op"]["written_mb"] > 0
+    rng = np.random.default_rng(1)
+    kept = np.sort(rng.permutation(numbers)[len(numbers) // 100 :])
+    row["delete_1_percent"] = run(store, kept, extra[:0])
+    more = np.arange(numbers[-1] + 1, numbers[-1] + 1 + images // 100)  # once more, traced: the bookkeeping
+    row["traced"] = {"add_1_percent": run(store, np.concatenate([kept, more]), more, traced=True)}
+    row["traced"]["no_op"] = run(store, np.concatenate([kept, more]), more[:0], traced=True)
+    kept = np.sort(rng.permutation(np.concatenate([kept, more]))[len(kept) // 100 :])
+    row["traced"]["delete_1_percent"] = run(store, kept, more[:0], traced=True)
+    before = _files(store)
+    started = time.perf_counter()
+    with Memory() as memory, store.lock():
+        compaction = store.compact()
+    row["compaction"] = {"seconds": round(time.perf_counter() - started, 3),
+                         "written_mb": round(written_bytes(store, before) / 2**20, 1),
+                         "peak_mb": round(memory.peak / 2**20, 1), "shards_rewritten": sum(compaction.rewritten.values())}
+    index = store.index(arrays=False).sets[NAME]
+    row["store"] = {"shards": len(index.shards), "disk_mb": round(sum(e.bytes for e in index.shards) / 2**20, 1),
+                    "index_kb": round(store.path.stat().st_size / 1024, 1)}
+    assert store.counts(NAME) == (len(kept), 0)
+    shutil.rmtree(folder, ignore_errors=True)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+# ---- the commit path with Ray actors writing the shards ------------------------------------------------------
+
+
+def synthetic_decode(batch: dict, **_ignored: object) -> dict:
+    """Stands in for the decode task: the columns the actor takes, no file read."""
+    columns = {key: batch[key] for key in ("index", "record", "size", "mtime", "needed")}
+    count = len(batch["index"])
+    columns["sha256"] = np.array([f"{int(i):064x}" for i in batch["index"]], dtype=object)
+    columns["error"] = np.array([""] * count, dtype=object)
+    return columns
+
+
+class SyntheticActor:
+    """Stands in for the embedding actor: synthetic rows, written as pending shards by the store's own code."""
+
+    def __init__(self, target: dict, **_ignored: object) -> None:
+        from pipeline.store.commit import RunName
+
+        self.target = target
+        self.run = RunName(target["base_version"], target["run"], uuid.uuid4().hex[:12])
+
+    def __call__(self, batch: dict) -> dict:
+        from dataclasses import asdict
+
+        from pipeline.store.commit import write_segment
+
+        segment = Segment(NAME, "synthetic", ATTRS, self.target["dataset_root"])
+        segment.records = [ImageRecord(str(p)) for p in batch["record"]]
+        segment.states = [FileState(str(s), int(z), int(m)) for s, z, m in zip(batch["sha256"], batch["size"], batch["mtime"])]
+        segment.embeddings = list(POOL[np.asarray(batch["index"]) % len(POOL)])
+        entry = write_segment(Path(self.target["folder"]), segment, self.run.shard(NAME, int(batch["index"][0])),
+                              self.run.base_version)
+        count = len(batch["index"])
+        return {"index": batch["index"], "needed": batch["needed"], "sha256": batch["sha256"], "error": batch["error"],
+                "shards": np.array([json.dumps([asdict(entry)])] + [""] * (count - 1), dtype=object),
+                "providers": np.array([""] * count, dtype=object), "fatal": np.array([""] * count, dtype=object)}
+
+
+def ray_intake(work: Path, images: int) -> dict:
+    """The driver's cost per image when actors write the shards: extract's own Ray loop, record and commit."""
+    import ray
+
+    from pipeline import cluster
+
+    cluster.decode_batch, cluster.EmbedActor = synthetic_decode, SyntheticActor  # no files, no model: the store path
+    folder = work / "ray"
+    shutil.rmtree(folder, ignore_errors=True)
+    store = EmbeddingStore(folder / "embeddings.h5")
+    spec = FeatureSpec(NAME, "synthetic", ATTRS)
+    records = records_for(np.arange(images))
+    items = [WorkItem(r, state_of(n), [NAME]) for n, r in enumerate(records)]
+    ray.init(num_cpus=available_cores(), include_dashboard=False, logging_level="WARNING")
+    try:
+        workers = cluster.Workers(available_cores(), 1, 0.0)
+        started, cpu = time.perf_counter(), time.process_time()
+        outcomes = cluster.embed_on_ray(items, [str(ROOT / r.path) for r in records], [spec], [], work, "cpu", 16,
+                                        workers, 1, cluster.ShardOutput(store, str(ROOT), SEGMENT_ROWS))
+        for batch_items, hashes, errors, features in outcomes:
+            record_batch(batch_items, hashes, errors, features, [spec], {})
+        loop_cpu, loop_wall = time.process_time() - cpu, time.perf_counter() - started
+        started, cpu = time.perf_counter(), time.process_time()
+        store.commit(ROOT, records, {NAME: "synthetic"}, cluster.map_on_ray)
+        commit_cpu, commit_wall = time.process_time() - cpu, time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    assert store.counts(NAME) == (images, 0) and spec.embedded == images
+    row = {"images": images, "actors": available_cores(), "shard_rows": SEGMENT_ROWS,
+           "driver_cpu_seconds": round(loop_cpu + commit_cpu, 2), "commit_seconds": round(commit_wall, 2),
+           "wall_seconds": round(loop_wall + commit_wall, 2),
+           "intake_per_s": round(images / (loop_cpu + commit_cpu)), "wall_per_s": round(images / (loop_wall + commit_wall))}
+    shutil.rmtree(folder, ignore_errors=True)
+    print(json.dumps({"ray": row}), flush=True)
+    return row
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{'images':>10} {'run':17} {'plan s':>7} {'commit s':>9} {'written MB':>11} {'peak MB':>8} {'B/listed image':>15}")
+    for row in result["sizes"]:
+        for operation in ("first_commit", "add_1_percent", "no_op", "delete_1_percent", "compaction"):
+            entry = row[operation]
+            per_image = row["traced"].get(operation, {}).get("bytes_per_listed_image", "")
+            plan = f"{entry['plan_seconds']:.2f}" if "plan_seconds" in entry else ""
+            commit = entry.get("commit_seconds", entry["seconds"])
+            print(f"{row['images']:>10,} {operation:17} {plan:>7} {commit:>9.2f} {entry['written_mb']:>11.1f} "
+                  f"{entry['peak_mb']:>8.1f} {per_image:>15}")
+    for check in result["targets"]:
+        print(f"{'met' if check['met'] else 'MISSED':6} {check['target']}: {check['measured']}")
+
+
+def targets(result: dict) -> list[dict]:
+    rows = {row["images"]: row for row in result["sizes"]}
+    checks = []
+    largest = max(rows)
+    alone = rows.get(largest // 100)
+    if alone:
+        ratio = rows[largest]["add_1_percent"]["commit_seconds"] / alone["first_commit"]["commit_seconds"]
+        checks.append({"target": f"+1% commit at {largest:,} within 3x writing those {largest // 100:,} alone",
+                       "measured": f"{ratio:.2f}x", "met": ratio <= 3})
+    per_image = max(entry["bytes_per_listed_image"] for entry in rows[largest]["traced"].values())
+    checks.append({"target": f"bookkeeping <= 300 bytes per listed image at {largest:,}",
+                   "measured": f"{per_image:.0f} bytes", "met": per_image <= 300})
+    if "ray" in result:
+        intake = result["ray"]["intake_per_s"]
+        checks.append({"target": "commit-path intake >= 20,000 images/s", "measured": f"{intake:,} images/s",
+                       "met": intake >= 20_000})
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--ray-images", type=int, default=100_000, help="0: skip the Ray row")
+    parser.add_argument("--work", type=Path, default=Path("build/bench-store"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/bench_store.json"))
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"cores": available_cores(), "dim": DIM, "segment_rows": SEGMENT_ROWS,
+                    "sizes": [size_row(args.work, images) for images in sorted(args.sizes)]}
+    if args.ray_images:
+        result["ray"] = ray_intake(args.work, args.ray_images)
+    result["targets"] = targets(result)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"wrote {args.out}")
+    shutil.rmtree(args.work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
