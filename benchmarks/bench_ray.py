@@ -1,11 +1,13 @@
-"""``make bench-ray``: extract on a local Ray instance against the local backend, the single writer's ceiling,
-and what 1M and 100M images would take on N workers, from the per-worker rates ``make bench`` measured.
+"""``make bench-ray``: extract on a local Ray instance against the local backend, and what 1M and 100M images
+would take on N workers, from the per-worker rates ``make bench`` measured and the store costs ``make
+bench-store`` measured.
 
 (1) The same photos embedded by ``--backend local`` and ``--backend ray`` (one actor per core), each in a fresh
-process with a fresh store; the two stores must be equal. (2) How many images per second the one writer (the
-driver) can take: Ray Data moving embedding rows of vgg16 + resnet50 + pixels size from actors to the driver,
-and the driver recording and journaling them as extract does. (3) The estimate: images / min(workers x
-per-worker rate, writer ceiling), in hours and worker-hours (multiply by your price per worker-hour).
+process with a fresh store; the two stores must be equal. (2) The estimate: images / min(workers x per-worker
+rate, the driver's intake), in hours and worker-hours (multiply by your price per worker-hour). The actors
+write the shards, so the driver only takes in their metadata (``bench_store.json``: its intake in images per
+second of driver CPU) and commits the index (its cost grows with the images listed); compacting the small
+shards runs on the workers, in core-seconds per image, added to their hours.
 
     python benchmarks/bench_ray.py [--photos 1000] [--model resnet50] [--precision int8]
 """
@@ -19,12 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from bench_extract import make_photos
 from pipeline.runtime import available_cores
 
-ROW_FLOATS = 4096 + 2048 + 32 * 32 * 3  # vgg16 + resnet50 + pixels: what one image sends to the writer
 CLUSTER_IMAGES = (1_000_000, 100_000_000)
 CLUSTER_WORKERS = (8, 64, 512)
 
@@ -47,55 +47,18 @@ def extract_child(data: str, cache: str, models_dir: str, model: str, precision:
                       "ray_start_seconds": ray_seconds, "rate_after_start": specs[0].embedded / (seconds - ray_seconds)}))
 
 
-def writer_ceiling(work: Path, images: int) -> dict:
-    """Images per second the driver can take: Ray Data transfer to the driver, and record + journal + commit."""
-    import ray
-    import ray.data
-
-    from pipeline.discover import ImageRecord
-    from pipeline.extract import WorkItem, record_batch
-    from pipeline.features import FeatureSpec
-    from pipeline.store import EmbeddingStore, FileState, Segment
-
-    rows = np.random.default_rng(0).random((256, ROW_FLOATS), dtype=np.float32)
-
-    class Rows:
-        def __call__(self, batch: dict) -> dict:
-            return {"index": batch["id"], "features": rows[: len(batch["id"])]}
-
-    ray.init(include_dashboard=False, logging_level="WARNING")
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = ray.data.range(images, override_num_blocks=max(8, images // 1024)).map_batches(
-        Rows, batch_size=128, compute=ray.data.ActorPoolStrategy(size=available_cores()), num_cpus=0.5)  # CPUs left to read
-    started = time.perf_counter()
-    received = sum(len(batch["index"]) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"))
-    transfer = received / (time.perf_counter() - started)
-    ray.shutdown()
-
-    store = EmbeddingStore(work / "writer.h5")
-    store.clear_journal()
-    specs = [FeatureSpec(name, name, {"kind": "onnx", "embedding_dim": dim}) for name, dim in
-             (("vgg16", 4096), ("resnet50", 2048), ("pixels", 3072))]
-    segments = {spec.name: Segment(spec.name, spec.name, spec.attrs, str(work)) for spec in specs}
-    records = [ImageRecord(f"c{i % 10}/{i:08d}.jpg", f"c{i % 10}") for i in range(images)]
-    started = time.perf_counter()
-    for start in range(0, images, 128):
-        items = [WorkItem(r, FileState("", 1, 1), [s.name for s in specs]) for r in records[start : start + 128]]
-        features = {"vgg16": rows[: len(items), :4096], "resnet50": rows[: len(items), 4096:6144],
-                    "pixels": rows[: len(items), 6144:]}
-        record_batch(items, ["0" * 64] * len(items), [""] * len(items), features, specs, segments)
-        if len(segments["vgg16"]) >= 512:
-            for segment in segments.values():
-                store.append(segment)
-    for segment in segments.values():
-        store.append(segment)
-    journal = images / (time.perf_counter() - started)
-    started = time.perf_counter()
-    store.commit(work, records, {spec.name: spec.name for spec in specs})
-    commit = images / (time.perf_counter() - started)
-    return {"images": images, "row_kb": ROW_FLOATS * 4 / 1024, "ray_transfer_per_s": transfer,
-            "record_and_journal_per_s": journal, "commit_per_s": commit}
+def store_costs(path: Path) -> dict:
+    """What ``make bench-store`` measured that a cluster run pays: the driver's intake, its commit per listed
+    image, its bookkeeping per listed image, and compaction per image (core-seconds, on the workers)."""
+    bench = json.loads(path.read_text())
+    largest = max(bench["sizes"], key=lambda row: row["images"])
+    return {
+        "intake_per_s": bench["ray"]["intake_per_s"],
+        "commit_seconds_per_listed_image": largest["add_1_percent"]["commit_seconds"] / largest["images"],
+        "bookkeeping_bytes_per_listed_image": max(e["bytes_per_listed_image"] for e in largest["traced"].values()),
+        "compaction_core_seconds_per_image": largest["compaction"]["seconds"] * bench["cores"] / largest["images"],
+        "measured_at_images": largest["images"],
+    }
 
 
 def in_child(*arguments: object) -> dict:
@@ -106,16 +69,17 @@ def in_child(*arguments: object) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def estimate(bench: dict, writer: dict) -> list[dict]:
+def estimate(bench: dict, store: dict) -> list[dict]:
     """Hours and worker-hours for CLUSTER_IMAGES on CLUSTER_WORKERS workers of each kind ``make bench`` measured.
 
     A CPU worker is one core that decodes (640x480 JPEG) and then embeds; a GPU worker embeds at its measured
     rate and needs ``decode_cores_per_worker`` CPU cores beside it to decode. The cluster's rate is capped by
-    the one writer's intake; its commit (the merge into the HDF5 file, once per run) comes on top.
+    the driver's intake of shard metadata; the commit at the end (the driver writing the index over every
+    listed image) comes on top, and compacting the workers' small shards adds to the workers' hours.
     """
     cores = bench["machine"]["cores"]
     decode_seconds = bench["decode"]["photos_640x480"]["ms_per_image"] / 1000
-    ceiling = min(writer["ray_transfer_per_s"], writer["record_and_journal_per_s"])
+    ceiling = store["intake_per_s"]
     rows = []
     for model, entry in bench["models"].items():
         for name, rate in entry["pure_inference"].items():
@@ -129,23 +93,27 @@ def estimate(bench: dict, writer: dict) -> list[dict]:
                 cluster_rate = min(workers * per_worker, ceiling)
                 for images in CLUSTER_IMAGES:
                     extract_hours = images / cluster_rate / 3600
-                    commit_hours = images / writer["commit_per_s"] / 3600
+                    commit_hours = images * store["commit_seconds_per_listed_image"] / 3600
+                    compaction_core_hours = images * store["compaction_core_seconds_per_image"] / 3600
                     rows.append({
                         "model": model, "worker": f"{unit}, {name}", "per_worker": per_worker,
                         "decode_cores_per_worker": per_worker * decode_seconds if unit == "GPU" else 1.0,
                         "workers": workers, "images": images, "images_per_s": cluster_rate,
-                        "writer_bound": workers * per_worker > ceiling, "extract_hours": extract_hours,
-                        "commit_hours": commit_hours, "worker_hours": extract_hours * workers,
+                        "driver_bound": workers * per_worker > ceiling, "extract_hours": extract_hours,
+                        "commit_hours": commit_hours, "worker_hours": extract_hours * workers + compaction_core_hours,
+                        "driver_memory_gb": images * store["bookkeeping_bytes_per_listed_image"] / 1e9,
                     })
     return rows
 
 
 def print_estimate(rows: list[dict]) -> None:
-    print(f"\n{'model':9} {'worker':24} {'workers':>7} {'images':>11} {'img/s':>8} {'extract h':>9} {'commit h':>8} {'worker-h':>9}")
+    print(f"\n{'model':9} {'worker':24} {'workers':>7} {'images':>11} {'img/s':>8} {'extract h':>9} {'commit h':>8} "
+          f"{'worker-h':>9} {'driver GB':>9}")
     for row in rows:
-        bound = " (writer-bound)" if row["writer_bound"] else ""
+        bound = " (driver-bound)" if row["driver_bound"] else ""
         print(f"{row['model']:9} {row['worker']:24} {row['workers']:>7} {row['images']:>11,} {row['images_per_s']:>8.0f} "
-              f"{row['extract_hours']:>9.2f} {row['commit_hours']:>8.2f} {row['worker_hours']:>9.0f}{bound}")
+              f"{row['extract_hours']:>9.2f} {row['commit_hours']:>8.3f} {row['worker_hours']:>9.0f} "
+              f"{row['driver_memory_gb']:>9.1f}{bound}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,15 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=1000)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--precision", default="int8")
-    parser.add_argument("--writer-images", type=int, default=20_000)
     parser.add_argument("--work", type=Path, default=Path("build/bench"))
     parser.add_argument("--bench", type=Path, default=Path("benchmarks/bench.json"), help="make bench's output")
+    parser.add_argument("--store-bench", type=Path, default=Path("benchmarks/bench_store.json"),
+                        help="make bench-store's output")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/bench_ray.json"))
     parser.add_argument("--estimate-only", action="store_true", help="recompute the estimate from --out and --bench")
     args = parser.parse_args(argv)
     if args.estimate_only:
         result = json.loads(args.out.read_text())
-        result["estimate"] = estimate(json.loads(args.bench.read_text()), result["writer"])
+        result.pop("writer", None)  # the one writer's ceilings, before actors wrote the shards
+        result["store"] = store_costs(args.store_bench)
+        result["estimate"] = estimate(json.loads(args.bench.read_text()), result["store"])
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print_estimate(result["estimate"])
         return 0
@@ -184,11 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model if args.precision == "fp32" else f"{args.model}-{args.precision}"
     local, on_ray = (EmbeddingStore(args.work / f"ray-bench-{b}.h5").load(name) for b in ("local", "ray"))
     result["stores_equal"] = bool((local.paths == on_ray.paths).all() and (local.embeddings == on_ray.embeddings).all())
-    result["writer"] = writer_ceiling(args.work, args.writer_images)
-    ceiling = min(result["writer"]["ray_transfer_per_s"], result["writer"]["record_and_journal_per_s"])
-    result["writer"]["ceiling_per_s"] = ceiling
-    print(f"stores equal: {result['stores_equal']}; writer: {result['writer']}", flush=True)
-    result["estimate"] = estimate(json.loads(args.bench.read_text()), result["writer"])
+    result["store"] = store_costs(args.store_bench)
+    print(f"stores equal: {result['stores_equal']}; store costs: {result['store']}", flush=True)
+    result["estimate"] = estimate(json.loads(args.bench.read_text()), result["store"])
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_estimate(result["estimate"])
     print(f"wrote {args.out}")

@@ -169,6 +169,9 @@ def _write_view(group: h5py.Group, entry: SetIndex, folder: str) -> None:
         if len(pieces) > VIEW_PIECES:
             group.attrs["view"] = f"left out: more than {VIEW_PIECES} pieces; python -m pipeline.store compact makes it"
             return
+    if not pieces:
+        group.create_dataset("embeddings", shape=(0, entry.dim), dtype=np.float32)
+        return
     layout = h5py.VirtualLayout(shape=(sum(b - a for _, a, b in pieces), entry.dim), dtype=np.float32)
     sources = {}
     position = 0
