@@ -20,7 +20,7 @@ BENCH_ARGS ?=
 PRECISION ?= auto
 BACKEND ?= local
 
-.PHONY: help install test test-fast models extract fit demo bench bench-ray clean
+.PHONY: help install test test-fast models extract fit demo bench bench-ray bench-store clean
 
 help:
 	@echo "make demo        run the pipeline end to end on built-in data"
@@ -29,7 +29,8 @@ help:
 	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)' PRECISION=$(PRECISION) BACKEND=$(BACKEND)"
 	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE) into CLASSIFIERS_DIR=$(CLASSIFIERS_DIR) (FIT_ARGS=...)"
 	@echo "make bench       extraction speed and int8 fidelity side by side, writes benchmarks/bench.json (~25 min)"
-	@echo "make bench-ray   extract on a local Ray instance vs locally, the one writer's ceiling, 1M/100M-image estimates (~5 min)"
+	@echo "make bench-ray   extract on a local Ray instance vs locally, 1M/100M-image estimates from bench and bench-store (~5 min)"
+	@echo "make bench-store what store runs cost at 10k, 100k and 1M images, and the driver's intake on Ray (~15 min, 15 GB disk)"
 	@echo "make install     only create $(VENV) and install the project"
 	@echo "make clean       remove $(VENV) (models/ and features/ are kept)"
 
@@ -64,6 +65,9 @@ bench: $(INSTALLED)
 
 bench-ray: $(INSTALLED)
 	$(PY) benchmarks/bench_ray.py $(BENCH_ARGS)
+
+bench-store: $(INSTALLED)
+	PYTHONPATH=benchmarks $(PY) benchmarks/bench_store.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from pipeline import cluster
 from pipeline.bundle import ClassifierBundle, library_versions, provenance_of
 from pipeline.errors import UserError, run_cli
 from pipeline.files import exclusive, sha256_file
-from pipeline.heads import CLASSIFIERS, FOLDS, FittedHead, describe_classifier, fit_head
+from pipeline.heads import CLASSIFIERS, FOLDS, FittedHead
 from pipeline.manifest import FEATURE_VARIANTS
 from pipeline.report import (
     comparison_rows,
@@ -36,7 +35,8 @@ from pipeline.report import (
     write_report,
 )
 from pipeline.store import PIXELS, EmbeddingStore, FeatureSet
-from pipeline.streaming import CHUNK_ROWS, EPOCHS, RowStream, describe_streaming, fit_streaming, predict_proba_streaming, streamed_scaler
+from pipeline.streaming import CHUNK_ROWS, EPOCHS
+from pipeline.training import FitSettings, InMemoryRows, OutOfCore, training_rows
 
 CURVE_PER_CLASS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 CURVE_REPEATS = 3  # random draws averaged per point of the learning curve
@@ -183,11 +183,6 @@ def row_indices(feature_set: FeatureSet, paths: np.ndarray) -> np.ndarray:
     return order[np.searchsorted(feature_set.paths[order], paths)]
 
 
-def rows_of(feature_set: FeatureSet, paths: np.ndarray) -> np.ndarray:
-    """The embeddings of ``paths`` (all present) in that order."""
-    return feature_set.embeddings[row_indices(feature_set, paths)]
-
-
 def learning_curve(
     head: FittedHead, X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, seed: int
 ) -> dict[str, list]:
@@ -287,61 +282,49 @@ def run_fit(
     if curve and "logreg" not in classifiers:
         warnings.warn("the learning curve is drawn with logreg, which is not among --classifiers; no curve this time.",
                       stacklevel=2)
+    validation = (split.part[split.train] == "validation") if (split.part == "validation").any() else None
+    settings = FitSettings(seed, folds, n_jobs, class_weight, validation)
     busy = f"another fit is writing {out}; wait for it to finish, or use another --out."
     with exclusive(out / LOCK, busy), _joblib_backend(joblib_backend):
-        return _fit_all(store, features, split, classifiers, out, inputs, seed, n_jobs, folds, class_weight, curve,
-                        out_of_core, chunk_rows, epochs)
+        return _fit_all(store, features, split, classifiers, out, inputs, settings, curve,
+                        OutOfCore(chunk_rows, epochs) if out_of_core else None)
 
 
 def _fit_all(
     store: EmbeddingStore, features: dict[str, FeatureSet], split: Split, classifiers: Sequence[str], out: Path,
-    inputs: dict[str, Any], seed: int, n_jobs: int | None, folds: int, class_weight: str | None, curve: bool,
-    out_of_core: bool, chunk_rows: int, epochs: int,
+    inputs: dict[str, Any], settings: FitSettings, curve: bool, out_of_core: OutOfCore | None,
 ) -> dict[str, Any]:
     # Everything is written to a staging folder and moved into ``out`` at the end, report last: until then
     # the previous report and the bundles it lists stay as they were, whatever stops this run.
     final_out, out = out, out / STAGING
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    y = split.labels
-    y_train, y_test = y[split.train], y[split.test]
-    validation = (split.part[split.train] == "validation") if (split.part == "validation").any() else None
+    y_test = split.labels[split.test]
     results, curves = [], {}
     for name, feature_set in features.items():
-        if out_of_core:
-            stream = RowStream(store, name, row_indices(feature_set, split.paths), y, chunk_rows)
-            train_stream, test_stream = stream.subset(split.train), stream.subset(split.test)
-            scaler = streamed_scaler(train_stream)
-        else:
-            X = rows_of(feature_set, split.paths)
-            X_train, X_test = X[split.train], X[split.test]
+        rows = training_rows(store, name, feature_set, row_indices(feature_set, split.paths), split.labels,
+                             split.train, out_of_core)
         for classifier in classifiers:
-            if out_of_core:
-                head = fit_streaming(classifier, train_stream, copy.deepcopy(scaler), validation=validation, seed=seed,
-                                     folds=folds, epochs=epochs, n_jobs=n_jobs, class_weight=class_weight)
-            else:
-                head = fit_head(classifier, X_train, y_train, validation=validation, seed=seed, folds=folds,
-                                n_jobs=n_jobs, class_weight=class_weight)
-            result = _result(name, classifier, feature_set.attrs, head, split, out_of_core)
+            head = rows.fit(classifier, settings)
+            result = _result(name, classifier, feature_set.attrs, head, split, rows.describe(classifier, head.params))
             if len(y_test):
-                proba = predict_proba_streaming(head, test_stream) if out_of_core else head.pipeline.predict_proba(X_test)
-                result["test"] = evaluate(proba, y_test, split.classes)
+                result["test"] = evaluate(rows.test_probabilities(head), y_test, split.classes)
                 figure = f"confusion-{name}-{classifier}.png"
                 title = f"{_label(name, feature_set.attrs)} + {classifier}: test accuracy {result['test']['accuracy']:.3f}"
                 confusion_figure(np.array(result["test"]["confusion"]), split.classes, title, out / figure)
                 result["confusion_figure"] = figure
             bundle = ClassifierBundle(
                 head.pipeline, split.classes, name, classifier, provenance_of(feature_set.attrs), head.params,
-                {"validation_score": head.validation_score, "test": result["test"]}, seed,
+                {"validation_score": head.validation_score, "test": result["test"]}, settings.seed,
             )
             bundle_path = out / f"{name}-{classifier}.joblib"
             result["bundle"] = {"path": bundle_path.name, "sha256": bundle.save(bundle_path)}
             results.append(result)
-            if classifier == "logreg" and curve and len(y_test):
-                curves[name] = learning_curve(head, X_train, y_train, X_test, y_test, seed)
+            if classifier == "logreg" and curve and len(y_test) and isinstance(rows, InMemoryRows):
+                curves[name] = learning_curve(head, rows.X_train, rows.y_train, rows.X_test, y_test, settings.seed)
                 curves[name]["label"] = _label(name, feature_set.attrs)
-        X = X_train = X_test = None  # one feature set in memory at a time
-    report = _report(store, features, split, results, curves, seed, out)
+        rows = None  # one feature set in memory at a time
+    report = _report(store, features, split, results, curves, settings.seed, out)
     report["inputs"] = inputs
     write_report(out, report)
     _publish(out, final_out)
@@ -394,13 +377,13 @@ def _label(name: str, attrs: dict[str, Any]) -> str:
 
 
 def _result(
-    name: str, classifier: str, attrs: dict[str, Any], head: FittedHead, split: Split, out_of_core: bool
+    name: str, classifier: str, attrs: dict[str, Any], head: FittedHead, split: Split, description: str
 ) -> dict[str, Any]:
     return {
         "features": name,
         "classifier": classifier,
         "untrained": bool(attrs.get("untrained", False)),
-        "description": describe_streaming(classifier) if out_of_core else describe_classifier(classifier, head.params),
+        "description": description,
         "selection": head.selection,
         "params": head.params,
         "validation_score": head.validation_score,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import pipeline.store.shards as shards
+from pipeline.errors import UserError
 from pipeline.discover import ImageRecord
 from pipeline.store import EmbeddingStore
 from pipeline.store.readers import hash_digests
@@ -68,3 +69,11 @@ def test_hashes_are_held_as_their_32_bytes():
     assert digests[1] == bytes.fromhex(sha("b"))
     with pytest.raises(ValueError):
         hash_digests(np.array(["z" * 64]))
+
+
+def test_a_reader_whose_shard_a_compaction_replaced_is_told_to_run_again(store):
+    with store.rows("m") as rows:  # opened on the index before the compaction
+        with store.lock():
+            store.compact()
+        with pytest.raises(UserError, match="changed while this was reading it .* run it again"):
+            rows.read(0, 10)

@@ -175,7 +175,7 @@ class EmbeddingStore:
         with exclusive(self.path.with_name(self.path.name + ".lock"), busy):
             for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # an index killed mid-write
                 stale.unlink(missing_ok=True)
-            index = self._writable_index()
+            index = self._writable_index(arrays=False)
             for path in garbage(self.shards, index, [p.name for p in pending_shards(self.shards, index)]):
                 path.unlink(missing_ok=True)
             yield
@@ -229,10 +229,10 @@ class EmbeddingStore:
         Every feature set, computed by this run or not, is brought up to date: rows of files no longer in
         ``records`` are deleted, labels and splits follow ``records``, and a pending row or failure
         supersedes an older one of the same path. Sets whose fingerprint differs from ``fingerprints``
-        (other models, after ``--overwrite``) are replaced by the pending shards of the new one. A commit that
-        would change nothing writes nothing. Afterwards, shards no
-        longer listed are deleted, and sets past the thresholds of :mod:`pipeline.store.compact` compacted
-        by ``run_jobs`` (``map`` here, or tasks on the cluster whose workers wrote the shards).
+        (other models, after ``--overwrite``) are replaced by the pending shards of the new one. A commit
+        that would change nothing writes nothing. Afterwards, shards no longer listed are deleted, and sets
+        past the thresholds of :mod:`pipeline.store.compact` compacted by ``run_jobs`` (``map`` here, or
+        tasks on the cluster whose workers wrote the shards).
 
         Returns
         -------

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.store.index import SetIndex
-from pipeline.store.shards import ShardReader
+from pipeline.errors import UserError
+from pipeline.store.index import SetIndex, open_store_file, read_index
+from pipeline.store.shards import ShardEntry, ShardReader
 from pipeline.store.spec import SPLITS
 
 OPEN_SHARDS = 16  # shard files a streaming reader keeps open
@@ -104,7 +105,11 @@ class Shards:
             self.open.move_to_end(number)
             return self.open[number]
         entry = self.set_index.shards[number]
-        reader = ShardReader(self.folder, entry, self.index_path, self.verify and entry.sha256 not in self.verified)
+        try:
+            reader = ShardReader(self.folder, entry, self.index_path, self.verify and entry.sha256 not in self.verified)
+        except UserError:
+            self._refuse_if_replaced(entry)
+            raise
         if self.verify:
             self.verified.add(entry.sha256)
         self.open[number] = reader
@@ -116,6 +121,18 @@ class Shards:
         for reader in self.open.values():
             reader.close()
         self.open.clear()
+
+    def _refuse_if_replaced(self, entry: ShardEntry) -> None:
+        """A shard gone because a commit compacted it while this reader ran is not a lost file: say so."""
+        try:
+            with open_store_file(self.index_path) as store:
+                listed = {e.file for s in read_index(store, arrays=False).sets.values() for e in s.shards}
+        except UserError:
+            return
+        if entry.file not in listed:
+            raise UserError(
+                f"{self.index_path} changed while this was reading it (a commit replaced {entry.file}); run it again."
+            ) from None
 
 
 def load_set(folder: Path, index_path: Path, set_index: SetIndex, classes: list[str], root: str,
