@@ -136,6 +136,9 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_store(tmp_path, small_mode
     assert driver.poll() is None, "the driver ended before it could be killed"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
+    settled = None  # an actor may outlive the driver for a moment and finish its shard: wait until none changes
+    while settled != (settled := sorted(shards.glob("*"))):
+        time.sleep(2)
     done = len(EmbeddingStore(cache).known("resnet50", EmbeddingStore(tmp_path / "local.h5").load_attrs("resnet50")["fingerprint"]))
     assert 0 < done < 200  # rows in the shards the actors had written
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import fit
+from pipeline import fit, training
 from pipeline.bundle import ClassifierBundle
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
@@ -118,7 +118,7 @@ def test_an_interrupted_fit_leaves_the_previous_report_and_bundles(tmp_path, mon
     store = synthetic_store(tmp_path / "s.h5", per_class=8, classes=2, features={"resnet50": (4, 0.5), PIXELS: (4, 2)})
     run_fit(store.path, out=tmp_path / "o", n_jobs=1, classifiers=["logreg"], curve=False)
     before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
-    monkeypatch.setattr(fit, "fit_head", _stopping_after(1))
+    monkeypatch.setattr(training, "fit_head", _stopping_after(1))
     with pytest.raises(KeyboardInterrupt):
         run_fit(store.path, out=tmp_path / "o", n_jobs=1, classifiers=["logreg"], curve=False, seed=3)
     after = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir() if p.is_file()}
@@ -130,7 +130,7 @@ def test_an_interrupted_fit_leaves_the_previous_report_and_bundles(tmp_path, mon
 
 def _stopping_after(fits: int):
     """A fit_head that works ``fits`` times, then behaves like Ctrl-C."""
-    real, done = fit.fit_head, []
+    real, done = training.fit_head, []
 
     def fit_head(*args, **kwargs):
         if len(done) == fits:

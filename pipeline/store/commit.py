@@ -122,7 +122,7 @@ def _all_shards(index: Index) -> list[ShardEntry]:
 
 @dataclass
 class Known:
-    """What a feature set holds of each path, latest outcome first: compact arrays sorted by path key.
+    """What a feature set holds of each path (its latest outcome): compact arrays sorted by path key.
 
     Attributes
     ----------
