@@ -20,7 +20,7 @@ BENCH_ARGS ?=
 PRECISION ?= auto
 BACKEND ?= local
 
-.PHONY: help install test test-fast models extract fit demo bench bench-ray bench-store clean
+.PHONY: help install test test-fast models extract fit demo doctor bench bench-ray bench-store clean
 
 help:
 	@echo "make demo        run the pipeline end to end on built-in data"
@@ -28,6 +28,7 @@ help:
 	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' WEIGHTS=$(WEIGHTS) IMAGE_SIZE=$(IMAGE_SIZE)"
 	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)' PRECISION=$(PRECISION) BACKEND=$(BACKEND)"
 	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE) into CLASSIFIERS_DIR=$(CLASSIFIERS_DIR) (FIT_ARGS=...)"
+	@echo "make doctor      can onnxruntime run on CUDA here; if not, the first thing missing and its fix"
 	@echo "make bench       extraction speed and int8 fidelity side by side, writes benchmarks/bench.json (~25 min)"
 	@echo "make bench-ray   extract on a local Ray instance vs locally, 1M/100M-image estimates from bench and bench-store (~5 min)"
 	@echo "make bench-store what store runs cost at 10k, 100k and 1M images, and the driver's intake on Ray (~15 min, 15 GB disk)"
@@ -59,6 +60,9 @@ fit: $(INSTALLED)
 
 demo: $(INSTALLED)
 	$(PY) -m pipeline.demo --models-dir $(MODELS_DIR) --precision $(PRECISION)
+
+doctor: $(INSTALLED)
+	$(PY) -m pipeline.doctor
 
 bench: $(INSTALLED)
 	$(PY) benchmarks/bench_extract.py $(BENCH_ARGS)

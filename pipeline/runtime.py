@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
+from pipeline import cuda
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
 from pipeline.manifest import ModelManifest, model_paths, parse_variant
@@ -130,18 +131,16 @@ def start_session(
     model = manifest.name
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or available_cores()
+    if device == "cuda" and cuda.problem():
+        raise UserError(f"--device cuda was asked for, but {cuda.problem()}.")
     if device in ("auto", "cuda"):
-        session = _cuda_session(onnx_path, options)
+        session = _cuda_session(onnx_path, options, strict=device == "cuda")
         if session is not None:
             if manifest.precision == "int8":
                 _precision_notice(model, "int8 is tuned for CPUs; on CUDA prefer fp16 (--precision fp16)")
             return BackboneSession(manifest, onnx_path, session)
-        if device == "cuda":
-            raise UserError(
-                "--device cuda was asked for but onnxruntime cannot run on CUDA here (no GPU, or the "
-                "onnxruntime-gpu package and its CUDA libraries are missing); use --device cpu or auto."
-            )
-        _cpu_notice(options.intra_op_num_threads)
+        _cpu_notice(options.intra_op_num_threads, cuda.problem() or "a CUDA session could not be created; "
+                    "python -m pipeline.doctor says why")
     session = onnxruntime.InferenceSession(str(onnx_path), options, providers=[CPU])
     if manifest.precision == "fp16":
         _precision_notice(model, "fp16 runs on the CPU here, slower than fp32: it is meant for GPUs")
@@ -170,20 +169,30 @@ def _precision_notice(model: str, text: str) -> None:
 
 
 @functools.cache
-def _cpu_notice(threads: int) -> None:
-    print(f"notice: no usable CUDA device for onnxruntime; running on the CPU ({threads} thread{'s' if threads != 1 else ''}).",
-          file=sys.stderr)
+def _cpu_notice(threads: int, cause: str) -> None:
+    print(f"notice: no usable CUDA device for onnxruntime ({cause}); running on the CPU ({threads} "
+          f"thread{'s' if threads != 1 else ''}).", file=sys.stderr)
 
 
-def _cuda_session(onnx_path: Path, options: onnxruntime.SessionOptions) -> onnxruntime.InferenceSession | None:
+def _cuda_session(onnx_path: Path, options: onnxruntime.SessionOptions, strict: bool) -> onnxruntime.InferenceSession | None:
+    """A session on CUDA, or None. ``strict`` (``--device cuda``): no node may fall back to the CPU, so that a
+    GPU run can never quietly measure the CPU; then a failure is an error, not None."""
+    cuda.load_libraries()  # the CUDA and cuDNN libraries from the installed wheels, once per process
     if CUDA not in onnxruntime.get_available_providers():
         return None
+    if strict:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     severity = options.log_severity_level
     options.log_severity_level = _FATAL_ONLY
     onnxruntime.set_default_logger_severity(_FATAL_ONLY)
     try:
         session = onnxruntime.InferenceSession(str(onnx_path), options, providers=[CUDA, CPU])
-    except Exception:  # a provider that fails to load raises; whatever it is, the CPU remains
+    except Exception as error:  # a provider that fails to load raises; whatever it is, the CPU remains
+        if strict:
+            raise UserError(
+                f"--device cuda was asked for, but onnxruntime cannot run {onnx_path.name} wholly on CUDA "
+                f"({str(error).splitlines()[0]}); use --device auto to let the CPU run what CUDA cannot."
+            ) from None
         return None
     finally:
         options.log_severity_level = severity
