@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
 MODELS ?= vgg16 resnet50
-WEIGHTS ?= imagenet
+WEIGHTS ?=
 IMAGE_SIZE ?= 224
 MODELS_DIR ?= models
 CACHE ?= features/embeddings.h5
@@ -25,7 +25,7 @@ BACKEND ?= local
 help:
 	@echo "make demo        run the pipeline end to end on built-in data"
 	@echo "make test        run the test suite (make test-fast skips the slow parity tests)"
-	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' WEIGHTS=$(WEIGHTS) IMAGE_SIZE=$(IMAGE_SIZE)"
+	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' WEIGHTS=imagenet|random|PATH|'resnet50=PATH vgg16=imagenet' IMAGE_SIZE=$(IMAGE_SIZE)"
 	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)' PRECISION=$(PRECISION) BACKEND=$(BACKEND)"
 	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE) into CLASSIFIERS_DIR=$(CLASSIFIERS_DIR) (FIT_ARGS=...)"
 	@echo "make doctor      can onnxruntime run on CUDA here; if not, the first thing missing and its fix"
@@ -49,11 +49,11 @@ test-fast: $(INSTALLED)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 models: $(INSTALLED)
-	$(PY) -m pipeline.export --model $(MODELS) --weights $(WEIGHTS) --image-size $(IMAGE_SIZE) --out $(MODELS_DIR)
+	$(PY) -m pipeline.export --model $(MODELS) --weights $(or $(WEIGHTS),imagenet) --image-size $(IMAGE_SIZE) --out $(MODELS_DIR)
 
 extract: $(INSTALLED)
 	@test -n "$(DATA)" || { echo "error: say which images to embed: make extract DATA=path/to/folder (or a CSV file)."; exit 2; }
-	$(PY) -m pipeline.extract "$(DATA)" --models $(MODELS) --cache $(CACHE) --models-dir $(MODELS_DIR) --weights $(WEIGHTS) --precision $(PRECISION) --backend $(BACKEND) $(EXTRACT_ARGS)
+	$(PY) -m pipeline.extract "$(DATA)" --models $(MODELS) --cache $(CACHE) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS)) --precision $(PRECISION) --backend $(BACKEND) $(EXTRACT_ARGS)
 
 fit: $(INSTALLED)
 	$(PY) -m pipeline.fit --cache $(CACHE) --out $(CLASSIFIERS_DIR) $(FIT_ARGS)

@@ -278,7 +278,7 @@ def map_on_ray(function: Callable, jobs: Iterable) -> list:
 
 def _check_workers_see_the_files(paths: Sequence[str], errors: Sequence[str]) -> None:
     """Stop when the workers could read none of a batch's files that this machine can read."""
-    if errors and all(e.startswith("unreadable") for e in errors) and os.access(paths[0], os.R_OK):
+    if errors and all(e.startswith(("unreadable", "missing")) for e in errors) and os.access(paths[0], os.R_OK):
         raise UserError(
             f"the Ray workers cannot read {paths[0]}, which this machine can: put the images on a filesystem "
             "every node mounts at the same path."

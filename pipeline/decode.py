@@ -100,6 +100,10 @@ def decode_file(
         data = read_image_file(path, max(max_pixels, MAX_PIXELS) * MAX_BYTES_PER_PIXEL)
     except TooManyPixels as error:
         return DecodedImage("", error=f"too large: {error}")
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            return DecodedImage("", error="unreadable: a link to a file that does not exist")
+        return DecodedImage("", error="missing: no such file")
     except OSError as error:
         return DecodedImage("", error=f"unreadable: {error.strerror or error}")
     sha256 = hashlib.sha256(data).hexdigest()

@@ -14,10 +14,10 @@ from PIL import Image
 from pipeline.backbones import BACKBONES
 from pipeline.classify import choose_bundle, run_classify
 from pipeline.errors import run_cli
-from pipeline.export import UNTRAINED_BANNER, describe, export_backbone
+from pipeline.export import UNTRAINED_BANNER, ExportResult, describe, export_backbone
 from pipeline.extract import run_extract
 from pipeline.fit import print_summary, run_fit
-from pipeline.manifest import PRECISIONS
+from pipeline.manifest import PRECISIONS, ModelManifest, model_paths
 from pipeline.store import EmbeddingStore
 from pipeline.weights import imagenet_cache_file
 
@@ -29,6 +29,28 @@ def demo_weights(model: str) -> str:
     backbone = BACKBONES[model]
     _, cache_file = imagenet_cache_file(backbone, backbone.default_imagenet_weights)
     return "imagenet" if cache_file.exists() else "random"
+
+
+def demo_models(models_dir: Path, image_size: int) -> dict[str, ModelManifest]:
+    """Both backbones as exported in ``models_dir`` (whatever their weights: the demo never replaces an export);
+    the missing ones exported first, with ImageNet weights when every missing one has them cached, else random."""
+    missing = [model for model in BACKBONES if not all(p.exists() for p in model_paths(models_dir, model))]
+    weights = "random" if any(demo_weights(model) == "random" for model in missing) else "imagenet"
+    if missing and weights == "random":  # one kind of weights for the missing ones, so that they compare
+        files = [str(imagenet_cache_file(BACKBONES[m], BACKBONES[m].default_imagenet_weights)[1]) for m in missing]
+        print(UNTRAINED_BANNER.format(model=" and ".join(missing)), file=sys.stderr)
+        print(f"   No ImageNet weights at {' or '.join(files)}, so the demo uses seeded random weights;\n"
+              "   README.md (export, Weights) says how to add them.", file=sys.stderr)
+    manifests = {}
+    for model in BACKBONES:
+        if model in missing:
+            result = export_backbone(model, weights, image_size, models_dir)
+        else:
+            onnx_path, manifest_path = model_paths(models_dir, model)
+            result = ExportResult(ModelManifest.load(manifest_path), onnx_path, exported=False)
+        print(describe(result))
+        manifests[model] = result.manifest
+    return manifests
 
 
 def write_digits(root: Path, per_class: int, seed: int = 0) -> int:
@@ -75,18 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     count = write_digits(args.data, args.per_class)
     print(f"demo data: {count} scans of handwritten digits from scikit-learn ({args.per_class} per digit, "
           f"{TEST_FRACTION:.0%} held out as test) in {args.data}/{{train,test}}/<digit>/")
-    missing = [model for model in BACKBONES if demo_weights(model) == "random"]
-    weights = "random" if missing else "imagenet"  # one kind of weights for both, so that they compare
-    if missing:
-        files = [str(imagenet_cache_file(BACKBONES[m], BACKBONES[m].default_imagenet_weights)[1]) for m in missing]
-        print(UNTRAINED_BANNER.format(model=" and ".join(BACKBONES)), file=sys.stderr)
-        print(f"   No ImageNet weights at {' or '.join(files)}, so the demo uses seeded random weights;\n"
-              "   README.md (export, Weights) says how to add them.", file=sys.stderr)
-    for model in BACKBONES:
-        print(describe(export_backbone(model, weights, args.image_size, args.models_dir)))
-
-    specs = run_extract(args.data, list(BACKBONES), args.cache, models_dir=args.models_dir, weights=weights,
-                        precision=args.precision)
+    manifests = demo_models(args.models_dir, args.image_size)
+    untrained = [model for model, manifest in manifests.items() if manifest.untrained]
+    specs = run_extract(args.data, list(BACKBONES), args.cache, models_dir=args.models_dir, precision=args.precision,
+                        overwrite=True)  # the models as exported; the demo's own store follows them
     store = EmbeddingStore(args.cache)
     print(f"\nstore {args.cache}:")
     for spec in specs:
@@ -108,8 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           progress=False)
     print(f"  {counts['classified']} of {counts['images']} test scans classified, {counts['correct']} correctly "
           f"({counts['cached']} embeddings reused from the store); rows in {predictions}")
-    if weights == "random":
-        print("\nReminder: the backbones have UNTRAINED random weights here; see the banner above.", file=sys.stderr)
+    if untrained:
+        print(f"\nReminder: {' and '.join(untrained)} have UNTRAINED random weights here; see the banner above.",
+              file=sys.stderr)
     print(f"\ndone in {time.perf_counter() - started:.0f} s. The report is {args.classifiers_dir / 'report.md'}. Next: "
           f"python -m pipeline.classify <folder> --cache {args.cache} prints predictions.")
     return 0

@@ -53,22 +53,25 @@ class Dataset:
         return self.root / record.path
 
 
-def discover(source: str | os.PathLike) -> Dataset:
+def discover(source: str | os.PathLike, root: str | os.PathLike | None = None) -> Dataset:
     """Find the images of a dataset folder or CSV manifest.
 
     Layouts, detected in this order:
 
-    - a CSV file ``path,label[,split]`` (header optional; paths relative to the CSV's folder or absolute);
+    - a CSV file ``path,label[,split]`` (header optional; paths absolute, or relative to ``root``, else to
+      the CSV's folder); its dataset root is ``root``, else the CSV's folder when it holds every listed
+      file, else the deepest folder that does;
     - split folders ``DATA/{train,validation|val,test}/<class>/**/<image>``;
     - class folders ``DATA/<class>/**/<image>``;
     - a flat folder of unlabelled images (images directly in ``DATA`` are unlabelled in any layout).
 
-    Hidden files and folders and files without an image extension are ignored.
+    Hidden files and folders and files without an image extension are ignored. A CSV may list files that
+    do not exist: they are kept, and extract records them as missing.
 
     Raises
     ------
     UserError
-        If ``source`` does not exist, or holds no images.
+        If ``source`` does not exist, or holds no images; ``root`` for a folder, or a CSV path outside it.
     """
     source = Path(source).expanduser()
     if not source.exists():
@@ -77,9 +80,11 @@ def discover(source: str | os.PathLike) -> Dataset:
         if source.suffix.lower() != ".csv":
             raise UserError(f"{source} is a file, not a folder; pass an image folder or a .csv manifest (path,label[,split]).")
         try:
-            dataset = _from_csv(source)
+            dataset = _from_csv(source, Path(root).expanduser().resolve() if root else None)
         except (UnicodeDecodeError, csv.Error) as error:
             raise UserError(f"{source} is not a readable UTF-8 CSV file ({error}); expected lines path,label[,split].") from None
+    elif root is not None:
+        raise UserError(f"--root is for a CSV manifest; {source} is a folder, which is its own root.")
     else:
         dataset = _from_folder(source.resolve())
     if not dataset.records:
@@ -146,27 +151,34 @@ def _labelled_images(root: Path, prefix: str) -> list[tuple[str, str | None]]:
     return found
 
 
-def _from_csv(path: Path) -> Dataset:
-    root = path.resolve().parent
-    records, seen = [], set()
+def _from_csv(path: Path, root: Path | None) -> Dataset:
+    base = root or path.resolve().parent  # what relative paths are relative to
+    rows = []
     with open(path, newline="", encoding="utf-8-sig") as stream:
         for number, row in enumerate(csv.reader(stream), start=1):
             if not row or not row[0].strip() or (number == 1 and row[0].strip().lower() == "path"):
                 continue
             if len(row) > 3:
                 raise UserError(f"{path} line {number} has {len(row)} fields; expected path,label[,split].")
-            image = Path(row[0].strip())
-            image = image if image.is_absolute() else root / image
+            image = Path(row[0].strip()).expanduser()
+            image = Path(os.path.normpath(image if image.is_absolute() else base / image))
             label = row[1].strip() if len(row) > 1 and row[1].strip() else None
             split_text = row[2].strip().lower() if len(row) > 2 else ""
             if split_text and split_text not in SPLIT_NAMES:
                 raise UserError(f"{path} line {number}: split {row[2]!r} is not one of train, validation, test.")
-            try:
-                relative = Path(os.path.normpath(image)).relative_to(root).as_posix()
-            except ValueError:
-                raise UserError(f"{path} line {number}: {image} is outside the CSV's folder {root}.") from None
-            if relative in seen:
-                raise UserError(f"{path} line {number}: {relative} is listed twice; keep one line per image.")
-            seen.add(relative)
-            records.append(ImageRecord(relative, label, SPLIT_NAMES.get(split_text, "")))
-    return Dataset(root, "csv", tuple(sorted(records, key=lambda r: r.path)))
+            rows.append((number, image, label, SPLIT_NAMES.get(split_text, "")))
+    if root is None and rows:  # the CSV's folder, as ever, or the deepest folder holding every listed file
+        common = Path(os.path.commonpath([str(image.parent) for _, image, _, _ in rows]))
+        root = base if common.is_relative_to(base) else common
+    records, seen = [], set()
+    for number, image, label, split in rows:
+        try:
+            relative = image.relative_to(root).as_posix()
+        except ValueError:
+            raise UserError(f"{path} line {number}: {image} is outside --root {root}; give a --root that holds "
+                            "every listed file, or leave --root out.") from None
+        if relative in seen:
+            raise UserError(f"{path} line {number}: {relative} is listed twice; keep one line per image.")
+        seen.add(relative)
+        records.append(ImageRecord(relative, label, split))
+    return Dataset(root or base, "csv", tuple(sorted(records, key=lambda r: r.path)))

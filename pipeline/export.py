@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -24,7 +25,7 @@ from pipeline.backbones import BACKBONES, Backbone, Preprocessing, get_backbone
 from pipeline.errors import UserError, run_cli
 from pipeline.files import atomic_path, sha256_file
 from pipeline.manifest import INPUT_NAME, MANIFEST_VERSION, OUTPUT_NAME, ModelManifest, model_paths
-from pipeline.weights import WeightsRequest, load_trunk, parse_weights
+from pipeline.weights import IMAGENET, WeightsRequest, load_trunk, parse_weights, weights_per_model
 
 OPSET = 18
 MIN_IMAGE_SIZE = 32
@@ -99,10 +100,11 @@ def export_backbone(
         raise UserError(f"--image-size {image_size} is too small; {model} needs at least {MIN_IMAGE_SIZE} pixels.")
     request = parse_weights(backbone, weights, seed)
     onnx_path, manifest_path = model_paths(out_dir, model)
-    if not force:
-        current = _current_manifest(onnx_path, manifest_path)
-        if current and _same_export(current, backbone, request, image_size):
-            return ExportResult(current, onnx_path, exported=False)
+    current = _current_manifest(onnx_path, manifest_path)
+    if current and not force and _same_export(current, backbone, request, image_size):
+        return ExportResult(current, onnx_path, exported=False)
+    if current and current.weights_id != request.identity():
+        _keep_previous(onnx_path, manifest_path)
 
     trunk, provenance = load_trunk(backbone, request)
     preprocessing = backbone.preprocessing(request.name, image_size)
@@ -128,6 +130,18 @@ def export_backbone(
     )
     manifest.save(manifest_path)
     return ExportResult(manifest, onnx_path, exported=True)
+
+
+def _keep_previous(onnx_path: Path, manifest_path: Path) -> None:
+    """Keep an export that is about to be replaced by one with other weights as ``<model>.previous.onnx`` and
+    ``.json`` (one generation: an older ``.previous`` pair goes), with a notice saying how to go back."""
+    previous_onnx = onnx_path.with_name(onnx_path.stem + ".previous.onnx")
+    previous_manifest = manifest_path.with_name(manifest_path.stem + ".previous.json")
+    previous_manifest.unlink(missing_ok=True)  # never a manifest beside an ONNX file it does not describe
+    shutil.copy2(onnx_path, previous_onnx)
+    shutil.copy2(manifest_path, previous_manifest)
+    print(f"notice: kept the export being replaced as {previous_onnx} and {previous_manifest.name}; to go back, "
+          f"rename them to {onnx_path.name} and {manifest_path.name}.", file=sys.stderr)
 
 
 def _current_manifest(onnx_path: Path, manifest_path: Path) -> ModelManifest | None:
@@ -250,10 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         "resnet50: global average pool, 2048-d)",
     )
     parser.add_argument(
-        "--weights", default="imagenet",
+        "--weights", nargs="+", default=None, metavar="[MODEL=]WEIGHTS",
         help="imagenet (torchvision's IMAGENET1K_V1, downloaded once into the torch hub cache, TORCH_HOME honoured); "
         "IMAGENET1K_V2 (resnet50 only); random (seeded, untrained: for tests and dry runs only); "
-        "or PATH to a state dict of the full torchvision classifier (.pth, .pt or .safetensors). Default: imagenet",
+        "or PATH to a state dict of the full torchvision classifier (.pth, .pt or .safetensors); for every model, "
+        "or MODEL=WEIGHTS for one (--weights resnet50=PATH vgg16=imagenet). Default: imagenet",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --weights random (default: 0)")
     parser.add_argument(
@@ -268,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Export each requested model; print one line per model."""
     args = build_parser().parse_args(argv)
+    weights = weights_per_model(args.weights, args.model)
     for model in args.model:
         started = time.perf_counter()
-        result = export_backbone(model, args.weights, args.image_size, args.out, args.seed, args.force)
+        result = export_backbone(model, weights[model] or IMAGENET, args.image_size, args.out, args.seed, args.force)
         if result.exported and result.manifest.untrained:
             print(UNTRAINED_BANNER.format(model=model), file=sys.stderr)
         suffix = f" [{time.perf_counter() - started:.1f} s]" if result.exported else ""

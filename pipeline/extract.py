@@ -24,7 +24,7 @@ from pipeline.manifest import PRECISIONS, ModelManifest, model_paths, variant_na
 from pipeline.quantize import CALIBRATION_IMAGES, calibration_paths, check_calibration_images, current_variant, describe, make_variant
 from pipeline.runtime import CUDA, DEVICES, BackboneSession, available_cores, open_backbone
 from pipeline.store import EmbeddingStore, FileState, Segment
-from pipeline.weights import parse_weights
+from pipeline.weights import IMAGENET, parse_weights, weights_per_model
 
 BACKENDS = ("local", "ray")
 EXIT_SKIPPED = 1  # with --strict: the run finished but some files could not be decoded
@@ -42,16 +42,22 @@ class WorkItem:
     needed: list[str] = field(default_factory=list)
 
 
-def model_manifest(models_dir: Path, model: str, weights: str) -> ModelManifest:
-    """The manifest of ``model``, exporting it first when it is missing or was exported with other weights."""
+def model_manifest(models_dir: Path, model: str, weights: str | None) -> ModelManifest:
+    """The manifest of ``model``: the export in ``models_dir`` as it is when ``weights`` is None, else one with
+    ``weights``, exporting it first when it is missing or was exported with other weights.
+
+    A missing model with ``weights`` None is exported with ImageNet weights. An export replaced because it
+    had other weights is kept as ``<model>.previous.onnx`` / ``.json`` (see :func:`pipeline.export.export_backbone`).
+    """
     onnx_path, manifest_path = model_paths(models_dir, model)
     image_size = BACKBONES[model].crop_size
     if manifest_path.exists() and onnx_path.exists():
         manifest = ModelManifest.load(manifest_path)
-        if manifest.weights_id == parse_weights(BACKBONES[model], weights).identity():
+        if weights is None or manifest.weights_id == parse_weights(BACKBONES[model], weights).identity():
             return manifest
         image_size = manifest.input["size"]
         print(f"{model}: {onnx_path} has weights {manifest.weights_id}, not {weights}.", file=sys.stderr)
+    weights = weights or IMAGENET
     try:
         from pipeline.export import UNTRAINED_BANNER, describe, export_backbone
     except ImportError:
@@ -229,7 +235,7 @@ def run_extract(
     device: str = "auto",
     workers: int | None = None,
     models_dir: str | os.PathLike = "models",
-    weights: str = "imagenet",
+    weights: str | Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
     journal_rows: int = JOURNAL_ROWS,
@@ -237,17 +243,20 @@ def run_extract(
     calibration_images: int = CALIBRATION_IMAGES,
     backend: str = "local",
     max_pixels: int = MAX_PIXELS,
+    root: str | os.PathLike | None = None,
 ) -> list[FeatureSpec]:
     """Embed every image of ``data`` with each model (and the pixel baseline) into the store at ``cache``.
 
     Already stored images are not computed again; new and changed ones are; a killed run resumes.
+    ``weights`` (see :func:`pipeline.weights.weights_per_model`): None uses each model as it is exported.
     Results are written as pending shards every ``journal_rows`` images or 30 seconds, whichever comes first
     (on Ray, by the workers, every ``journal_rows`` images each).
     ``precision`` (auto, fp32, fp16, int8) picks the model variant; each precision is its own feature set
     (``resnet50``, ``resnet50-int8``) with its own fingerprint, so precisions never mix.
     ``backend`` ``ray`` decodes and embeds on a Ray cluster (``RAY_ADDRESS``, or a local Ray instance) with
     ``workers`` actors, which write their rows' shards themselves (this process commits the index); ``local``
-    uses ``workers`` decoding threads here. Images above ``max_pixels`` are recorded as too large, and tried again next run.
+    uses ``workers`` decoding threads here. Images above ``max_pixels`` are recorded as too large, and tried
+    again next run. ``root`` is a CSV manifest's dataset root (see :func:`pipeline.discover.discover`).
 
     Returns
     -------
@@ -273,13 +282,14 @@ def run_extract(
     for model in models:
         if model not in BACKBONES:
             raise UserError(f"unknown model {model!r}; choose from: {', '.join(BACKBONES)}.")
-    dataset = discover(data)
+    chosen = weights_per_model(weights, models)
+    dataset = discover(data, root)
     models_dir = Path(models_dir)
     store = EmbeddingStore(cache)
     ray_pool = contextlib.nullcontext() if backend == "local" else cluster.actor_pool(device, workers)
     with store.lock(), ray_pool as pool:
         for model in models:
-            model_manifest(models_dir, model, weights)  # exports the model first when it must
+            model_manifest(models_dir, model, chosen[model])  # exports the model first when it must
         # With Ray the driver's sessions only describe the models (the actors run them): on the CPU here.
         sessions = open_sessions(
             models_dir, models, "cpu" if pool else device, precision, dataset, calibration_images,
@@ -342,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("data", help="image folder, or CSV manifest (path,label[,split])")
     parser.add_argument(
+        "--root", type=Path, default=None,
+        help="for a CSV: the folder its relative paths are relative to, and the store's paths too (default: relative "
+        "paths are relative to the CSV's folder, and the root is the deepest folder holding every listed file)",
+    )
+    parser.add_argument(
         "--models", nargs="+", default=list(BACKBONES), choices=sorted(BACKBONES), metavar="MODEL",
         help=f"backbones to embed with (default: {' '.join(BACKBONES)})",
     )
@@ -370,9 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported models (default: models/)")
     parser.add_argument(
-        "--weights", default="imagenet",
-        help="weights the models must have: a model missing from --models-dir, or exported with other weights, is "
-        "exported first as by pipeline.export (default: imagenet)",
+        "--weights", nargs="+", default=None, metavar="[MODEL=]WEIGHTS",
+        help="weights the models must have: imagenet, random or PATH for every model, or MODEL=... for one "
+        "(--weights resnet50=PATH vgg16=imagenet). Default: each model as it is exported in --models-dir (ImageNet "
+        "weights for a model not exported yet). A model exported with other weights than asked is exported again, "
+        "the replaced export kept as MODEL.previous.onnx/.json",
     )
     parser.add_argument(
         "--max-pixels", type=int, default=MAX_PIXELS,
@@ -393,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = run_extract(
         args.data, args.models, args.cache, args.batch_size, args.device, args.workers, args.models_dir,
         args.weights, args.overwrite, precision=args.precision, calibration_images=args.calibration_images,
-        backend=args.backend, max_pixels=args.max_pixels,
+        backend=args.backend, max_pixels=args.max_pixels, root=args.root,
     )
     wall = time.perf_counter() - started
     store = EmbeddingStore(args.cache)
@@ -404,22 +421,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, failures = store.counts(spec.name)
         if failures:
             failed_sets.append((spec.name, failures))
-        rate = spec.embedded / wall if spec.embedded else 0.0
-        where = f" on {spec.attrs['provider']}" if spec.session else ""
-        where += f", {spec.seconds:.1f} s of it inference" if spec.seconds else ""  # measured here, not on Ray
-        untrained = " [UNTRAINED random weights]" if spec.attrs.get("untrained") else ""
-        print(
-            f"{spec.name}{untrained}: embedded {spec.embedded}, skipped {spec.skipped} in {wall:.1f} s "
-            f"({rate:.1f} images/s{where}); the store holds {_count(rows, 'embedding')}, {failures} failed"
-        )
-    print(f"store: {args.cache}")
+        how = f" (weights {spec.attrs['weights_id']}, {spec.attrs['precision']})" if spec.session else ""
+        how += " [UNTRAINED random weights]" if spec.attrs.get("untrained") else ""
+        where = f"; inference {spec.seconds:.1f} s on {spec.attrs['provider']}" if spec.seconds else ""  # not on Ray
+        print(f"{spec.name}{how}: embedded {spec.embedded}, skipped {spec.skipped}{where}; the store holds "
+              f"{_count(rows, 'embedding')}, {failures} failed")
+    images = max(spec.embedded + spec.skipped for spec in specs)
+    print(f"extract: {_count(images, 'image')} in {wall:.1f} s ({images / wall:.1f} images/s); store: {args.cache}")
     if failed_sets:
         name, failures = failed_sets[0]
-        print(
-            f"{_count(failures, 'image')} of the dataset could not be decoded (or were too large); paths and reasons: "
-            f"python -m pipeline.store failures {name} --cache {args.cache}",
-            file=sys.stderr,
-        )
+        missing = sum(reason.startswith("missing") for reason in store.failures(name).reasons)
+        listed = f"paths and reasons: python -m pipeline.store failures {name} --cache {args.cache}"
+        if missing:
+            print(f"{_count(missing, 'image')} of the dataset {'is' if missing == 1 else 'are'} missing (listed, but no "
+                  f"such file); {listed}", file=sys.stderr)
+        if failures > missing:
+            bad = failures - missing
+            print(f"{_count(bad, 'image')} of the dataset could not be decoded or {'was' if bad == 1 else 'were'} too "
+                  f"large; {listed}", file=sys.stderr)
     return EXIT_SKIPPED if args.strict and failed_sets else 0
 
 

@@ -7,7 +7,7 @@ import hashlib
 import os
 import re
 import urllib.error
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from typing import TYPE_CHECKING
 
-from pipeline.backbones import Backbone
+from pipeline.backbones import BACKBONES, Backbone
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
 
@@ -94,6 +94,35 @@ def parse_weights(backbone: Backbone, text: str, seed: int = 0) -> WeightsReques
             f"weights file {path} does not exist{hint}; pass imagenet, random, or the path of a torchvision state dict."
         )
     return WeightsRequest("file", path=path.resolve())
+
+
+def weights_per_model(values: Sequence[str] | str | None, models: Sequence[str]) -> dict[str, str | None]:
+    """What ``--weights`` says for each model: ``VALUE`` for every model, ``MODEL=VALUE`` for one.
+
+    A model ``--weights`` says nothing of maps to None: use the export in the models folder as it is
+    (whatever weights it was exported with), and export it with ImageNet weights only when it is missing.
+
+    Raises
+    ------
+    UserError
+        ``MODEL=`` naming a model that is not being run, or two values for one model.
+    """
+    chosen: dict[str, str | None] = dict.fromkeys(models)
+    everyone, named = None, {}
+    for value in [values] if isinstance(values, str) else values or []:
+        model, equals, text = value.partition("=")
+        if equals and model in BACKBONES:
+            if model not in chosen:
+                raise UserError(f"--weights {value} names {model}, which is not among --models ({' '.join(models)}).")
+            if model in named:
+                raise UserError(f"--weights gives {model} twice ({named[model]} and {text}); give it once.")
+            named[model] = text
+        elif everyone is not None:
+            raise UserError(f"--weights has two values for every model ({everyone} and {value}); write MODEL=VALUE "
+                            "for one model, e.g. --weights resnet50=PATH vgg16=imagenet.")
+        else:
+            everyone = value
+    return {model: named.get(model, everyone) for model in chosen}
 
 
 def load_trunk(backbone: Backbone, request: WeightsRequest) -> tuple[nn.Module, dict[str, Any]]:

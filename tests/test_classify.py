@@ -84,7 +84,7 @@ def test_a_file_that_vanishes_mid_run_gets_an_error_row_and_costs_no_other(fitte
     before = {row["path"]: row for row in csv.DictReader(open(tmp_path / "before.csv"))}
     for row in csv.DictReader(open(tmp_path / "p.csv")):
         if row["path"] == str(vanished):
-            assert row["error"].startswith("unreadable") and row["prediction"] == ""
+            assert row["error"] == "missing: no such file" and row["prediction"] == ""
         else:
             assert (row["prediction"], row["probability"]) == (before[row["path"]]["prediction"], before[row["path"]]["probability"])
 

@@ -64,7 +64,6 @@ def test_csv_manifest(tmp_path):
     "text,message",
     [
         ("a.jpg,cat,holdout\n", "split 'holdout' is not one of"),
-        ("/elsewhere/a.jpg,cat\n", "is outside the CSV's folder"),
         ("a.jpg,cat\na.jpg,dog\n", "listed twice"),
         ("a.jpg,cat,train,extra\n", "expected path,label"),
     ],
@@ -83,3 +82,23 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("x")
     with pytest.raises(UserError, match="no images found"):
         discover(tmp_path / "empty")
+
+
+def test_a_csv_may_list_files_anywhere_and_its_root_is_their_deepest_common_folder(tmp_path):
+    save(tmp_path / "disk1" / "photos" / "cats" / "a.jpg", photo(8, 8))
+    save(tmp_path / "disk1" / "photos" / "dogs" / "b.jpg", photo(8, 8))
+    csv = tmp_path / "elsewhere" / "labels.csv"
+    csv.parent.mkdir()
+    csv.write_text(f"{tmp_path}/disk1/photos/cats/a.jpg,cat\n{tmp_path}/disk1/photos/dogs/b.jpg,dog\n"
+                   f"{tmp_path}/disk1/photos/dogs/gone.jpg,dog\n")
+    dataset = discover(csv)
+    assert dataset.root == tmp_path / "disk1" / "photos"
+    assert [r.path for r in dataset.records] == ["cats/a.jpg", "dogs/b.jpg", "dogs/gone.jpg"]  # a missing file kept
+    with_root = discover(csv, root=tmp_path / "disk1")
+    assert with_root.root == tmp_path / "disk1" and with_root.records[0].path == "photos/cats/a.jpg"
+    (tmp_path / "relative.csv").write_text("photos/cats/a.jpg,cat\n")
+    assert discover(tmp_path / "relative.csv", root=tmp_path / "disk1").records[0].path == "photos/cats/a.jpg"
+    with pytest.raises(UserError, match="is outside --root"):
+        discover(csv, root=tmp_path / "disk1" / "photos" / "cats")
+    with pytest.raises(UserError, match="--root is for a CSV manifest"):
+        discover(tmp_path / "disk1", root=tmp_path)

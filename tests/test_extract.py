@@ -118,6 +118,17 @@ def test_split_layout_csv_and_flat_folders(tmp_path, small_models, extract_quiet
     assert rows == {"train/cat/0.jpg": (0, "test"), "train/dog/0.jpg": (-1, "")}
     assert list(features.classes) == ["tabby"]
 
+    anywhere = tmp_path / "manifests" / "anywhere.csv"  # absolute paths on "another disk", one gone
+    anywhere.parent.mkdir()
+    anywhere.write_text(f"{tmp_path}/split/train/cat/0.jpg,cat\n{tmp_path}/split/validation/dog/0.jpg,dog\n"
+                        f"{tmp_path}/split/train/cat/gone.jpg,cat\n")
+    specs = extract_quietly(anywhere, tmp_path / "anywhere.h5", small_models)
+    store = EmbeddingStore(tmp_path / "anywhere.h5")
+    assert store.root_attrs()["dataset_root"] == str(tmp_path / "split")
+    assert sorted(store.load("resnet50").paths) == ["train/cat/0.jpg", "validation/dog/0.jpg"]
+    assert failure_reasons(tmp_path / "anywhere.h5") == {"train/cat/gone.jpg": "missing: no such file"}
+    assert (specs[0].embedded, specs[0].skipped) == (2, 1)
+
     for i in range(2):
         save(tmp_path / "flat" / f"{i}.jpg", photo(50, 50, seed=i))
     extract_quietly(tmp_path / "flat", tmp_path / "flat.h5", small_models)
@@ -378,7 +389,7 @@ def test_a_file_that_changes_or_vanishes_mid_run_costs_no_other_image(tmp_path, 
     features = EmbeddingStore(cache).load("resnet50")
     assert len(features.paths) == len(set(features.paths)) == 8 and "dog/1.jpg" not in features.paths
     reasons = failure_reasons(cache)
-    assert set(reasons) == {"dog/1.jpg", "dog/corrupt.jpg"} and reasons["dog/1.jpg"].startswith("unreadable")
+    assert set(reasons) == {"dog/1.jpg", "dog/corrupt.jpg"} and reasons["dog/1.jpg"] == "missing: no such file"
     session = open_backbone(small_models, "resnet50", "cpu")
     for path, row in zip(features.paths, features.embeddings):  # every row is its file's content as read
         alone = session.embed(decode_file(data / path, [session.manifest.preprocessing]).crops[0][None])[0]
@@ -410,9 +421,28 @@ def test_models_with_other_weights_are_exported_again_not_used(tmp_path, small_m
     shutil.copytree(small_models, models_dir)
     data = class_folders(tmp_path / "pets", {"cat": 1})
     specs = run_extract(data, ["resnet50"], tmp_path / "e.h5", models_dir=models_dir, weights="random", progress=False)
-    assert "has weights file:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has weights file:" in err and "kept the export being replaced as" in err
     attrs = EmbeddingStore(tmp_path / "e.h5").load("resnet50").attrs
     assert attrs["weights_id"] == "random:seed=0" and attrs["image_size"] == 64 and specs[0].embedded == 1
+    previous = json.loads((models_dir / "resnet50.previous.json").read_text())  # the user's export is never lost
+    assert previous["weights"]["source"] == "file"
+    assert hashlib.sha256((models_dir / "resnet50.previous.onnx").read_bytes()).hexdigest() == previous["onnx_sha256"]
+
+
+def test_exported_models_are_used_as_they_are_and_weights_can_differ_per_model(tmp_path, small_models, capsys):
+    models_dir = tmp_path / "models"
+    shutil.copytree(small_models, models_dir)  # exported from a weights file, as make models WEIGHTS=PATH does
+    data = class_folders(tmp_path / "pets", {"cat": 1})
+    before = (models_dir / "resnet50.onnx").stat().st_mtime_ns
+    specs = run_extract(data, ["resnet50"], tmp_path / "e.h5", models_dir=models_dir, progress=False)  # no --weights
+    assert specs[0].embedded == 1 and specs[0].attrs["weights_source"] == "file"
+    assert (models_dir / "resnet50.onnx").stat().st_mtime_ns == before and "exporting" not in capsys.readouterr().err
+    specs = run_extract(data, ["resnet50"], tmp_path / "f.h5", models_dir=models_dir, weights=["resnet50=random"],
+                        progress=False)
+    assert specs[0].attrs["weights_id"] == "random:seed=0"
+    with pytest.raises(UserError, match="names vgg16, which is not among --models"):
+        run_extract(data, ["resnet50"], tmp_path / "g.h5", models_dir=models_dir, weights=["vgg16=random"])
 
 
 def test_unreadable_files_are_failures_and_tried_again(tmp_path, small_models, extract_quietly):
@@ -438,14 +468,18 @@ def test_cli_exit_status_and_summary(tmp_path, small_models, seeded_weights):
               "--weights", seeded_weights)
     done = run_cli(str(data), *common)
     assert done.returncode == 0, done.stderr
-    assert "resnet50: embedded 9, skipped 1 in" in done.stdout and "pixels: embedded 9, skipped 1 in" in done.stdout
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("resnet50 (weights file:") and ", fp32) [UNTRAINED" not in lines[0]
+    assert ": embedded 9, skipped 1; inference " in lines[0] and "s on CPUExecutionProvider;" in lines[0]
+    assert lines[1] == "pixels: embedded 9, skipped 1; the store holds 9 embeddings, 1 failed"
+    assert lines[2].startswith("extract: 10 images in ") and "images/s); store: " in lines[2]  # the run's time, once
     assert "the store holds 9 embeddings, 1 failed" in done.stdout
     hint = f"python -m pipeline.store failures resnet50 --cache {tmp_path / 'e.h5'}"
-    assert "1 image of the dataset could not be decoded" in done.stderr and hint in done.stderr
+    assert "1 image of the dataset could not be decoded or was too large" in done.stderr and hint in done.stderr
     listed = subprocess.run([sys.executable, *hint.split()[1:]], capture_output=True, text=True, check=True).stdout
     assert listed.startswith("dog/corrupt.jpg\t") and "Truncated" in listed
     strict = run_cli(str(data), *common, "--strict")
-    assert strict.returncode == extract.EXIT_SKIPPED and "embedded 0, skipped 0 in" in strict.stdout
+    assert strict.returncode == extract.EXIT_SKIPPED and "embedded 0, skipped 0;" in strict.stdout
     assert "nothing to do" in strict.stdout
     (data / "dog" / "corrupt.jpg").unlink()
     assert run_cli(str(data), *common, "--strict").returncode == 0

@@ -132,3 +132,18 @@ def test_vgg16_trunk_ends_at_fc7_after_relu(state_dict_file):
         hidden = reference.classifier[:5](torch.flatten(reference.avgpool(reference.features(images)), 1))
         assert torch.allclose(trunk(images), hidden)
     assert (hidden >= 0).all()  # after the ReLU
+
+
+def test_weights_per_model_default_to_the_export():
+    from pipeline.weights import weights_per_model
+
+    models = ["vgg16", "resnet50"]
+    assert weights_per_model(None, models) == {"vgg16": None, "resnet50": None}
+    assert weights_per_model("random", models) == {"vgg16": "random", "resnet50": "random"}
+    assert weights_per_model(["imagenet", "resnet50=/w.pth"], models) == {"vgg16": "imagenet", "resnet50": "/w.pth"}
+    assert weights_per_model(["vgg16=random"], models) == {"vgg16": "random", "resnet50": None}
+    assert weights_per_model(["/path/with=sign.pth"], models) == {m: "/path/with=sign.pth" for m in models}
+    with pytest.raises(UserError, match="two values for every model"):
+        weights_per_model(["random", "imagenet"], models)
+    with pytest.raises(UserError, match="gives resnet50 twice"):
+        weights_per_model(["resnet50=random", "resnet50=imagenet"], models)
