@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# Errors of a stage run by make name the make variables (CACHE=...) instead of the options they set (--cache ...).
+NAMES := --models=MODELS --model=MODELS --cache=CACHE --weights=WEIGHTS --precision=PRECISION --backend=BACKEND \
+	--models-dir=MODELS_DIR --image-size=IMAGE_SIZE --calibration=DATA
+STAGE = PIPELINE_MAKE_NAMES="$(NAMES) $(1)" $(PY) -m pipeline.$(2)
 
 MODELS ?= vgg16 resnet50
 WEIGHTS ?=
@@ -13,21 +17,28 @@ MODELS_DIR ?= models
 CACHE ?= features/embeddings.h5
 DATA ?=
 EXTRACT_ARGS ?=
-CLASSIFIERS_DIR ?= models/classifiers
+CLASSIFIERS_DIR ?=
 FIT_ARGS ?=
+FOLDER ?=
+CLASSIFY_ARGS ?=
+BUNDLE ?=
+DEPLOY_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 PRECISION ?= auto
 BACKEND ?= local
 
-.PHONY: help install test test-fast models extract fit demo doctor bench bench-ray bench-store clean
+.PHONY: help install test test-fast models quantize extract fit classify deploy demo doctor bench bench-ray bench-store clean
 
 help:
 	@echo "make demo        run the pipeline end to end on built-in data"
 	@echo "make test        run the test suite (make test-fast skips the slow parity tests)"
 	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' WEIGHTS=imagenet|random|PATH|'resnet50=PATH vgg16=imagenet' IMAGE_SIZE=$(IMAGE_SIZE)"
+	@echo "make quantize DATA=folder PRECISION=int8   make the int8 (or fp16) variant of MODELS='$(MODELS)', calibrated on DATA"
 	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)' PRECISION=$(PRECISION) BACKEND=$(BACKEND)"
-	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE) into CLASSIFIERS_DIR=$(CLASSIFIERS_DIR) (FIT_ARGS=...)"
+	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE), into models/classifiers/<store name> (FIT_ARGS=...)"
+	@echo "make classify FOLDER=folder   predict every image with the best classifier fitted on CACHE=$(CACHE) (CLASSIFY_ARGS=...)"
+	@echo "make deploy BUNDLE=models/classifiers/<store>/<model>-<classifier>.joblib   one ONNX file, no pickle (DEPLOY_ARGS=...)"
 	@echo "make doctor      can onnxruntime run on CUDA here; if not, the first thing missing and its fix"
 	@echo "make bench       extraction speed and int8 fidelity side by side, writes benchmarks/bench.json (~25 min)"
 	@echo "make bench-ray   extract on a local Ray instance vs locally, 1M/100M-image estimates from bench and bench-store (~5 min)"
@@ -49,20 +60,32 @@ test-fast: $(INSTALLED)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 models: $(INSTALLED)
-	$(PY) -m pipeline.export --model $(MODELS) --weights $(or $(WEIGHTS),imagenet) --image-size $(IMAGE_SIZE) --out $(MODELS_DIR)
+	$(call STAGE,--out=MODELS_DIR,export) --model $(MODELS) --weights $(or $(WEIGHTS),imagenet) --image-size $(IMAGE_SIZE) --out $(MODELS_DIR)
+
+quantize: $(INSTALLED)
+	@test -n "$(DATA)" || { echo "error: say which images to calibrate on: make quantize DATA=path/to/folder PRECISION=int8."; exit 2; }
+	$(call STAGE,,quantize) --model $(MODELS) --precision $(if $(filter auto,$(PRECISION)),int8,$(PRECISION)) --calibration "$(DATA)" --models-dir $(MODELS_DIR)
 
 extract: $(INSTALLED)
 	@test -n "$(DATA)" || { echo "error: say which images to embed: make extract DATA=path/to/folder (or a CSV file)."; exit 2; }
-	$(PY) -m pipeline.extract "$(DATA)" --models $(MODELS) --cache $(CACHE) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS)) --precision $(PRECISION) --backend $(BACKEND) $(EXTRACT_ARGS)
+	$(call STAGE,,extract) "$(DATA)" --models $(MODELS) --cache $(CACHE) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS)) --precision $(PRECISION) --backend $(BACKEND) $(EXTRACT_ARGS)
 
 fit: $(INSTALLED)
-	$(PY) -m pipeline.fit --cache $(CACHE) --out $(CLASSIFIERS_DIR) $(FIT_ARGS)
+	$(call STAGE,--out=CLASSIFIERS_DIR,fit) --cache $(CACHE) $(if $(CLASSIFIERS_DIR),--out $(CLASSIFIERS_DIR)) $(FIT_ARGS)
+
+classify: $(INSTALLED)
+	@test -n "$(FOLDER)" || { echo "error: say which images to classify: make classify FOLDER=path/to/folder (CACHE=store for its classifiers)."; exit 2; }
+	$(call STAGE,,classify) "$(FOLDER)" --cache $(CACHE) --models-dir $(MODELS_DIR) $(CLASSIFY_ARGS)
+
+deploy: $(INSTALLED)
+	@test -n "$(BUNDLE)" || { echo "error: say which classifier: make deploy BUNDLE=models/classifiers/<store>/<model>-<classifier>.joblib."; exit 2; }
+	$(call STAGE,,deploy) "$(BUNDLE)" --models-dir $(MODELS_DIR) $(DEPLOY_ARGS)
 
 demo: $(INSTALLED)
-	$(PY) -m pipeline.demo --models-dir $(MODELS_DIR) --precision $(PRECISION)
+	$(call STAGE,,demo) --models-dir $(MODELS_DIR) --precision $(PRECISION)
 
 doctor: $(INSTALLED)
-	$(PY) -m pipeline.doctor
+	$(call STAGE,,doctor)
 
 bench: $(INSTALLED)
 	$(PY) benchmarks/bench_extract.py $(BENCH_ARGS)

@@ -31,6 +31,15 @@ PROVENANCE_ATTRS = (
 )
 
 
+CLASSIFIERS_ROOT = Path("models/classifiers")
+
+
+def classifiers_dir(cache: str | os.PathLike) -> Path:
+    """Where fit writes, and classify looks for, the classifiers fitted on the store ``cache``:
+    ``models/classifiers/<store name>/``, so that fitting one store never replaces another's classifiers."""
+    return CLASSIFIERS_ROOT / Path(cache).stem
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries a bundle's pickle depends on."""
     return {

@@ -15,11 +15,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from pipeline.bundle import ClassifierBundle, check_listed, open_fitted_backbone
+from pipeline.bundle import ClassifierBundle, check_listed, classifiers_dir, open_fitted_backbone
 from pipeline.decode import MAX_PIXELS, PIXELS_FINGERPRINT, batches
 from pipeline.discover import discover
 from pipeline.embedder import Embedded, embed_files, stored_features
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import Interrupted, UserError, run_cli
 from pipeline.heads import CLASSIFIERS
 from pipeline.files import sha256_file
 from pipeline.manifest import FEATURE_VARIANTS, PRECISIONS, load_deployed
@@ -253,6 +253,10 @@ def run_classify(
              for r in dataset.records]
     labels = {path: r.label for path, r in zip(shown, dataset.records)}
     labelled = any(label is not None for label in labels.values())
+    if dataset.classes and not set(dataset.classes) & set(classifier.classes):
+        print(f"warning: none of {folder}'s class names ({_few(dataset.classes)}) is a class of {bundle_path} "
+              f"({_few(classifier.classes)}): it was fitted on other images; the classifiers fitted on a store are "
+              "in models/classifiers/<store name> (classify --cache STORE picks them).", file=sys.stderr)
     counts = {"images": len(shown), "classified": 0, "unreadable": 0, "cached": 0, "labelled": 0, "correct": 0}
 
     def tally(stream: Iterator[Embedded]) -> Iterator[Embedded]:
@@ -261,19 +265,25 @@ def run_classify(
             yield item
 
     embedded = tally(embed_files(shown, session, classifier.known, batch_size, workers, progress, max_pixels))
-    with _destination(output) as stream:
-        write = {".csv": csv_writer, ".jsonl": jsonl_writer}.get(output.suffix if output else "", table_writer)(
-            stream, top_k, labelled)
-        for row in predict(classifier, embedded, top_k, batch_size):
-            row.label = labels[row.path]
-            write(row)
-            if row.error:
-                counts["unreadable"] += 1
-                continue
-            counts["classified"] += 1
-            if row.label is not None:
-                counts["labelled"] += 1
-                counts["correct"] += row.label == row.prediction
+    try:
+        with _destination(output) as stream:
+            write = {".csv": csv_writer, ".jsonl": jsonl_writer}.get(output.suffix if output else "", table_writer)(
+                stream, top_k, labelled)
+            for row in predict(classifier, embedded, top_k, batch_size):
+                row.label = labels[row.path]
+                write(row)
+                if row.error:
+                    counts["unreadable"] += 1
+                    continue
+                counts["classified"] += 1
+                if row.label is not None:
+                    counts["labelled"] += 1
+                    counts["correct"] += row.label == row.prediction
+    except KeyboardInterrupt:
+        if output is None or not counts["classified"] + counts["unreadable"]:
+            raise
+        partial = output.with_name(output.name + PARTIAL)
+        raise Interrupted(f"the {counts['classified'] + counts['unreadable']} rows written so far are in {partial}") from None
     return counts
 
 
@@ -314,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="FEATURES", help="choose among bundles of these features: vgg16, resnet50, resnet50-int8, "
                         "pixels...")
     parser.add_argument("--classifier-name", choices=CLASSIFIERS, help="choose among bundles of this classifier")
-    parser.add_argument("--classifiers-dir", type=Path, default=Path("models/classifiers"), help="fit's --out (default: models/classifiers)")
+    parser.add_argument("--classifiers-dir", type=Path, default=None,
+                        help="fit's --out (default: the classifiers fitted on --cache: models/classifiers/<store name>)")
     parser.add_argument("--output", type=Path, help="write rows to a .csv or .jsonl file (default: print a table)")
     parser.add_argument("--top-k", type=int, default=3, help="classes per image, most probable first (default: 3)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default: 16 on the CPU, 128 on CUDA)")
@@ -341,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.classifier is not None and (args.model or args.classifier_name):
         raise UserError("pass either --classifier PATH or --model / --classifier-name, not both.")
-    bundle_path = choose_bundle(args.classifier, args.model, args.classifier_name, args.classifiers_dir)
+    bundle_path = choose_bundle(args.classifier, args.model, args.classifier_name,
+                                args.classifiers_dir or classifiers_dir(args.cache))
     counts = run_classify(args.folder, bundle_path, args.output, args.top_k, args.batch_size, args.device,
                           args.models_dir, args.cache, args.workers, precision=args.precision,
                           allow_precision_change=args.allow_precision_change, trust=args.trust,
@@ -357,9 +369,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"classified {counts['classified']} of {counts['images']} images with {bundle_path}{where} "
           f"({reused}){accuracy}.", file=sys.stderr)
     if counts["unreadable"]:
-        print(f"{counts['unreadable']} files could not be decoded; their rows hold the reason.", file=sys.stderr)
+        print(f"{_count(counts['unreadable'], 'file')} could not be decoded; their rows hold the reason.", file=sys.stderr)
         return EXIT_UNREADABLE
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _few(names: Sequence[str]) -> str:
+    return ", ".join(list(names)[:4]) + (", ..." if len(names) > 4 else "")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.backbones import BACKBONES
+from pipeline.bundle import classifiers_dir
 from pipeline.classify import choose_bundle, run_classify
 from pipeline.errors import run_cli
 from pipeline.export import UNTRAINED_BANNER, ExportResult, describe, export_backbone
@@ -86,12 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("features/demo.h5"), help="the store (default: features/demo.h5)")
     parser.add_argument("--per-class", type=int, default=30, help="images per digit (default: 30, of about 180)")
     parser.add_argument("--image-size", type=int, default=224, help="input crop size in pixels (default: 224)")
-    parser.add_argument("--classifiers-dir", type=Path, default=Path("models/classifiers"),
-                        help="fitted classifiers and report (default: models/classifiers)")
+    parser.add_argument("--classifiers-dir", type=Path, default=None,
+                        help="fitted classifiers and report (default: the store's own, models/classifiers/demo)")
     parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
                         help="backbone precision, as extract's (default: auto: fp16 on CUDA, fp32 on the CPU); the "
                         "report then compares it with any other precision already in the store")
     args = parser.parse_args(argv)
+    args.classifiers_dir = args.classifiers_dir or classifiers_dir(args.cache)
     started = time.perf_counter()
 
     count = write_digits(args.data, args.per_class)

@@ -142,6 +142,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
 
     Attributes
     ----------
+    n_features_in_ : int
+        1: each sample is one image path.
     onnx_sha256_ : str
         The ONNX file the embeddings come from (``""`` for pixels).
     weights_ : dict
@@ -187,6 +189,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             raise ValueError(f"model={self.model!r} is not one of {', '.join((*BACKBONES, PIXELS))} "
                              "(or a precision variant such as resnet50-int8)")
         self.__dict__.pop("_session", None)
+        self.n_features_in_ = 1  # one input feature: the image's path
         session = None if self.model == PIXELS else open_backbone(self.models_dir, self.model, self.device)
         self._session = session
         if session is None:
@@ -220,9 +223,9 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         return rows
 
     def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
-        """``<model>0``, ``<model>1``, ... one name per embedding dimension."""
+        """``<model>_0``, ``<model>_1``, ... one name per embedding dimension (``resnet50-int8_0``, ...)."""
         check_is_fitted(self, "embedding_dim_")
-        return np.array([f"{self.model}{i}" for i in range(self.embedding_dim_)], dtype=object)
+        return np.array([f"{self.model}_{i}" for i in range(self.embedding_dim_)], dtype=object)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

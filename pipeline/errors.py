@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+MAKE_NAMES = "PIPELINE_MAKE_NAMES"  # "--option=VARIABLE ...", set by the Makefile: errors then name what was typed
 
 
 class UserError(Exception):
     """A problem the user can fix (a missing file, a wrong option, no network); the message says how."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, and what of the work done so far was kept (``kept``, a phrase: "the 120 images done so far are
+    kept in features/embeddings.h5.shards"); a stage raises it instead of a plain KeyboardInterrupt when it kept
+    something."""
+
+    def __init__(self, kept: str) -> None:
+        super().__init__(kept)
+        self.kept = kept
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
@@ -25,16 +39,20 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         Command-line arguments; ``sys.argv[1:]`` when omitted.
     """
     warnings.formatwarning = _one_line
+    names = _make_names()
+    if names:  # under make, a bad option is one line in the make variable's name, like every other error
+        argparse.ArgumentParser.error = _raise_user_error  # type: ignore[method-assign]
     try:
         status = main(argv)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_in_make_terms(str(error), names)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except (PermissionError, IsADirectoryError, NotADirectoryError) as error:
         print(f"error: cannot use {error.filename}: {error.strerror}; check the path and its permissions.", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("interrupted: finished work is kept; run the same command again to go on.", file=sys.stderr)
+    except KeyboardInterrupt as interruption:
+        kept = getattr(interruption, "kept", "")
+        print(f"interrupted: {kept}; run the same command again to go on." if kept else "interrupted.", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(status or 0)
 
@@ -42,3 +60,20 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
 def _one_line(message: Warning | str, category: type[Warning], *_args: object, **_kwargs: object) -> str:
     """Warnings on the command line read like the errors: one line, no source excerpt."""
     return f"warning: {message}\n"
+
+
+def _make_names() -> dict[str, str]:
+    pairs = (item.partition("=") for item in os.environ.get(MAKE_NAMES, "").split())
+    return {option: variable for option, _, variable in pairs if option.startswith("--") and variable}
+
+
+def _in_make_terms(message: str, names: dict[str, str]) -> str:
+    """``message`` with each option a make variable sets named as that variable (``--cache x`` as ``CACHE=x``)."""
+    for option, variable in names.items():
+        message = re.sub(rf"{re.escape(option)} (?!or\b|and\b)([^\s,;]+)", rf"{variable}=\1", message)
+        message = re.sub(rf"{re.escape(option)}\b(?!-)", variable, message)
+    return message
+
+
+def _raise_user_error(parser: argparse.ArgumentParser, message: str) -> None:
+    raise UserError(f"{message} (see {parser.prog} --help).")

@@ -18,7 +18,7 @@ from pipeline import cluster
 from pipeline.backbones import BACKBONES, Preprocessing
 from pipeline.decode import MAX_PIXELS, batches, decode_file, map_ordered
 from pipeline.discover import Dataset, ImageRecord, discover
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import Interrupted, UserError, run_cli
 from pipeline.features import BatchOutcome, FeatureSpec, count_outcomes, embed_batch, feature_specs, record_outcomes
 from pipeline.manifest import PRECISIONS, ModelManifest, model_paths, variant_name
 from pipeline.quantize import CALIBRATION_IMAGES, calibration_paths, check_calibration_images, current_variant, describe, make_variant
@@ -324,6 +324,11 @@ def run_extract(
                         for segment in segments.values():
                             store.append(segment)
                         last_journal = time.monotonic()
+            except KeyboardInterrupt:
+                done = max(spec.embedded + spec.skipped for spec in specs)
+                if not done:
+                    raise
+                raise Interrupted(f"the {_count(done, 'image')} done so far are kept in {store.shards}") from None
             finally:
                 for segment in segments.values():  # on Ctrl-C or an error too: the next run commits it
                     store.append(segment)

@@ -15,6 +15,11 @@ import filelock
 
 from pipeline.errors import UserError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 _CHUNK = 1 << 20
 
 
@@ -64,18 +69,48 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 def exclusive(lock_path: Path, busy: str) -> Iterator[None]:
     """Hold the lock file ``lock_path`` without waiting; when another process holds it, ``busy`` is the error.
 
+    On POSIX systems the lock is ``flock`` on the file, which is removed again before it is released, so no
+    empty lock file stays behind (a run that opens it at that moment sees it gone and takes a new one). On
+    other systems filelock's lock, whose file stays.
+
     Raises
     ------
     UserError
         With ``busy``, when another run holds the lock.
     """
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise UserError(busy) from None
+    if fcntl is None:  # Windows
+        lock = filelock.FileLock(lock_path)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise UserError(busy) from None
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    descriptor = _flock(lock_path, busy)
     try:
         yield
     finally:
-        lock.release()
+        lock_path.unlink(missing_ok=True)  # while still held: nobody can take this inode's lock after us
+        os.close(descriptor)
+
+
+def _flock(lock_path: Path, busy: str) -> int:
+    while True:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise UserError(busy) from None
+        try:
+            current = os.stat(lock_path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(descriptor)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            return descriptor
+        os.close(descriptor)  # the holder removed it as we opened it: take the new one

@@ -21,8 +21,8 @@ import numpy as np
 from sklearn.base import clone
 
 from pipeline import cluster
-from pipeline.bundle import ClassifierBundle, library_versions, provenance_of
-from pipeline.errors import UserError, run_cli
+from pipeline.bundle import ClassifierBundle, classifiers_dir, library_versions, provenance_of
+from pipeline.errors import Interrupted, UserError, run_cli
 from pipeline.files import exclusive, sha256_file
 from pipeline.heads import CLASSIFIERS, FOLDS, FittedHead
 from pipeline.manifest import FEATURE_VARIANTS
@@ -114,8 +114,10 @@ def load_features(store: EmbeddingStore, models: Sequence[str] | None, embedding
 def make_split(features: dict[str, FeatureSet], test_size: float, seed: int, store_path: Path) -> Split:
     """Align the labelled rows of every feature set by path and assign train, validation and test.
 
-    The split recorded by extract is used when the store has one; otherwise ``test_size`` of each class is
-    held out at random (seeded), keeping at least two training images per class.
+    The split recorded by extract is used when the store has one: with a test split as it is; with train
+    and validation only (``DATA/{train,validation}/``), the validation images are the test part and the
+    settings are chosen by cross-validation on train. Otherwise ``test_size`` of each class is held out at
+    random (seeded), keeping at least two training images per class.
     """
     first = next(iter(features.values()))
     common = None
@@ -144,6 +146,12 @@ def make_split(features: dict[str, FeatureSet], test_size: float, seed: int, sto
     if (recorded == "test").any():
         part = np.where(np.isin(recorded, ["validation", "test"]), recorded, "train").astype(object)
         source = "the train/validation/test split recorded by extract"
+    elif (recorded == "validation").any() and (recorded == "train").any():
+        # DATA/{train,validation}/<class>/, the classic layout: fitted on train, scored on validation
+        part = np.where(recorded == "validation", "test", "train").astype(object)
+        source = (f"fitted on the train folder ({int((recorded == 'train').sum())} images; settings by cross-"
+                  f"validation on it), scored on the validation folder ({int((recorded == 'validation').sum())} "
+                  "images), as the layout recorded by extract says")
     else:
         part = _hold_out(labels, test_size, seed)
         part[recorded == "validation"] = np.where(part[recorded == "validation"] == "test", "test", "validation")
@@ -217,7 +225,7 @@ def run_fit(
     cache: str | Path = "features/embeddings.h5",
     models: Sequence[str] | None = None,
     classifiers: Sequence[str] = CLASSIFIERS,
-    out: str | Path = "models/classifiers",
+    out: str | Path | None = None,
     test_size: float = 0.2,
     seed: int = 0,
     n_jobs: int | None = -1,
@@ -232,7 +240,9 @@ def run_fit(
 ) -> dict[str, Any]:
     """Fit every classifier on every feature set of the store, score them on the test part, save and report.
 
-    With ``reuse``, a report in ``out`` made from the same store bytes and arguments, whose bundles are
+    ``out`` defaults to the store's own folder, ``models/classifiers/<store name>/`` (see
+    :func:`pipeline.bundle.classifiers_dir`). With ``reuse``, a report in ``out`` made from the same store
+    bytes and arguments, whose bundles are
     all present and unchanged, is returned instead of fitting again. With ``out_of_core``, embeddings are
     never all in memory: linear models are fitted by SGD over chunks of ``chunk_rows`` rows for ``epochs``
     passes (see :mod:`pipeline.streaming`), and no learning curve is drawn. ``joblib_backend`` runs the
@@ -265,7 +275,7 @@ def run_fit(
         raise UserError(f"--joblib-backend {joblib_backend} is not one of {', '.join(JOBLIB_BACKENDS)}.")
     store = EmbeddingStore(cache)
     features = load_features(store, models, embeddings=not out_of_core)
-    out = Path(out)
+    out = Path(out) if out is not None else classifiers_dir(cache)
     inputs = {
         "store_sha256": sha256_file(store.path), "models": list(features), "classifiers": list(classifiers),
         "test_size": test_size, "seed": seed, "folds": folds, "class_weight": class_weight, "learning_curve": curve,
@@ -286,8 +296,13 @@ def run_fit(
     settings = FitSettings(seed, folds, n_jobs, class_weight, validation)
     busy = f"another fit is writing {out}; wait for it to finish, or use another --out."
     with exclusive(out / LOCK, busy), _joblib_backend(joblib_backend):
-        return _fit_all(store, features, split, classifiers, out, inputs, settings, curve,
-                        OutOfCore(chunk_rows, epochs) if out_of_core else None)
+        try:
+            return _fit_all(store, features, split, classifiers, out, inputs, settings, curve,
+                            OutOfCore(chunk_rows, epochs) if out_of_core else None)
+        except KeyboardInterrupt:
+            if (out / "report.json").exists():
+                raise Interrupted(f"the previous report and classifiers in {out} are as they were") from None
+            raise
 
 
 def _fit_all(
@@ -468,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "resnet50-int8 (default: every one in the store); the pixel baseline is added")
     parser.add_argument("--classifiers", nargs="+", choices=CLASSIFIERS, default=list(CLASSIFIERS), metavar="NAME",
                         help=f"classifiers to fit (default: {' '.join(CLASSIFIERS)})")
-    parser.add_argument("--out", type=Path, default=Path("models/classifiers"), help="bundles and report (default: models/classifiers)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="bundles and report (default: models/classifiers/<store name>, e.g. models/classifiers/embeddings "
+                        "for features/embeddings.h5: each store its own)")
     parser.add_argument("--test-size", type=float, default=0.2,
                         help="share of each class held out for testing when the store has no recorded test split (default: 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, folds and SVMs (default: 0)")
@@ -503,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.folds, None if args.class_weight == "none" else args.class_weight, not args.no_learning_curve,
         out_of_core=args.out_of_core, chunk_rows=args.chunk_rows, epochs=args.epochs, joblib_backend=args.joblib_backend,
     )
-    print_summary(report, args.out, time.perf_counter() - started)
+    print_summary(report, args.out or classifiers_dir(args.cache), time.perf_counter() - started)
     return 0
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FormatStrFormatter, NullLocator
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -64,7 +64,8 @@ def confusion_figure(confusion: np.ndarray, classes: Sequence[str], title: str, 
     confusion = np.asarray(confusion, dtype=float)
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     size = min(4 + 0.35 * len(classes), 30)
-    figure = Figure(figsize=(size, size * 0.85))
+    # Wide enough for the title, which sits over the matrix and its colour bar together.
+    figure = Figure(figsize=(max(size, 6.5), size * 0.85 + 0.6), layout="constrained")
     axes = figure.subplots()
     image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(image, ax=axes, label="share of the true class")
@@ -73,13 +74,12 @@ def confusion_figure(confusion: np.ndarray, classes: Sequence[str], title: str, 
     axes.set_yticks(ticks, classes)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    axes.set_title(title)
+    figure.suptitle(title, wrap=True)
     if len(classes) <= _ANNOTATE_MAX_CLASSES:
         for (row, column), count in np.ndenumerate(confusion):
             if count:
                 axes.text(column, row, int(count), ha="center", va="center",
                           color="white" if rates[row, column] > 0.5 else "black", fontsize=8)
-    figure.tight_layout()
     _save_png(figure, path)
 
 
@@ -87,9 +87,15 @@ def learning_curve_figure(curves: dict[str, dict[str, Any]], title: str, path: s
     """Save test accuracy against training images per class, one line per feature set, as a PNG."""
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
+    points = set()
     for name, curve in curves.items():
-        axes.plot(curve["per_class"], curve["accuracy"], marker="o", label=curve.get("label", name))
+        line, = axes.plot(curve["per_class"], curve["accuracy"], marker="o", label=curve.get("label", name))
+        # The last point uses every training image: a star, so that it reads apart from a subset beside it.
+        axes.plot(curve["per_class"][-1:], curve["accuracy"][-1:], marker="*", markersize=13, color=line.get_color())
+        points |= set(curve["per_class"])
     axes.set_xscale("log")
+    axes.set_xticks(sorted(points))  # a label at every measured point, not only at the powers of ten
+    axes.xaxis.set_minor_locator(NullLocator())
     axes.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     axes.set_xlabel("training images per class (log scale; the last point uses them all)")
     axes.set_ylabel("test accuracy")

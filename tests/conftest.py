@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -92,10 +95,28 @@ def extract_quietly(seeded_weights):
     return run
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_temp_folder() -> Iterator[Path]:
+    """Every Ray instance of the session (the fixture's, and those extract starts in child processes) keeps its
+    files in a temporary folder of its own, removed at the end: none is left in the system's temp folder.
+
+    Short on purpose: Ray's socket paths live under it, and a Unix socket path has at most 107 characters.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="ray-"))
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = previous
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_instance():
     """A local Ray instance with 2 CPUs, started once; extract and fit join it instead of starting their own."""
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray,dev]')")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _temp_dir=os.environ["RAY_TMPDIR"])
     yield ray
     ray.shutdown()

@@ -36,3 +36,19 @@ def test_write_json_atomic_creates_folders(tmp_path):
     target = tmp_path / "a" / "b.json"
     write_json_atomic(target, {"x": [1, 2]})
     assert json.loads(target.read_text()) == {"x": [1, 2]}
+
+
+def test_the_run_lock_refuses_a_second_holder_and_leaves_no_file(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.files import exclusive
+
+    lock = tmp_path / "store.h5.lock"
+    with exclusive(lock, "busy"):
+        assert lock.exists()
+        with pytest.raises(UserError, match="busy"):
+            with exclusive(lock, "busy"):
+                pass
+    assert not lock.exists()  # no empty lock file left behind
+    with exclusive(lock, "busy"):  # and it can be taken again
+        pass
+    assert not list(tmp_path.iterdir())

@@ -92,6 +92,17 @@ def test_recorded_train_validation_test_split(tmp_path):
     assert report["learning_curve"] is None
 
 
+def test_train_and_validation_folders_fit_on_train_and_score_on_validation(tmp_path):
+    split = lambda i, label: "validation" if i < 4 else "train"
+    synthetic_store(tmp_path / "s.h5", per_class=14, classes=3, split=split, features={"resnet50": (8, 0.5)})
+    report = run_fit(tmp_path / "s.h5", out=tmp_path / "out", n_jobs=1, curve=False, test_size=0.5)
+    assert (report["data"]["n_train"], report["data"]["n_validation"], report["data"]["n_test"]) == (30, 0, 12)
+    assert report["data"]["split"].startswith("fitted on the train folder (30 images; settings by cross-validation")
+    assert "scored on the validation folder (12 images)" in report["data"]["split"]
+    assert all("cross-validation" in r["selection"] for r in report["results"])
+    assert "scored on the validation folder" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_the_test_part_chooses_nothing(tmp_path):
     split = lambda i, label: "test" if i < 4 else "train"
     noise = lambda name, X: np.where((np.arange(len(X)) % 16 < 4)[:, None], 100 * np.sin(X * 7), X)

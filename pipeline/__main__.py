@@ -1,0 +1,5 @@
+"""``python -m pipeline STAGE ...``: the ``transfer`` command without the installed script."""
+
+from pipeline.cli import main
+
+main()
