@@ -103,8 +103,6 @@ def export_backbone(
     current = _current_manifest(onnx_path, manifest_path)
     if current and not force and _same_export(current, backbone, request, image_size):
         return ExportResult(current, onnx_path, exported=False)
-    if current and current.weights_id != request.identity():
-        _keep_previous(onnx_path, manifest_path)
 
     trunk, provenance = load_trunk(backbone, request)
     preprocessing = backbone.preprocessing(request.name, image_size)
@@ -113,6 +111,8 @@ def export_backbone(
         _export_onnx(net, tmp, image_size)
         onnx.checker.check_model(str(tmp), full_check=True)
         verification = _verify(net, tmp, image_size)
+        if current and current.weights_id != request.identity():  # only now that the new one is good
+            _keep_previous(onnx_path, manifest_path)
         # The new file replaces the old one as this block ends; from then until the new manifest lands,
         # no manifest claims it, so a kill in between leaves an unfinished export, never a wrong one.
         manifest_path.unlink(missing_ok=True)
