@@ -119,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bundle = choose_bundle(None, None, None, args.classifiers_dir)
     predictions = args.data.with_name(args.data.name + "-test-predictions.csv")
-    print(f"\nclassify: python -m pipeline.classify {args.data}/test --output {predictions} (best by validation: {bundle.name})")
+    print(f"\nclassify: make classify FOLDER={args.data}/test CACHE={args.cache} CLASSIFY_ARGS='--output {predictions}' "
+          f"(best by validation: {bundle.name})")
     counts = run_classify(args.data / "test", bundle, predictions, models_dir=args.models_dir, cache=args.cache,
                           progress=False)
     print(f"  {counts['classified']} of {counts['images']} test scans classified, {counts['correct']} correctly "
@@ -128,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nReminder: {' and '.join(untrained)} have UNTRAINED random weights here; see the banner above.",
               file=sys.stderr)
     print(f"\ndone in {time.perf_counter() - started:.0f} s. The report is {args.classifiers_dir / 'report.md'}. Next: "
-          f"python -m pipeline.classify <folder> --cache {args.cache} prints predictions.")
+          f"make classify FOLDER=<folder> CACHE={args.cache} prints predictions; README.md says how to go on with "
+          "your own images.")
     return 0
 
 

@@ -206,3 +206,32 @@ def test_another_precision_is_refused_unless_allowed(fitted, tmp_path):
     probabilities = [[float(r["probability"]) for r in table] for table in rows]
     assert probabilities[0] != probabilities[1]  # the int8 model really ran
     assert np.allclose(*probabilities, atol=0.05)
+
+
+def test_a_folder_whose_classes_the_classifier_does_not_know_gets_one_warning(fitted, tmp_path, capsys):
+    work, models_dir, _ = fitted
+    for name in ("cat", "dog"):  # class folders of another dataset
+        save(tmp_path / "other" / name / "0.png", photo(50, 44, seed=7))
+    bundle = work / "classifiers" / "resnet50-logreg.joblib"
+    counts = run_classify(tmp_path / "other", bundle, tmp_path / "p.csv", models_dir=models_dir, cache=None,
+                          progress=False)
+    assert counts["labelled"] == 2 and counts["correct"] == 0
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: none of")]
+    assert "(cat, dog) is a class of" in warning and "(bright, dark)" in warning
+    run_classify(work / "pets", bundle, tmp_path / "q.csv", models_dir=models_dir, cache=None, progress=False)
+    assert "warning: none of" not in capsys.readouterr().err  # its own classes: no warning
+
+
+def test_each_store_has_its_own_classifiers_and_classify_picks_those_of_its_cache(fitted, tmp_path, monkeypatch):
+    work, models_dir, _ = fitted
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(work / "pets.h5", tmp_path / "a.h5")
+    shutil.copytree(work / "pets.h5.shards", tmp_path / "a.h5.shards")
+    report = run_fit(tmp_path / "a.h5", n_jobs=1, classifiers=["logreg"], curve=False)  # no out: the store's own
+    assert (tmp_path / "models" / "classifiers" / "a" / "report.json").exists() and report["bundles"]
+    from pipeline.bundle import classifiers_dir
+
+    assert classifiers_dir(tmp_path / "a.h5") == classifiers_dir("features/a.h5") == (
+        tmp_path / "models" / "classifiers" / "a").relative_to(tmp_path)
+    chosen = choose_bundle(None, None, None, classifiers_dir(tmp_path / "a.h5"))
+    assert chosen.parent == classifiers_dir("a.h5") and chosen.name == "resnet50-logreg.joblib"
