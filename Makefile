@@ -28,7 +28,7 @@ BENCH_ARGS ?=
 PRECISION ?= auto
 BACKEND ?= local
 
-.PHONY: help install test test-fast models quantize extract fit classify deploy demo doctor bench bench-ray bench-store clean
+.PHONY: help install test test-fast models quantize extract fit classify report deploy demo doctor bench bench-ray bench-store clean
 
 help:
 	@echo "make demo        run the pipeline end to end on built-in data"
@@ -38,6 +38,7 @@ help:
 	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)' PRECISION=$(PRECISION) BACKEND=$(BACKEND)"
 	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE), into models/classifiers/<store name> (FIT_ARGS=...)"
 	@echo "make classify FOLDER=folder   predict every image with the best classifier fitted on CACHE=$(CACHE) (CLASSIFY_ARGS=...)"
+	@echo "make report      make report.html of the fit on CACHE=$(CACHE) again, without fitting"
 	@echo "make deploy BUNDLE=models/classifiers/<store>/<model>-<classifier>.joblib   one ONNX file, no pickle (DEPLOY_ARGS=...)"
 	@echo "make doctor      can onnxruntime run on CUDA here; if not, the first thing missing and its fix"
 	@echo "make bench       extraction speed and int8 fidelity side by side, writes benchmarks/bench.json (~25 min)"
@@ -76,6 +77,9 @@ fit: $(INSTALLED)
 classify: $(INSTALLED)
 	@test -n "$(FOLDER)" || { echo "error: say which images to classify: make classify FOLDER=path/to/folder (CACHE=store for its classifiers)."; exit 2; }
 	$(call STAGE,,classify) "$(FOLDER)" --cache $(CACHE) --models-dir $(MODELS_DIR) $(CLASSIFY_ARGS)
+
+report: $(INSTALLED)
+	$(call STAGE,,report) $(CACHE)
 
 deploy: $(INSTALLED)
 	@test -n "$(BUNDLE)" || { echo "error: say which classifier: make deploy BUNDLE=models/classifiers/<store>/<model>-<classifier>.joblib."; exit 2; }

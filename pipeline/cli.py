@@ -14,6 +14,7 @@ STAGES = {
     "extract": ("pipeline.extract", "embed a folder or CSV of images into the store"),
     "fit": ("pipeline.fit", "fit and compare classifiers on the store"),
     "classify": ("pipeline.classify", "predict a class for every image of a folder"),
+    "report": ("pipeline.report", "make a fit's report.html again, without fitting"),
     "deploy": ("pipeline.deploy", "merge a fitted classifier behind its backbone into one ONNX file"),
     "store": ("pipeline.store.__main__", "look into, check, convert or compact a store"),
     "doctor": ("pipeline.doctor", "say whether onnxruntime can run on CUDA here"),

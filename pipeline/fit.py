@@ -26,16 +26,21 @@ from pipeline.errors import Interrupted, UserError, run_cli
 from pipeline.files import exclusive, sha256_file
 from pipeline.heads import CLASSIFIERS, FOLDS, FittedHead
 from pipeline.manifest import FEATURE_VARIANTS
+from pipeline import findings
 from pipeline.report import (
+    PAGE,
     comparison_rows,
     confusion_figure,
     evaluate,
     learning_curve_figure,
+    map_figure,
     text_table,
+    write_findings,
+    write_page,
     write_report,
 )
 from pipeline.store import PIXELS, EmbeddingStore, FeatureSet
-from pipeline.streaming import CHUNK_ROWS, EPOCHS
+from pipeline.streaming import CHUNK_ROWS, EPOCHS, RowStream
 from pipeline.training import FitSettings, InMemoryRows, OutOfCore, training_rows
 
 CURVE_PER_CLASS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -44,6 +49,16 @@ MIN_TRAIN_PER_CLASS = 2
 STAGING = ".fit-in-progress"
 LOCK = ".fit.lock"
 JOBLIB_BACKENDS = ("loky", "ray")
+THUMBNAILS = 8
+
+
+@dataclass(frozen=True)
+class PageOptions:
+    """The HTML report: whether to write it, thumbnails per section, and every classifier or the best only."""
+
+    html: bool = True
+    thumbnails: int = THUMBNAILS
+    every: bool = False
 
 
 @dataclass
@@ -237,6 +252,7 @@ def run_fit(
     chunk_rows: int = CHUNK_ROWS,
     epochs: int = EPOCHS,
     joblib_backend: str = "loky",
+    page: PageOptions = PageOptions(),
 ) -> dict[str, Any]:
     """Fit every classifier on every feature set of the store, score them on the test part, save and report.
 
@@ -269,6 +285,8 @@ def run_fit(
         raise UserError(f"--test-size {test_size} must be at least 0 and below 1.")
     if n_jobs == 0:
         raise UserError("--n-jobs 0 runs nothing; use a positive number of parallel fits, or -1 for every core.")
+    if page.thumbnails < 0:
+        raise UserError(f"--thumbnails {page.thumbnails} must be at least 0.")
     if out_of_core and (chunk_rows < 1 or epochs < 1):
         raise UserError(f"--chunk-rows {chunk_rows} and --epochs {epochs} must be at least 1.")
     if joblib_backend not in JOBLIB_BACKENDS:
@@ -279,6 +297,7 @@ def run_fit(
     inputs = {
         "store_sha256": sha256_file(store.path), "models": list(features), "classifiers": list(classifiers),
         "test_size": test_size, "seed": seed, "folds": folds, "class_weight": class_weight, "learning_curve": curve,
+        "report_html": page.html,
     }
     if out_of_core:
         inputs["out_of_core"] = {"chunk_rows": chunk_rows, "epochs": epochs}
@@ -298,7 +317,7 @@ def run_fit(
     with exclusive(out / LOCK, busy), _joblib_backend(joblib_backend):
         try:
             return _fit_all(store, features, split, classifiers, out, inputs, settings, curve,
-                            OutOfCore(chunk_rows, epochs) if out_of_core else None)
+                            OutOfCore(chunk_rows, epochs) if out_of_core else None, page)
         except KeyboardInterrupt:
             if (out / "report.json").exists():
                 raise Interrupted(f"the previous report and classifiers in {out} are as they were") from None
@@ -307,7 +326,7 @@ def run_fit(
 
 def _fit_all(
     store: EmbeddingStore, features: dict[str, FeatureSet], split: Split, classifiers: Sequence[str], out: Path,
-    inputs: dict[str, Any], settings: FitSettings, curve: bool, out_of_core: OutOfCore | None,
+    inputs: dict[str, Any], settings: FitSettings, curve: bool, out_of_core: OutOfCore | None, page: PageOptions,
 ) -> dict[str, Any]:
     # Everything is written to a staging folder and moved into ``out`` at the end, report last: until then
     # the previous report and the bundles it lists stay as they were, whatever stops this run.
@@ -315,15 +334,17 @@ def _fit_all(
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     y_test = split.labels[split.test]
-    results, curves = [], {}
+    results, curves, heads, probabilities = [], {}, [], []
     for name, feature_set in features.items():
         rows = training_rows(store, name, feature_set, row_indices(feature_set, split.paths), split.labels,
                              split.train, out_of_core)
         for classifier in classifiers:
             head = rows.fit(classifier, settings)
             result = _result(name, classifier, feature_set.attrs, head, split, rows.describe(classifier, head.params))
+            heads.append(head)
+            probabilities.append(rows.test_probabilities(head) if len(y_test) else np.zeros((0, len(split.classes))))
             if len(y_test):
-                result["test"] = evaluate(rows.test_probabilities(head), y_test, split.classes)
+                result["test"] = evaluate(probabilities[-1], y_test, split.classes)
                 figure = f"confusion-{name}-{classifier}.png"
                 title = f"{_label(name, feature_set.attrs)} + {classifier}: test accuracy {result['test']['accuracy']:.3f}"
                 confusion_figure(np.array(result["test"]["confusion"]), split.classes, title, out / figure)
@@ -341,9 +362,92 @@ def _fit_all(
         rows = None  # one feature set in memory at a time
     report = _report(store, features, split, results, curves, settings.seed, out)
     report["inputs"] = inputs
+    if page.html:
+        report["findings"] = _findings(store, features, split, results, heads, probabilities, settings, out, out_of_core)
     write_report(out, report)
+    if page.html:
+        write_page(out, report, page.thumbnails, page.every)
     _publish(out, final_out)
     return report
+
+
+def _best(results: Sequence[dict[str, Any]]) -> int:
+    """The result classify would choose: the best validation score (the first of equals)."""
+    return int(np.argmax([np.nan_to_num(r["validation_score"], nan=-1.0) for r in results]))
+
+
+def _findings(
+    store: EmbeddingStore, features: dict[str, FeatureSet], split: Split, results: list[dict], heads: list[FittedHead],
+    probabilities: list[np.ndarray], settings: FitSettings, out: Path, out_of_core: OutOfCore | None,
+) -> dict[str, Any]:
+    """Leaks, label issues and the map for the best classifier's feature set; the page's data in ``out``."""
+    best = _best(results)
+    name = results[best]["features"]
+    feature_set = features[name]
+    sample = np.arange(len(split.paths))
+    if out_of_core is not None:  # a seeded sample, read from the shards
+        sample = np.sort(np.random.default_rng(settings.seed).permutation(len(sample))[:findings.LEAK_ROWS])
+    X = _rows(store, features, name, split, sample, out_of_core)
+    # Near duplicates on the 32x32 pixels (measured), and on the best backbone's embeddings when it is trained.
+    searches = [(PIXELS, findings.PIXEL_DUPLICATE)] if PIXELS in features else []
+    if name != PIXELS and not feature_set.attrs.get("untrained"):
+        searches.append((name, findings.NEAR_DUPLICATE))
+    found = []
+    for source, threshold in searches or [(name, findings.NEAR_DUPLICATE)]:
+        searched = X if source == name else _rows(store, features, source, split, sample, out_of_core)
+        sha256 = features[source].sha256[row_indices(features[source], split.paths)][sample] if out_of_core is None else (
+            np.full(len(sample), "", dtype=object))  # identical files still meet as near duplicates (1.0)
+        found.append((findings.find_leaks(searched, sha256, split.train[sample], threshold, settings.seed), source))
+    leaks = findings.merged(found)
+    leaks.held_out, leaks.train = sample[leaks.held_out], sample[leaks.train]
+    test_rows = np.flatnonzero(split.test)
+    predicted = probabilities[best].argmax(axis=1) if len(test_rows) else np.zeros(0, int)
+    wrong = np.zeros(len(split.paths), bool)
+    wrong[test_rows[predicted != split.labels[test_rows]]] = True
+    leaked = np.isin(test_rows, leaks.held_out)
+    correct = predicted == split.labels[test_rows]
+    summary = {
+        "searched": {source: threshold for source, threshold in searches}, "pairs": len(leaks), "exact": int(leaks.exact.sum()),
+        "near": int((~leaks.exact).sum()), "held_out_images": int(len(np.unique(leaks.held_out))),
+        "sampled": leaks.sampled, "truncated": leaks.truncated,
+        "accuracy_with": float(correct.mean()) if len(correct) else float("nan"),
+        "accuracy_without": float(correct[~leaked].mean()) if (~leaked).any() else float("nan"),
+    }
+    map_rows, coordinates = findings.embedding_map(X, settings.seed)
+    map_figure(coordinates, split.labels[sample][map_rows], wrong[sample][map_rows], split.classes,
+               f"{_label(name, feature_set.attrs)}: t-SNE of {len(map_rows)} images", out / "map.png")
+    data = {"paths": split.paths, "labels": split.labels, "part": split.part, "best": best,
+            "leak_held_out": leaks.held_out, "leak_train": leaks.train, "leak_similarity": leaks.similarity,
+            "leak_exact": leaks.exact, "leak_source": leaks.source.astype(str),
+            **{f"proba{n}": p for n, p in enumerate(probabilities)}}
+    issues = _label_issues(heads[best], X, split, sample, settings, out_of_core, data)
+    write_findings(out, data, split.classes)
+    return {"best": f"{name}-{results[best]['classifier']}", "features": name, "leaks": summary,
+            "label_issues": issues, "map": "map.png", "page": PAGE}
+
+
+def _rows(store: EmbeddingStore, features: dict[str, FeatureSet], name: str, split: Split, sample: np.ndarray,
+          out_of_core: OutOfCore | None) -> np.ndarray:
+    """The embeddings of feature set ``name`` at the split's rows ``sample``: from memory, or read from the shards."""
+    rows = row_indices(features[name], split.paths)[sample]
+    if out_of_core is None:
+        return features[name].embeddings[rows]
+    return RowStream(store, name, rows, split.labels[sample]).read()
+
+
+def _label_issues(head: FittedHead, X: np.ndarray, split: Split, sample: np.ndarray, settings: FitSettings,
+                  out_of_core: OutOfCore | None, data: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Confident learning on the best classifier's out-of-fold probabilities of the training images."""
+    if out_of_core is not None:
+        data.update(issue_rows=np.zeros(0, int), issue_suggested=np.zeros(0, int),
+                    issue_probabilities=np.zeros((0, len(split.classes))))
+        return {"note": "Not looked for out of core: it refits the classifier on folds held in memory."}
+    train = np.flatnonzero(split.train[sample])
+    probabilities = findings.out_of_fold_probabilities(head.pipeline, X[train], split.labels[sample][train],
+                                                       settings.folds, settings.seed)
+    rows, suggested = findings.label_issues(probabilities, split.labels[sample][train])
+    data.update(issue_rows=sample[train][rows], issue_suggested=suggested, issue_probabilities=probabilities[rows])
+    return {"count": int(len(rows)), "method": f"{settings.folds}-fold cross-validation of the chosen classifier"}
 
 
 @contextlib.contextmanager
@@ -503,6 +607,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"with --out-of-core: embeddings in memory at once (default: {CHUNK_ROWS})")
     parser.add_argument("--epochs", type=int, default=EPOCHS,
                         help=f"with --out-of-core: SGD passes over the training rows (default: {EPOCHS})")
+    parser.add_argument("--report-html", action=argparse.BooleanOptionalAction, default=True,
+                        help="write report.html: the images behind the scores, leaks between the split's parts, likely "
+                        "label errors, a map of the embeddings (default: on)")
+    parser.add_argument("--thumbnails", type=int, default=THUMBNAILS,
+                        help=f"images per section of report.html (default: {THUMBNAILS})")
+    parser.add_argument("--report-every-classifier", action="store_true",
+                        help="confusions and mistakes of every classifier in report.html, not only the best's")
     parser.add_argument(
         "--joblib-backend", choices=JOBLIB_BACKENDS, default="loky",
         help="where the hyper-parameter search's parallel fits run: loky (this machine) or ray (the Ray cluster at "
@@ -519,6 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.cache, args.models, args.classifiers, args.out, args.test_size, args.seed, args.n_jobs,
         args.folds, None if args.class_weight == "none" else args.class_weight, not args.no_learning_curve,
         out_of_core=args.out_of_core, chunk_rows=args.chunk_rows, epochs=args.epochs, joblib_backend=args.joblib_backend,
+        page=PageOptions(args.report_html, args.thumbnails, args.report_every_classifier),
     )
     print_summary(report, args.out or classifiers_dir(args.cache), time.perf_counter() - started)
     return 0
@@ -535,7 +647,15 @@ def print_summary(report: dict[str, Any], out: Path, seconds: float) -> None:
     for result in report["results"]:
         for note in result["notes"]:
             print(f"note: {result['features']} + {result['classifier']}: {note}", file=sys.stderr)
-    print(f"\nreport: {out / 'report.md'} (and report.json, PNG figures); classifiers: {out}/*.joblib; "
+    leaks = report.get("findings", {}).get("leaks", {})
+    if leaks.get("pairs"):
+        without = leaks["accuracy_without"]
+        rescored = (f"test accuracy of {report['findings']['best']} without them {without:.3f}, with them "
+                    f"{leaks['accuracy_with']:.3f}" if without == without else "no test image is left without one")
+        print(f"warning: {leaks['held_out_images']} held-out images also appear in the training part ({leaks['exact']} "
+              f"exact, {leaks['near']} near duplicates): {rescored}; see leaks.csv.", file=sys.stderr)
+    page = f"{out / PAGE} (open it in a browser), " if report.get("findings") else ""
+    print(f"\nreport: {page}{out / 'report.md'} (and report.json, PNG figures); classifiers: {out}/*.joblib; "
           f"{seconds:.0f} s")
 
 

@@ -1,13 +1,19 @@
-"""Stage 5c: score fitted classifiers on the test part and write the report: JSON, Markdown and PNG figures."""
+"""Stage 5c: score fitted classifiers and write the report: JSON, Markdown, PNG figures and the HTML page.
+
+``python -m pipeline.report OUT`` makes the page again from a finished fit, without fitting.
+"""
 
 from __future__ import annotations
 
+import argparse
+import csv
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullLocator
@@ -20,9 +26,14 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
+from pipeline.bundle import classifiers_dir
+from pipeline.errors import UserError, run_cli
 from pipeline.files import atomic_path, write_json_atomic
+from pipeline.report_page import render_page
 
 TOP_K = (3, 5)
+PAGE = "report.html"
+PAGE_DATA = "report-data.npz"  # what the page shows beyond report.json, so that it can be made again without a fit
 _ANNOTATE_MAX_CLASSES = 20  # above this a confusion matrix is drawn without numbers in its cells
 
 
@@ -105,6 +116,57 @@ def learning_curve_figure(curves: dict[str, dict[str, Any]], title: str, path: s
     axes.set_title(title)
     figure.tight_layout()
     _save_png(figure, path)
+
+
+def map_figure(coordinates: np.ndarray, labels: np.ndarray, wrong: np.ndarray, classes: Sequence[str], title: str,
+               path: str | os.PathLike) -> None:
+    """Save a 2-D map of embeddings (t-SNE coordinates) as a PNG: colours are classes, crosses test mistakes."""
+    figure = Figure(figsize=(7.5, 6), layout="constrained")
+    axes = figure.subplots()
+    colours = matplotlib.colormaps["tab20" if len(classes) > 10 else "tab10"]
+    for number, name in enumerate(classes):
+        members = labels == number
+        axes.scatter(*coordinates[members].T, s=12, color=colours(number % colours.N), label=name, alpha=0.8)
+    if wrong.any():
+        axes.scatter(*coordinates[wrong].T, s=40, marker="x", color="black", label="test mistakes")
+    axes.set_xticks([])
+    axes.set_yticks([])
+    if len(classes) <= 20:
+        axes.legend(loc="best", fontsize=8, markerscale=1.5)
+    axes.set_title(title)
+    _save_png(figure, path)
+
+
+def write_findings(out_dir: str | os.PathLike, data: dict[str, Any], classes: Sequence[str]) -> None:
+    """Write the page's data (``report-data.npz``), ``leaks.csv`` and ``label-issues.csv`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir / PAGE_DATA) as tmp:
+        with open(tmp, "wb") as stream:
+            np.savez_compressed(stream, **{key: np.asarray(value) for key, value in data.items()})
+    paths, part = data["paths"], data["part"]
+    with atomic_path(out_dir / "leaks.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["path", "other_path", "split", "other_split", "similarity", "found_by"])
+        for held, train, similarity, source in zip(data["leak_held_out"], data["leak_train"], data["leak_similarity"],
+                                                   data["leak_source"]):
+            writer.writerow([paths[held], paths[train], part[held], part[train], f"{similarity:.4f}", source])
+    with atomic_path(out_dir / "label-issues.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["path", "given_label", "suggested_label", "probabilities"])
+        for row, suggested, probabilities in zip(data["issue_rows"], data["issue_suggested"], data["issue_probabilities"]):
+            writer.writerow([paths[row], classes[data["labels"][row]], classes[suggested],
+                             json.dumps({name: round(float(p), 4) for name, p in zip(classes, probabilities)})])
+
+
+def write_page(out_dir: str | os.PathLike, report: dict[str, Any], thumbnails: int = 8, every: bool = False) -> Path:
+    """Write ``report.html`` into ``out_dir`` from its report and page data; returns its path."""
+    out_dir = Path(out_dir)
+    with np.load(out_dir / PAGE_DATA, allow_pickle=False) as loaded:
+        data = {key: loaded[key] for key in loaded.files}
+    page = render_page(report, data, out_dir, comparison_rows(report["results"]), thumbnails, every)
+    with atomic_path(out_dir / PAGE) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return out_dir / PAGE
 
 
 def _save_png(figure: Figure, path: str | os.PathLike) -> None:
@@ -190,3 +252,34 @@ def markdown_report(report: dict[str, Any]) -> str:
                              f"| {scores['support']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m pipeline.report``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.report",
+        description="Make report.html again from a finished fit (its report.json and report-data.npz), without fitting.",
+        epilog="Exit status: 0 when written; 2 when there is no finished fit there (one line).",
+    )
+    parser.add_argument("where", type=Path, help="fit's output folder, or a store (its classifiers: models/classifiers/<store name>)")
+    parser.add_argument("--thumbnails", type=int, default=8, help="images per section (default: 8)")
+    parser.add_argument("--every-classifier", action="store_true", help="confusions and mistakes of every classifier")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the page and say where it is."""
+    args = build_parser().parse_args(argv)
+    out = args.where if args.where.is_dir() else classifiers_dir(args.where)
+    if not (out / "report.json").exists():
+        raise UserError(f"no finished fit in {out} (no report.json); run fit first (make fit).")
+    if not (out / PAGE_DATA).exists():
+        raise UserError(f"{out} has no {PAGE_DATA}: that fit ran without its page (--no-report-html) or before "
+                        "pages existed; fit again to make one.")
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    print(f"report: {write_page(out, report, args.thumbnails, args.every_classifier)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
