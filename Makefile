@@ -6,9 +6,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 # Errors of a stage run by make name the make variables (CACHE=...) instead of the options they set (--cache ...).
-NAMES := --models=MODELS --model=MODELS --cache=CACHE --weights=WEIGHTS --precision=PRECISION --backend=BACKEND \
-	--models-dir=MODELS_DIR --image-size=IMAGE_SIZE --calibration=DATA
-STAGE = PIPELINE_MAKE_NAMES="$(NAMES) $(1)" $(PY) -m pipeline.$(2)
+MAKE_NAMES := --models=MODELS --model=MODELS --cache=CACHE --weights=WEIGHTS --precision=PRECISION \
+	--backend=BACKEND --models-dir=MODELS_DIR --image-size=IMAGE_SIZE --calibration=DATA
+models quantize extract fit classify report deploy demo doctor: export PIPELINE_MAKE_NAMES = $(MAKE_NAMES)
+models: PIPELINE_MAKE_NAMES += --out=MODELS_DIR
+fit: PIPELINE_MAKE_NAMES += --out=CLASSIFIERS_DIR
 
 MODELS ?= vgg16 resnet50
 WEIGHTS ?=
@@ -61,35 +63,35 @@ test-fast: $(INSTALLED)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 models: $(INSTALLED)
-	$(call STAGE,--out=MODELS_DIR,export) --model $(MODELS) --weights $(or $(WEIGHTS),imagenet) --image-size $(IMAGE_SIZE) --out $(MODELS_DIR)
+	$(PY) -m pipeline.export --model $(MODELS) --weights $(or $(WEIGHTS),imagenet) --image-size $(IMAGE_SIZE) --out $(MODELS_DIR)
 
 quantize: $(INSTALLED)
 	@test -n "$(DATA)" || { echo "error: say which images to calibrate on: make quantize DATA=path/to/folder PRECISION=int8."; exit 2; }
-	$(call STAGE,,quantize) --model $(MODELS) --precision $(if $(filter auto,$(PRECISION)),int8,$(PRECISION)) --calibration "$(DATA)" --models-dir $(MODELS_DIR)
+	$(PY) -m pipeline.quantize --model $(MODELS) --precision $(if $(filter auto,$(PRECISION)),int8,$(PRECISION)) --calibration "$(DATA)" --models-dir $(MODELS_DIR)
 
 extract: $(INSTALLED)
 	@test -n "$(DATA)" || { echo "error: say which images to embed: make extract DATA=path/to/folder (or a CSV file)."; exit 2; }
-	$(call STAGE,,extract) "$(DATA)" --models $(MODELS) --cache $(CACHE) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS)) --precision $(PRECISION) --backend $(BACKEND) $(EXTRACT_ARGS)
+	$(PY) -m pipeline.extract "$(DATA)" --models $(MODELS) --cache $(CACHE) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS)) --precision $(PRECISION) --backend $(BACKEND) $(EXTRACT_ARGS)
 
 fit: $(INSTALLED)
-	$(call STAGE,--out=CLASSIFIERS_DIR,fit) --cache $(CACHE) $(if $(CLASSIFIERS_DIR),--out $(CLASSIFIERS_DIR)) $(FIT_ARGS)
+	$(PY) -m pipeline.fit --cache $(CACHE) $(if $(CLASSIFIERS_DIR),--out $(CLASSIFIERS_DIR)) $(FIT_ARGS)
 
 classify: $(INSTALLED)
 	@test -n "$(FOLDER)" || { echo "error: say which images to classify: make classify FOLDER=path/to/folder (CACHE=store for its classifiers)."; exit 2; }
-	$(call STAGE,,classify) "$(FOLDER)" --cache $(CACHE) --models-dir $(MODELS_DIR) $(CLASSIFY_ARGS)
+	$(PY) -m pipeline.classify "$(FOLDER)" --cache $(CACHE) --models-dir $(MODELS_DIR) $(CLASSIFY_ARGS)
 
 report: $(INSTALLED)
-	$(call STAGE,,report) $(CACHE)
+	$(PY) -m pipeline.report $(CACHE)
 
 deploy: $(INSTALLED)
 	@test -n "$(BUNDLE)" || { echo "error: say which classifier: make deploy BUNDLE=models/classifiers/<store>/<model>-<classifier>.joblib."; exit 2; }
-	$(call STAGE,,deploy) "$(BUNDLE)" --models-dir $(MODELS_DIR) $(DEPLOY_ARGS)
+	$(PY) -m pipeline.deploy "$(BUNDLE)" --models-dir $(MODELS_DIR) $(DEPLOY_ARGS)
 
 demo: $(INSTALLED)
-	$(call STAGE,,demo) --models-dir $(MODELS_DIR) --precision $(PRECISION)
+	$(PY) -m pipeline.demo --models-dir $(MODELS_DIR) --precision $(PRECISION)
 
 doctor: $(INSTALLED)
-	$(call STAGE,,doctor)
+	$(PY) -m pipeline.doctor
 
 bench: $(INSTALLED)
 	$(PY) benchmarks/bench_extract.py $(BENCH_ARGS)

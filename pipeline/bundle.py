@@ -16,7 +16,7 @@ import sklearn
 from sklearn.pipeline import Pipeline
 
 import pipeline
-from pipeline.errors import UserError
+from pipeline.errors import UserError, command
 from pipeline.files import atomic_path, sha256_file
 from pipeline.manifest import variant_name
 from pipeline.runtime import BackboneSession, open_backbone
@@ -194,7 +194,7 @@ def open_fitted_backbone(
         raise UserError(
             f"{session.onnx_path} derives from an fp32 export of sha256 {session.manifest.source_sha256[:12]}, but "
             f"{bundle_path} from one of sha256 {source[:12]}; make the variant again from the current export "
-            f"(python -m pipeline.quantize --model {model} --precision {wanted} --force"
+            f"({command('quantize')} --model {model} --precision {wanted} --force"
             + (" --calibration DATA" if wanted == "int8" else "") + ") or classify at --precision " + fitted + "."
         )
     return session

@@ -352,8 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.classifier is not None and (args.model or args.classifier_name):
         raise UserError("pass either --classifier PATH or --model / --classifier-name, not both.")
-    bundle_path = choose_bundle(args.classifier, args.model, args.classifier_name,
-                                args.classifiers_dir or classifiers_dir(args.cache))
+    folder = args.classifiers_dir or classifiers_dir(args.cache)
+    if args.classifier is None and args.classifiers_dir is None and not args.cache.exists() and not folder.exists():
+        raise UserError(f"no store at --cache {args.cache}, and no classifiers fitted on it in {folder}; check --cache "
+                        "(the store you fitted), or run fit on it first.")
+    bundle_path = choose_bundle(args.classifier, args.model, args.classifier_name, folder)
     counts = run_classify(args.folder, bundle_path, args.output, args.top_k, args.batch_size, args.device,
                           args.models_dir, args.cache, args.workers, precision=args.precision,
                           allow_precision_change=args.allow_precision_change, trust=args.trust,

@@ -41,7 +41,7 @@ def demo_models(models_dir: Path, image_size: int) -> dict[str, ModelManifest]:
         files = [str(imagenet_cache_file(BACKBONES[m], BACKBONES[m].default_imagenet_weights)[1]) for m in missing]
         print(UNTRAINED_BANNER.format(model=" and ".join(missing)), file=sys.stderr)
         print(f"   No ImageNet weights at {' or '.join(files)}, so the demo uses seeded random weights;\n"
-              "   README.md (export, Weights) says how to add them.", file=sys.stderr)
+              "   docs/stages.md (export, Weights) says how to add them.", file=sys.stderr)
     manifests = {}
     for model in BACKBONES:
         if model in missing:
@@ -126,9 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  {counts['classified']} of {counts['images']} test scans classified, {counts['correct']} correctly "
           f"({counts['cached']} embeddings reused from the store); rows in {predictions}")
     if untrained:
-        print(f"\nReminder: {' and '.join(untrained)} have UNTRAINED random weights here; see the banner above.",
+        verb = "has" if len(untrained) == 1 else "have"
+        print(f"\nReminder: {' and '.join(untrained)} {verb} UNTRAINED random weights here; see the banner above.",
               file=sys.stderr)
-    print(f"\ndone in {time.perf_counter() - started:.0f} s. The report is {args.classifiers_dir / 'report.md'}. Next: "
+    print(f"\ndone in {time.perf_counter() - started:.0f} s. The report: {args.classifiers_dir / 'report.html'} (open it in "
+          f"a browser; also report.md). Next: "
           f"make classify FOLDER=<folder> CACHE={args.cache} prints predictions; README.md says how to go on with "
           "your own images.")
     return 0

@@ -8,10 +8,21 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 MAKE_NAMES = "PIPELINE_MAKE_NAMES"  # "--option=VARIABLE ...", set by the Makefile: errors then name what was typed
+
+
+def command(stage: str) -> str:
+    """How to run ``stage`` as typed in this shell, without activating anything: the ``transfer`` script beside
+    this interpreter (``.venv/bin/transfer STAGE`` from the project folder), else this interpreter's ``-m``."""
+    script = Path(sys.executable).parent / "transfer"
+    if not script.exists():
+        return f"{sys.executable} -m pipeline.{stage}"
+    relative = os.path.relpath(script)
+    return f"{relative if not relative.startswith('..') else script} {stage}"
 
 
 class UserError(Exception):
@@ -76,4 +87,4 @@ def _in_make_terms(message: str, names: dict[str, str]) -> str:
 
 
 def _raise_user_error(parser: argparse.ArgumentParser, message: str) -> None:
-    raise UserError(f"{message} (see {parser.prog} --help).")
+    raise UserError(f"{message} (see {command(parser.prog.rsplit('pipeline.', 1)[-1])} --help).")

@@ -18,7 +18,7 @@ from pipeline import cluster
 from pipeline.backbones import BACKBONES, Preprocessing
 from pipeline.decode import MAX_PIXELS, batches, decode_file, map_ordered
 from pipeline.discover import Dataset, ImageRecord, discover
-from pipeline.errors import Interrupted, UserError, run_cli
+from pipeline.errors import Interrupted, UserError, command, run_cli
 from pipeline.features import BatchOutcome, FeatureSpec, count_outcomes, embed_batch, feature_specs, record_outcomes
 from pipeline.manifest import PRECISIONS, ModelManifest, model_paths, variant_name
 from pipeline.quantize import CALIBRATION_IMAGES, calibration_paths, check_calibration_images, current_variant, describe, make_variant
@@ -429,14 +429,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         how = f" (weights {spec.attrs['weights_id']}, {spec.attrs['precision']})" if spec.session else ""
         how += " [UNTRAINED random weights]" if spec.attrs.get("untrained") else ""
         where = f"; inference {spec.seconds:.1f} s on {spec.attrs['provider']}" if spec.seconds else ""  # not on Ray
-        print(f"{spec.name}{how}: embedded {spec.embedded}, skipped {spec.skipped}{where}; the store holds "
+        print(f"{spec.name}{how}: embedded {spec.embedded}, failed {spec.skipped}{where}; the store holds "
               f"{_count(rows, 'embedding')}, {failures} failed")
     images = max(spec.embedded + spec.skipped for spec in specs)
     print(f"extract: {_count(images, 'image')} in {wall:.1f} s ({images / wall:.1f} images/s); store: {args.cache}")
     if failed_sets:
         name, failures = failed_sets[0]
         missing = sum(reason.startswith("missing") for reason in store.failures(name).reasons)
-        listed = f"paths and reasons: python -m pipeline.store failures {name} --cache {args.cache}"
+        listed = f"paths and reasons: {command('store')} failures {name} --cache {args.cache}"
         if missing:
             print(f"{_count(missing, 'image')} of the dataset {'is' if missing == 1 else 'are'} missing (listed, but no "
                   f"such file); {listed}", file=sys.stderr)

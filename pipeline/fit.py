@@ -654,6 +654,10 @@ def print_summary(report: dict[str, Any], out: Path, seconds: float) -> None:
                     f"{leaks['accuracy_with']:.3f}" if without == without else "no test image is left without one")
         print(f"warning: {leaks['held_out_images']} held-out images also appear in the training part ({leaks['exact']} "
               f"exact, {leaks['near']} near duplicates): {rescored}; see leaks.csv.", file=sys.stderr)
+    backbones = [r for r in report["results"] if r["features"] != PIXELS]
+    if backbones:  # the pixel baseline has no backbone to merge with: the best backbone bundle is the one to ship
+        best = max(backbones, key=lambda r: np.nan_to_num(r["validation_score"], nan=-1.0))
+        print(f"to ship the best backbone classifier as one ONNX file: make deploy BUNDLE={out / best['bundle']['path']}")
     page = f"{out / PAGE} (open it in a browser), " if report.get("findings") else ""
     print(f"\nreport: {page}{out / 'report.md'} (and report.json, PNG figures); classifiers: {out}/*.joblib; "
           f"{seconds:.0f} s")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.backbones import BACKBONES, Preprocessing
-from pipeline.errors import UserError
+from pipeline.errors import UserError, command
 from pipeline.files import sha256_file, write_json_atomic
 
 MANIFEST_VERSION = 1
@@ -155,7 +155,7 @@ class DeployedManifest(ModelManifest):
             If the file is missing, is not JSON, or describes something else (a backbone, say).
         """
         path = Path(path)
-        again = "deploy the classifier again (python -m pipeline.deploy BUNDLE)"
+        again = f"deploy the classifier again ({command('deploy')} BUNDLE)"
         try:
             manifest = cls(**json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
@@ -164,7 +164,7 @@ class DeployedManifest(ModelManifest):
             raise UserError(f"{path} is not the manifest of a deployed classifier; {again}.") from None
         if not manifest.classes:
             raise UserError(f"{path} describes a backbone, not a classifier; pass a bundle (.joblib) or a classifier "
-                            "made by python -m pipeline.deploy (.onnx).")
+                            f"made by {command('deploy')} (.onnx).")
         return manifest
 
 
@@ -185,7 +185,7 @@ def load_deployed(path: str | os.PathLike) -> DeployedManifest:
         bundle = path.parent / manifest.classifier.get("bundle_file", "BUNDLE")
         raise UserError(
             f"{path} does not match its manifest {manifest_path} (missing or changed since it was deployed); deploy "
-            f"it again: python -m pipeline.deploy {bundle} --out {path}."
+            f"it again: {command('deploy')} {bundle} --out {path}."
         )
     return manifest
 

@@ -19,7 +19,7 @@ import onnxruntime
 from pipeline.backbones import BACKBONES
 from pipeline.decode import decode_file
 from pipeline.discover import Dataset, discover
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, command, run_cli
 from pipeline.files import atomic_path, sha256_file
 from pipeline.manifest import INPUT_NAME, OUTPUT_NAME, ModelManifest, model_paths, variant_name
 
@@ -167,7 +167,7 @@ def _calibration_crops(
     if not drawn:
         raise UserError(
             "int8 needs images to calibrate on and none could be decoded; give a folder of your images "
-            "(extract's DATA, or --calibration with python -m pipeline.quantize)."
+            f"(extract's DATA, or --calibration with {command('quantize')})."
         )
     # The first ``count`` calibrate; the rest, when the folder has more, measure fidelity on unseen images.
     crops = [crop for crop, _ in drawn[:count]]

@@ -105,7 +105,8 @@ def learning_curve_figure(curves: dict[str, dict[str, Any]], title: str, path: s
         axes.plot(curve["per_class"][-1:], curve["accuracy"][-1:], marker="*", markersize=13, color=line.get_color())
         points |= set(curve["per_class"])
     axes.set_xscale("log")
-    axes.set_xticks(sorted(points))  # a label at every measured point, not only at the powers of ten
+    ticks = sorted(points)  # a label at each measured point, but for one too close to the next to be read
+    axes.set_xticks([t for t, after in zip(ticks, ticks[1:] + [float("inf")]) if after / t >= 1.3])
     axes.xaxis.set_minor_locator(NullLocator())
     axes.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     axes.set_xlabel("training images per class (log scale; the last point uses them all)")

@@ -25,7 +25,7 @@ th{background:#f3f5f7}tr.best td{background:#eef6ee;font-weight:600}.untrained{c
 .thumbs{display:flex;flex-wrap:wrap;gap:6px}figure.t{margin:0;width:104px;font-size:11px;color:#57606a;word-break:break-all}
 figure.t img,.missing{width:96px;height:96px;object-fit:contain;background:#f3f5f7;display:block}
 .missing{background:#c9ced4;color:#24292f;font-size:10px;overflow:hidden;padding:2px;box-sizing:border-box}
-.cell{margin:10px 0}.plot{max-width:min(100%,720px)}.none{color:#57606a;font-style:italic}
+.cells{display:flex;flex-wrap:wrap;gap:4px 22px}.cell{margin:6px 0}.cell h3{margin:4px 0;font-size:13px}.plot{max-width:min(100%,720px)}.none{color:#57606a;font-style:italic}
 """
 
 
@@ -38,11 +38,12 @@ class Thumbnails:
     limit: int  # at most this many distinct images are decoded for one page
     made: dict[str, str] = field(default_factory=dict)
 
-    def __call__(self, path: str, caption: str = "") -> str:
+    def __call__(self, path: str, caption: str | None = None) -> str:
         if path not in self.made:
             self.made[path] = self._make(path) if len(self.made) < self.limit else self._missing(path, "not shown")
         tag = self.made[path]
-        return f'<figure class="t">{tag}<figcaption>{html.escape(caption or path)}</figcaption></figure>'
+        text = path if caption is None else caption
+        return f'<figure class="t">{tag}<figcaption>{html.escape(text)}</figcaption></figure>'
 
     def _make(self, path: str) -> str:
         try:
@@ -177,7 +178,7 @@ def _confusions(report: dict[str, Any], data: dict[str, np.ndarray], number: int
         pictures = "".join(thumbs(str(data["paths"][r])) for r in wrong)
         blocks.append(f'<div class="cell"><h3>true {html.escape(classes[i])}, predicted {html.escape(classes[j])} '
                       f'({confusion[i, j]})</h3><div class="thumbs">{pictures}</div></div>')
-    listed = "".join(blocks) or '<p class="none">No confusions: every test image is right.</p>'
+    listed = f'<div class="cells">{"".join(blocks)}</div>' if blocks else '<p class="none">No confusions: every test image is right.</p>'
     return f"<h2>Confusions of {html.escape(title)}</h2>{figure}{listed}"
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime
 
 from pipeline import cuda
-from pipeline.errors import UserError
+from pipeline.errors import UserError, command
 from pipeline.files import sha256_file
 from pipeline.manifest import ModelManifest, model_paths, parse_variant
 
@@ -100,15 +100,15 @@ def open_backbone(
     if precision != "fp32" and not manifest_path.exists():
         raise UserError(
             f"no {precision} variant of {base} in {models_dir} ({manifest_path} is missing); make it with "
-            f"python -m pipeline.extract DATA --precision {precision}, or python -m pipeline.quantize --model {base} "
+            f"{command('extract')} DATA --precision {precision}, or {command('quantize')} --model {base} "
             f"--precision {precision}" + (" --calibration DATA." if precision == "int8" else ".")
         )
     manifest = ModelManifest.load(manifest_path)
     if not onnx_path.exists() or sha256_file(onnx_path) != manifest.onnx_sha256:
         again = (
-            f"python -m pipeline.export --model {model} {_weights_option(manifest)} --image-size {manifest.input['size']} --force"
+            f"{command('export')} --model {model} {_weights_option(manifest)} --image-size {manifest.input['size']} --force"
             if manifest.precision == "fp32" else
-            f"python -m pipeline.quantize --model {manifest.model} --precision {manifest.precision} --force"
+            f"{command('quantize')} --model {manifest.model} --precision {manifest.precision} --force"
             + (" --calibration DATA" if manifest.precision == "int8" else "")
         )
         raise UserError(f"{onnx_path} does not match its manifest {manifest_path} (missing or changed since it was made); "
@@ -140,7 +140,7 @@ def start_session(
                 _precision_notice(model, "int8 is tuned for CPUs; on CUDA prefer fp16 (--precision fp16)")
             return BackboneSession(manifest, onnx_path, session)
         _cpu_notice(options.intra_op_num_threads, cuda.problem() or "a CUDA session could not be created; "
-                    "python -m pipeline.doctor says why")
+                    f"{command('doctor')} says why")
     session = onnxruntime.InferenceSession(str(onnx_path), options, providers=[CPU])
     if manifest.precision == "fp16":
         _precision_notice(model, "fp16 runs on the CPU here, slower than fp32: it is meant for GPUs")

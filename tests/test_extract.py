@@ -23,7 +23,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from pipeline import extract
 from pipeline.backbones import BACKBONES
 from pipeline.decode import decode_file
-from pipeline.errors import UserError
+from pipeline.errors import UserError, command
 from pipeline.extract import run_extract
 from pipeline.runtime import open_backbone
 from pipeline.store import PIXELS, EmbeddingStore
@@ -470,16 +470,16 @@ def test_cli_exit_status_and_summary(tmp_path, small_models, seeded_weights):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("resnet50 (weights file:") and ", fp32) [UNTRAINED" not in lines[0]
-    assert ": embedded 9, skipped 1; inference " in lines[0] and "s on CPUExecutionProvider;" in lines[0]
-    assert lines[1] == "pixels: embedded 9, skipped 1; the store holds 9 embeddings, 1 failed"
+    assert ": embedded 9, failed 1; inference " in lines[0] and "s on CPUExecutionProvider;" in lines[0]
+    assert lines[1] == "pixels: embedded 9, failed 1; the store holds 9 embeddings, 1 failed"
     assert lines[2].startswith("extract: 10 images in ") and "images/s); store: " in lines[2]  # the run's time, once
     assert "the store holds 9 embeddings, 1 failed" in done.stdout
-    hint = f"python -m pipeline.store failures resnet50 --cache {tmp_path / 'e.h5'}"
+    hint = f"{command('store')} failures resnet50 --cache {tmp_path / 'e.h5'}"  # runs as typed, nothing activated
     assert "1 image of the dataset could not be decoded or was too large" in done.stderr and hint in done.stderr
-    listed = subprocess.run([sys.executable, *hint.split()[1:]], capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(hint.split(), capture_output=True, text=True, check=True).stdout
     assert listed.startswith("dog/corrupt.jpg\t") and "Truncated" in listed
     strict = run_cli(str(data), *common, "--strict")
-    assert strict.returncode == extract.EXIT_SKIPPED and "embedded 0, skipped 0;" in strict.stdout
+    assert strict.returncode == extract.EXIT_SKIPPED and "embedded 0, failed 0;" in strict.stdout
     assert "nothing to do" in strict.stdout
     (data / "dog" / "corrupt.jpg").unlink()
     assert run_cli(str(data), *common, "--strict").returncode == 0

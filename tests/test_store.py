@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.discover import ImageRecord
-from pipeline.errors import UserError
+from pipeline.errors import UserError, command
 from pipeline.store import FORMAT_VERSION, EmbeddingStore, FileState, Segment
 
 ATTRS = {"kind": "onnx", "fingerprint": "f1", "embedding_dim": 4, "weights_id": "random:seed=0"}
@@ -234,7 +235,7 @@ def test_a_missing_or_altered_shard_is_named_with_the_recovery(tmp_path):
     shard.unlink()
     for read in (lambda: store.load("m"), lambda: store.counts("m") and store.known("m", "f1"), store.verify):
         with pytest.raises(UserError, match=rf"{name} is missing, .* restore that file, or compute that feature "
-                                            "set anew: python -m pipeline.store drop m --cache"):
+                                            f"set anew: {re.escape(command('store'))} drop m --cache"):
             read()
     altered = bytearray(original)
     altered[-100] ^= 0xFF  # same size, other bytes: caught by the sha256 when the embeddings are read

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from pipeline.errors import command
 from pipeline.store import EmbeddingStore
 from tests.stores import format1_store
 from tests.test_store import DATASET, ROOT, segment, shard_files
@@ -53,11 +54,11 @@ def test_convert_a_format1_store(tmp_path):
 def test_errors_are_one_sentence_and_status_2(cache, tmp_path):
     for arguments, message in (
         (("info", "--cache", str(tmp_path / "none.h5")), "error: no embedding store at"),
-        (("failures", "--cache", str(cache)), "error: say which feature set: python -m pipeline.store failures SET (one of: m)"),
+        (("failures", "--cache", str(cache)), f"error: say which feature set: {command('store')} failures SET (one of: m)"),
         (("drop", "vgg16", "--cache", str(cache)), f"error: {cache} has no 'vgg16' features (it has: m)."),
     ):
         result = cli(*arguments)
         assert result.returncode == 2 and result.stderr.startswith(message) and "Traceback" not in result.stderr
     (EmbeddingStore(cache).shards / sorted(shard_files(EmbeddingStore(cache)))[0]).unlink()
     verify = cli("verify", "--cache", str(cache))
-    assert verify.returncode == 2 and "is missing" in verify.stderr and "python -m pipeline.store drop m" in verify.stderr
+    assert verify.returncode == 2 and "is missing" in verify.stderr and f"{command('store')} drop m" in verify.stderr

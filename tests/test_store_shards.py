@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import h5py
 import numpy as np
 import pytest
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, command
 from pipeline.store.shards import ShardEntry, ShardHeader, ShardReader, ShardTable, read_header, write_shard, write_shard_blocks
 from pipeline.store.spec import path_keys
 
@@ -70,7 +72,7 @@ def test_a_write_that_fails_midway_leaves_no_shard(tmp_path):
 def test_a_missing_or_other_file_is_refused_with_the_recovery(tmp_path):
     entry = write_shard(tmp_path, "m/a.h5", HEADER, table(["a.jpg"]), np.zeros((1, 4), np.float32), ShardTable.empty())
     with pytest.raises(UserError, match=r"m/b.h5 is missing, and .*e.h5 lists it as a shard; restore that file, or "
-                                        r"compute that feature set anew: python -m pipeline.store drop m --cache"):
+                                        rf"compute that feature set anew: {re.escape(command('store'))} drop m --cache"):
         ShardReader(tmp_path, ShardEntry("m/b.h5", "", 1, 1, 0), tmp_path / "e.h5")
     with pytest.raises(UserError, match="is not the shard .* lists"):
         ShardReader(tmp_path, ShardEntry(entry.file, entry.sha256, entry.bytes + 1, 1, 0), tmp_path / "e.h5")

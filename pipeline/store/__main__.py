@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError, command, run_cli
 from pipeline.store.embedding_store import EmbeddingStore
 
 COMMANDS = ("info", "failures", "verify", "convert", "compact", "drop")
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not store.exists():
         raise UserError(f"no embedding store at {args.cache}; run extract first (make extract DATA=...).")
     if args.command in ("failures", "drop") and not args.feature_set:
-        raise UserError(f"say which feature set: python -m pipeline.store {args.command} SET (one of: {_sets(store)}).")
+        raise UserError(f"say which feature set: {command('store')} {args.command} SET (one of: {_sets(store)}).")
     if args.command == "failures":
         failures = store.failures(args.feature_set)
         for path, reason in zip(failures.paths, failures.reasons):

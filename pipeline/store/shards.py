@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, command
 from pipeline.files import atomic_path, sha256_file
 from pipeline.store.spec import FORMAT_VERSION, SHARD_ENCODING, STRING, keys_from_bytes, keys_to_bytes, path_keys
 
@@ -183,7 +183,7 @@ class ShardReader:
         self.path = folder / entry.file
         self.entry = entry
         recovery = (
-            f"restore that file, or compute that feature set anew: python -m pipeline.store drop {_set_of(entry)} "
+            f"restore that file, or compute that feature set anew: {command('store')} drop {_set_of(entry)} "
             f"--cache {index_path}, then extract again"
         )
         try:
