@@ -235,7 +235,7 @@ def test_cli_prints_the_table_and_fails_in_one_line(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "features  classifier  accuracy" in done.stdout and "resnet50  logreg" in done.stdout
-    assert f"report: {tmp_path / 'o' / 'report.md'}" in done.stdout
+    assert f"report: {tmp_path / 'o' / 'report.html'} (open it in a browser), {tmp_path / 'o' / 'report.md'}" in done.stdout
     failed = subprocess.run(command[:4] + [str(tmp_path / "missing.h5")], capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2 and failed.stderr.startswith("error: no embedding store at")
     assert len(failed.stderr.strip().splitlines()) == 1

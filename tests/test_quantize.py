@@ -83,7 +83,7 @@ def test_a_variant_of_another_fp32_export_is_stale(models_dir, tmp_path):
     manifest_path.write_text(json.dumps(record))
     assert current_variant(models_dir, "resnet50", "int8") is None
     (models_dir / "resnet50-int8.onnx").write_bytes(b"changed")
-    with pytest.raises(UserError, match="does not match its manifest.*pipeline.quantize --model resnet50 --precision int8"):
+    with pytest.raises(UserError, match="does not match its manifest.*transfer quantize --model resnet50 --precision int8"):
         open_backbone(models_dir, "resnet50-int8", "cpu")
 
 
