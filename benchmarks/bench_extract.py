@@ -1,10 +1,14 @@
 """``make bench``: extraction speed and fidelity side by side, on this machine, same weights and images.
 
 For each backbone at 224 px: (a) torchvision eager on the CPU, (b) our onnxruntime fp32 and (c) int8 on
-pre-decoded batches, (d) end-to-end extract from a folder of JPEG photos into HDF5 at each precision; the
-effective GFLOP/s against this machine's measured float32 matrix-multiply peak; fidelity of int8 to fp32
-(embedding cosine on the photos, and logistic-regression test accuracy on scikit-learn's digit scans); peak
-memory of extract on 1,000 and 10,000 photos. Writes benchmarks/bench.json and prints a table.
+pre-decoded batches, (d) end-to-end extract from a folder of JPEG photos into HDF5 at each precision, and
+(e) torchvision's documented recipe (ImageFolder, Resize, CenterCrop, ToTensor, Normalize, a DataLoader
+with worker processes, the model in eager mode) on the same photos, whole processes against whole
+processes; the effective GFLOP/s against this machine's measured float32 matrix-multiply peak; the thread
+budget (decode threads against onnxruntime's threads); the host side alone: decoding step by step and the
+whole extract path with a zero-cost backbone (bench_host.py); fidelity of int8 to fp32 (embedding cosine
+on the photos, and logistic-regression test accuracy on scikit-learn's digit scans); peak memory of
+extract on 1,000 and 10,000 photos. Writes benchmarks/bench.json and prints a table.
 
 The photos are random crops, flips and colour shifts of the two photographs scikit-learn ships
 (``load_sample_images``), 640x480 JPEG: real camera images, no download. Weights: ImageNet when they are in
@@ -22,17 +26,18 @@ import resource
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 # Only what extract itself loads is imported here, so that the extract children measure extract's own memory;
 # torch and scikit-learn are imported where they are used.
+from bench_host import breakdown, draft_effect, pin_to_cores, thread_rates, zero_cost_backbone
+from pipeline import runtime
 from pipeline.backbones import BACKBONES
 from pipeline.decode import decode_file
 from pipeline.extract import run_extract
-from pipeline.manifest import variant_name
+from pipeline.manifest import parse_variant, variant_name
 from pipeline.runtime import CUDA, available_cores, open_backbone
 from pipeline.store import EmbeddingStore
 
@@ -155,12 +160,15 @@ def flops_per_image(model: str) -> float:
 
 
 def in_child(task: str, *arguments: object) -> dict:
-    """Run ``task`` in a fresh process: its threads compete with nothing and its peak memory is its own."""
+    """Run ``task`` in a fresh process: its threads compete with nothing and its peak memory is its own.
+    ``process_seconds`` is the whole process's time, from its start (interpreter, imports) to its exit."""
     command = [sys.executable, __file__, "--child", task, *map(str, arguments)]
+    started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
     if result.returncode:
         raise RuntimeError(f"{task} failed: {result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "process_seconds": seconds}
 
 
 def peak_rss_mb() -> float:
@@ -176,15 +184,22 @@ def child(task: str, *arguments: str) -> None:
     if task == "cuda":
         models_dir, model = arguments
         out = {"usable": open_backbone(models_dir, model, "auto").provider == CUDA}
-    elif task == "extract":
-        data, model, precision, cache, models_dir, weights, device = arguments
-        Path(cache).unlink(missing_ok=True)
+    elif task == "extract":  # workers, threads, cores: 0 for extract's defaults
+        data, model, precision, cache, models_dir, weights, device, workers, threads, cores = arguments
+        if int(cores):
+            pin_to_cores(int(cores))
+        if int(threads):  # onnxruntime's intra-op threads: extract gives it every available core
+            runtime.available_cores = lambda: int(threads)
+        remove_store(Path(cache))
         started = time.perf_counter()
         specs = run_extract(data, [model], cache, models_dir=models_dir, weights=weights, precision=precision,
-                            device=device, progress=False)
+                            device=device, progress=False, workers=int(workers) or None)
         seconds = time.perf_counter() - started
         out = {"images": specs[0].embedded, "seconds": seconds, "rate": specs[0].embedded / seconds,
                "inference_seconds": specs[0].seconds}
+    elif task == "torchvision_recipe":
+        photos, model, weights = arguments
+        out = {"images": torchvision_recipe(Path(photos), model, weights)}
     else:
         photos, model, models_dir, weights, min_seconds, device = arguments
         session = open_backbone(models_dir, model, device)
@@ -197,40 +212,82 @@ def child(task: str, *arguments: str) -> None:
     print(json.dumps({**out, "peak_rss_mb": peak_rss_mb()}))
 
 
-def decode_costs(photos: Path, large: Path) -> dict:
-    """Milliseconds per image of decode_file (read, hash, decode, resize, crop, pixel baseline) on one core."""
-    from pipeline.backbones import Preprocessing
-    from pipeline.decode import draft_floor, load_rgb, map_ordered, resize_center_crop
+def torchvision_recipe(photos: Path, model: str, weights: str) -> int:
+    """torchvision's documented way to embed a folder: an ImageFolder with the weights' preprocessing
+    (Resize, CenterCrop, ToTensor, Normalize), a DataLoader with one worker process per core, the headless
+    model in eager mode under ``inference_mode``; the embeddings are kept, as extract keeps its own.
+    Returns the number of images embedded."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
 
-    recipe = [Preprocessing(256, 224)]
-    costs = {}
-    for name, folder in (("photos_640x480", photos), ("photos_2560x1920", large)):
-        paths = sorted(folder.rglob("*.jpg"))[:100]
-        decode_file(paths[0], recipe)
-        started = time.perf_counter()
-        for path in paths:
-            decode_file(path, recipe)
-        costs[name] = {"ms_per_image": 1000 * (time.perf_counter() - started) / len(paths)}
+    from pipeline.weights import load_trunk, parse_weights
+
+    torch.set_num_threads(available_cores())
+    backbone = BACKBONES[model]
+    request = parse_weights(backbone, weights)
+    trunk, _ = load_trunk(backbone, request)
+    preprocessing = backbone.preprocessing(request.name, 224)
+    transform = transforms.Compose([
+        transforms.Resize(preprocessing.resize_size), transforms.CenterCrop(preprocessing.crop_size),
+        transforms.ToTensor(), transforms.Normalize(preprocessing.mean, preprocessing.std),
+    ])
+    loader = DataLoader(datasets.ImageFolder(str(photos), transform), batch_size=BATCH, num_workers=available_cores())
+    embeddings = []
+    with torch.inference_mode():
+        for images, _ in loader:
+            embeddings.append(trunk(images).numpy())
+    return sum(len(batch) for batch in embeddings)
+
+
+def remove_store(cache: Path) -> None:
+    """A store and its shards folder, so that a run starts from nothing."""
+    import shutil
+
+    for path in cache.parent.glob(cache.name + "*"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def thread_budget(data: Path, name: str, models_dir: Path, weights: str, work: Path) -> list[dict]:
+    """End-to-end extract of ``name`` with 1 and every core's worth of decode threads, against 1 and every
+    core's worth of onnxruntime threads; extract's default is the last."""
+    model, precision = parse_variant(name)
+    cores = available_cores()
+    rows = []
+    for workers in sorted({1, cores}):
+        for threads in sorted({1, cores}):
+            run = in_child("extract", data, model, precision, work / "threads.h5", models_dir, weights, "cpu",
+                           workers, threads, 0)
+            rows.append({"decode_threads": workers, "onnxruntime_threads": threads, "images_per_s": run["rate"],
+                         "default": workers == threads == cores})
+    remove_store(work / "threads.h5")
+    return rows
+
+
+def host_ceiling(photos: Path, model: str, models_dir: Path, weights: str, work: Path) -> dict:
+    """The whole extract path with a zero-cost backbone of ``model``'s contract, on one core and on every core
+    (with as many decode threads)."""
+    zero_cost_backbone(models_dir, model, work / "zero-cost-models")
+    images = len(list(photos.rglob("*.jpg")))
+    runs = {}
+    for cores in sorted({1, available_cores()}):
+        run = in_child("extract", photos, model, "fp32", work / "host.h5", work / "zero-cost-models", weights,
+                       "cpu", cores, 0, cores)
+        runs[cores] = {"images_per_s": run["rate"], "images_per_s_per_core": run["rate"] / cores,
+                       "seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"]}
+    remove_store(work / "host.h5")
+    widest = runs[max(runs)]
+    return {"images": images, "photo_size": list(PHOTO_SIZE), "cores": runs,
+            "core_seconds_per_image": max(runs) / widest["images_per_s"]}
+
+
+def decode_costs(photos: Path, large: Path) -> dict:
+    """decode_file on one core, step by step (bench_host.breakdown), in threads, and draft mode's effect."""
     paths = sorted(photos.rglob("*.jpg"))[:200]
-    for workers in sorted({1, available_cores()}):
-        started = time.perf_counter()
-        for _ in map_ordered(lambda path: decode_file(path, recipe), paths, workers, 4 * workers):
-            pass
-        costs["photos_640x480"][f"images_per_s_{workers}_threads"] = len(paths) / (time.perf_counter() - started)
-    with ProcessPoolExecutor(available_cores()) as pool:
-        list(pool.map(decode_file, paths[:8], [recipe] * 8))
-        started = time.perf_counter()
-        list(pool.map(decode_file, paths, [recipe] * len(paths), chunksize=8))
-        costs["photos_640x480"][f"images_per_s_{available_cores()}_processes"] = len(paths) / (time.perf_counter() - started)
-    paths = sorted(large.rglob("*.jpg"))
-    data = [path.read_bytes() for path in paths]
-    crops = {}
-    for label, floor in (("drafted", draft_floor(recipe)), ("whole", 0)):  # the same work but for draft mode
-        started = time.perf_counter()
-        crops[label] = np.stack([resize_center_crop(load_rgb(item, floor), recipe[0]) for item in data]).astype(int)
-        costs["photos_2560x1920"][f"decode_resize_crop_ms_{label}"] = 1000 * (time.perf_counter() - started) / len(data)
-    difference = np.abs(crops["drafted"] - crops["whole"])
-    costs["photos_2560x1920"]["draft_vs_whole_crop"] = {"mean_abs": float(difference.mean()), "max_abs": int(difference.max())}
+    costs = {"photos_640x480": breakdown(paths), "photos_2560x1920": breakdown(sorted(large.rglob("*.jpg")))}
+    costs["photos_640x480"]["images_per_s_by_threads"] = {
+        workers: thread_rates(paths, workers) for workers in sorted({1, available_cores()})}
+    costs["photos_2560x1920"]["draft_mode"] = draft_effect(sorted(large.rglob("*.jpg")))
     return costs
 
 
@@ -269,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("build/bench"),
                         help="its own exported models, photos and stores (default: build/bench)")
     parser.add_argument("--min-seconds", type=float, default=MIN_SECONDS, help="time each pure-inference rate this long")
+    parser.add_argument("--host-photos", type=int, default=2000,
+                        help="JPEG photos for the zero-cost-backbone rows (default: 2000)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/bench.json"))
     args = parser.parse_args(argv)
     args.models_dir = args.work / "models"  # its own exports and int8 variants, calibrated on its photos
@@ -314,18 +373,28 @@ def main(argv: list[str] | None = None) -> int:
         runs = [("fp32", "cpu", "ort_fp32"), ("int8", "cpu", "ort_int8")]
         if cuda:
             runs.append(("fp16", "cuda", "cuda_fp16"))
+        recipe = in_child("torchvision_recipe", photos, model, weights)
+        entry["torchvision_recipe"] = {**recipe, "images_per_s": recipe["images"] / recipe["process_seconds"]}
         for precision, device, pure in runs:
             cache = args.work / f"photos-{model}-{precision}.h5"
-            run = in_child("extract", photos, model, precision, cache, args.models_dir, weights, device)
+            run = in_child("extract", photos, model, precision, cache, args.models_dir, weights, device, 0, 0, 0)
+            whole = run["images"] / run["process_seconds"]
             entry["end_to_end"][precision if device == "cpu" else f"cuda_{precision}"] = {
                 **run, "vs_torch_eager": run["rate"] / rates["torch_eager"], "of_pure_inference": run["rate"] / rates[pure],
+                "whole_process_images_per_s": whole,
+                "vs_torchvision_recipe": whole / entry["torchvision_recipe"]["images_per_s"],
             }
+        entry["thread_budget_int8"] = thread_budget(photos, variant_name(model, "int8"), args.models_dir, weights,
+                                                    args.work)
         similarity = cosine(stored(args.work / f"photos-{model}-int8.h5", variant_name(model, "int8")),
                             stored(args.work / f"photos-{model}-fp32.h5", model))
         entry["int8_cosine_to_fp32"] = {"images": len(similarity), "min": float(similarity.min()),
                                         "mean": float(similarity.mean())}
         result["models"][model] = entry
         print(f"{model}: {json.dumps(entry, indent=1)}", flush=True)
+    host_photos = make_photos(args.work / "host-photos", args.host_photos, seed=7)
+    result["host"] = host_ceiling(host_photos, args.models[0], args.models_dir, weights, args.work)
+    print(f"host: {json.dumps(result['host'])}", flush=True)
     result["digits_logreg_accuracy"] = digits_accuracy(args.work, args.models, args.models_dir, weights,
                                                        args.digits_per_class)
     if args.memory_images:
@@ -333,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         for count in args.memory_images:
             folder = make_photos(args.work / f"memory-{count}", count, seed=count)
             memory[count] = in_child("extract", folder, "resnet50", "int8", args.work / f"memory-{count}.h5",
-                                     args.models_dir, weights, "cpu")
+                                     args.models_dir, weights, "cpu", 0, 0, 0)
             print(f"memory, {count} photos: {memory[count]}", flush=True)
         result["memory_resnet50_int8"] = memory
     result["seconds"] = time.perf_counter() - started
@@ -344,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(result: dict) -> None:
-    """The README's table: images/s, ratio to torchvision eager, share of the matmul peak, fidelity."""
+    """The README's tables: inference and extract against torchvision, the thread budget, the host side."""
     print(f"\n| model | path | images/s | vs torch eager | G(FL)OP/s (share of {result['matmul_peak_gflops']:.0f} GFLOP/s fp32 matmul) | "
           "peak memory | int8 fidelity |")
     print("|---|---|---|---|---|---|---|")
@@ -364,6 +433,30 @@ def print_table(result: dict) -> None:
                   f"{run['of_pure_inference']:.0%} of pure inference | {run['peak_rss_mb']:.0f} MB | |")
     for count, run in result.get("memory_resnet50_int8", {}).items():
         print(f"| resnet50 | extract int8, {count} photos | {run['rate']:.1f} | | | {run['peak_rss_mb']:.0f} MB | |")
+
+    print("\n| model | whole process, the same photos | images/s | vs torchvision's recipe |")
+    print("|---|---|---|---|")
+    for model, entry in result["models"].items():
+        print(f"| {model} | torchvision recipe (ImageFolder, DataLoader, eager) | "
+              f"{entry['torchvision_recipe']['images_per_s']:.1f} | 1.00x |")
+        for name, run in entry["end_to_end"].items():
+            print(f"| {model} | extract {name} | {run['whole_process_images_per_s']:.1f} | {run['vs_torchvision_recipe']:.2f}x |")
+
+    print("\n| model | decode threads | onnxruntime threads | images/s, int8 end to end |")
+    print("|---|---|---|---|")
+    for model, entry in result["models"].items():
+        for row in entry["thread_budget_int8"]:
+            default = " (default)" if row["default"] else ""
+            print(f"| {model} | {row['decode_threads']} | {row['onnxruntime_threads']} | {row['images_per_s']:.1f}{default} |")
+
+    host = result["host"]
+    print(f"\n| zero-cost backbone, {host['images']} photos of {host['photo_size'][0]}x{host['photo_size'][1]} | images/s | per core |")
+    print("|---|---|---|")
+    for cores, run in host["cores"].items():
+        print(f"| {cores} core{'s' if int(cores) > 1 else ''}, as many decode threads | {run['images_per_s']:.0f} | "
+              f"{run['images_per_s_per_core']:.0f} |")
+    steps = result["decode"]["photos_640x480"]["ms"]
+    print("\ndecode_file, 640x480 JPEG, one core: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in steps.items()))
 
 
 if __name__ == "__main__":

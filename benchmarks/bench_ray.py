@@ -72,13 +72,15 @@ def in_child(*arguments: object) -> dict:
 def estimate(bench: dict, store: dict) -> list[dict]:
     """Hours and worker-hours for CLUSTER_IMAGES on CLUSTER_WORKERS workers of each kind ``make bench`` measured.
 
-    A CPU worker is one core that decodes (640x480 JPEG) and then embeds; a GPU worker embeds at its measured
-    rate and needs ``decode_cores_per_worker`` CPU cores beside it to decode. The cluster's rate is capped by
+    A CPU worker is one core that feeds itself (the host side of extract on a 640x480 JPEG: read, hash, decode,
+    write, as ``make bench`` measured it with a zero-cost backbone on every core) and then embeds; a GPU worker
+    embeds at its measured rate and needs ``decode_cores_per_worker`` CPU cores beside it to feed it. The
+    cluster's rate is capped by
     the driver's intake of shard metadata; the commit at the end (the driver writing the index over every
     listed image) comes on top, and compacting the workers' small shards adds to the workers' hours.
     """
     cores = bench["machine"]["cores"]
-    decode_seconds = bench["decode"]["photos_640x480"]["ms_per_image"] / 1000
+    decode_seconds = bench["host"]["core_seconds_per_image"]
     ceiling = store["intake_per_s"]
     rows = []
     for model, entry in bench["models"].items():

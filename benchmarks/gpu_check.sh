@@ -33,7 +33,8 @@ import numpy as np
 from pipeline.export import export_backbone
 from pipeline.quantize import make_variant
 from pipeline.runtime import open_backbone
-from benchmarks.bench_extract import make_photos
+sys.path.insert(0, "benchmarks")
+from bench_extract import make_photos
 
 out, device, models = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 photos = sorted(make_photos(out / "calibration", 32).rglob("*.jpg"))
@@ -66,7 +67,8 @@ echo "== 4. extract of $PHOTOS JPEGs with --device $DEVICE"
 $PY - "$OUT" "$PHOTOS" <<'PY'
 import sys
 from pathlib import Path
-from benchmarks.bench_extract import make_photos
+sys.path.insert(0, "benchmarks")
+from bench_extract import make_photos
 make_photos(Path(sys.argv[1]) / "photos", int(sys.argv[2]))
 PY
 $PY -m pipeline.extract "$OUT/photos" --models $MODELS --models-dir "$OUT/models" --weights random \

@@ -16,6 +16,7 @@ import sklearn
 from sklearn.pipeline import Pipeline
 
 import pipeline
+from pipeline.decode import PIXELS_FINGERPRINT
 from pipeline.errors import UserError, command
 from pipeline.files import atomic_path, sha256_file
 from pipeline.manifest import variant_name
@@ -167,6 +168,10 @@ def open_fitted_backbone(
     unless ``allow_precision_change``: its embeddings differ slightly from those the classifier learnt.
     """
     if bundle.features == PIXELS:
+        if bundle.provenance.get("fingerprint", PIXELS_FINGERPRINT) != PIXELS_FINGERPRINT:
+            print(f"notice: {bundle_path} was fitted on pixel-baseline features of an earlier recipe "
+                  f"({bundle.provenance['fingerprint']}, now {PIXELS_FINGERPRINT}); its predictions may shift "
+                  "slightly: extract and fit again to refresh it.", file=sys.stderr)
         if precision != "auto":
             print(f"notice: --precision {precision} does not apply to {bundle_path}: it classifies raw pixels.", file=sys.stderr)
         return None

@@ -23,7 +23,7 @@ from pipeline.features import BatchOutcome, FeatureSpec, count_outcomes, embed_b
 from pipeline.manifest import PRECISIONS, ModelManifest, model_paths, variant_name
 from pipeline.quantize import CALIBRATION_IMAGES, calibration_paths, check_calibration_images, current_variant, describe, make_variant
 from pipeline.runtime import CUDA, DEVICES, BackboneSession, available_cores, open_backbone
-from pipeline.store import EmbeddingStore, FileState, Segment
+from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
 from pipeline.weights import IMAGENET, parse_weights, weights_per_model
 
 BACKENDS = ("local", "ray")
@@ -149,7 +149,11 @@ def check_store(store: EmbeddingStore, dataset: Dataset, specs: Sequence[Feature
         if spec.name not in store.feature_sets():
             continue
         attrs = store.load_attrs(spec.name)
-        if attrs.get("fingerprint") != spec.fingerprint and not overwrite:
+        if attrs.get("fingerprint") != spec.fingerprint and spec.name == PIXELS:
+            # The baseline is ours, not the user's model: a new recipe replaces it, once, without asking.
+            print(f"notice: {store.path} holds pixel-baseline features of an earlier recipe ({attrs.get('fingerprint')});"
+                  f" they are made again now ({spec.fingerprint}), once.", file=sys.stderr)
+        elif attrs.get("fingerprint") != spec.fingerprint and not overwrite:
             raise UserError(
                 f"{store.path} holds {spec.name} features from another model file "
                 f"({_describe(attrs)}; now {_describe(spec.attrs)}); pass --overwrite to replace them, "

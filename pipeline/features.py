@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.backbones import Preprocessing
-from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_PREPROCESSING, PIXELS_SIZE, DecodedImage
+from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_SIZE, PIXELS_SOURCE, DecodedImage
 from pipeline.discover import ImageRecord
 from pipeline.runtime import BackboneSession
 from pipeline.store import PIXELS, FileState, Segment
@@ -81,10 +81,11 @@ def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec
         "kind": "pixels",
         "fingerprint": PIXELS_FINGERPRINT,
         "image_size": PIXELS_SIZE,
-        "resize_size": PIXELS_PREPROCESSING.resize_size,
-        "interpolation": PIXELS_PREPROCESSING.interpolation,
+        "resize_size": PIXELS_SOURCE.resize_size,
+        "interpolation": PIXELS_SOURCE.interpolation,
         "embedding_dim": PIXELS_SIZE * PIXELS_SIZE * 3,
-        "description": "raw-pixel baseline: 32x32 RGB center crop, flattened (HWC), scaled to [0, 1]",
+        "description": f"raw-pixel baseline: the {PIXELS_SOURCE.crop_size} px center crop of Resize("
+                       f"{PIXELS_SOURCE.resize_size}) reduced to {PIXELS_SIZE}x{PIXELS_SIZE} RGB, flattened (HWC), in [0, 1]",
     }
     specs.append(FeatureSpec(PIXELS, PIXELS_FINGERPRINT, pixel_attrs))
     return specs, preprocessings

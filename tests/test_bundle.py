@@ -9,9 +9,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.bundle import ClassifierBundle, provenance_of
+from pipeline.bundle import ClassifierBundle, open_fitted_backbone, provenance_of
+from pipeline.decode import PIXELS_FINGERPRINT
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
+from pipeline.store import PIXELS
 from tests.stores import blobs, feature_attrs
 
 
@@ -65,3 +67,13 @@ def test_a_truncated_bundle_is_refused(tmp_path):
     (tmp_path / "b.joblib").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="is not a readable classifier bundle"):
         ClassifierBundle.load(tmp_path / "b.joblib")
+
+
+def test_a_pixel_classifier_of_an_earlier_pixel_recipe_gets_a_notice(tmp_path, capsys):
+    made, _ = bundle()
+    for fingerprint, noticed in ((PIXELS_FINGERPRINT, False), ("pixels:32:v1", True)):
+        pixels = ClassifierBundle(made.pipeline, made.classes, PIXELS, "logreg",
+                                  {"kind": "pixels", "fingerprint": fingerprint}, {}, {}, 0)
+        assert open_fitted_backbone(pixels, tmp_path / "p.joblib", tmp_path, "cpu") is None
+        said = capsys.readouterr().err
+        assert ("fitted on pixel-baseline features of an earlier recipe (pixels:32:v1" in said) == noticed

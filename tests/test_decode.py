@@ -92,8 +92,11 @@ def test_decode_file_hashes_and_makes_pixels(tmp_path):
     assert [c.shape for c in decoded.crops] == [(224, 224, 3), (64, 64, 3)]
     assert decoded.pixels.shape == (3072,) and decoded.pixels.dtype == np.float32
     assert 0 <= decoded.pixels.min() and decoded.pixels.max() <= 1
-    thumbnail = torchvision_crop(Image.open(path).convert("RGB"), Preprocessing(37, 32))
-    np.testing.assert_allclose(decoded.pixels, thumbnail.reshape(-1) / 255.0)
+    reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.Resize((32, 32))])
+    thumbnail = np.asarray(reference(Image.open(path).convert("RGB")))
+    np.testing.assert_array_equal(decoded.pixels, thumbnail.reshape(-1).astype(np.float32) / 255.0)
+    alone = decode_file(path, [Preprocessing(73, 64)])  # without the standard crop at hand, the same pixels
+    np.testing.assert_array_equal(alone.pixels, decoded.pixels)
 
 
 def test_damaged_files_are_reasons_not_exceptions(tmp_path):
@@ -168,6 +171,21 @@ def test_files_larger_than_any_image_within_the_limit_are_not_read(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_file_that_grew_after_stat_is_read_whole_within_the_bound(tmp_path, monkeypatch):
+    path = tmp_path / "a.jpg"
+    path.write_bytes(bytes(range(256)) * 40)
+    real_stat = os.stat
+
+    def stale_stat(target, *args, **kwargs):  # what stat said before the file grew to 10,240 bytes
+        status = real_stat(target, *args, **kwargs)
+        return os.stat_result((status.st_mode, *status[1:6], 100, *status[7:]))
+
+    monkeypatch.setattr("pipeline.decode.os.stat", stale_stat)
+    assert read_image_file(path, 20_000) == path.read_bytes()
+    with pytest.raises(TooManyPixels, match="more than 5,000 bytes"):
+        read_image_file(path, 5_000)
+
+
 def test_a_named_pipe_or_a_device_named_jpg_is_unreadable_without_blocking(tmp_path):
     (tmp_path / "pipe.jpg").unlink(missing_ok=True)
     os.mkfifo(tmp_path / "pipe.jpg")  # opening it to read would wait for a writer forever

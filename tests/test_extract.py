@@ -20,9 +20,9 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from pipeline import extract
+from pipeline import extract, features
 from pipeline.backbones import BACKBONES
-from pipeline.decode import decode_file
+from pipeline.decode import PIXELS_FINGERPRINT, decode_file
 from pipeline.errors import UserError, command
 from pipeline.extract import run_extract
 from pipeline.runtime import open_backbone
@@ -149,6 +149,23 @@ def test_other_models_and_datasets_never_mix_without_overwrite(tmp_path, small_m
     elsewhere = class_folders(tmp_path / "elsewhere", {"x": 1})
     with pytest.raises(UserError, match="holds images of"):
         extract_quietly(elsewhere, cache, other_models)
+
+
+def test_pixels_of_an_earlier_recipe_are_made_again_once(tmp_path, small_models, extract_quietly, monkeypatch, capsys):
+    data = pets(tmp_path / "pets")
+    cache = tmp_path / "e.h5"
+    with monkeypatch.context() as patched:
+        patched.setattr(features, "PIXELS_FINGERPRINT", "pixels:32:v1")
+        extract_quietly(data, cache, small_models)
+    assert EmbeddingStore(cache).load_attrs(PIXELS)["fingerprint"] == "pixels:32:v1"
+    specs = extract_quietly(data, cache, small_models)  # no --overwrite needed, the backbone's rows are kept
+    assert [(s.name, s.embedded) for s in specs] == [("resnet50", 0), (PIXELS, 9)]
+    assert "pixel-baseline features of an earlier recipe (pixels:32:v1)" in capsys.readouterr().err
+    stored = EmbeddingStore(cache).load(PIXELS)
+    assert stored.attrs["fingerprint"] == PIXELS_FINGERPRINT and len(stored.paths) == 9
+    path = list(stored.paths).index("cat/0.jpg")
+    np.testing.assert_array_equal(stored.embeddings[path], decode_file(data / "cat" / "0.jpg", []).pixels)
+    assert [s.embedded for s in extract_quietly(data, cache, small_models)] == [0, 0]
 
 
 def test_precisions_are_separate_feature_sets_and_int8_is_calibrated_on_the_data(tmp_path, exported, extract_quietly):

@@ -20,7 +20,10 @@ def test_cpu_session_embeds_batches(exported):
     embeddings = backbone.embed(crops)
     assert embeddings.shape == (5, 2048) and embeddings.dtype == np.float32
     np.testing.assert_allclose(backbone.embed(crops[2:3])[0], embeddings[2], rtol=1e-5, atol=1e-6)
-    assert backbone.session.get_session_options().intra_op_num_threads == available_cores()
+    options = backbone.session.get_session_options()
+    assert options.intra_op_num_threads == available_cores()
+    # no spin-waiting between batches: the decode threads need those cores
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_auto_falls_back_to_the_cpu_with_a_notice(exported, capsys):
