@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pipeline import cluster
 from pipeline.backbones import BACKBONES, Preprocessing
-from pipeline.decode import MAX_PIXELS, batches, decode_file, map_ordered
+from pipeline.decode import EARLIER_PIXELS_FINGERPRINTS, MAX_PIXELS, batches, decode_file, map_ordered
 from pipeline.discover import Dataset, ImageRecord, discover
 from pipeline.errors import Interrupted, UserError, command, run_cli
 from pipeline.features import BatchOutcome, FeatureSpec, count_outcomes, embed_batch, feature_specs, record_outcomes
@@ -149,13 +149,14 @@ def check_store(store: EmbeddingStore, dataset: Dataset, specs: Sequence[Feature
         if spec.name not in store.feature_sets():
             continue
         attrs = store.load_attrs(spec.name)
-        if attrs.get("fingerprint") != spec.fingerprint and spec.name == PIXELS:
-            # The baseline is ours, not the user's model: a new recipe replaces it, once, without asking.
+        if spec.name == PIXELS and attrs.get("fingerprint") in EARLIER_PIXELS_FINGERPRINTS:
+            # The baseline is ours, not the user's model: a new recipe replaces an earlier one without asking.
             print(f"notice: {store.path} holds pixel-baseline features of an earlier recipe ({attrs.get('fingerprint')});"
-                  f" they are made again now ({spec.fingerprint}), once.", file=sys.stderr)
+                  f" this run makes them again ({spec.fingerprint}), once for the store.", file=sys.stderr)
         elif attrs.get("fingerprint") != spec.fingerprint and not overwrite:
             raise UserError(
-                f"{store.path} holds {spec.name} features from another model file "
+                f"{store.path} holds {spec.name} features from another "
+                f"{'recipe' if spec.name == PIXELS else 'model file'} "
                 f"({_describe(attrs)}; now {_describe(spec.attrs)}); pass --overwrite to replace them, "
                 "or use another --cache."
             )
@@ -163,7 +164,7 @@ def check_store(store: EmbeddingStore, dataset: Dataset, specs: Sequence[Feature
 
 def _describe(attrs: dict) -> str:
     if attrs.get("kind") == "pixels":
-        return f"pixels {attrs.get('image_size')} px"
+        return f"pixels {attrs.get('image_size')} px, recipe {attrs.get('fingerprint')}"
     return (
         f"weights {attrs.get('weights_id')}, {attrs.get('image_size')} px, {attrs.get('precision')}, "
         f"ONNX sha256 {str(attrs.get('onnx_sha256'))[:12]}"

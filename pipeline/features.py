@@ -82,6 +82,7 @@ def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec
         "fingerprint": PIXELS_FINGERPRINT,
         "image_size": PIXELS_SIZE,
         "resize_size": PIXELS_SOURCE.resize_size,
+        "crop_size": PIXELS_SOURCE.crop_size,
         "interpolation": PIXELS_SOURCE.interpolation,
         "embedding_dim": PIXELS_SIZE * PIXELS_SIZE * 3,
         "description": f"raw-pixel baseline: the {PIXELS_SOURCE.crop_size} px center crop of Resize("

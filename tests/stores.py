@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.decode import PIXELS_FINGERPRINT
 from pipeline.discover import ImageRecord
 from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
 
@@ -17,7 +18,7 @@ ROOT = Path("/data/synthetic")
 def feature_attrs(name: str, dim: int, untrained: bool = False) -> dict:
     """Group attributes like extract writes them."""
     if name == PIXELS:
-        return {"kind": "pixels", "fingerprint": "pixels:32:v1", "image_size": 32, "embedding_dim": dim,
+        return {"kind": "pixels", "fingerprint": PIXELS_FINGERPRINT, "image_size": 32, "embedding_dim": dim,
                 "description": "raw-pixel baseline"}
     weights = {"source": "random", "seed": 0} if untrained else {"source": "imagenet", "name": "IMAGENET1K_V1"}
     return {

@@ -576,3 +576,17 @@ def test_a_hostile_corpus_embeds_every_good_file_once_in_its_own_row(tmp_path, s
     for path, row in zip(features.paths, features.embeddings):  # the row of each path is that file's own embedding
         alone = session.embed(decode_file(data / path, [session.manifest.preprocessing]).crops[0][None])[0]
         np.testing.assert_allclose(row, alone, rtol=1e-4, atol=1e-4, err_msg=path)
+
+
+def test_pixels_of_an_unknown_recipe_are_kept_unless_overwrite(tmp_path, small_models, extract_quietly, monkeypatch):
+    data = pets(tmp_path / "pets")
+    cache = tmp_path / "e.h5"
+    with monkeypatch.context() as patched:  # as a newer version would write them
+        patched.setattr(features, "PIXELS_FINGERPRINT", "pixels:32:v9")
+        extract_quietly(data, cache, small_models)
+    with pytest.raises(UserError, match=r"holds pixels features .*recipe pixels:32:v9.*--overwrite"):
+        extract_quietly(data, cache, small_models)
+    assert EmbeddingStore(cache).load_attrs(PIXELS)["fingerprint"] == "pixels:32:v9"
+    specs = extract_quietly(data, cache, small_models, overwrite=True)
+    assert [(s.name, s.embedded) for s in specs] == [("resnet50", 0), (PIXELS, 9)]
+    assert EmbeddingStore(cache).load_attrs(PIXELS)["fingerprint"] == PIXELS_FINGERPRINT
