@@ -20,6 +20,7 @@ torch's cache, otherwise seeded random weights (flagged in the output: speed is 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -33,7 +34,7 @@ import numpy as np
 # Only what extract itself loads is imported here, so that the extract children measure extract's own memory;
 # torch and scikit-learn are imported where they are used.
 from bench_host import breakdown, draft_effect, pin_to_cores, thread_rates, zero_cost_backbone
-from pipeline import runtime
+from pipeline import extract, runtime
 from pipeline.backbones import BACKBONES
 from pipeline.decode import decode_file
 from pipeline.extract import run_extract
@@ -188,8 +189,8 @@ def child(task: str, *arguments: str) -> None:
         data, model, precision, cache, models_dir, weights, device, workers, threads, cores = arguments
         if int(cores):
             pin_to_cores(int(cores))
-        if int(threads):  # onnxruntime's intra-op threads: extract gives it every available core
-            runtime.available_cores = lambda: int(threads)
+        if int(threads):  # onnxruntime's intra-op threads, which extract leaves at every available core
+            extract.open_backbone = functools.partial(runtime.open_backbone, threads=int(threads))
         remove_store(Path(cache))
         started = time.perf_counter()
         specs = run_extract(data, [model], cache, models_dir=models_dir, weights=weights, precision=precision,

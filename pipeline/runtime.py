@@ -132,8 +132,8 @@ def start_session(
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or available_cores()
     # onnxruntime's threads spin for a while after each parallel section by default, taking the cores the
-    # decode threads need: measured by make bench, spinning added nothing to inference on its own and cost the
-    # host side a third of its images/s (with a zero-cost backbone, 2 cores).
+    # decode threads need: measured by hand on 2 cores (docs/speed.md), spinning added nothing to inference on
+    # its own and cost the host side a third of its images/s (with make bench's zero-cost backbone).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if device == "cuda" and cuda.problem():
         raise UserError(f"--device cuda was asked for, but {cuda.problem()}.")
