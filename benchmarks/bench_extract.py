@@ -33,7 +33,7 @@ import numpy as np
 
 # Only what extract itself loads is imported here, so that the extract children measure extract's own memory;
 # torch and scikit-learn are imported where they are used.
-from bench_host import breakdown, draft_effect, pin_to_cores, thread_rates, zero_cost_backbone
+from bench_host import decode_costs, pin_to_cores, zero_cost_backbone
 from pipeline import extract, runtime
 from pipeline.backbones import BACKBONES
 from pipeline.decode import decode_file
@@ -280,16 +280,6 @@ def host_ceiling(photos: Path, model: str, models_dir: Path, weights: str, work:
     widest = runs[max(runs)]
     return {"images": images, "photo_size": list(PHOTO_SIZE), "cores": runs,
             "core_seconds_per_image": max(runs) / widest["images_per_s"]}
-
-
-def decode_costs(photos: Path, large: Path) -> dict:
-    """decode_file on one core, step by step (bench_host.breakdown), in threads, and draft mode's effect."""
-    paths = sorted(photos.rglob("*.jpg"))[:200]
-    costs = {"photos_640x480": breakdown(paths), "photos_2560x1920": breakdown(sorted(large.rglob("*.jpg")))}
-    costs["photos_640x480"]["images_per_s_by_threads"] = {
-        workers: thread_rates(paths, workers) for workers in sorted({1, available_cores()})}
-    costs["photos_2560x1920"]["draft_mode"] = draft_effect(sorted(large.rglob("*.jpg")))
-    return costs
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from pipeline.decode import (
     MAX_PIXELS, PIXELS_SOURCE, decode_file, draft_floor, load_rgb, map_ordered, open_image, pixel_features, read_image_file,
     resize_center_crop, to_rgb,
 )
+from pipeline.runtime import available_cores
 
 REPEATS = 3
 # Pillow's reducing_gap shrinks by an integer factor before the filter when the scale is at least twice the
@@ -51,6 +52,7 @@ def best_ms(step: Callable[[object], object], items: Sequence) -> float:
 
 
 def decoded(data: bytes, recipe: Sequence[Preprocessing] = RECIPE) -> Image.Image:
+    """The decode step alone: ``data`` opened at the draft scale extract would choose, and decoded."""
     image = open_image(data, draft_floor(recipe))
     image.load()
     return image
@@ -178,22 +180,29 @@ def pin_to_cores(count: int) -> None:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:count])
 
 
-def main(argv: list[str] | None = None) -> int:
-    from bench_extract import make_photos
+def decode_costs(photos: Path, large: Path, count: int = 200) -> dict:
+    """decode_file on one core, step by step (``breakdown``), in threads, and draft mode's effect, on the first
+    ``count`` JPEGs of ``photos`` (640x480) and on those of ``large`` (2560x1920)."""
+    paths = sorted(photos.rglob("*.jpg"))[:count]
+    large_paths = sorted(large.rglob("*.jpg"))
+    costs = {"photos_640x480": breakdown(paths), "photos_2560x1920": breakdown(large_paths)}
+    costs["photos_640x480"]["images_per_s_by_threads"] = {
+        workers: thread_rates(paths, workers) for workers in sorted({1, available_cores()})}
+    costs["photos_2560x1920"]["draft_mode"] = draft_effect(large_paths)
+    return costs
 
-    from pipeline.runtime import available_cores
+
+def main(argv: list[str] | None = None) -> int:
+    """The decode figures alone, printed as JSON."""
+    from bench_extract import make_photos
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--work", type=Path, default=Path("build/bench"))
     args = parser.parse_args(argv)
-    paths = sorted(make_photos(args.work / "photos", args.photos).rglob("*.jpg"))[: args.photos]
-    result = {"photos_640x480": breakdown(paths)}
-    result["photos_640x480"]["images_per_s_by_threads"] = {
-        workers: thread_rates(paths, workers) for workers in sorted({1, available_cores()})}
-    large = sorted(make_photos(args.work / "large-photos", 8, size=(2560, 1920)).rglob("*.jpg"))
-    result["photos_2560x1920"] = breakdown(large)
-    print(json.dumps(result, indent=1))
+    photos = make_photos(args.work / "photos", args.photos)
+    large = make_photos(args.work / "large-photos", 8, size=(2560, 1920))
+    print(json.dumps(decode_costs(photos, large, args.photos), indent=1))
     return 0
 
 
