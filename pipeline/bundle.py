@@ -19,16 +19,15 @@ import pipeline
 from pipeline.decode import PIXELS_FINGERPRINT
 from pipeline.errors import UserError, command
 from pipeline.files import atomic_path, sha256_file
-from pipeline.manifest import variant_name
-from pipeline.runtime import BackboneSession, open_backbone
+from pipeline.models import BackboneSession, ModelRepository
 from pipeline.store import PIXELS
 
 BUNDLE_FORMAT = "pipeline.classifier-bundle"
 BUNDLE_VERSION = 1
 PROVENANCE_ATTRS = (
-    "kind", "model", "onnx_file", "onnx_sha256", "fingerprint", "weights_id", "weights", "untrained", "image_size",
-    "resize_size", "interpolation", "precision", "source_onnx_sha256", "calibration_images", "calibration_sha256",
-    "embedding_dim", "embedding_layer",
+    "kind", "model", "onnx_file", "onnx_sha256", "fingerprint", "weights_id", "weights", "weights_license", "untrained",
+    "image_size", "resize_size", "resize_mode", "interpolation", "precision", "source_onnx_sha256", "calibration_images",
+    "calibration_sha256", "embedding_dim", "embedding_layer",
 )
 
 
@@ -159,10 +158,10 @@ def check_listed(path: str | os.PathLike) -> None:
 
 
 def open_fitted_backbone(
-    bundle: ClassifierBundle, bundle_path: Path, models_dir: Path, device: str,
+    bundle: ClassifierBundle, bundle_path: Path, repository: ModelRepository, device: str,
     precision: str = "auto", allow_precision_change: bool = False,
 ) -> BackboneSession | None:
-    """The backbone the bundle was fitted on, checked by ONNX sha256 (None for the pixel baseline).
+    """The backbone the bundle was fitted on, matched by its fingerprint (None for the pixel baseline).
 
     ``precision`` ``auto`` is the bundle's own. Another precision of the same fp32 export is refused
     unless ``allow_precision_change``: its embeddings differ slightly from those the classifier learnt.
@@ -181,28 +180,28 @@ def open_fitted_backbone(
     if wanted != fitted and not allow_precision_change:
         raise UserError(
             f"{bundle_path} was fitted on {fitted} embeddings ({bundle.features}), not {wanted}; classify with "
-            f"--precision {fitted}, fit a classifier on {variant_name(model, wanted)} features, or pass "
+            f"--precision {fitted}, fit a classifier on {model} {wanted} features, or pass "
             "--allow-precision-change to use it anyway (predictions may shift slightly)."
         )
-    session = open_backbone(models_dir, variant_name(model, wanted), device)
-    if wanted == fitted and session.manifest.onnx_sha256 != bundle.onnx_sha256:
+    backbone = repository.load(model, wanted)
+    if wanted == fitted and backbone.fingerprint != bundle.onnx_sha256:
         remedy = ("export that model again" if fitted == "fp32" else
-                  f"fit again on {session.manifest.name} features extracted with it (the variant was made again)")
+                  f"fit again on {backbone.name} features extracted with it (the variant was made again)")
         raise UserError(
             f"{bundle_path} was fitted on {bundle.features} embeddings of ONNX sha256 {bundle.onnx_sha256[:12]} "
-            f"({bundle.provenance.get('weights_id')}), but {session.onnx_path} has sha256 "
-            f"{session.manifest.onnx_sha256[:12]} ({session.manifest.weights_id}); {remedy}, or use a classifier "
+            f"({bundle.provenance.get('weights_id')}), but {backbone.onnx_path} has sha256 "
+            f"{backbone.fingerprint[:12]} ({backbone.manifest.weights_id}); {remedy}, or use a classifier "
             "fitted on this one."
         )
     source = bundle.provenance.get("source_onnx_sha256", bundle.onnx_sha256)
-    if wanted != fitted and session.manifest.source_sha256 != source:
+    if wanted != fitted and backbone.manifest.source_sha256 != source:
         raise UserError(
-            f"{session.onnx_path} derives from an fp32 export of sha256 {session.manifest.source_sha256[:12]}, but "
+            f"{backbone.onnx_path} derives from an fp32 export of sha256 {backbone.manifest.source_sha256[:12]}, but "
             f"{bundle_path} from one of sha256 {source[:12]}; make the variant again from the current export "
             f"({command('quantize')} --model {model} --precision {wanted} --force"
             + (" --calibration DATA" if wanted == "int8" else "") + ") or classify at --precision " + fitted + "."
         )
-    return session
+    return backbone.open(device)
 
 
 def _fields(bundle: ClassifierBundle) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from pipeline.embedder import Embedded, embed_files, stored_features
 from pipeline.errors import Interrupted, UserError, run_cli
 from pipeline.heads import CLASSIFIERS
 from pipeline.files import sha256_file
-from pipeline.manifest import FEATURE_VARIANTS, PRECISIONS, load_deployed
-from pipeline.runtime import DEVICES, BackboneSession, start_session
+from pipeline.models import PRECISIONS, BackboneSession, ModelRepository, feature_set_name, open_deployed
+from pipeline.models.session import DEVICES
 from pipeline.store import PIXELS
 
 EXIT_UNREADABLE = 1  # every image got a row, but some could not be decoded (their rows hold the error)
@@ -117,18 +117,18 @@ def open_classifier(
         An unlisted bundle (unless ``trust``), a backbone or precision that does not match, or a changed file.
     """
     if path.suffix == ".onnx":
-        manifest = load_deployed(path)
-        if precision not in ("auto", manifest.precision):
+        deployed = open_deployed(path)
+        if precision not in ("auto", deployed.precision):
             raise UserError(
-                f"{path} runs its backbone at {manifest.precision}, merged into the file; classify without "
+                f"{path} runs its backbone at {deployed.precision}, merged into the file; classify without "
                 f"--precision {precision}, or deploy a classifier fitted on {precision} features."
             )
-        session = start_session(manifest, path, device)
-        return Classifier(manifest.classes, session, lambda probabilities: probabilities, {}, manifest.untrained)
+        session = deployed.open(device)
+        return Classifier(deployed.manifest.classes, session, lambda probabilities: probabilities, {}, deployed.untrained)
     if not trust:
         check_listed(path)
     bundle = ClassifierBundle.load(path)
-    session = open_fitted_backbone(bundle, path, models_dir, device, precision, allow_precision_change)
+    session = open_fitted_backbone(bundle, path, ModelRepository(models_dir), device, precision, allow_precision_change)
     if session is None:
         known = stored_features(cache, PIXELS, PIXELS_FINGERPRINT)
     else:
@@ -320,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("folder", help="image folder (any layout extract accepts) or CSV manifest")
     parser.add_argument("--classifier", type=Path, help="a bundle (.joblib) or a classifier made by pipeline.deploy "
                         "(.onnx) (default: the best bundle in --classifiers-dir/report.json)")
-    parser.add_argument("--model", choices=[*FEATURE_VARIANTS, PIXELS],
-                        metavar="FEATURES", help="choose among bundles of these features: vgg16, resnet50, resnet50-int8, "
-                        "pixels...")
+    parser.add_argument("--model", type=_features, metavar="FEATURES",
+                        help="choose among bundles of these features: vgg16, resnet50, resnet50-int8, "
+                        "timm/convnext_atto.d2_in1k, pixels...")
     parser.add_argument("--classifier-name", choices=CLASSIFIERS, help="choose among bundles of this classifier")
     parser.add_argument("--classifiers-dir", type=Path, default=None,
                         help="fit's --out (default: the classifiers fitted on --cache: models/classifiers/<store name>)")
@@ -375,6 +375,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{_count(counts['unreadable'], 'file')} could not be decoded; their rows hold the reason.", file=sys.stderr)
         return EXIT_UNREADABLE
     return 0
+
+
+def _features(text: str) -> str:
+    """A feature-set name as bundles record it, from a model or feature-set name (argparse's type)."""
+    return text if text == PIXELS else feature_set_name(text)
 
 
 def _count(number: int, noun: str) -> str:

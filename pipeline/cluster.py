@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.backbones import Preprocessing
 from pipeline.decode import MAX_PIXELS, PIXELS_SIZE, DecodedImage, decode_file
 from pipeline.errors import UserError
 from pipeline.discover import ImageRecord
 from pipeline.features import BatchOutcome, FeatureSpec, embed_batch, feature_specs, record_outcomes
-from pipeline.runtime import CPU_BATCH, CUDA_BATCH, open_backbone
+from pipeline.models import ExportedModel, Preprocessing
+from pipeline.models.session import CPU_BATCH, CUDA_BATCH
 from pipeline.store import EmbeddingStore, FileState, Segment
 from pipeline.store.commit import RunName, write_segment
 from pipeline.store.shards import ShardEntry
@@ -177,7 +177,7 @@ def plan_workers(device: str, requested: int | None) -> Workers:
 
 def embed_on_ray(
     items: Sequence, paths: Sequence[str], specs: Sequence[FeatureSpec], preprocessings: Sequence[Preprocessing],
-    models_dir: Path, device: str, batch_size: int, workers: Workers, max_pixels: int, output: ShardOutput,
+    device: str, batch_size: int, workers: Workers, max_pixels: int, output: ShardOutput,
 ) -> Iterator[BatchOutcome]:
     """Decode, embed and store ``items`` on the cluster; yield each batch's outcome, in the order of ``items``.
 
@@ -188,12 +188,10 @@ def embed_on_ray(
     paths : sequence of str
         Each item's absolute file path, as every worker sees it (a shared filesystem on a multi-node cluster).
     specs : sequence of FeatureSpec
-        The feature sets, from sessions the driver opened; actors open the same files from ``models_dir``
-        and refuse to run when a file's sha256 differs from the driver's.
+        The feature sets, from sessions the driver opened; actors open the same exported models (at the same
+        path on every node) and refuse to run when a node's file is not the driver's.
     preprocessings : sequence of Preprocessing
         The crops the specs need.
-    models_dir : Path
-        The exported models, at the same path on every node.
     device : {"auto", "cuda", "cpu"}
     batch_size : int
         Images per inference batch.
@@ -241,8 +239,7 @@ def embed_on_ray(
     ).map_batches(
         EmbedActor, batch_size=max(output.rows, 1), compute=ray.data.ActorPoolStrategy(size=workers.actors),
         fn_constructor_kwargs={
-            "models_dir": str(Path(models_dir).resolve()), "variants": [s.name for s in backbones],
-            "fingerprints": [s.fingerprint for s in backbones], "device": device, "threads": workers.threads,
+            "models": [spec.session.model for spec in backbones], "device": device, "threads": workers.threads,
             "batch_size": batch_size, "target": output.target(),
         },
         **workers.remote_args,
@@ -322,23 +319,16 @@ def decode_batch(
 class EmbedActor:
     """Ray Data actor: the backbone sessions of one worker, embedding decoded batches and writing their shards."""
 
-    def __init__(self, models_dir: str, variants: list[str], fingerprints: list[str], device: str, threads: int,
-                 batch_size: int, target: dict) -> None:
+    def __init__(self, models: list[ExportedModel], device: str, threads: int, batch_size: int, target: dict) -> None:
         self.fatal = ""  # a problem the user must fix, sent to the driver instead of crashing the actor in a loop
         self.batch_size, self.target = batch_size, target
         # Shards a retried batch writes again get another writer name; the commit lists one of each row.
         self.run = RunName(target["base_version"], target["run"], uuid.uuid4().hex[:12])
-        try:
-            sessions = [open_backbone(models_dir, variant, device, threads) for variant in variants]
+        try:  # this node's copy of each file must be the driver's
+            sessions = [model.verify().open(device, threads) for model in models]
         except UserError as error:
-            self.fatal = str(error)
+            self.fatal = f"{error} (on this node: give every node the same --models-dir)"
             return
-        for session, fingerprint in zip(sessions, fingerprints):
-            if session.manifest.onnx_sha256 != fingerprint:
-                self.fatal = (
-                    f"{session.onnx_path} on this node (sha256 {session.manifest.onnx_sha256[:12]}) is not the model "
-                    f"the driver embeds with (sha256 {fingerprint[:12]}); give every node the same --models-dir."
-                )
         self.specs, _ = feature_specs(sessions)
         self.providers = ",".join(session.provider for session in sessions)
 

@@ -1,4 +1,4 @@
-"""Stage 2: decode an image file into each backbone's uint8 crop, exactly as torchvision prepares a PIL image."""
+"""Decode an image file into each model's uint8 crop, exactly as its library's eval transform prepares a PIL image."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.backbones import Preprocessing
+from pipeline.discover import Dataset
+from pipeline.models.preprocessing import RESAMPLING, Preprocessing, resize_center_crop
 
 PIXELS_SIZE = 32
 # The raw-pixel baseline is the standard 224 px crop (Resize 256, CenterCrop 224) reduced to 32x32 with the
@@ -46,7 +47,6 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 T = TypeVar("T")
 R = TypeVar("R")
-_RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 @dataclass(frozen=True)
@@ -263,24 +263,6 @@ def _draft_result(size: tuple[int, int], draft: tuple[int, int]) -> tuple[int, i
     return -(-size[0] // scale), -(-size[1] // scale)
 
 
-def resize_center_crop(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
-    """torchvision's ``Resize(resize_size)`` then ``CenterCrop(crop_size)`` on a PIL image, as uint8 ``[S, S, 3]``.
-
-    The shorter side becomes ``resize_size`` (the longer one scaled and truncated, as torchvision does),
-    with Pillow's antialiased filter; the crop offsets round half to even like torchvision's.
-    """
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = preprocessing.resize_size, int(preprocessing.resize_size * long / short)
-    size = (new_short, new_long) if width <= height else (new_long, new_short)
-    if size != image.size:
-        image = image.resize(size, _RESAMPLING[preprocessing.interpolation])
-    crop = preprocessing.crop_size
-    top = int(round((size[1] - crop) / 2.0))
-    left = int(round((size[0] - crop) / 2.0))
-    return np.asarray(image.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
-
-
 def pixel_features(image: Image.Image, preprocessings: Sequence[Preprocessing], crops: Sequence[np.ndarray]) -> np.ndarray:
     """The raw-pixel baseline of ``image``.
 
@@ -301,13 +283,27 @@ def pixel_features(image: Image.Image, preprocessings: Sequence[Preprocessing], 
     source = next((crop for p, crop in zip(preprocessings, crops) if _same_crop(p, PIXELS_SOURCE)), None)
     if source is None:
         source = resize_center_crop(image, PIXELS_SOURCE)
-    small = Image.fromarray(source).resize((PIXELS_SIZE, PIXELS_SIZE), _RESAMPLING[PIXELS_SOURCE.interpolation])
+    small = Image.fromarray(source).resize((PIXELS_SIZE, PIXELS_SIZE), RESAMPLING[PIXELS_SOURCE.interpolation])
     return np.asarray(small, dtype=np.float32).reshape(-1) / 255.0
 
 
 def _same_crop(a: Preprocessing, b: Preprocessing) -> bool:
     """Whether two recipes make the same uint8 crop (their normalisation happens later, in the graph)."""
-    return (a.resize_size, a.crop_size, a.interpolation) == (b.resize_size, b.crop_size, b.interpolation)
+    return a.crop_key == b.crop_key
+
+
+def calibration_crops(dataset: Dataset, preprocessing: Preprocessing, seed: int = 0) -> Iterator[tuple[np.ndarray, str]]:
+    """The images a precision variant may be calibrated and verified on, as ``(crop, sha256)`` in a seeded random
+    order: the dataset's outside its test split (its test images when it has no others); files that cannot be
+    decoded are left out."""
+    usable = [record for record in dataset.records if record.split != "test"]
+    if not usable:
+        warnings.warn(f"{dataset.root} has only test images; the int8 calibration is drawn from them.", stacklevel=2)
+    paths = [dataset.absolute(record) for record in usable or dataset.records]
+    for index in np.random.default_rng(seed).permutation(len(paths)):
+        decoded = decode_file(paths[index], [preprocessing])
+        if not decoded.error:
+            yield decoded.crops[0], decoded.sha256
 
 
 def _reason(error: Exception) -> str:

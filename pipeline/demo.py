@@ -11,45 +11,44 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.backbones import BACKBONES
 from pipeline.bundle import classifiers_dir
 from pipeline.classify import choose_bundle, run_classify
 from pipeline.errors import run_cli
-from pipeline.export import UNTRAINED_BANNER, ExportResult, describe, export_backbone
 from pipeline.extract import run_extract
 from pipeline.fit import print_summary, run_fit
-from pipeline.manifest import PRECISIONS, ModelManifest, model_paths
+from pipeline.models import DEFAULT_BACKBONES, PRECISIONS, ModelManifest, ModelRepository
+from pipeline.models.repository import UNTRAINED_BANNER, ExportResult, describe_export
 from pipeline.store import EmbeddingStore
-from pipeline.weights import imagenet_cache_file
 
 TEST_FRACTION = 0.25
 
 
-def demo_weights(model: str) -> str:
-    """``imagenet`` when the backbone's ImageNet weights are already in the torch hub cache, else ``random``."""
-    backbone = BACKBONES[model]
-    _, cache_file = imagenet_cache_file(backbone, backbone.default_imagenet_weights)
-    return "imagenet" if cache_file.exists() else "random"
+def imagenet_cache_file(model: str) -> Path:
+    """Where torch.hub caches the default ImageNet weights of vgg16 or resnet50."""
+    import torchvision
+
+    from pipeline.models.weights import torchvision_cache_file
+
+    backbone = DEFAULT_BACKBONES[model]
+    weights = getattr(torchvision.models, backbone.weights_enum)[backbone.default_imagenet_weights]
+    return torchvision_cache_file(weights.url)
 
 
-def demo_models(models_dir: Path, image_size: int) -> dict[str, ModelManifest]:
-    """Both backbones as exported in ``models_dir`` (whatever their weights: the demo never replaces an export);
+def demo_models(repository: ModelRepository, image_size: int) -> dict[str, ModelManifest]:
+    """Both backbones as exported in the repository (whatever their weights: the demo never replaces an export);
     the missing ones exported first, with ImageNet weights when every missing one has them cached, else random."""
-    missing = [model for model in BACKBONES if not all(p.exists() for p in model_paths(models_dir, model))]
-    weights = "random" if any(demo_weights(model) == "random" for model in missing) else "imagenet"
+    current = {model: repository.current(model) for model in DEFAULT_BACKBONES}
+    missing = [model for model, export in current.items() if export is None]
+    files = [imagenet_cache_file(model) for model in missing]
+    weights = "imagenet" if all(file.exists() for file in files) else "random"
     if missing and weights == "random":  # one kind of weights for the missing ones, so that they compare
-        files = [str(imagenet_cache_file(BACKBONES[m], BACKBONES[m].default_imagenet_weights)[1]) for m in missing]
         print(UNTRAINED_BANNER.format(model=" and ".join(missing)), file=sys.stderr)
-        print(f"   No ImageNet weights at {' or '.join(files)}, so the demo uses seeded random weights;\n"
+        print(f"   No ImageNet weights at {' or '.join(map(str, files))}, so the demo uses seeded random weights;\n"
               "   docs/stages.md (export, Weights) says how to add them.", file=sys.stderr)
     manifests = {}
-    for model in BACKBONES:
-        if model in missing:
-            result = export_backbone(model, weights, image_size, models_dir)
-        else:
-            onnx_path, manifest_path = model_paths(models_dir, model)
-            result = ExportResult(ModelManifest.load(manifest_path), onnx_path, exported=False)
-        print(describe(result))
+    for model, export in current.items():
+        result = ExportResult(export, exported=False) if export else repository.export(model, weights, image_size)
+        print(describe_export(result))
         manifests[model] = result.manifest
     return manifests
 
@@ -99,9 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     count = write_digits(args.data, args.per_class)
     print(f"demo data: {count} scans of handwritten digits from scikit-learn ({args.per_class} per digit, "
           f"{TEST_FRACTION:.0%} held out as test) in {args.data}/{{train,test}}/<digit>/")
-    manifests = demo_models(args.models_dir, args.image_size)
+    manifests = demo_models(ModelRepository(args.models_dir), args.image_size)
     untrained = [model for model, manifest in manifests.items() if manifest.untrained]
-    specs = run_extract(args.data, list(BACKBONES), args.cache, models_dir=args.models_dir, precision=args.precision,
+    specs = run_extract(args.data, list(DEFAULT_BACKBONES), args.cache, models_dir=args.models_dir, precision=args.precision,
                         overwrite=True)  # the models as exported; the demo's own store follows them
     store = EmbeddingStore(args.cache)
     print(f"\nstore {args.cache}:")

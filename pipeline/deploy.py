@@ -32,8 +32,8 @@ import pipeline
 from pipeline.bundle import ClassifierBundle, check_listed, open_fitted_backbone
 from pipeline.errors import UserError, run_cli
 from pipeline.files import atomic_path, sha256_file
-from pipeline.manifest import DeployedManifest
-from pipeline.runtime import CPU, BackboneSession
+from pipeline.models import BackboneSession, DeployedManifest, ModelRepository, open_deployed
+from pipeline.models.session import CPU
 from pipeline.store import PIXELS
 
 OUTPUT_NAME = "probabilities"
@@ -175,12 +175,12 @@ def deploy_classifier(
     if bundle.features == PIXELS:
         raise UserError(
             f"{bundle_path} classifies raw 32x32 pixels, which the host makes from the image, so there is no "
-            "backbone to merge it with; deploy a classifier fitted on vgg16 or resnet50 embeddings."
+            "backbone to merge it with; deploy a classifier fitted on a backbone's embeddings."
         )
     if list(getattr(bundle.pipeline, "classes_", [])) != list(range(len(bundle.classes))):
         raise UserError(f"{bundle_path}'s classifier does not predict the indices of its {len(bundle.classes)} classes; "
                         "deploy a bundle pipeline.fit wrote.")
-    backbone = open_fitted_backbone(bundle, bundle_path, Path(models_dir), "cpu")
+    backbone = open_fitted_backbone(bundle, bundle_path, ModelRepository(models_dir), "cpu")
     bundle_sha256 = sha256_file(bundle_path)
     manifest_path = out.with_suffix(".json")
     if not force:
@@ -245,13 +245,13 @@ def _current(out: Path, manifest_path: Path, bundle_sha256: str, backbone_sha256
     if not (out.exists() and manifest_path.exists()):
         return None
     try:
-        manifest = DeployedManifest.load(manifest_path)
+        manifest = open_deployed(out).manifest
     except UserError:
         return None
     same = (manifest.classifier.get("bundle_sha256") == bundle_sha256
             and manifest.classifier.get("backbone_onnx_sha256") == backbone_sha256
             and all(manifest.versions.get(k) == v for k, v in _versions().items() if k in ("pipeline", "skl2onnx")))
-    return manifest if same and sha256_file(out) == manifest.onnx_sha256 else None
+    return manifest if same else None
 
 
 def _verify(bundle: ClassifierBundle, backbone: BackboneSession, head: onnx.ModelProto, merged: Path) -> dict[str, Any]:

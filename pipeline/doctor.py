@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime
 from onnx import TensorProto, helper
 
-from pipeline import cuda
+from pipeline.models import cuda
 from pipeline.errors import run_cli
 
 EXIT_NO_CUDA = 1

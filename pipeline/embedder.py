@@ -12,11 +12,10 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from tqdm import tqdm
 
-from pipeline.backbones import BACKBONES
 from pipeline.decode import MAX_PIXELS, PIXELS_FINGERPRINT, PIXELS_SIZE, batches, decode_file, map_ordered
 from pipeline.errors import UserError
-from pipeline.manifest import FEATURE_VARIANTS
-from pipeline.runtime import BackboneSession, available_cores, open_backbone
+from pipeline.models import BackboneSession, ModelRepository, feature_set_name
+from pipeline.models.session import available_cores
 from pipeline.store import PIXELS, EmbeddingStore
 
 ON_ERROR = ("raise", "nan")
@@ -122,9 +121,9 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     Parameters
     ----------
     model : str
-        Backbone name (``vgg16``, ``resnet50``) exported into ``models_dir``, a precision variant made by
-        extract ``--precision`` or pipeline.quantize (``resnet50-int8``, ``resnet50-fp16``), or ``pixels`` for
-        the 32x32 raw-pixel baseline.
+        A model exported into ``models_dir`` (``vgg16``, ``resnet50``, ``timm/<name>[.<tag>]``,
+        ``torchvision/<name>``), a precision variant made by extract ``--precision`` or pipeline.quantize
+        (``resnet50-int8``, ``timm/convnext_atto.d2_in1k-int8``), or ``pixels`` for the 32x32 raw-pixel baseline.
     models_dir : path-like
         Folder of the exported models.
     cache : path-like, optional
@@ -185,12 +184,14 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             raise ValueError(f"on_error={self.on_error!r} must be one of {ON_ERROR}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be at least 1")
-        if self.model not in (*FEATURE_VARIANTS, PIXELS):
-            raise ValueError(f"model={self.model!r} is not one of {', '.join((*BACKBONES, PIXELS))} "
-                             "(or a precision variant such as resnet50-int8)")
+        if self.model != PIXELS:
+            try:
+                feature_set_name(self.model)
+            except UserError as error:
+                raise ValueError(f"model={self.model!r}: {error}") from None
         self.__dict__.pop("_session", None)
         self.n_features_in_ = 1  # one input feature: the image's path
-        session = None if self.model == PIXELS else open_backbone(self.models_dir, self.model, self.device)
+        session = None if self.model == PIXELS else ModelRepository(self.models_dir).load(self.model).open(self.device)
         self._session = session
         if session is None:
             self.onnx_sha256_, self.weights_, self.embedding_dim_ = "", {}, PIXELS_SIZE * PIXELS_SIZE * 3
@@ -212,7 +213,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         paths = _paths(X)
         session = self._open()
         fingerprint = self.onnx_sha256_ or PIXELS_FINGERPRINT
-        known = stored_features(self.cache, self.model, fingerprint)
+        known = stored_features(self.cache, session.manifest.name if session else PIXELS, fingerprint)
         rows = np.full((len(paths), self.embedding_dim_), np.nan, dtype=np.float32)
         for i, result in enumerate(embed_files(paths, session, known, self.batch_size, self.workers, self.progress)):
             if result.error:
@@ -223,9 +224,11 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         return rows
 
     def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
-        """``<model>_0``, ``<model>_1``, ... one name per embedding dimension (``resnet50-int8_0``, ...)."""
+        """``<feature set>_0``, ``<feature set>_1``, ... one name per embedding dimension (``resnet50-int8_0``,
+        ``timm-convnext_atto-d2_in1k_0``, ...)."""
         check_is_fitted(self, "embedding_dim_")
-        return np.array([f"{self.model}_{i}" for i in range(self.embedding_dim_)], dtype=object)
+        name = self.model if self.model == PIXELS else feature_set_name(self.model)
+        return np.array([f"{name}_{i}" for i in range(self.embedding_dim_)], dtype=object)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -245,7 +248,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             return None
         session = self.__dict__.get("_session")
         if session is None:  # after unpickling, e.g. in a GridSearchCV worker
-            session = open_backbone(self.models_dir, self.model, self.device)
+            session = ModelRepository(self.models_dir).load(self.model).open(self.device)
             if session.manifest.onnx_sha256 != self.onnx_sha256_:
                 raise UserError(
                     f"{session.onnx_path} changed since this ImageEmbedder was fitted (ONNX sha256 "

@@ -15,16 +15,16 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import cluster
-from pipeline.backbones import BACKBONES, Preprocessing
-from pipeline.decode import EARLIER_PIXELS_FINGERPRINTS, MAX_PIXELS, batches, decode_file, map_ordered
+from pipeline.decode import EARLIER_PIXELS_FINGERPRINTS, MAX_PIXELS, batches, calibration_crops, decode_file, map_ordered
 from pipeline.discover import Dataset, ImageRecord, discover
 from pipeline.errors import Interrupted, UserError, command, run_cli
 from pipeline.features import BatchOutcome, FeatureSpec, count_outcomes, embed_batch, feature_specs, record_outcomes
-from pipeline.manifest import PRECISIONS, ModelManifest, model_paths, variant_name
-from pipeline.quantize import CALIBRATION_IMAGES, calibration_paths, check_calibration_images, current_variant, describe, make_variant
-from pipeline.runtime import CUDA, DEVICES, BackboneSession, available_cores, open_backbone
+from pipeline.models import DEFAULT_BACKBONES, PRECISIONS, BackboneSession, ExportedModel, ModelRepository, Preprocessing
+from pipeline.models import parse_model_name
+from pipeline.models.quantize import CALIBRATION_IMAGES, check_calibration_images, describe
+from pipeline.models.session import CUDA, DEVICES, available_cores
+from pipeline.models.weights import weights_per_model
 from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
-from pipeline.weights import IMAGENET, parse_weights, weights_per_model
 
 BACKENDS = ("local", "ray")
 EXIT_SKIPPED = 1  # with --strict: the run finished but some files could not be decoded
@@ -42,50 +42,18 @@ class WorkItem:
     needed: list[str] = field(default_factory=list)
 
 
-def model_manifest(models_dir: Path, model: str, weights: str | None) -> ModelManifest:
-    """The manifest of ``model``: the export in ``models_dir`` as it is when ``weights`` is None, else one with
-    ``weights``, exporting it first when it is missing or was exported with other weights.
-
-    A missing model with ``weights`` None is exported with ImageNet weights. An export replaced because it
-    had other weights is kept as ``<model>.previous.onnx`` / ``.json`` (see :func:`pipeline.export.export_backbone`).
-    """
-    onnx_path, manifest_path = model_paths(models_dir, model)
-    image_size = BACKBONES[model].crop_size
-    if manifest_path.exists() and onnx_path.exists():
-        manifest = ModelManifest.load(manifest_path)
-        if weights is None or manifest.weights_id == parse_weights(BACKBONES[model], weights).identity():
-            return manifest
-        image_size = manifest.input["size"]
-        print(f"{model}: {onnx_path} has weights {manifest.weights_id}, not {weights}.", file=sys.stderr)
-    weights = weights or IMAGENET
-    try:
-        from pipeline.export import UNTRAINED_BANNER, describe, export_backbone
-    except ImportError:
-        raise UserError(
-            f"exporting {onnx_path} needs torch; install the export extra "
-            "(pip install -e .[export]) or copy the exported model there."
-        ) from None
-    print(f"{model}: exporting {onnx_path} with --weights {weights} first.", file=sys.stderr)
-    result = export_backbone(model, weights, image_size, out_dir=models_dir)
-    if result.manifest.untrained:
-        print(UNTRAINED_BANNER.format(model=model), file=sys.stderr)
-    print(describe(result), file=sys.stderr)
-    return result.manifest
-
-
 def open_sessions(
-    models_dir: Path, models: Sequence[str], device: str, precision: str, dataset: Dataset, calibration_images: int,
-    stored: Collection[str] = (),
-    workers_on_cuda: bool | None = None,
+    repository: ModelRepository, exports: Sequence[ExportedModel], device: str, precision: str, dataset: Dataset,
+    calibration_images: int, stored: Collection[str] = (), workers_on_cuda: bool | None = None,
 ) -> list[BackboneSession]:
     """Open a session per model at ``precision``, making fp16 / int8 variants first where missing or stale.
 
     Parameters
     ----------
-    models_dir : Path
-        Folder of the fp32 exports; variants are written beside them.
-    models : sequence of str
-        Backbone names.
+    repository : ModelRepository
+        The models folder; variants are written there.
+    exports : sequence of ExportedModel
+        The models' fp32 exports.
     device : {"auto", "cuda", "cpu"}
     precision : {"auto", "fp32", "fp16", "int8"}
         ``auto``: the precision the store already holds for that model when it holds exactly one,
@@ -105,25 +73,27 @@ def open_sessions(
     list of BackboneSession
     """
     sessions = []
-    for model in models:
+    for export in exports:
         wanted = precision
         if precision == "auto":
-            held = [p for p in PRECISIONS if variant_name(model, p) in stored]
+            held = [p for p in PRECISIONS if export.feature_set(p) in stored]
             if len(held) == 1:
                 wanted = held[0]
             elif workers_on_cuda is not None:
                 wanted = "fp16" if workers_on_cuda else "fp32"
             else:
-                session = open_backbone(models_dir, model, device)
+                session = export.open(device)
                 if session.provider != CUDA:
                     sessions.append(session)
                     continue
                 wanted = "fp16"
-        if wanted != "fp32" and current_variant(models_dir, model, wanted) is None:
-            print(f"{model}: making its {wanted} variant first.", file=sys.stderr)
-            manifest = make_variant(models_dir, model, wanted, calibration_paths(dataset), calibration_images)
-            print(describe(manifest), file=sys.stderr)
-        sessions.append(open_backbone(models_dir, variant_name(model, wanted), device))
+        model = repository.current_variant(export, wanted) if wanted != "fp32" else export
+        if model is None:
+            print(f"{export.manifest.model}: making its {wanted} variant first.", file=sys.stderr)
+            crops = calibration_crops(dataset, export.preprocessing)
+            model = repository.variant(export, wanted, crops, calibration_images)
+            print(describe(model.manifest), file=sys.stderr)
+        sessions.append(model.open(device))
     return sessions
 
 
@@ -234,7 +204,7 @@ def record_batch(
 
 def run_extract(
     data: str | os.PathLike,
-    models: Sequence[str] = tuple(BACKBONES),
+    models: Sequence[str] = tuple(DEFAULT_BACKBONES),
     cache: str | os.PathLike = "features/embeddings.h5",
     batch_size: int | None = None,
     device: str = "auto",
@@ -253,7 +223,8 @@ def run_extract(
     """Embed every image of ``data`` with each model (and the pixel baseline) into the store at ``cache``.
 
     Already stored images are not computed again; new and changed ones are; a killed run resumes.
-    ``weights`` (see :func:`pipeline.weights.weights_per_model`): None uses each model as it is exported.
+    ``models`` are named as :func:`pipeline.models.parse_model_name` reads them (``timm/<name>[.<tag>]``...).
+    ``weights`` (see :func:`pipeline.models.weights.weights_per_model`): None uses each model as it is exported.
     Results are written as pending shards every ``journal_rows`` images or 30 seconds, whichever comes first
     (on Ray, by the workers, every ``journal_rows`` images each).
     ``precision`` (auto, fp32, fp16, int8) picks the model variant; each precision is its own feature set
@@ -284,20 +255,17 @@ def run_extract(
     if precision not in ("auto", *PRECISIONS):
         raise UserError(f"--precision {precision} is not one of auto, {', '.join(PRECISIONS)}.")
     check_calibration_images(calibration_images)
-    for model in models:
-        if model not in BACKBONES:
-            raise UserError(f"unknown model {model!r}; choose from: {', '.join(BACKBONES)}.")
+    models = list(dict.fromkeys(parse_model_name(model).name for model in models))
     chosen = weights_per_model(weights, models)
     dataset = discover(data, root)
-    models_dir = Path(models_dir)
+    repository = ModelRepository(models_dir)
     store = EmbeddingStore(cache)
     ray_pool = contextlib.nullcontext() if backend == "local" else cluster.actor_pool(device, workers)
     with store.lock(), ray_pool as pool:
-        for model in models:
-            model_manifest(models_dir, model, chosen[model])  # exports the model first when it must
+        exports = [repository.get(model, chosen[model]) for model in models]  # exported first when they must be
         # With Ray the driver's sessions only describe the models (the actors run them): on the CPU here.
         sessions = open_sessions(
-            models_dir, models, "cpu" if pool else device, precision, dataset, calibration_images,
+            repository, exports, "cpu" if pool else device, precision, dataset, calibration_images,
             store.feature_sets(), workers_on_cuda=bool(pool.gpus) if pool else None,
         )
         specs, preprocessings = feature_specs(sessions)
@@ -311,7 +279,7 @@ def run_extract(
             print(f"ray: {pool.describe()} for {_count(len(work), 'image')}.", file=sys.stderr)
             paths = [str(dataset.absolute(item.record)) for item in work]
             outcomes = cluster.embed_on_ray(
-                work, paths, specs, preprocessings, models_dir, device, batch_size, pool, max_pixels,
+                work, paths, specs, preprocessings, device, batch_size, pool, max_pixels,
                 cluster.ShardOutput(store, root, journal_rows),
             )
         else:
@@ -367,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
         "paths are relative to the CSV's folder, and the root is the deepest folder holding every listed file)",
     )
     parser.add_argument(
-        "--models", nargs="+", default=list(BACKBONES), choices=sorted(BACKBONES), metavar="MODEL",
-        help=f"backbones to embed with (default: {' '.join(BACKBONES)})",
+        "--models", nargs="+", default=list(DEFAULT_BACKBONES), metavar="MODEL",
+        help=f"backbones to embed with: {', '.join(DEFAULT_BACKBONES)}, timm/NAME[.TAG] or torchvision/NAME, each its "
+        f"own feature set (default: {' '.join(DEFAULT_BACKBONES)}; transfer models lists the curated ones)",
     )
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"), help="the HDF5 store (default: features/embeddings.h5)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default: 16 on the CPU, 128 on CUDA)")
@@ -396,10 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported models (default: models/)")
     parser.add_argument(
         "--weights", nargs="+", default=None, metavar="[MODEL=]WEIGHTS",
-        help="weights the models must have: imagenet, random or PATH for every model, or MODEL=... for one "
-        "(--weights resnet50=PATH vgg16=imagenet). Default: each model as it is exported in --models-dir (ImageNet "
-        "weights for a model not exported yet). A model exported with other weights than asked is exported again, "
-        "the replaced export kept as MODEL.previous.onnx/.json",
+        help="weights the models must have: pretrained (imagenet for vgg16 and resnet50), random or PATH for every "
+        "model, or MODEL=... for one (--weights resnet50=PATH vgg16=imagenet). Default: each model as it is exported "
+        "in --models-dir (pretrained weights for a model not exported yet). A model exported with other weights than "
+        "asked is exported again, the replaced export kept as STEM.previous.onnx/.json",
     )
     parser.add_argument(
         "--max-pixels", type=int, default=MAX_PIXELS,

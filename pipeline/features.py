@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.backbones import Preprocessing
 from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_SIZE, PIXELS_SOURCE, DecodedImage
 from pipeline.discover import ImageRecord
-from pipeline.runtime import BackboneSession
+from pipeline.models import BackboneSession, Preprocessing
 from pipeline.store import PIXELS, FileState, Segment
 
 # A batch's outcome, as the backends yield it and extract records it: the work items, each file's sha256
@@ -45,15 +44,17 @@ class FeatureSpec:
 
 
 def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec], list[Preprocessing]]:
-    """Feature sets for the sessions plus the pixel baseline, and the distinct crops they need."""
+    """Feature sets for the sessions plus the pixel baseline, and the distinct crops they need: models whose
+    recipes differ only in their normalisation (done in the graph) share one crop."""
     preprocessings: list[Preprocessing] = []
     specs = []
     for session in sessions:
         manifest = session.manifest
         spec_input = manifest.input
-        preprocessing = manifest.preprocessing
-        if preprocessing not in preprocessings:
-            preprocessings.append(preprocessing)
+        keys = [p.crop_key for p in preprocessings]
+        if manifest.preprocessing.crop_key not in keys:
+            preprocessings.append(manifest.preprocessing)
+            keys.append(manifest.preprocessing.crop_key)
         attrs = {
             "kind": "onnx",
             "model": manifest.model,
@@ -68,15 +69,18 @@ def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec
             "weights_id": manifest.weights_id,
             "weights_sha256": manifest.weights.get("sha256", ""),
             "weights": json.dumps(manifest.weights),
+            "weights_license": manifest.license,
             "untrained": manifest.untrained,
             "image_size": spec_input["size"],
             "resize_size": spec_input["resize_size"],
+            "resize_mode": manifest.preprocessing.resize_mode,
             "interpolation": spec_input["interpolation"],
             "provider": session.provider,
             "embedding_dim": manifest.output["dim"],
             "embedding_layer": manifest.output["layer"],
         }
-        specs.append(FeatureSpec(manifest.name, manifest.onnx_sha256, attrs, session, preprocessings.index(preprocessing)))
+        specs.append(FeatureSpec(manifest.name, manifest.onnx_sha256, attrs, session,
+                                 keys.index(manifest.preprocessing.crop_key)))
     pixel_attrs = {
         "kind": "pixels",
         "fingerprint": PIXELS_FINGERPRINT,

@@ -25,7 +25,8 @@ from pipeline.bundle import ClassifierBundle, classifiers_dir, library_versions,
 from pipeline.errors import Interrupted, UserError, run_cli
 from pipeline.files import exclusive, sha256_file
 from pipeline.heads import CLASSIFIERS, FOLDS, FittedHead
-from pipeline.manifest import FEATURE_VARIANTS
+from pipeline.models import feature_set_name
+from pipeline.models.registry import feature_set_order
 from pipeline import findings
 from pipeline.report import (
     PAGE,
@@ -103,7 +104,7 @@ def load_features(store: EmbeddingStore, models: Sequence[str] | None, embedding
     present = store.feature_sets()
     if not store.exists():
         store.load(PIXELS)  # raises the store's own "run extract first" error
-    names = list(models) if models else [name for name in FEATURE_VARIANTS if name in present]
+    names = [feature_set_name(model) for model in models] if models else sorted(set(present) - {PIXELS}, key=feature_set_order)
     if not names:
         raise UserError(f"{store.path} holds no backbone features (it has: {', '.join(present) or 'none'}); run extract.")
     if PIXELS in present:
@@ -230,9 +231,11 @@ def feature_description(name: str, attrs: dict[str, Any]) -> str:
     """One line saying how a feature set was computed."""
     if attrs.get("kind") == "pixels":
         return str(attrs.get("description", "raw pixels"))
+    model = f"{attrs.get('model')} " if attrs.get("model") not in (None, name) else ""
+    licence = f", licence {attrs['weights_license']}" if attrs.get("weights_license") else ""
     return (
-        f"{name} {attrs.get('embedding_layer')} ({attrs.get('embedding_dim')}-d) at {attrs.get('image_size')} px, "
-        f"weights {attrs.get('weights_id')}, ONNX sha256 {str(attrs.get('onnx_sha256'))[:12]}"
+        f"{name} {model}{attrs.get('embedding_layer')} ({attrs.get('embedding_dim')}-d) at {attrs.get('image_size')} px, "
+        f"weights {attrs.get('weights_id')}{licence}, ONNX sha256 {str(attrs.get('onnx_sha256'))[:12]}"
     )
 
 
@@ -581,10 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 when done; 2 for an error you can fix (no store, no labels, one class...): one line.",
     )
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"), help="the HDF5 store (default: features/embeddings.h5)")
-    parser.add_argument("--models", nargs="+", metavar="MODEL",
-                        choices=FEATURE_VARIANTS,
-                        help="backbone feature sets to fit on: vgg16, resnet50, or a precision variant such as "
-                        "resnet50-int8 (default: every one in the store); the pixel baseline is added")
+    parser.add_argument("--models", nargs="+", metavar="MODEL", type=feature_set_name,
+                        help="backbone feature sets to fit on: vgg16, resnet50, timm/NAME[.TAG], torchvision/NAME, or a "
+                        "precision variant such as resnet50-int8 (default: every one in the store); the pixel baseline "
+                        "is added")
     parser.add_argument("--classifiers", nargs="+", choices=CLASSIFIERS, default=list(CLASSIFIERS), metavar="NAME",
                         help=f"classifiers to fit (default: {' '.join(CLASSIFIERS)})")
     parser.add_argument("--out", type=Path, default=None,

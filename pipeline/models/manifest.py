@@ -8,14 +8,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.backbones import BACKBONES, Preprocessing
 from pipeline.errors import UserError, command
-from pipeline.files import sha256_file, write_json_atomic
+from pipeline.files import write_json_atomic
+from pipeline.models.preprocessing import SHORTER, Preprocessing
+from pipeline.models.registry import ModelName, parse_model_name
 
 MANIFEST_VERSION = 1
+OPSET = 18  # the ONNX opset exports are written at (torch.onnx.export, dynamo)
 INPUT_NAME = "images"
 OUTPUT_NAME = "embedding"
-PRECISIONS = ("fp32", "fp16", "int8")
+UNRECORDED_LICENSE = "not recorded (exported before licences were)"
 
 
 @dataclass(frozen=True)
@@ -25,19 +27,21 @@ class ModelManifest:
     Attributes
     ----------
     model : str
-        Backbone registry name.
+        The model's name: ``vgg16``, ``resnet50``, ``timm/<name>[.<tag>]`` or ``torchvision/<name>``.
     onnx_file : str
         File name of the ONNX model, beside the manifest.
     onnx_sha256 : str
         sha256 of the ONNX file: the fingerprint that stores and classifiers refer to.
     weights : dict
-        Provenance: ``source`` (imagenet, random or file) and, as they apply, ``name``, ``url``, ``file``,
-        ``seed`` and ``sha256`` (of the weights file, or of the generated tensors for random weights).
+        Provenance: ``source`` (pretrained, imagenet, random or file) and, as they apply, ``name``, ``url``,
+        ``hub_id``, ``file``, ``seed``, ``sha256`` (of the weights file, or of the generated tensors for random
+        weights) and ``license``.
     input : dict
-        ``name``, ``layout`` (NHWC), ``dtype`` (uint8), ``size`` (crop), ``resize_size``, ``interpolation``,
-        ``mean`` and ``std`` (applied inside the graph).
+        ``name``, ``layout`` (NHWC), ``dtype`` (uint8), ``size`` (crop), ``resize_size``, ``resize_mode``
+        (``shorter`` or ``squash``; absent before other families came: ``shorter``), ``interpolation``, ``mean``
+        and ``std`` (applied inside the graph), and ``recipe``: the library's own description of its eval transform.
     output : dict
-        ``name``, ``dim`` and the torchvision ``layer`` it is taken from.
+        ``name``, ``dim`` and the ``layer`` it is taken from, in the library's terms.
     opset : int
         ONNX opset of the default domain.
     versions : dict
@@ -71,9 +75,19 @@ class ModelManifest:
     format_version: int = MANIFEST_VERSION
 
     @property
+    def model_name(self) -> ModelName:
+        """The model's parsed name."""
+        return parse_model_name(self.model)
+
+    @property
     def name(self) -> str:
-        """The file stem and the store's feature-set name: ``resnet50``, ``resnet50-int8``."""
-        return variant_name(self.model, self.precision)
+        """The file stem and the store's feature-set name: ``resnet50``, ``resnet50-int8``, ``timm-convnext_atto-d2_in1k``."""
+        return self.model_name.feature_set(self.precision)
+
+    @property
+    def license(self) -> str:
+        """The weights' licence, as their library states it."""
+        return str(self.weights.get("license", UNRECORDED_LICENSE))
 
     @property
     def weights_id(self) -> str:
@@ -95,7 +109,8 @@ class ModelManifest:
         """How to make this model's input crops from an image."""
         spec = self.input
         return Preprocessing(
-            spec["resize_size"], spec["size"], tuple(spec["mean"]), tuple(spec["std"]), spec["interpolation"]
+            spec["resize_size"], spec["size"], tuple(spec["mean"]), tuple(spec["std"]), spec["interpolation"],
+            spec.get("resize_mode", SHORTER),
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -168,57 +183,11 @@ class DeployedManifest(ModelManifest):
         return manifest
 
 
-def load_deployed(path: str | os.PathLike) -> DeployedManifest:
-    """The manifest of the deployed classifier ``path``, checked against the file; nothing is unpickled.
-
-    ``runtime.start_session(manifest, path)`` then runs it: its ``embed`` gives class probabilities ``[N, C]``.
-
-    Raises
-    ------
-    UserError
-        When the manifest is missing or is not a deployed classifier's, or the ONNX file changed.
-    """
-    path = Path(path)
-    manifest_path = path.with_suffix(".json")
-    manifest = DeployedManifest.load(manifest_path)
-    if not path.is_file() or sha256_file(path) != manifest.onnx_sha256:
-        bundle = path.parent / manifest.classifier.get("bundle_file", "BUNDLE")
-        raise UserError(
-            f"{path} does not match its manifest {manifest_path} (missing or changed since it was deployed); deploy "
-            f"it again: {command('deploy')} {bundle} --out {path}."
-        )
-    return manifest
-
-
 def weights_id(weights: dict[str, Any]) -> str:
     """Return the identity of a weights provenance record (see :attr:`ModelManifest.weights_id`)."""
     source = weights["source"]
-    if source == "imagenet":
-        return f"imagenet:{weights['name']}"
+    if source in ("imagenet", "pretrained"):
+        return f"{source}:{weights['name']}"
     if source == "random":
         return f"random:seed={weights['seed']}"
     return f"file:{weights['sha256']}"
-
-
-def variant_name(model: str, precision: str) -> str:
-    """The file stem and store feature-set name of ``model`` at ``precision``: ``resnet50``, ``resnet50-int8``."""
-    return model if precision == "fp32" else f"{model}-{precision}"
-
-
-def parse_variant(name: str) -> tuple[str, str]:
-    """Split a feature-set name into ``(model, precision)``; raises ValueError for a name that is neither."""
-    model, _, precision = name.partition("-")
-    precision = precision or "fp32"
-    if model not in BACKBONES or precision not in PRECISIONS or name != variant_name(model, precision):
-        raise ValueError(f"{name!r} is not a backbone feature set (a model, or model-fp16 / model-int8)")
-    return model, precision
-
-
-FEATURE_VARIANTS = tuple(variant_name(model, precision) for model in BACKBONES for precision in PRECISIONS)
-"""Every backbone feature-set name, in registry then precision order: vgg16, vgg16-fp16, vgg16-int8, resnet50, ..."""
-
-
-def model_paths(out_dir: str | os.PathLike, model: str) -> tuple[Path, Path]:
-    """Return ``(onnx_path, manifest_path)`` of ``model`` in ``out_dir``."""
-    out = Path(out_dir)
-    return out / f"{model}.onnx", out / f"{model}.json"

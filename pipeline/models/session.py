@@ -1,4 +1,4 @@
-"""Stage 3: run an exported backbone on onnxruntime, on CUDA when it is actually usable, otherwise on the CPU."""
+"""onnxruntime sessions over exported models, on CUDA when it is actually usable, otherwise on the CPU."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime
 
-from pipeline import cuda
 from pipeline.errors import UserError, command
-from pipeline.files import sha256_file
-from pipeline.manifest import ModelManifest, model_paths, parse_variant
+from pipeline.models import cuda
+from pipeline.models.manifest import ModelManifest
+
+if TYPE_CHECKING:
+    from pipeline.models.repository import ExportedModel
 
 DEVICES = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
@@ -33,15 +36,23 @@ def available_cores() -> int:
 
 @dataclass
 class BackboneSession:
-    """An onnxruntime session over one exported backbone, and the manifest that describes it.
+    """An onnxruntime session over one exported model.
 
     A deployed classifier (``pipeline.deploy``) is a backbone with the classifier merged behind it: its
     session's :meth:`embed` gives class probabilities instead of an embedding.
     """
 
-    manifest: ModelManifest
-    onnx_path: Path
+    model: ExportedModel
     session: onnxruntime.InferenceSession
+
+    @property
+    def manifest(self) -> ModelManifest:
+        """What the model computes and how its input is made."""
+        return self.model.manifest
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.model.onnx_path
 
     @property
     def provider(self) -> str:
@@ -74,52 +85,8 @@ class BackboneSession:
         return CUDA_BATCH if self.provider == CUDA else CPU_BATCH
 
 
-def open_backbone(
-    models_dir: str | os.PathLike, model: str, device: str = "auto", threads: int | None = None
-) -> BackboneSession:
-    """Open ``models_dir/<model>.onnx`` after checking it against its manifest.
-
-    Parameters
-    ----------
-    models_dir : path-like
-        Folder of the exported models.
-    model : str
-        Backbone name, or a variant's (``resnet50-int8``, ``resnet50-fp16``).
-    device : {"auto", "cuda", "cpu"}
-        ``auto`` uses CUDA when a session can actually be created on it, otherwise the CPU with a notice.
-    threads : int, optional
-        onnxruntime's intra-op threads on the CPU (default: every available core).
-
-    Raises
-    ------
-    UserError
-        Missing model or manifest, an ONNX file that does not match its manifest, or ``cuda`` unavailable.
-    """
-    onnx_path, manifest_path = model_paths(models_dir, model)
-    base, precision = _parse_name(model)
-    if precision != "fp32" and not manifest_path.exists():
-        raise UserError(
-            f"no {precision} variant of {base} in {models_dir} ({manifest_path} is missing); make it with "
-            f"{command('extract')} DATA --precision {precision}, or {command('quantize')} --model {base} "
-            f"--precision {precision}" + (" --calibration DATA." if precision == "int8" else ".")
-        )
-    manifest = ModelManifest.load(manifest_path)
-    if not onnx_path.exists() or sha256_file(onnx_path) != manifest.onnx_sha256:
-        again = (
-            f"{command('export')} --model {model} {_weights_option(manifest)} --image-size {manifest.input['size']} --force"
-            if manifest.precision == "fp32" else
-            f"{command('quantize')} --model {manifest.model} --precision {manifest.precision} --force"
-            + (" --calibration DATA" if manifest.precision == "int8" else "")
-        )
-        raise UserError(f"{onnx_path} does not match its manifest {manifest_path} (missing or changed since it was made); "
-                        f"make it again: {again}.")
-    return start_session(manifest, onnx_path, device, threads)
-
-
-def start_session(
-    manifest: ModelManifest, onnx_path: Path, device: str = "auto", threads: int | None = None
-) -> BackboneSession:
-    """An onnxruntime session over ``onnx_path``, already checked against ``manifest``, on ``device``.
+def start_session(model: ExportedModel, device: str = "auto", threads: int | None = None) -> BackboneSession:
+    """An onnxruntime session over ``model``'s file (already checked against its manifest) on ``device``.
 
     ``auto`` uses CUDA when a session can actually be created on it, otherwise the CPU with a notice.
 
@@ -128,7 +95,7 @@ def start_session(
     UserError
         When ``cuda`` is asked for and cannot be used.
     """
-    model = manifest.name
+    name, precision, onnx_path = model.name, model.precision, model.onnx_path
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or available_cores()
     # onnxruntime's threads spin for a while after each parallel section by default, taking the cores the
@@ -140,31 +107,15 @@ def start_session(
     if device in ("auto", "cuda"):
         session = _cuda_session(onnx_path, options, strict=device == "cuda")
         if session is not None:
-            if manifest.precision == "int8":
-                _precision_notice(model, "int8 is tuned for CPUs; on CUDA prefer fp16 (--precision fp16)")
-            return BackboneSession(manifest, onnx_path, session)
+            if precision == "int8":
+                _precision_notice(name, "int8 is tuned for CPUs; on CUDA prefer fp16 (--precision fp16)")
+            return BackboneSession(model, session)
         _cpu_notice(options.intra_op_num_threads, cuda.problem() or "a CUDA session could not be created; "
                     f"{command('doctor')} says why")
     session = onnxruntime.InferenceSession(str(onnx_path), options, providers=[CPU])
-    if manifest.precision == "fp16":
-        _precision_notice(model, "fp16 runs on the CPU here, slower than fp32: it is meant for GPUs")
-    return BackboneSession(manifest, onnx_path, session)
-
-
-def _weights_option(manifest: ModelManifest) -> str:
-    weights = manifest.weights
-    if weights["source"] == "imagenet":
-        return f"--weights {weights['name']}"
-    if weights["source"] == "random":
-        return f"--weights random --seed {weights['seed']}"
-    return f"--weights {weights['file']}"
-
-
-def _parse_name(model: str) -> tuple[str, str]:
-    try:
-        return parse_variant(model)
-    except ValueError:
-        return model, "fp32"  # an unknown name: the missing-manifest error names it
+    if precision == "fp16":
+        _precision_notice(name, "fp16 runs on the CPU here, slower than fp32: it is meant for GPUs")
+    return BackboneSession(model, session)
 
 
 @functools.cache

@@ -1,0 +1,228 @@
+"""Precision variants: an fp16 or int8 file derived from an fp32 export (int8 calibrated on the user's images),
+its fidelity to fp32 measured when it is made and recorded in its manifest."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnxruntime
+
+from pipeline.errors import UserError, command
+from pipeline.files import atomic_path, sha256_file
+from pipeline.models.manifest import INPUT_NAME, OUTPUT_NAME, ModelManifest
+
+if TYPE_CHECKING:
+    from pipeline.models.repository import ExportedModel
+
+CALIBRATION_IMAGES = 100  # default sample of the user's images that sets the int8 activation ranges
+VERIFY_IMAGES = 16  # images beside the calibration sample on which fidelity to fp32 is measured at creation
+MIN_MEAN_COSINE = 0.99  # an int8 variant whose mean cosine to fp32 is below this is refused; fp16 is flagged
+_CALIBRATION_BATCH = 8
+
+
+def check_calibration_images(count: int) -> None:
+    """Refuse a calibration sample size below one."""
+    if count < 1:
+        raise UserError(f"--calibration-images {count} must be at least 1.")
+
+
+def make_variant(
+    source: ExportedModel,
+    precision: str,
+    calibration: Iterable[tuple[np.ndarray, str]],
+    onnx_path: Path,
+    manifest_path: Path,
+    calibration_images: int = CALIBRATION_IMAGES,
+    seed: int = 0,
+) -> ModelManifest:
+    """Write the ``precision`` variant of ``source`` to ``onnx_path`` and its manifest to ``manifest_path``.
+
+    Parameters
+    ----------
+    source : ExportedModel
+        The fp32 export.
+    precision : {"fp16", "int8"}
+        fp16: every float tensor converted to half precision (inputs and outputs unchanged), for GPUs.
+        int8: onnxruntime static quantization, QDQ format, per-channel int8 weights and uint8 activations
+        whose ranges are calibrated (min/max) on the user's images.
+    calibration : iterable of (numpy.ndarray, str)
+        The user's images as ``source``'s uint8 crops with their files' sha256, in a seeded random order: for
+        int8 the first ``calibration_images`` calibrate and the next VERIFY_IMAGES measure the fidelity to
+        fp32 (the calibration images themselves when there are no others); for fp16 VERIFY_IMAGES of them
+        measure it (random pixels when there are none).
+    onnx_path, manifest_path : Path
+        Where the variant goes.
+    calibration_images : int
+        Size of the int8 calibration sample.
+    seed : int
+        The seed of the draw, recorded.
+
+    Returns
+    -------
+    ModelManifest
+        The variant's manifest: ``precision``, ``derived_from`` (the fp32 file's sha256), ``calibration``
+        (method, and the sha256 of every calibration image) and ``verification`` against fp32.
+
+    Raises
+    ------
+    UserError
+        No decodable calibration image, or an int8 variant whose mean cosine to fp32 is below MIN_MEAN_COSINE
+        (nothing is kept then).
+    """
+    if precision not in ("fp16", "int8"):
+        raise UserError(f"--precision {precision}: variants are fp16 or int8 (fp32 is the export itself).")
+    if precision == "int8":
+        check_calibration_images(calibration_images)
+        calibrate, verify, verified_on, record = _calibration_crops(calibration, calibration_images, seed)
+    else:
+        calibrate, record = [], {}
+        verify, verified_on = _verification_crops(source, calibration, seed)
+    with atomic_path(onnx_path) as tmp:
+        if precision == "int8":
+            _quantize_int8(source.onnx_path, tmp, calibrate)
+        else:
+            _convert_fp16(source.onnx_path, tmp)
+        verification = {**_fidelity(source.onnx_path, tmp, verify), "on": verified_on}
+        if precision == "int8" and verification["mean_cosine"] < MIN_MEAN_COSINE:
+            raise UserError(
+                f"{source.manifest.model}'s int8 variant reaches only a mean cosine of {verification['mean_cosine']:.4f} "
+                f"to fp32 on {verification['images']} {verified_on} (at least {MIN_MEAN_COSINE} is needed), so it is "
+                "not kept; use --precision fp32 for this model."
+            )
+        manifest_path.unlink(missing_ok=True)  # as in export: no manifest claims a file until it is complete
+    manifest = replace(
+        source.manifest,
+        onnx_file=onnx_path.name,
+        onnx_sha256=sha256_file(onnx_path),
+        precision=precision,
+        derived_from={"onnx_file": source.manifest.onnx_file, "onnx_sha256": source.fingerprint, "precision": "fp32"},
+        calibration=record,
+        versions={**source.manifest.versions, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        verification=verification,
+    )
+    manifest.save(manifest_path)
+    if verification["min_cosine"] < MIN_MEAN_COSINE:
+        warnings.warn(
+            f"{onnx_path}: {precision} embeddings reach only cosine {verification['min_cosine']:.4f} to fp32 on "
+            f"{verification['images']} images (mean {verification['mean_cosine']:.4f}); prefer fp32 for this model, "
+            "or calibrate on more images.",
+            stacklevel=2,
+        )
+    return manifest
+
+
+def _calibration_crops(
+    calibration: Iterable[tuple[np.ndarray, str]], count: int, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray], str, dict]:
+    drawn = list(itertools.islice(calibration, count + VERIFY_IMAGES))
+    if not drawn:
+        raise UserError(
+            "int8 needs images to calibrate on and none could be decoded; give a folder of your images "
+            f"(extract's DATA, or --calibration with {command('quantize')})."
+        )
+    # The first ``count`` calibrate; the rest, when the folder has more, measure fidelity on unseen images.
+    crops = [crop for crop, _ in drawn[:count]]
+    record = {
+        "method": "onnxruntime quantize_static, QDQ, MinMax, per-channel int8 weights, uint8 activations",
+        "images": len(crops),
+        "seed": seed,
+        "sha256": [sha256 for _, sha256 in drawn[:count]],
+    }
+    verify = [crop for crop, _ in drawn[count:]]
+    if verify:
+        return crops, verify, "images outside the calibration sample", record
+    return crops, crops, "calibration images (the folder has no others)", record
+
+
+def _verification_crops(
+    source: ExportedModel, calibration: Iterable[tuple[np.ndarray, str]], seed: int
+) -> tuple[list[np.ndarray], str]:
+    crops = [crop for crop, _ in itertools.islice(calibration, VERIFY_IMAGES)]
+    if crops:
+        return crops, "images of your folder"
+    size = source.preprocessing.crop_size  # no images given: fidelity on seeded random pixels, which the record says
+    return list(np.random.default_rng(seed).integers(0, 256, (4, size, size, 3), dtype=np.uint8)), "random-pixel images"
+
+
+class _CropReader:
+    """onnxruntime's CalibrationDataReader protocol over a list of uint8 crops."""
+
+    def __init__(self, crops: Sequence[np.ndarray]) -> None:
+        self._batches: Iterator = iter(
+            {INPUT_NAME: np.stack(crops[i : i + _CALIBRATION_BATCH])} for i in range(0, len(crops), _CALIBRATION_BATCH)
+        )
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)
+
+
+def _quantize_int8(source: Path, target: Path, crops: Sequence[np.ndarray]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(_CropReader, CalibrationDataReader):
+        pass
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # onnxruntime's quantization logs every step at INFO, on the root logger
+    try:
+        with tempfile.TemporaryDirectory(prefix="quantize-", dir=target.parent) as work:
+            prepared = Path(work) / "prepared.onnx"
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            # U8S8 QDQ per channel measured fastest here (QOperator, U8U8 and reduce_range were slower).
+            quantize_static(
+                str(prepared), str(target), Reader(crops), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            )
+    finally:
+        root.setLevel(level)
+
+
+def _convert_fp16(source: Path, target: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns about every value it clamps to the fp16 range
+        converted = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    onnx.save(converted, str(target))
+
+
+def _fidelity(source: Path, variant: Path, crops: Sequence[np.ndarray]) -> dict[str, float | int]:
+    images = np.stack(crops)
+    want = _run(source, images)
+    got = _run(variant, images).astype(np.float32)
+    cosine = np.sum(got * want, 1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-12)
+    return {"images": len(images), "min_cosine": float(cosine.min()), "mean_cosine": float(cosine.mean())}
+
+
+def _run(path: Path, images: np.ndarray) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([
+        session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + _CALIBRATION_BATCH]})[0]
+        for i in range(0, len(images), _CALIBRATION_BATCH)
+    ])
+
+
+def describe(manifest: ModelManifest) -> str:
+    """One line saying what a variant is and how close it is to fp32."""
+    check = manifest.verification
+    calibration = manifest.calibration
+    calibrated = f", calibrated on {calibration['images']} images (seed {calibration['seed']})" if calibration else ""
+    return (
+        f"{manifest.name}: {manifest.onnx_file}{calibrated}; cosine to fp32 "
+        f"min {check['min_cosine']:.5f}, mean {check['mean_cosine']:.5f} on {check['images']} {check.get('on', 'images')}."
+    )
+
+
