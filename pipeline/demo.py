@@ -34,14 +34,19 @@ def imagenet_cache_file(model: str) -> Path:
     return torchvision_cache_file(weights.url)
 
 
+def demo_weights(model: str) -> str:
+    """``imagenet`` when the backbone's ImageNet weights are already in the torch hub cache, else ``random``."""
+    return "imagenet" if imagenet_cache_file(model).exists() else "random"
+
+
 def demo_models(repository: ModelRepository, image_size: int) -> dict[str, ModelManifest]:
     """Both backbones as exported in the repository (whatever their weights: the demo never replaces an export);
     the missing ones exported first, with ImageNet weights when every missing one has them cached, else random."""
     current = {model: repository.current(model) for model in DEFAULT_BACKBONES}
     missing = [model for model, export in current.items() if export is None]
-    files = [imagenet_cache_file(model) for model in missing]
-    weights = "imagenet" if all(file.exists() for file in files) else "random"
+    weights = "random" if any(demo_weights(model) == "random" for model in missing) else "imagenet"
     if missing and weights == "random":  # one kind of weights for the missing ones, so that they compare
+        files = [imagenet_cache_file(model) for model in missing]
         print(UNTRAINED_BANNER.format(model=" and ".join(missing)), file=sys.stderr)
         print(f"   No ImageNet weights at {' or '.join(map(str, files))}, so the demo uses seeded random weights;\n"
               "   docs/stages.md (export, Weights) says how to add them.", file=sys.stderr)

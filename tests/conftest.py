@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.export import ExportResult, export_backbone
+from pipeline.models import ExportResult, ModelRepository
 from pipeline.extract import run_extract
 
 STATE_DICT_SEED = 1234
@@ -66,7 +66,7 @@ def exported(tmp_path_factory, state_dict_file) -> Callable[[str, int], ExportRe
         key = (model, image_size)
         if key not in made:
             out = tmp_path_factory.mktemp(f"models-{model}-{image_size}")
-            made[key] = export_backbone(model, str(state_dict_file(model)), image_size, out)
+            made[key] = ModelRepository(out).export(model, str(state_dict_file(model)), image_size)
         return made[key]
 
     return make

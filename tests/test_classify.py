@@ -17,7 +17,9 @@ from pipeline.classify import choose_bundle, run_classify
 from pipeline.errors import UserError
 from pipeline.extract import run_extract
 from pipeline.fit import run_fit
-from pipeline.quantize import make_variant
+from pipeline.decode import calibration_crops
+from pipeline.discover import discover
+from pipeline.models import ModelRepository
 from pipeline.store import EmbeddingStore
 from tests.images import photo, save
 
@@ -192,7 +194,9 @@ def test_another_precision_is_refused_unless_allowed(fitted, tmp_path):
     work, models_dir, _ = fitted
     private = tmp_path / "models"
     shutil.copytree(models_dir, private)
-    make_variant(private, "resnet50", "int8", sorted((work / "pets").rglob("*.png")), calibration_images=8)
+    repository = ModelRepository(private)
+    source = repository.load("resnet50")
+    repository.variant(source, "int8", calibration_crops(discover(work / "pets"), source.preprocessing), 8)
     folder = new_folder(tmp_path / "new", with_bad=False)
     bundle = work / "classifiers" / "resnet50-logreg.joblib"
     with pytest.raises(UserError, match="fitted on fp32 embeddings.*not int8.*--allow-precision-change"):

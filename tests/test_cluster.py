@@ -18,14 +18,13 @@ import pytest
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray,dev]')")
 
 from pipeline import cluster, extract  # noqa: E402
-from pipeline.backbones import BACKBONES  # noqa: E402
+from pipeline.models import DEFAULT_BACKBONES, ModelRepository  # noqa: E402
 from pipeline.cluster import EmbedActor, ShardOutput, decode_batch, embed_on_ray, plan_workers  # noqa: E402
 from pipeline.decode import MAX_PIXELS  # noqa: E402
 from pipeline.discover import ImageRecord  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.extract import WorkItem  # noqa: E402
 from pipeline.features import feature_specs  # noqa: E402
-from pipeline.runtime import open_backbone  # noqa: E402
 from pipeline.store import PIXELS, EmbeddingStore, FileState  # noqa: E402
 from pipeline.store.shards import ShardEntry  # noqa: E402
 from tests.images import class_folders, pets  # noqa: E402
@@ -160,7 +159,7 @@ def test_workers_follow_the_cluster_and_refuse_cuda_without_gpus(ray_instance):
 @pytest.mark.slow  # starts Ray actors
 def test_actors_refuse_a_model_file_other_than_the_drivers_in_one_sentence(tmp_path, small_models, ray_instance):
     image = class_folders(tmp_path / "one", {"a": 1}) / "a" / "0.jpg"
-    specs, preprocessings = feature_specs([open_backbone(small_models, "resnet50", "cpu")])
+    specs, preprocessings = feature_specs([ModelRepository(small_models).load("resnet50").open("cpu")])
     specs[0].fingerprint = "0" * 64  # as if another node held another export under the same path
     items = [WorkItem(ImageRecord("a/0.jpg"), FileState("", 1, 1), [spec.name for spec in specs])]
     output = ShardOutput(EmbeddingStore(tmp_path / "e.h5"), str(tmp_path / "one"), 8)
@@ -170,7 +169,7 @@ def test_actors_refuse_a_model_file_other_than_the_drivers_in_one_sentence(tmp_p
         list(outcomes)
 
 
-def decoded_batch(data: Path, names: list[str], preprocessing=BACKBONES["resnet50"].preprocessing()) -> dict[str, np.ndarray]:
+def decoded_batch(data: Path, names: list[str], preprocessing=DEFAULT_BACKBONES["resnet50"].preprocessing()) -> dict[str, np.ndarray]:
     """A decode task's output for files of ``data``, every file needing both feature sets."""
     paths = np.array([str(data / name) for name in names], dtype=object)
     columns = {"index": np.arange(len(names)), "needed": np.full(len(names), 3), "path": paths,
@@ -191,7 +190,7 @@ def test_an_actor_writes_its_rows_as_pending_shards_and_returns_only_their_metad
     data = pets(tmp_path / "pets")
     store = EmbeddingStore(tmp_path / "e.h5")
     target = ShardOutput(store, str(data), 8).target()
-    session = open_backbone(small_models, "resnet50", "cpu")
+    session = ModelRepository(small_models).load("resnet50").open("cpu")
     actor = EmbedActor(str(small_models), ["resnet50"], [session.manifest.onnx_sha256], "cpu", 1, 2, target)
     names = ["cat/0.jpg", "cat/1.jpg", "dog/corrupt.jpg"]
     crops = decoded_batch(data, names, session.manifest.preprocessing)

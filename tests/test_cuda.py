@@ -9,7 +9,7 @@ import sys
 import onnxruntime
 import pytest
 
-from pipeline import cuda
+from pipeline.models import cuda
 
 needs_cuda_provider = pytest.mark.skipif(cuda.CUDA not in onnxruntime.get_available_providers(),
                                          reason="the CPU-only onnxruntime is installed")
@@ -34,7 +34,7 @@ def test_the_provider_needs_cuda_13_cudnn_9_and_the_driver():
 @needs_cuda_provider
 @needs_no_driver
 def test_after_the_preload_only_the_driver_is_missing():
-    report = run("from pipeline import cuda; print([(l.name, l.loads, l.path) for l in cuda.libraries()]); print(cuda.problem())")
+    report = run("from pipeline.models import cuda; print([(l.name, l.loads, l.path) for l in cuda.libraries()]); print(cuda.problem())")
     libraries, problem = report.strip().splitlines()
     for name, loads, path in eval(libraries):
         assert loads == (name != cuda.DRIVER), name
@@ -45,7 +45,7 @@ def test_after_the_preload_only_the_driver_is_missing():
 @needs_cuda_provider
 @needs_no_driver
 def test_without_the_preload_the_project_libraries_are_named_with_the_fix():
-    problem = run("from pipeline import cuda; print(cuda.problem())", preload=False)
+    problem = run("from pipeline.models import cuda; print(cuda.problem())", preload=False)
     if problem.startswith("no NVIDIA driver"):
         pytest.skip("a CUDA toolkit on the loader's path provides the libraries without the preload")
     assert "libcublas.so.13" in problem and "libcudnn.so.9" in problem and "do not load" in problem

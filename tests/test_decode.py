@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 from torchvision import transforms
 
-from pipeline.backbones import Preprocessing
+from pipeline.models import Preprocessing
 from pipeline.decode import (
     MAX_PIXELS, TooManyPixels, decode_file, jpeg_draft_size, load_rgb, read_image_file, resize_center_crop,
 )

@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 
 from pipeline import demo
-from pipeline.backbones import BACKBONES
 from pipeline.discover import discover
 from pipeline.store import EmbeddingStore
-from pipeline.weights import imagenet_cache_file
 
 
 def test_demo_weights_follow_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert demo.demo_weights("resnet50") == "random"
-    _, cache_file = imagenet_cache_file(BACKBONES["resnet50"], "IMAGENET1K_V1")
+    cache_file = demo.imagenet_cache_file("resnet50")
+    assert cache_file.name == "resnet50-0676ba61.pth"
     cache_file.parent.mkdir(parents=True)
     cache_file.write_bytes(b"")
     assert demo.demo_weights("resnet50") == "imagenet"

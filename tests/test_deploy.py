@@ -23,11 +23,11 @@ from pipeline.bundle import ClassifierBundle
 from pipeline.classify import run_classify
 from pipeline.deploy import OUTPUT_NAME, deploy_classifier, head_graph
 from pipeline.errors import UserError
-from pipeline.export import OPSET
 from pipeline.extract import run_extract
 from pipeline.files import sha256_file
 from pipeline.fit import run_fit
-from pipeline.manifest import DeployedManifest, ModelManifest, load_deployed
+from pipeline.models import DeployedManifest, ModelManifest, open_deployed
+from pipeline.models.manifest import OPSET
 from tests.images import photo, save
 from tests.stores import synthetic_store
 
@@ -90,7 +90,7 @@ def test_a_deployed_classifier_predicts_what_its_bundle_predicts_without_unpickl
     bundle_path = work / "classifiers" / "resnet50-svm.joblib"
     result = deploy_classifier(bundle_path, models_dir, out=tmp_path / "svm.onnx")
     assert result.deployed and result.onnx_path == tmp_path / "svm.onnx"
-    manifest = load_deployed(tmp_path / "svm.onnx")
+    manifest = open_deployed(tmp_path / "svm.onnx").manifest
     backbone = ModelManifest.load(models_dir / "resnet50.json")
     bundle = ClassifierBundle.load(bundle_path)
     assert manifest.classes == bundle.classes and manifest.onnx_sha256 == sha256_file(tmp_path / "svm.onnx")
@@ -135,7 +135,7 @@ def test_deploying_again_is_a_no_op_until_the_bundle_changes(fitted, tmp_path):
     bundle.classes = ["one", "two", "three"]
     bundle.save(classifiers / "resnet50-logreg.joblib")
     changed = deploy_classifier(classifiers / "resnet50-logreg.joblib", models_dir, trust=True)
-    assert changed.deployed and load_deployed(changed.onnx_path).classes == ["one", "two", "three"]
+    assert changed.deployed and open_deployed(changed.onnx_path).manifest.classes == ["one", "two", "three"]
 
 
 def test_deploy_refuses_unlisted_pixel_and_mismatched_bundles(fitted, tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline import cuda
+from pipeline.models import cuda
 from tests.test_cuda import needs_cuda_provider, needs_no_driver
 
 

@@ -15,7 +15,7 @@ from pipeline import ImageEmbedder
 from pipeline.embedder import embed_files, stored_features
 from pipeline.errors import UserError
 from pipeline.extract import run_extract
-from pipeline.runtime import open_backbone
+from pipeline.models import ModelRepository
 from pipeline.store import PIXELS, EmbeddingStore
 from tests.images import class_folders
 
@@ -50,7 +50,7 @@ def test_stored_rows_are_reused_by_content_hash(pets, models_dir, tmp_path):
     stored = EmbeddingStore(cache).load("resnet50")
     copy = tmp_path / "elsewhere.jpg"  # same bytes under another name: still found by its hash
     copy.write_bytes((root / stored.paths[0]).read_bytes())
-    session = open_backbone(models_dir, "resnet50")
+    session = ModelRepository(models_dir).load("resnet50").open()
     known = stored_features(cache, "resnet50", session.manifest.onnx_sha256)
     assert len(known) == 10 and stored_features(cache, "resnet50", "another-model") == {}
     results = list(embed_files([copy, root / stored.paths[1]], session, known))
@@ -65,7 +65,7 @@ def test_bad_files_raise_or_become_nan_rows(pets, models_dir, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_text("not a jpeg")
     good = next(root.glob("cat/*.jpg"))
-    results = list(embed_files([good, broken, tmp_path / "gone.jpg"], open_backbone(models_dir, "resnet50")))
+    results = list(embed_files([good, broken, tmp_path / "gone.jpg"], ModelRepository(models_dir).load("resnet50").open()))
     assert [bool(r.error) for r in results] == [False, True, True] and results[0].features.shape == (2048,)
     assert results[2].error == "missing: no such file"
     embedder = ImageEmbedder("resnet50", models_dir=models_dir).fit()

@@ -1,4 +1,4 @@
-"""Export: ONNX graphs that match torchvision in more than one runtime, manifests, and re-export rules."""
+"""Export: ONNX graphs that match their library in more than one runtime, manifests, re-export rules, refusals."""
 
 from __future__ import annotations
 
@@ -18,12 +18,18 @@ from PIL import Image
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms import v2
 
-from pipeline.backbones import BACKBONES
 from pipeline.errors import UserError
-from pipeline.export import EmbeddingNet, build_parser, export_backbone
+from pipeline.export import build_parser
 from pipeline.files import sha256_file
-from pipeline.manifest import ModelManifest
+from pipeline.models import DEFAULT_BACKBONES, ModelManifest, ModelRepository
+from pipeline.models.export import EmbeddingNet
 from tests.conftest import make_state_dict
+
+BACKBONES = DEFAULT_BACKBONES
+
+
+def export_backbone(model, weights, image_size, out, seed=0):
+    return ModelRepository(out).export(model, weights, image_size, seed)
 
 BATCH_SIZES = (1, 3, 17)
 
@@ -110,16 +116,18 @@ def test_manifest_describes_the_onnx_file(exported, state_dict_file):
         "source": "file",
         "file": str(state_dict_file("resnet50")),
         "sha256": sha256_file(state_dict_file("resnet50")),
+        "license": "unknown: weights from a file of yours",
     }
     assert manifest.input == {
         "name": "images", "layout": "NHWC", "dtype": "uint8", "shape": ["batch", 64, 64, 3], "size": 64,
-        "resize_size": 73, "interpolation": "bilinear",
+        "resize_size": 73, "resize_mode": "shorter", "interpolation": "bilinear",
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        "recipe": {"library": "torchvision", "transforms_of": "ResNet50_Weights.IMAGENET1K_V1"},
     }
     assert manifest.output == {"name": "embedding", "dim": 2048, "layer": "avgpool"}
     assert {"torch", "torchvision", "onnx", "onnxruntime", "numpy", "python", "pipeline"} <= set(manifest.versions)
     assert datetime.fromisoformat(manifest.created).tzinfo is not None
-    assert manifest.verification["min_cosine"] >= 0.99999
+    assert manifest.verification["min_cosine"] >= 0.99999 and manifest.verification["images"] == 4
 
 
 def test_onnx_file_is_standard_and_batch_dynamic(exported):
@@ -165,6 +173,8 @@ def test_same_request_is_a_no_op_and_changes_re_export(tmp_path, exported, state
 
 def test_image_size_too_small_is_refused(tmp_path):
     with pytest.raises(UserError, match="too small"):
+        export_backbone("timm/convnext_atto.d2_in1k", "random", 16, tmp_path)
+    with pytest.raises(UserError, match="too small"):
         export_backbone("resnet50", "random", 16, tmp_path)
 
 
@@ -172,7 +182,8 @@ def test_help_documents_every_option():
     text = build_parser().format_help()
     for option in ("--model", "--weights", "--seed", "--image-size", "--out", "--force"):
         assert option in text
-    for word in ("imagenet", "IMAGENET1K_V2", "random", "TORCH_HOME", ".safetensors", "vgg16", "resnet50"):
+    for word in ("imagenet", "IMAGENET1K_V2", "random", "TORCH_HOME", ".safetensors", "vgg16", "resnet50",
+                 "pretrained", "HF_HOME", "timm/NAME[.TAG]", "torchvision/NAME", "num_classes=0"):
         assert word in text
 
 

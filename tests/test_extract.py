@@ -21,11 +21,10 @@ from torchvision import transforms
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from pipeline import extract, features
-from pipeline.backbones import BACKBONES
+from pipeline.models import DEFAULT_BACKBONES, ModelRepository
 from pipeline.decode import PIXELS_FINGERPRINT, decode_file
 from pipeline.errors import UserError, command
 from pipeline.extract import run_extract
-from pipeline.runtime import open_backbone
 from pipeline.store import PIXELS, EmbeddingStore
 from tests.conftest import make_state_dict
 from tests.images import class_folders, hostile_corpus, pets, photo, save
@@ -33,7 +32,7 @@ from tests.images import class_folders, hostile_corpus, pets, photo, save
 
 def reference_embeddings(model: str, root: Path, paths, size: int) -> np.ndarray:
     """torchvision all the way: PIL loading (upright, RGB), Resize + CenterCrop + ToTensor + Normalize, the model."""
-    backbone = BACKBONES[model]
+    backbone = DEFAULT_BACKBONES[model]
     network = getattr(torchvision.models, model)()
     network.load_state_dict(make_state_dict(model))
     extractor = create_feature_extractor(network.eval(), {backbone.embedding_layer: "embedding"})
@@ -407,7 +406,7 @@ def test_a_file_that_changes_or_vanishes_mid_run_costs_no_other_image(tmp_path, 
     assert len(features.paths) == len(set(features.paths)) == 8 and "dog/1.jpg" not in features.paths
     reasons = failure_reasons(cache)
     assert set(reasons) == {"dog/1.jpg", "dog/corrupt.jpg"} and reasons["dog/1.jpg"] == "missing: no such file"
-    session = open_backbone(small_models, "resnet50", "cpu")
+    session = ModelRepository(small_models).load("resnet50").open("cpu")
     for path, row in zip(features.paths, features.embeddings):  # every row is its file's content as read
         alone = session.embed(decode_file(data / path, [session.manifest.preprocessing]).crops[0][None])[0]
         np.testing.assert_allclose(row, alone, rtol=1e-4, atol=1e-4, err_msg=path)
@@ -514,7 +513,7 @@ def test_help_documents_every_option():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", BACKBONES)
+@pytest.mark.parametrize("model", DEFAULT_BACKBONES)
 def test_full_size_embeddings_equal_torchvision(tmp_path, exported, state_dict_file, model):
     import sklearn.datasets
 
@@ -527,7 +526,7 @@ def test_full_size_embeddings_equal_torchvision(tmp_path, exported, state_dict_f
     run_extract(data, [model], tmp_path / "e.h5", models_dir=models_dir, weights=weights, progress=False)
     features = EmbeddingStore(tmp_path / "e.h5").load(model)
     want = reference_embeddings(model, data, features.paths, 224)
-    assert features.embeddings.shape == (11, BACKBONES[model].embedding_dim)
+    assert features.embeddings.shape == (11, DEFAULT_BACKBONES[model].embedding_dim)
     assert cosine(features.embeddings, want).min() >= 0.999
 
 
@@ -572,7 +571,7 @@ def test_a_hostile_corpus_embeds_every_good_file_once_in_its_own_row(tmp_path, s
     assert sorted(features.paths) == sorted(good)  # each once
     reasons = failure_reasons(tmp_path / "e.h5")
     assert set(reasons) == bad and reasons["mixed/bomb.png"].startswith("too large")
-    session = open_backbone(small_models, "resnet50", "cpu")
+    session = ModelRepository(small_models).load("resnet50").open("cpu")
     for path, row in zip(features.paths, features.embeddings):  # the row of each path is that file's own embedding
         alone = session.embed(decode_file(data / path, [session.manifest.preprocessing]).crops[0][None])[0]
         np.testing.assert_allclose(row, alone, rtol=1e-4, atol=1e-4, err_msg=path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.manifest import ModelManifest, model_paths, weights_id
+from pipeline.models.manifest import UNRECORDED_LICENSE, ModelManifest, weights_id
 
 MANIFEST = ModelManifest(
     model="resnet50",
@@ -29,6 +29,7 @@ def test_round_trip(tmp_path):
 
 def test_weights_identities():
     assert weights_id({"source": "imagenet", "name": "IMAGENET1K_V2"}) == "imagenet:IMAGENET1K_V2"
+    assert weights_id({"source": "pretrained", "name": "convnext_atto.d2_in1k"}) == "pretrained:convnext_atto.d2_in1k"
     assert weights_id({"source": "file", "sha256": "ef" * 32}) == "file:" + "ef" * 32
 
 
@@ -43,5 +44,14 @@ def test_missing_and_damaged_manifests_are_user_errors(tmp_path):
         ModelManifest.load(tmp_path / "vgg16.json")
 
 
-def test_model_paths(tmp_path):
-    assert model_paths(tmp_path, "vgg16") == (tmp_path / "vgg16.onnx", tmp_path / "vgg16.json")
+def test_names_and_licence_of_other_families():
+    manifest = ModelManifest(**{**MANIFEST.__dict__, "model": "timm/convnext_atto.d2_in1k", "precision": "int8",
+                                "weights": {"source": "pretrained", "name": "convnext_atto.d2_in1k", "license": "apache-2.0"}})
+    assert manifest.name == "timm-convnext_atto-d2_in1k-int8" and manifest.license == "apache-2.0"
+    assert MANIFEST.name == "resnet50" and MANIFEST.license == UNRECORDED_LICENSE  # written before licences were
+
+
+def test_a_manifest_without_resize_mode_resizes_the_shorter_side():
+    manifest = ModelManifest(**{**MANIFEST.__dict__, "input": {
+        "size": 224, "resize_size": 256, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}})
+    assert manifest.preprocessing.resize_mode == "shorter"

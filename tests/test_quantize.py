@@ -12,11 +12,30 @@ import numpy as np
 import onnx
 import pytest
 
+from pipeline.decode import calibration_crops
+from pipeline.discover import discover
 from pipeline.errors import UserError
-from pipeline.manifest import ModelManifest, model_paths, parse_variant, variant_name
-from pipeline.quantize import VERIFY_IMAGES, current_variant, make_variant
-from pipeline.runtime import open_backbone
+from pipeline.models import ModelManifest, ModelRepository
+from pipeline.models.quantize import VERIFY_IMAGES
 from tests.images import photo, save
+
+
+def make_variant(models_dir, model, precision, folder=None, calibration_images=100):
+    """The variant, made from the images of ``folder`` as extract and the quantize command make it."""
+    repository = ModelRepository(models_dir)
+    source = repository.load(model)
+    crops = calibration_crops(discover(folder), source.preprocessing) if folder else iter(())
+    return repository.variant(source, precision, crops, calibration_images, force=True).manifest
+
+
+def current_variant(models_dir, model, precision):
+    repository = ModelRepository(models_dir)
+    current = repository.current_variant(repository.load(model), precision)
+    return current.manifest if current else None
+
+
+def open_backbone(models_dir, name, device):
+    return ModelRepository(models_dir).load(name).open(device)
 
 
 @pytest.fixture
@@ -25,7 +44,7 @@ def models_dir(tmp_path, exported):
     source = exported("resnet50", 64).onnx_path
     target = tmp_path / "models"
     target.mkdir()
-    for path in model_paths(source.parent, "resnet50"):
+    for path in ModelRepository(source.parent).paths("resnet50"):
         shutil.copy(path, target / path.name)
     return target
 
@@ -38,20 +57,10 @@ def cosine(a, b):
     return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def test_variant_names_round_trip():
-    assert variant_name("resnet50", "fp32") == "resnet50"
-    assert variant_name("vgg16", "int8") == "vgg16-int8"
-    assert parse_variant("resnet50-fp16") == ("resnet50", "fp16")
-    assert parse_variant("vgg16") == ("vgg16", "fp32")
-    for bad in ("pixels", "resnet50-fp32", "resnet50-int4", "alexnet"):
-        with pytest.raises(ValueError):
-            parse_variant(bad)
-
-
 def test_int8_variant_records_its_calibration_and_stays_close_to_fp32(models_dir, tmp_path):
     files = images(tmp_path / "calibration", 40)
-    manifest = make_variant(models_dir, "resnet50", "int8", files, calibration_images=12)
-    source = ModelManifest.load(model_paths(models_dir, "resnet50")[1])
+    manifest = make_variant(models_dir, "resnet50", "int8", tmp_path / "calibration", calibration_images=12)
+    source = ModelManifest.load(models_dir / "resnet50.json")
     onnx_path = models_dir / "resnet50-int8.onnx"
     assert manifest.name == "resnet50-int8" and manifest.onnx_file == onnx_path.name
     assert manifest.precision == "int8" and manifest.derived_from["onnx_sha256"] == source.onnx_sha256
@@ -63,7 +72,7 @@ def test_int8_variant_records_its_calibration_and_stays_close_to_fp32(models_dir
     assert set(manifest.calibration["sha256"]) <= all_hashes
     assert manifest.verification["images"] == VERIFY_IMAGES and manifest.verification["min_cosine"] >= 0.99
     assert manifest.verification["on"] == "images outside the calibration sample"
-    assert ModelManifest.load(model_paths(models_dir, "resnet50-int8")[1]) == manifest
+    assert ModelManifest.load(models_dir / "resnet50-int8.json") == manifest
     assert current_variant(models_dir, "resnet50", "int8") == manifest
     ops = {node.op_type for node in onnx.load(str(onnx_path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -76,8 +85,9 @@ def test_int8_variant_records_its_calibration_and_stays_close_to_fp32(models_dir
 
 
 def test_a_variant_of_another_fp32_export_is_stale(models_dir, tmp_path):
-    make_variant(models_dir, "resnet50", "int8", images(tmp_path / "c", 6), calibration_images=4)
-    manifest_path = model_paths(models_dir, "resnet50-int8")[1]
+    images(tmp_path / "c", 6)
+    make_variant(models_dir, "resnet50", "int8", tmp_path / "c", calibration_images=4)
+    manifest_path = models_dir / "resnet50-int8.json"
     record = json.loads(manifest_path.read_text())
     record["derived_from"]["onnx_sha256"] = "0" * 64
     manifest_path.write_text(json.dumps(record))
@@ -88,7 +98,8 @@ def test_a_variant_of_another_fp32_export_is_stale(models_dir, tmp_path):
 
 
 def test_fp16_variant_converts_every_weight_and_keeps_uint8_in_float32_out(models_dir, tmp_path):
-    manifest = make_variant(models_dir, "resnet50", "fp16", images(tmp_path / "c", 4))
+    images(tmp_path / "c", 4)
+    manifest = make_variant(models_dir, "resnet50", "fp16", tmp_path / "c")
     graph = onnx.load(str(models_dir / "resnet50-fp16.onnx")).graph
     float_types = {init.data_type for init in graph.initializer} & {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
     assert float_types == {onnx.TensorProto.FLOAT16}
@@ -99,9 +110,10 @@ def test_fp16_variant_converts_every_weight_and_keeps_uint8_in_float32_out(model
 
 
 def test_int8_without_images_and_missing_variants_are_user_errors(models_dir, tmp_path):
-    (tmp_path / "junk.jpg").write_text("not an image")
+    (tmp_path / "junk" / "a").mkdir(parents=True)
+    (tmp_path / "junk" / "a" / "junk.jpg").write_text("not an image")
     with pytest.raises(UserError, match="none could be decoded"):
-        make_variant(models_dir, "resnet50", "int8", [tmp_path / "junk.jpg"])
+        make_variant(models_dir, "resnet50", "int8", tmp_path / "junk")
     with pytest.raises(UserError, match="no int8 variant of resnet50.*--precision int8"):
         open_backbone(models_dir, "resnet50-int8", "cpu")
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""Weights: ImageNet through the torch hub cache (offline here), seeded random, and user state dicts."""
+"""Weights: the libraries' pretrained files (offline here), seeded random, and user state dicts, for every family."""
 
 from __future__ import annotations
 
@@ -6,12 +6,22 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.backbones import BACKBONES
 from pipeline.errors import UserError
-from pipeline.weights import WeightsRequest, imagenet_cache_file, load_trunk, parse_weights
+from pipeline.models import parse_model_name
+from pipeline.models.networks import build_network
+from pipeline.models.weights import WeightsRequest, parse_weights, torchvision_cache_file, weights_per_model
 from tests.conftest import make_state_dict
 
-RESNET = BACKBONES["resnet50"]
+RESNET = parse_model_name("resnet50")
+VGG = parse_model_name("vgg16")
+ATTO = parse_model_name("timm/convnext_atto.d2_in1k")
+MOBILENET = parse_model_name("torchvision/mobilenet_v3_small")
+
+
+def load_trunk(model, request):
+    """The headless network and the provenance of its weights."""
+    network = build_network(model, request)
+    return network.module, network.weights
 
 
 @pytest.fixture
@@ -29,16 +39,28 @@ def test_parse_weights_names():
     assert parse_weights(RESNET, "imagenet") == WeightsRequest("imagenet", name="IMAGENET1K_V1")
     assert parse_weights(RESNET, "IMAGENET1K_V2") == WeightsRequest("imagenet", name="IMAGENET1K_V2")
     assert parse_weights(RESNET, "random", seed=7) == WeightsRequest("random", seed=7)
+    assert parse_weights(RESNET, "pretrained") == WeightsRequest("imagenet", name="IMAGENET1K_V1")
     with pytest.raises(UserError, match="vgg16 has no IMAGENET1K_V2 weights"):
-        parse_weights(BACKBONES["vgg16"], "IMAGENET1K_V2")
+        parse_weights(VGG, "IMAGENET1K_V2")
     with pytest.raises(UserError, match="does not exist"):
         parse_weights(RESNET, "no/such/file.pth")
     with pytest.raises(UserError, match=r"did you mean imagenet\?"):
         parse_weights(RESNET, "imagent")
 
 
+def test_parse_weights_of_other_families():
+    assert parse_weights(ATTO, "pretrained") == WeightsRequest("pretrained")
+    assert parse_weights(MOBILENET, "imagenet") == WeightsRequest("pretrained")
+    assert parse_weights(MOBILENET, "IMAGENET1K_V1") == WeightsRequest("pretrained", name="IMAGENET1K_V1")
+    with pytest.raises(UserError, match="not 'imagenet'; pass --weights pretrained"):
+        parse_weights(ATTO, "imagenet")
+    with pytest.raises(UserError, match="mobilenet_v3_small has no IMAGENET1K_V9 weights; choose one of: IMAGENET1K_V1"):
+        build_network(MOBILENET, parse_weights(MOBILENET, "IMAGENET1K_V9"))
+
+
 def test_imagenet_offline_names_the_file_to_put_in_the_cache(offline_cache):
-    url, cache_file = imagenet_cache_file(RESNET, "IMAGENET1K_V1")
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    cache_file = torchvision_cache_file(url)
     assert cache_file == offline_cache / "resnet50-0676ba61.pth"
     with pytest.raises(UserError) as raised:
         load_trunk(RESNET, parse_weights(RESNET, "imagenet"))
@@ -48,8 +70,29 @@ def test_imagenet_offline_names_the_file_to_put_in_the_cache(offline_cache):
     assert not cache_file.exists()
 
 
+def test_torchvision_pretrained_offline_is_one_sentence(offline_cache):
+    with pytest.raises(UserError) as raised:
+        build_network(MOBILENET, parse_weights(MOBILENET, "pretrained"))
+    message = str(raised.value)
+    assert "mobilenet_v3_small-047dcff4.pth" in message and "--weights PATH" in message and "\n" not in message
+
+
+def test_timm_pretrained_offline_names_the_repository_and_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as raised:
+        build_network(ATTO, parse_weights(ATTO, "pretrained"))
+    message = str(raised.value)
+    assert "timm/convnext_atto.d2_in1k" in message and "model.safetensors" in message
+    assert "https://huggingface.co/timm/convnext_atto.d2_in1k" in message and "--weights PATH" in message
+    assert "\n" not in message
+
+
 def test_imagenet_cache_file_with_wrong_hash_is_refused(offline_cache, state_dict_file):
-    _, cache_file = imagenet_cache_file(RESNET, "IMAGENET1K_V1")
+    cache_file = torchvision_cache_file(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url)
     cache_file.parent.mkdir(parents=True)
     cache_file.write_bytes(state_dict_file("resnet50").read_bytes())
     with pytest.raises(UserError, match="not the official file .* 0676ba61"):
@@ -122,8 +165,7 @@ def test_file_without_tensors_is_a_clear_error(tmp_path):
 
 
 def test_vgg16_trunk_ends_at_fc7_after_relu(state_dict_file):
-    vgg = BACKBONES["vgg16"]
-    trunk, _ = load_trunk(vgg, parse_weights(vgg, str(state_dict_file("vgg16"))))
+    trunk, _ = load_trunk(VGG, parse_weights(VGG, str(state_dict_file("vgg16"))))
     reference = torchvision.models.vgg16()
     reference.load_state_dict(make_state_dict("vgg16"))
     reference.eval()
@@ -135,8 +177,6 @@ def test_vgg16_trunk_ends_at_fc7_after_relu(state_dict_file):
 
 
 def test_weights_per_model_default_to_the_export():
-    from pipeline.weights import weights_per_model
-
     models = ["vgg16", "resnet50"]
     assert weights_per_model(None, models) == {"vgg16": None, "resnet50": None}
     assert weights_per_model("random", models) == {"vgg16": "random", "resnet50": "random"}
@@ -147,3 +187,39 @@ def test_weights_per_model_default_to_the_export():
         weights_per_model(["random", "imagenet"], models)
     with pytest.raises(UserError, match="gives resnet50 twice"):
         weights_per_model(["resnet50=random", "resnet50=imagenet"], models)
+    timm_models = ["timm/convnext_atto.d2_in1k", "resnet50"]
+    assert weights_per_model(["timm-convnext_atto-d2_in1k=random"], timm_models) == {
+        "timm/convnext_atto.d2_in1k": "random", "resnet50": None}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_timm_state_dict_file_is_loaded_exactly(tmp_path, suffix):
+    import timm
+
+    torch.manual_seed(5)
+    reference = timm.create_model("convnext_atto", num_classes=10)  # fine-tuned on 10 classes: the head is dropped
+    path = tmp_path / f"atto{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(reference.state_dict(), str(path))
+    else:
+        torch.save(reference.state_dict(), path)
+    trunk, provenance = load_trunk(ATTO, parse_weights(ATTO, str(path)))
+    loaded = trunk.state_dict()
+    assert all(torch.equal(loaded[k], reference.state_dict()[k]) for k in loaded)
+    assert not any(k.startswith("head.fc") for k in loaded)
+    assert provenance["source"] == "file" and provenance["license"].startswith("unknown")
+
+
+def test_timm_state_dict_of_another_architecture_names_the_first_keys(state_dict_file):
+    with pytest.raises(UserError, match=r"not a timm convnext_atto state dict \((missing|unexpected) keys: "):
+        load_trunk(ATTO, parse_weights(ATTO, str(state_dict_file("resnet50"))))
+
+
+def test_random_weights_of_every_family_are_seeded():
+    for model in (ATTO, MOBILENET):
+        first, provenance = load_trunk(model, parse_weights(model, "random", seed=3))
+        second, again = load_trunk(model, parse_weights(model, "random", seed=3))
+        assert provenance == again and provenance["license"].startswith("none")
+        assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))

@@ -19,9 +19,9 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
 from pipeline.models.preprocessing import Preprocessing, timm_recipe
-from pipeline.models.registry import EXPORT_EXTRA, TIMM, ModelName, closest_hint
+from pipeline.models.registry import EXPORT_EXTRA, TIMM, TORCHVISION_LICENSE, ModelName, closest_hint
 from pipeline.models.weights import (
-    FILE, IMAGENET, PRETRAINED, RANDOM, UNSTATED_LICENSE, WeightsRequest, check_state_dict, hub_weights_file, read_state_dict,
+    FILE, IMAGENET, PRETRAINED, RANDOM, WeightsRequest, check_state_dict, hub_weights_file, read_state_dict,
     state_dict_sha256, torchvision_state_dict,
 )
 
@@ -107,15 +107,16 @@ def _torchvision_network(model: ModelName, request: WeightsRequest, image_size: 
         state_dict, where = torchvision_state_dict(weights, model)
         network.load_state_dict(state_dict)
         provenance = {"source": request.source, "name": weights.name, **where,
-                      "license": weights.meta.get("license", UNSTATED_LICENSE)}
+                      "license": weights.meta.get("license", TORCHVISION_LICENSE)}
     layer = backbone.embedding_layer if backbone else f"input of {head} (the classification layer, removed)"
     network.set_submodule(head, nn.Identity())
     native = getattr(network, "image_size", None)  # torchvision's ViTs take one size only
     if image_size and native and image_size != native:
         raise UserError(f"{model.name} takes {native} px images only; leave --image-size out, or use a timm ViT, which "
                         "resamples its position embeddings.")
-    if backbone:
-        preprocessing = backbone.preprocessing(request.name if request.source == IMAGENET else None, image_size)
+    if backbone:  # untrained or user weights use the default ImageNet weights' recipe, as they always have
+        weights = weights_enum[request.name if request.source == IMAGENET else backbone.default_imagenet_weights]
+        preprocessing = backbone.preprocessing(weights.name, image_size)
     else:
         preprocessing = _torchvision_recipe(weights.transforms(), image_size)
     recipe = {"library": "torchvision", "transforms_of": f"{type(weights).__name__}.{weights.name}"}

@@ -21,6 +21,7 @@ TIMM, TORCHVISION = "timm", "torchvision"
 FAMILIES = (TIMM, TORCHVISION)
 PRECISIONS = ("fp32", "fp16", "int8")
 EXPORT_EXTRA = "pip install -e '.[export]'"
+TORCHVISION_LICENSE = "not stated by torchvision (weights follow their training data's terms: ImageNet-1k)"
 _PART = r"[A-Za-z0-9_]+"
 
 
@@ -206,9 +207,9 @@ def closest_hint(text: str) -> str:
     torchvision's own lists where those libraries are installed; ``""`` when nothing is close."""
     names = [*DEFAULT_BACKBONES, *(model.name for model in CURATED), *_library_names()]
     bare = text.split("/", 1)[-1]
-    close = difflib.get_close_matches(text, names, n=3, cutoff=0.6)
-    close += [n for n in difflib.get_close_matches(bare, names, n=3, cutoff=0.6) if n not in close]
-    close += [n for n in names if n.split("/", 1)[-1].split(".")[0] == bare and n not in close]
+    close = [name for name in names if name.split("/", 1)[-1].split(".")[0] == bare]  # the same model, in a family
+    for candidate in (text, bare):
+        close += [n for n in difflib.get_close_matches(candidate, names, n=3, cutoff=0.6) if n not in close]
     return f" (did you mean {' or '.join(close[:3])}?)" if close else ""
 
 
@@ -231,10 +232,12 @@ def _library_names() -> list[str]:
 
 @dataclass(frozen=True)
 class Probe:
-    """A published accuracy of a linear classifier on the model's frozen features."""
+    """A published accuracy on the model's frozen features: a linear probe, a few-shot probe, or (for
+    supervised ImageNet models, as a reference) the model's own ImageNet classifier."""
 
     dataset: str
     accuracy: float
+    protocol: str
     source: str
 
 
@@ -249,9 +252,47 @@ class CuratedModel:
     summary: str
     embedding_dim: int
     input_size: int
-    parameters: float  # millions, the headless network's
+    parameters: float  # millions, of the headless network
     license: str
     probes: tuple[Probe, ...] = ()
 
 
-CURATED: tuple[CuratedModel, ...] = ()
+_BYOL = "BYOL, arXiv 2006.07733, Table 3 (supervised ResNet-50)"
+_DINOV2 = "DINOv2, arXiv 2304.07193"
+_CLIP = "CLIP, arXiv 2103.00020, Table 10"
+LINEAR, FEW_SHOT, OWN_HEAD = "linear probe", "10-shot", "own ImageNet head"
+CURATED: tuple[CuratedModel, ...] = (
+    CuratedModel("timm/vit_small_patch14_dinov2.lvd142m", "DINOv2 ViT-S/14, self-supervised on LVD-142M (2023)",
+                 384, 518, 22.06, "apache-2.0", (
+                     Probe("ImageNet-1k", 81.1, LINEAR, f"{_DINOV2}, Table 4 (at 224 px)"),
+                     Probe("Food-101", 89.1, LINEAR, f"{_DINOV2} v2, Table 8"),
+                     Probe("CIFAR-10", 97.7, LINEAR, f"{_DINOV2} v2, Table 8"),
+                     Probe("CIFAR-100", 87.5, LINEAR, f"{_DINOV2} v2, Table 8"),
+                     Probe("Oxford Pets", 95.1, LINEAR, f"{_DINOV2} v2, Table 8"))),
+    CuratedModel("timm/convnext_tiny.dinov3_lvd1689m", "DINOv3 ConvNeXt-T, distilled from DINOv3 ViT-7B on LVD-1689M "
+                 "(2025)", 768, 224, 27.82, "dinov3-license", (
+                     Probe("ImageNet-ReaL", 86.6, LINEAR, "facebookresearch/dinov3 MODEL_CARD.md (at 256 px)"),)),
+    CuratedModel("timm/vit_base_patch16_siglip_224.v2_webli", "SigLIP 2 ViT-B/16 image tower, language-image "
+                 "pretrained on WebLI (2025)", 768, 224, 92.88, "apache-2.0", (
+                     Probe("ImageNet-1k", 72.1, FEW_SHOT, "SigLIP 2, arXiv 2502.14786, Table 1"),)),
+    CuratedModel("timm/vit_base_patch16_clip_224.openai", "CLIP ViT-B/16 image tower, OpenAI (2021); the embedding "
+                 "is before CLIP's projection", 768, 224, 85.80, "apache-2.0", (
+                     Probe("ImageNet-1k", 80.2, LINEAR, _CLIP), Probe("Food-101", 92.8, LINEAR, _CLIP),
+                     Probe("CIFAR-10", 96.2, LINEAR, _CLIP), Probe("CIFAR-100", 83.1, LINEAR, _CLIP),
+                     Probe("Oxford Pets", 93.1, LINEAR, _CLIP))),
+    CuratedModel("torchvision/convnext_tiny", "ConvNeXt-T, supervised on ImageNet-1k (2022)", 768, 224, 27.82,
+                 TORCHVISION_LICENSE, (
+                     Probe("ImageNet-1k", 82.5, OWN_HEAD, "torchvision, ConvNeXt_Tiny_Weights.IMAGENET1K_V1"),)),
+    CuratedModel("timm/efficientnet_b0.ra_in1k", "EfficientNet-B0, supervised on ImageNet-1k with RandAugment (2019)",
+                 1280, 224, 4.01, "apache-2.0", (
+                     Probe("ImageNet-1k", 77.7, OWN_HEAD, "timm, results/results-imagenet.csv"),)),
+    CuratedModel("resnet50", "ResNet-50, supervised on ImageNet-1k (2015); a default backbone", 2048, 224, 23.51,
+                 TORCHVISION_LICENSE, (
+                     Probe("Food-101", 72.3, LINEAR, _BYOL), Probe("CIFAR-10", 93.6, LINEAR, _BYOL),
+                     Probe("CIFAR-100", 78.3, LINEAR, _BYOL), Probe("Oxford Pets", 91.5, LINEAR, _BYOL),
+                     Probe("ImageNet-1k", 76.1, OWN_HEAD, "torchvision, ResNet50_Weights.IMAGENET1K_V1"))),
+    CuratedModel("vgg16", "VGG16, supervised on ImageNet-1k (2014); a default backbone", 4096, 224, 134.26,
+                 TORCHVISION_LICENSE, (
+                     Probe("ImageNet-1k", 71.6, OWN_HEAD, "torchvision, VGG16_Weights.IMAGENET1K_V1"),)),
+)
+"""The curated models: today's frozen backbones of each kind, and the two defaults, with what is published."""

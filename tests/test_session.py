@@ -7,9 +7,13 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import cuda
 from pipeline.errors import UserError
-from pipeline.runtime import CPU, _cpu_notice, _cuda_session, available_cores, open_backbone
+from pipeline.models import ModelRepository, cuda
+from pipeline.models.session import CPU, _cpu_notice, _cuda_session, available_cores
+
+
+def open_backbone(models_dir, name, device="auto"):
+    return ModelRepository(models_dir).load(name).open(device)
 
 
 def test_cpu_session_embeds_batches(exported):
@@ -50,7 +54,7 @@ def test_model_that_does_not_match_its_manifest_is_refused(exported, tmp_path):
     (tmp_path / "resnet50.onnx").write_bytes(b"changed")
     with pytest.raises(UserError, match="--force"):
         open_backbone(tmp_path, "resnet50")
-    with pytest.raises(UserError, match="export the model first"):
+    with pytest.raises(UserError, match="vgg16 is not exported in .*transfer export --model vgg16"):
         open_backbone(tmp_path, "vgg16")
 
 
