@@ -14,24 +14,37 @@ import torchvision
 
 from pipeline.models import ExportResult, ModelRepository
 from pipeline.extract import run_extract
+from pipeline.models import parse_model_name
 
 STATE_DICT_SEED = 1234
 
 
 def make_state_dict(model: str, seed: int = STATE_DICT_SEED) -> dict[str, torch.Tensor]:
-    """A seeded untrained torchvision state dict whose batch-norm statistics are not the identity.
+    """A seeded untrained state dict of ``model`` (any name export takes), as its library names the keys, whose
+    normalisation statistics and scales are not the identity.
 
-    torchvision initialises running means to 0 and variances to 1; randomising them makes the parity
-    tests check that batch norm is folded into the exported graph correctly.
+    torchvision initialises batch-norm running means to 0 and variances to 1, and DINOv2-style ViTs start with
+    layer scales of 1e-5 (every image then embeds alike); randomising them makes the parity tests check that
+    normalisation is folded into the exported graph correctly, on embeddings that differ between images.
     """
+    name = parse_model_name(model)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    state = getattr(torchvision.models, model)(weights=None).state_dict()
+    if name.family == "timm":
+        import timm
+
+        state = timm.create_model(f"{name.architecture}.{name.tag}" if name.tag else name.architecture).state_dict()
+    else:
+        state = torchvision.models.get_model(name.architecture, weights=None).state_dict()
     for key, tensor in state.items():
-        if key.endswith("running_mean") or key.endswith("bn1.bias") or key.endswith("bn2.bias"):
+        if name.default_backbone and key.endswith(("running_mean", "bn1.bias", "bn2.bias")):
+            # Other models' activations start far smaller than ResNet's: there a shifted mean would hide every
+            # image's own features (all images would embed alike)
             state[key] = 0.1 * torch.randn(tensor.shape, generator=generator)
         elif key.endswith("running_var"):
             state[key] = 0.5 + torch.rand(tensor.shape, generator=generator)
+        elif key.endswith(".gamma") or key.endswith("pos_embed"):  # layer scales, position embeddings
+            state[key] = 0.5 + 0.5 * torch.rand(tensor.shape, generator=generator)
     return state
 
 
@@ -43,7 +56,7 @@ def state_dict_file(tmp_path_factory) -> Callable[..., Path]:
     def make(model: str, seed: int = STATE_DICT_SEED, suffix: str = ".pth") -> Path:
         key = (model, seed, suffix)
         if key not in made:
-            path = tmp_path_factory.mktemp("weights") / f"{model}-seed{seed}{suffix}"
+            path = tmp_path_factory.mktemp("weights") / f"{parse_model_name(model).stem}-seed{seed}{suffix}"
             state = make_state_dict(model, seed)
             if suffix == ".safetensors":
                 from safetensors.torch import save_file
@@ -62,10 +75,10 @@ def exported(tmp_path_factory, state_dict_file) -> Callable[[str, int], ExportRe
     """Factory ``(model, image_size) -> ExportResult`` exporting from the seeded state dict, once per session."""
     made: dict[tuple, ExportResult] = {}
 
-    def make(model: str, image_size: int = 224) -> ExportResult:
+    def make(model: str, image_size: int | None = 224) -> ExportResult:
         key = (model, image_size)
         if key not in made:
-            out = tmp_path_factory.mktemp(f"models-{model}-{image_size}")
+            out = tmp_path_factory.mktemp(f"models-{parse_model_name(model).stem}-{image_size}")
             made[key] = ModelRepository(out).export(model, str(state_dict_file(model)), image_size)
         return made[key]
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,7 +22,8 @@ from torchvision.transforms import v2
 from pipeline.errors import UserError
 from pipeline.export import build_parser
 from pipeline.files import sha256_file
-from pipeline.models import DEFAULT_BACKBONES, ModelManifest, ModelRepository
+from pipeline.decode import decode_file
+from pipeline.models import CURATED, DEFAULT_BACKBONES, ModelManifest, ModelRepository, parse_model_name
 from pipeline.models.export import EmbeddingNet
 from tests.conftest import make_state_dict
 
@@ -221,3 +223,106 @@ def offline_env(tmp_path, monkeypatch):
         monkeypatch.setenv(variable, "http://127.0.0.1:9")
     for variable in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(variable, raising=False)
+
+
+FAMILY_SAMPLES = [  # the smallest configuration of each kind, at small sizes
+    ("timm/convnext_atto.d2_in1k", 96), ("timm/vit_small_patch14_dinov2.lvd142m", 112),
+    ("timm/efficientnet_b0.ra_in1k", 96), ("torchvision/mobilenet_v3_small", None), ("torchvision/convnext_tiny", 96),
+]
+
+
+def library_embeddings(model: str, weights: Path, size: int | None, files: list[Path]) -> np.ndarray:
+    """The reference a user of the library would compute: its model with the weights file, its own eval transform,
+    and the input of its classification layer (timm: ``num_classes=0``)."""
+    from pipeline.decode import load_rgb
+
+    name = parse_model_name(model)
+    if name.family == "timm":
+        import timm
+        from timm.data import create_transform, resolve_data_config
+
+        options = {"img_size": size} if size and "vit" in name.architecture else {}
+        network = timm.create_model(f"{name.architecture}.{name.tag}", pretrained=True, num_classes=0,
+                                    pretrained_cfg_overlay={"file": str(weights)}, **options).eval()
+        transform = create_transform(**resolve_data_config({"input_size": (3, size, size)} if size else {}, model=network))
+        forward = network
+    else:
+        network = torchvision.models.get_model(name.architecture, weights=None)
+        network.load_state_dict(torch.load(weights))
+        transform = torchvision.models.get_model_weights(name.architecture).DEFAULT.transforms()
+        if size:
+            transform.crop_size, transform.resize_size = [size], [round(transform.resize_size[0] * size / transform.crop_size[0])]
+        head = [m for m in network.modules() if isinstance(m, torch.nn.Linear)][-1]
+        captured = []
+        head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+        forward = lambda batch: (network.eval()(batch), captured.pop())[1]  # noqa: E731
+    batch = torch.stack([transform(load_rgb(path.read_bytes())) for path in files])
+    with torch.no_grad():
+        return forward(batch).numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,size", FAMILY_SAMPLES)
+def test_embeddings_are_the_library_forward_on_its_own_transform(model, size, exported, state_dict_file, tmp_path):
+    """From the image file to the embedding: decode's crop through the ONNX file equals the library's model on the
+    library's transform of the same image (EXIF, CMYK, grey, alpha, palette)."""
+    from tests.test_preprocessing import image_files
+
+    result = exported(model, size)
+    files = image_files(tmp_path)
+    repository = ModelRepository(result.onnx_path.parent)
+    session = repository.load(model).open("cpu")
+    crops = np.stack([decode_file(path, [session.model.preprocessing]).crops[0] for path in files])
+    got = session.embed(crops)
+    want = library_embeddings(model, state_dict_file(model), size, files)
+    assert got.shape == want.shape == (len(files), result.manifest.output["dim"])
+    assert (want - want.mean(0)).std() > 1e-3 * np.abs(want).mean()  # the images embed differently
+    assert_parity(got, want)
+
+
+CURATED_NEW = [entry for entry in CURATED if not parse_model_name(entry.name).default_backbone]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", CURATED_NEW, ids=lambda entry: entry.name)
+def test_curated_models_export_and_check_themselves(entry, tmp_path):
+    """Each curated model at its own size and recipe: exported, checked against the library, described."""
+    result = ModelRepository(tmp_path).export(entry.name, "random")
+    manifest = result.manifest
+    assert result.exported and manifest.output["dim"] == entry.embedding_dim
+    assert manifest.input["size"] == entry.input_size and manifest.verification["min_cosine"] >= 0.9999
+    assert manifest.name == parse_model_name(entry.name).stem and result.onnx_path.name == manifest.name + ".onnx"
+    assert manifest.versions.get("timm") or entry.name.startswith("torchvision/")
+
+
+def test_models_that_are_not_image_classifiers_are_refused(tmp_path):
+    repository = ModelRepository(tmp_path)
+    with pytest.raises(UserError, match="is not an image classifier"):
+        repository.export("torchvision/fasterrcnn_resnet50_fpn", "random")
+    with pytest.raises(UserError, match="no final Linear layer"):
+        repository.export("torchvision/squeezenet1_0", "random")
+    with pytest.raises(UserError, match=r"timm has no model 'convnxt_atto' \(did you mean timm/convnext_atto"):
+        repository.export("timm/convnxt_atto", "random")
+    with pytest.raises(UserError, match="timm has no pretrained tag 'nope' for convnext_atto; its tags: d2_in1k"):
+        repository.export("timm/convnext_atto.nope", "random")
+    with pytest.raises(UserError, match="takes 224 px images only"):
+        repository.export("torchvision/vit_b_16", "random", 112)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_timm_name_without_timm_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(UserError, match=r"needs timm to be exported: install the export extra \(pip install -e '.\[export\]'\)"):
+        ModelRepository(tmp_path).export("timm/convnext_atto.d2_in1k", "random")
+
+
+def test_an_export_that_fails_or_disagrees_is_refused_naming_the_step(tmp_path, monkeypatch):
+    import pipeline.models.export as export
+
+    monkeypatch.setattr(export, "VERIFY_MIN_COSINE", 1.5)
+    with pytest.raises(UserError, match=r"timm/convnext_atto.d2_in1k: the exported ONNX graph disagrees with the library's forward"):
+        ModelRepository(tmp_path).export("timm/convnext_atto.d2_in1k", "random", 64)
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("no way")))
+    with pytest.raises(UserError, match=r"timm/convnext_atto.d2_in1k: torch.onnx.export cannot export it \(RuntimeError: no way\)"):
+        ModelRepository(tmp_path).export("timm/convnext_atto.d2_in1k", "random", 64)
+    assert not list(tmp_path.iterdir())  # nothing half-made is left
