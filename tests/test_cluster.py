@@ -191,7 +191,7 @@ def test_an_actor_writes_its_rows_as_pending_shards_and_returns_only_their_metad
     store = EmbeddingStore(tmp_path / "e.h5")
     target = ShardOutput(store, str(data), 8).target()
     session = ModelRepository(small_models).load("resnet50").open("cpu")
-    actor = EmbedActor(str(small_models), ["resnet50"], [session.manifest.onnx_sha256], "cpu", 1, 2, target)
+    actor = EmbedActor([session.model], "cpu", 1, 2, target)
     names = ["cat/0.jpg", "cat/1.jpg", "dog/corrupt.jpg"]
     crops = decoded_batch(data, names, session.manifest.preprocessing)
     columns = actor(crops)

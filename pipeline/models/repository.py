@@ -90,7 +90,7 @@ class ExportedModel:
         """
         if not self.onnx_path.is_file() or sha256_file(self.onnx_path) != self.fingerprint:
             raise UserError(f"{self.onnx_path} does not match its manifest {self.onnx_path.with_suffix('.json')} (missing "
-                            f"or changed since it was made); make it again: {remake_command(self.manifest)}.")
+                            f"or changed since it was made); {remake_command(self.manifest, self.onnx_path)}.")
         return self
 
 
@@ -286,20 +286,20 @@ def open_deployed(path: str | os.PathLike) -> ExportedModel:
     return ExportedModel(manifest, path).verify()
 
 
-def remake_command(manifest: ModelManifest) -> str:
-    """The command that makes ``manifest``'s file again."""
+def remake_command(manifest: ModelManifest, onnx_path: Path) -> str:
+    """What to do to make ``onnx_path`` (described by ``manifest``) again: the command, in a phrase."""
     if isinstance(manifest, DeployedManifest):
-        bundle = manifest.classifier.get("bundle_file", "BUNDLE")
-        return f"{command('deploy')} {bundle} --out {manifest.onnx_file}"
+        bundle = onnx_path.parent / manifest.classifier.get("bundle_file", "BUNDLE")
+        return f"deploy it again: {command('deploy')} {bundle} --out {onnx_path}"
     if manifest.precision != "fp32":
-        return (f"{command('quantize')} --model {manifest.model} --precision {manifest.precision} --force"
+        return (f"make it again: {command('quantize')} --model {manifest.model} --precision {manifest.precision} --force"
                 + (" --calibration DATA" if manifest.precision == "int8" else ""))
     weights = manifest.weights
     option = {
         IMAGENET: f"--weights {weights.get('name')}", PRETRAINED: "--weights pretrained",
         RANDOM: f"--weights random --seed {weights.get('seed')}",
     }.get(weights["source"], f"--weights {weights.get('file')}")
-    return f"{command('export')} --model {manifest.model} {option} --image-size {manifest.input['size']} --force"
+    return f"make it again: {command('export')} --model {manifest.model} {option} --image-size {manifest.input['size']} --force"
 
 
 def describe_export(result: ExportResult) -> str:
