@@ -14,7 +14,7 @@ fit: PIPELINE_MAKE_NAMES += --out=CLASSIFIERS_DIR
 
 MODELS ?= vgg16 resnet50
 WEIGHTS ?=
-IMAGE_SIZE ?= 224
+IMAGE_SIZE ?=
 MODELS_DIR ?= models
 CACHE ?= features/embeddings.h5
 DATA ?=
@@ -30,12 +30,13 @@ BENCH_ARGS ?=
 PRECISION ?= auto
 BACKEND ?= local
 
-.PHONY: help install test test-fast models quantize extract fit classify report deploy demo doctor bench bench-ray bench-store clean
+.PHONY: help install test test-fast backbones models quantize extract fit classify report deploy demo doctor bench bench-ray bench-store clean
 
 help:
 	@echo "make demo        run the pipeline end to end on built-in data"
 	@echo "make test        run the test suite (make test-fast skips the slow parity tests)"
-	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' WEIGHTS=imagenet|random|PATH|'resnet50=PATH vgg16=imagenet' IMAGE_SIZE=$(IMAGE_SIZE)"
+	@echo "make backbones   list the curated backbones (timm/..., torchvision/...): size, licence, published accuracy, speed here"
+	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' (or timm/NAME[.TAG], torchvision/NAME) WEIGHTS=pretrained|random|PATH|'resnet50=PATH vgg16=imagenet' IMAGE_SIZE= (default: the model's own)"
 	@echo "make quantize DATA=folder PRECISION=int8   make the int8 (or fp16) variant of MODELS='$(MODELS)', calibrated on DATA"
 	@echo "make extract DATA=folder   embed a folder (or CSV) into CACHE=$(CACHE) with MODELS='$(MODELS)' PRECISION=$(PRECISION) BACKEND=$(BACKEND)"
 	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE), into models/classifiers/<store name> (FIT_ARGS=...)"
@@ -62,8 +63,11 @@ test: $(INSTALLED)
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+backbones: $(INSTALLED)
+	$(PY) -m pipeline.models
+
 models: $(INSTALLED)
-	$(PY) -m pipeline.export --model $(MODELS) --weights $(or $(WEIGHTS),imagenet) --image-size $(IMAGE_SIZE) --out $(MODELS_DIR)
+	$(PY) -m pipeline.export --model $(MODELS) --weights $(or $(WEIGHTS),pretrained) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) --out $(MODELS_DIR)
 
 quantize: $(INSTALLED)
 	@test -n "$(DATA)" || { echo "error: say which images to calibrate on: make quantize DATA=path/to/folder PRECISION=int8."; exit 2; }
@@ -88,7 +92,7 @@ deploy: $(INSTALLED)
 	$(PY) -m pipeline.deploy "$(BUNDLE)" --models-dir $(MODELS_DIR) $(DEPLOY_ARGS)
 
 demo: $(INSTALLED)
-	$(PY) -m pipeline.demo --models-dir $(MODELS_DIR) --precision $(PRECISION)
+	$(PY) -m pipeline.demo --models-dir $(MODELS_DIR) --precision $(PRECISION) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
 
 doctor: $(INSTALLED)
 	$(PY) -m pipeline.doctor

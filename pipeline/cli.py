@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pipeline.errors import EXIT_USER_ERROR, run_cli
 
 STAGES = {
-    "export": ("pipeline.export", "export ImageNet backbones to ONNX"),
+    "models": ("pipeline.models.__main__", "list the curated backbones: size, licence, published and measured figures"),
+    "export": ("pipeline.export", "export backbones (vgg16, resnet50, timm/..., torchvision/...) to ONNX"),
     "quantize": ("pipeline.quantize", "make an int8 or fp16 variant of an export"),
     "extract": ("pipeline.extract", "embed a folder or CSV of images into the store"),
     "fit": ("pipeline.fit", "fit and compare classifiers on the store"),
