@@ -1,6 +1,6 @@
 """``make bench``: extraction speed and fidelity side by side, on this machine, same weights and images.
 
-For each backbone at 224 px: (a) torchvision eager on the CPU, (b) our onnxruntime fp32 and (c) int8 on
+For each default backbone at 224 px: (a) torchvision eager on the CPU, (b) our onnxruntime fp32 and (c) int8 on
 pre-decoded batches, (d) end-to-end extract from a folder of JPEG photos into HDF5 at each precision, and
 (e) torchvision's documented recipe (ImageFolder, Resize, CenterCrop, ToTensor, Normalize, a DataLoader
 with worker processes, the model in eager mode) on the same photos, whole processes against whole
@@ -8,7 +8,9 @@ processes; the effective GFLOP/s against this machine's measured float32 matrix-
 budget (decode threads against onnxruntime's threads); the host side alone: decoding step by step and the
 whole extract path with a zero-cost backbone (bench_host.py); fidelity of int8 to fp32 (embedding cosine
 on the photos, and logistic-regression test accuracy on scikit-learn's digit scans); peak memory of
-extract on 1,000 and 10,000 photos. Writes benchmarks/bench.json and prints a table.
+extract on 1,000 and 10,000 photos. For each curated model of another family (``transfer models``), at its
+own size and recipe: (a)-(d), the library's own eager forward (timm's or torchvision's module) being the
+reference, and int8 only where its fidelity to fp32 passes. Writes benchmarks/bench.json and prints a table.
 
 The photos are random crops, flips and colour shifts of the two photographs scikit-learn ships
 (``load_sample_images``), 640x480 JPEG: real camera images, no download. Weights: ImageNet when they are in
@@ -34,12 +36,13 @@ import numpy as np
 # Only what extract itself loads is imported here, so that the extract children measure extract's own memory;
 # torch and scikit-learn are imported where they are used.
 from bench_host import decode_costs, pin_to_cores, zero_cost_backbone
-from pipeline import extract, runtime
-from pipeline.backbones import BACKBONES
-from pipeline.decode import decode_file
+from pipeline.decode import calibration_crops, decode_file
+from pipeline.discover import discover
+from pipeline.errors import UserError
 from pipeline.extract import run_extract
-from pipeline.manifest import parse_variant, variant_name
-from pipeline.runtime import CUDA, available_cores, open_backbone
+from pipeline.models import CURATED, DEFAULT_BACKBONES, ModelRepository, feature_set_name, parse_model_name
+from pipeline.models.registry import parse_feature_set
+from pipeline.models.session import CUDA, available_cores
 from pipeline.store import EmbeddingStore
 
 BATCH = 16
@@ -128,35 +131,38 @@ def timed_rate(run, batch: int, min_seconds: float = MIN_SECONDS) -> float:
     return done / (time.perf_counter() - started) if elapsed else 0.0
 
 
+def library_network(model: str, weights: str, image_size: int):
+    """The model as its library builds it (timm's or torchvision's module, headless), with the exported weights,
+    behind the same normalisation: what a user would run in eager PyTorch instead."""
+    from pipeline.models.export import EmbeddingNet
+    from pipeline.models.networks import build_network
+    from pipeline.models.weights import parse_weights
+
+    name = parse_model_name(model)
+    network = build_network(name, parse_weights(name, weights), image_size)
+    return EmbeddingNet(network.module, network.preprocessing.mean, network.preprocessing.std).eval()
+
+
 def torch_eager_rate(model: str, weights: str, crops: np.ndarray, min_seconds: float) -> float:
-    """(a) the torchvision module in eager mode, normalisation included, on the CPU's cores."""
+    """(a) the library's module in eager mode, normalisation included, on the CPU's cores."""
     import torch
 
-    from pipeline.export import EmbeddingNet
-    from pipeline.weights import load_trunk, parse_weights
-
     torch.set_num_threads(available_cores())
-    backbone = BACKBONES[model]
-    request = parse_weights(backbone, weights)
-    trunk, _ = load_trunk(backbone, request)
-    preprocessing = backbone.preprocessing(request.name, 224)
-    net = EmbeddingNet(trunk, preprocessing.mean, preprocessing.std).eval()
+    net = library_network(model, weights, crops.shape[1])
     batch = torch.from_numpy(crops)
     with torch.inference_mode():
         return timed_rate(lambda: net(batch), len(crops), min_seconds)
 
 
-def flops_per_image(model: str) -> float:
-    """Floating-point operations of one 224 px forward pass (2 per multiply-add), counted by torch."""
+def flops_per_image(model: str, image_size: int) -> float:
+    """Floating-point operations of one forward pass (2 per multiply-add), counted by torch."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.weights import load_trunk, parse_weights
-
-    trunk, _ = load_trunk(BACKBONES[model], parse_weights(BACKBONES[model], "random"))
+    net = library_network(model, "random", image_size)
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        trunk(torch.zeros(1, 3, 224, 224))
+        net(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8))
     return float(counter.get_total_flops())
 
 
@@ -184,13 +190,15 @@ def child(task: str, *arguments: str) -> None:
     """The tasks ``in_child`` runs; prints one JSON line."""
     if task == "cuda":
         models_dir, model = arguments
-        out = {"usable": open_backbone(models_dir, model, "auto").provider == CUDA}
+        out = {"usable": ModelRepository(models_dir).load(model).open("auto").provider == CUDA}
     elif task == "extract":  # workers, threads, cores: 0 for extract's defaults
         data, model, precision, cache, models_dir, weights, device, workers, threads, cores = arguments
         if int(cores):
             pin_to_cores(int(cores))
         if int(threads):  # onnxruntime's intra-op threads, which extract leaves at every available core
-            extract.open_backbone = functools.partial(runtime.open_backbone, threads=int(threads))
+            from pipeline.models import repository
+
+            repository.ExportedModel.open = functools.partialmethod(repository.ExportedModel.open, threads=int(threads))
         remove_store(Path(cache))
         started = time.perf_counter()
         specs = run_extract(data, [model], cache, models_dir=models_dir, weights=weights, precision=precision,
@@ -203,7 +211,7 @@ def child(task: str, *arguments: str) -> None:
         out = {"images": torchvision_recipe(Path(photos), model, weights)}
     else:
         photos, model, models_dir, weights, min_seconds, device = arguments
-        session = open_backbone(models_dir, model, device)
+        session = ModelRepository(models_dir).load(model).open(device)
         batch = session.default_batch_size
         crops = crops_of(Path(photos), session.manifest, batch)
         if task == "torch":
@@ -222,13 +230,9 @@ def torchvision_recipe(photos: Path, model: str, weights: str) -> int:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from pipeline.weights import load_trunk, parse_weights
-
     torch.set_num_threads(available_cores())
-    backbone = BACKBONES[model]
-    request = parse_weights(backbone, weights)
-    trunk, _ = load_trunk(backbone, request)
-    preprocessing = backbone.preprocessing(request.name, 224)
+    net = library_network(model, weights, 224)
+    trunk, preprocessing = net.trunk, DEFAULT_BACKBONES[model].preprocessing(crop_size=224)
     transform = transforms.Compose([
         transforms.Resize(preprocessing.resize_size), transforms.CenterCrop(preprocessing.crop_size),
         transforms.ToTensor(), transforms.Normalize(preprocessing.mean, preprocessing.std),
@@ -252,8 +256,8 @@ def remove_store(cache: Path) -> None:
 def thread_budget(data: Path, name: str, models_dir: Path, weights: str, work: Path) -> list[dict]:
     """End-to-end extract of ``name`` with 1 and every core's worth of decode threads, against 1 and every
     core's worth of onnxruntime threads; extract's default is the last."""
-    model, precision = parse_variant(name)
-    cores = available_cores()
+    model_name, precision = parse_feature_set(name)
+    model, cores = model_name.name, available_cores()
     rows = []
     for workers in sorted({1, cores}):
         for threads in sorted({1, cores}):
@@ -302,15 +306,119 @@ def digits_accuracy(work: Path, models: list[str], models_dir: Path, weights: st
     for precision in ("fp32", "int8"):
         run_extract(data, models, cache, models_dir=models_dir, weights=weights, precision=precision, device="cpu",
                     progress=False)
-    names = [variant_name(m, p) for m in models for p in ("fp32", "int8")]
+    names = [feature_set_name(f"{m}-{p}") if p != "fp32" else m for m in models for p in ("fp32", "int8")]
     report = run_fit(cache, names, ["logreg"], out=work / "classifiers", curve=False, reuse=True)
     return {r["features"]: {"accuracy": r["test"]["accuracy"], "n_test": r["n_test"]} for r in report["results"]}
 
 
+def pure_inference(rates: dict[str, float], flops: float, peak: float) -> dict:
+    """Each rate beside eager PyTorch's, and as GFLOP/s against the float32 matmul peak."""
+    return {
+        name: {"images_per_s": rate, "vs_torch_eager": rate / rates["torch_eager"], "gflops": rate * flops / 1e9,
+               "of_matmul_peak": rate * flops / 1e9 / peak}
+        for name, rate in rates.items()
+    }
+
+
+def prepare(repository: ModelRepository, model: str, weights: str, photos: Path, calibration: int) -> dict:
+    """Export ``model`` (its own size) and make its int8 variant, calibrated on ``calibration`` of the photos; the
+    variant is left out when its fidelity to fp32 is refused. Returns what was made."""
+    source = repository.export(model, weights).model
+    made = {"source": source, "int8": repository.current_variant(source, "int8")}
+    if made["int8"] is None:
+        crops = calibration_crops(discover(photos), source.preprocessing)
+        try:
+            made["int8"] = repository.variant(source, "int8", crops, calibration)
+        except UserError as error:
+            made["refused"] = str(error)
+    return made
+
+
+def end_to_end(photos: Path, name: str, precision: str, device: str, args: argparse.Namespace, weights: str,
+               reference: float, pure: float) -> dict:
+    """Extract from the JPEG photos into a store, in a fresh process, beside eager PyTorch and pure inference."""
+    cache = args.work / f"photos-{parse_model_name(name).stem}-{precision}.h5"
+    run = in_child("extract", photos, name, precision, cache, args.models_dir, weights, device, 0, 0, 0)
+    return {**run, "vs_torch_eager": run["rate"] / reference, "of_pure_inference": run["rate"] / pure,
+            "whole_process_images_per_s": run["images"] / run["process_seconds"]}
+
+
+def int8_fidelity(args: argparse.Namespace, model: str) -> dict:
+    """Cosine of every photo's int8 embedding to its fp32 one (the end-to-end stores)."""
+    stem = parse_model_name(model).stem
+    similarity = cosine(stored(args.work / f"photos-{stem}-int8.h5", f"{stem}-int8"),
+                        stored(args.work / f"photos-{stem}-fp32.h5", stem))
+    return {"images": len(similarity), "min": float(similarity.min()), "mean": float(similarity.mean())}
+
+
+def default_backbone_entry(model: str, args: argparse.Namespace, weights: str, photos: Path, peak: float) -> dict:
+    """Every row of a default backbone: pure inference on CPU (and CUDA when usable), end to end, torchvision's
+    documented recipe, the thread budget and int8 fidelity."""
+    repository = ModelRepository(args.models_dir)
+    prepare(repository, model, weights, photos, 100)
+    flops = flops_per_image(model, 224)
+
+    def rate_of(task: str, name: str, device: str = "cpu") -> float:
+        return in_child(task, photos, name, args.models_dir, weights, args.min_seconds, device)["rate"]
+
+    rates = {"torch_eager": rate_of("torch", model), "ort_fp32": rate_of("ort", model),
+             "ort_int8": rate_of("ort", f"{model}-int8")}
+    cuda = in_child("cuda", args.models_dir, model)["usable"]
+    if cuda:  # fp16 needs no calibration; TensorRT is not measured
+        repository.variant(repository.load(model), "fp16", calibration_crops(discover(photos), repository.load(model).preprocessing))
+        rates["cuda_fp32"] = rate_of("ort", model, "cuda")
+        rates["cuda_fp16"] = rate_of("ort", f"{model}-fp16", "cuda")
+    entry = {"gflop_per_image": flops / 1e9, "pure_inference": pure_inference(rates, flops, peak), "end_to_end": {}}
+    recipe = in_child("torchvision_recipe", photos, model, weights)
+    entry["torchvision_recipe"] = {**recipe, "images_per_s": recipe["images"] / recipe["process_seconds"]}
+    runs = [("fp32", "cpu", "ort_fp32"), ("int8", "cpu", "ort_int8")] + ([("fp16", "cuda", "cuda_fp16")] if cuda else [])
+    for precision, device, pure in runs:
+        run = end_to_end(photos, model, precision, device, args, weights, rates["torch_eager"], rates[pure])
+        run["vs_torchvision_recipe"] = run["whole_process_images_per_s"] / entry["torchvision_recipe"]["images_per_s"]
+        entry["end_to_end"][precision if device == "cpu" else f"cuda_{precision}"] = run
+    entry["thread_budget_int8"] = thread_budget(photos, f"{model}-int8", args.models_dir, weights, args.work)
+    entry["int8_cosine_to_fp32"] = int8_fidelity(args, model)
+    return entry
+
+
+def curated_entry(model: str, args: argparse.Namespace, weights: str, photos: Path, peak: float) -> dict:
+    """A curated model at its own size and recipe: eager PyTorch (its library's module) against onnxruntime fp32
+    and int8 (where kept) on pre-decoded crops and end to end from the JPEG photos, with int8's fidelity."""
+    repository = ModelRepository(args.models_dir)
+    made = prepare(repository, model, weights, photos, 100)
+    size = made["source"].preprocessing.crop_size
+    flops = flops_per_image(model, size)
+
+    def rate_of(task: str, name: str) -> float:
+        return in_child(task, photos, name, args.models_dir, weights, args.min_seconds, "cpu")["rate"]
+
+    rates = {"torch_eager": rate_of("torch", model), "ort_fp32": rate_of("ort", model)}
+    if made["int8"] is not None:
+        rates["ort_int8"] = rate_of("ort", made["int8"].name)
+    entry = {"image_size": size, "gflop_per_image": flops / 1e9, "pure_inference": pure_inference(rates, flops, peak),
+             "end_to_end": {}}
+    for precision, pure in (("fp32", "ort_fp32"), ("int8", "ort_int8")):
+        if pure in rates:
+            entry["end_to_end"][precision] = end_to_end(photos, model, precision, "cpu", args, weights,
+                                                        rates["torch_eager"], rates[pure])
+    if made["int8"] is not None:
+        verification = made["int8"].manifest.verification
+        entry["int8_fidelity_at_creation"] = {key: verification[key] for key in ("images", "min_cosine", "mean_cosine")}
+        entry["int8_operators"] = made["int8"].manifest.calibration.get("operators")
+        entry["int8_cosine_to_fp32"] = int8_fidelity(args, model)
+    else:
+        entry["int8_refused"] = made["refused"]
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    parser.add_argument("--models", nargs="*", default=list(DEFAULT_BACKBONES), choices=list(DEFAULT_BACKBONES))
+    parser.add_argument("--curated", nargs="*", default=[m.name for m in CURATED if m.name not in DEFAULT_BACKBONES],
+                        help="curated models of other families to measure (default: all; none to skip)")
     parser.add_argument("--photos", type=int, default=400, help="JPEG photos for end-to-end extract (default: 400)")
+    parser.add_argument("--curated-photos", type=int, default=100,
+                        help="JPEG photos for the curated models' end-to-end rows (default: 100)")
     parser.add_argument("--digits-per-class", type=int, default=60, help="digit scans per class for accuracy (default: 60)")
     parser.add_argument("--memory-images", type=int, nargs="*", default=[1000, 10000],
                         help="photo counts for the memory check, resnet50 int8 (default: 1000 10000; none to skip)")
@@ -323,72 +431,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.models_dir = args.work / "models"  # its own exports and int8 variants, calibrated on its photos
     from pipeline.demo import demo_weights
-    from pipeline.export import export_backbone
-    from pipeline.quantize import current_variant, make_variant
 
     started = time.perf_counter()
-    weights = "imagenet" if all(demo_weights(m) == "imagenet" for m in args.models) else "random"
-    result = {"machine": machine(), "weights": weights, "int8_calibration": "100 of the bench photos", "image_size": 224, "batch_size": BATCH, "models": {}}
-    result["matmul_peak_gflops"] = matmul_peak()
-    print(f"machine: {result['machine']}\nfloat32 matmul peak: {result['matmul_peak_gflops']:.0f} GFLOP/s; "
-          f"weights: {weights}" + (" (UNTRAINED: speed is representative, fidelity is of random weights)" if weights == "random" else ""))
+    weights = "imagenet" if args.models and all(demo_weights(m) == "imagenet" for m in args.models) else "random"
+    result = {"machine": machine(), "weights": weights, "int8_calibration": "100 of the bench photos",
+              "image_size": 224, "batch_size": BATCH, "models": {}}
+    result["matmul_peak_gflops"] = peak = matmul_peak()
+    print(f"machine: {result['machine']}\nfloat32 matmul peak: {peak:.0f} GFLOP/s; weights: {weights}"
+          + (" (UNTRAINED: speed is representative, fidelity is of random weights)" if weights == "random" else ""))
     photos = make_photos(args.work / "photos", args.photos)
-    calibration = sorted(photos.rglob("*.jpg"))
     result["decode"] = decode_costs(photos, make_photos(args.work / "large-photos", 8, size=(2560, 1920)))
     print(f"decode: {result['decode']}", flush=True)
     for model in args.models:
-        export_backbone(model, weights, 224, args.models_dir)
-        if current_variant(args.models_dir, model, "int8") is None:
-            make_variant(args.models_dir, model, "int8", calibration)
-        flops = flops_per_image(model)
-        def rate_of(task: str, name: str, device: str = "cpu") -> float:
-            return in_child(task, photos, name, args.models_dir, weights, args.min_seconds, device)["rate"]
-
-        rates = {
-            "torch_eager": rate_of("torch", model),
-            "ort_fp32": rate_of("ort", model),
-            "ort_int8": rate_of("ort", variant_name(model, "int8")),
-        }
-        cuda = in_child("cuda", args.models_dir, model)["usable"]
-        if cuda:  # fp16 needs no calibration; TensorRT is not measured
-            if current_variant(args.models_dir, model, "fp16") is None:
-                make_variant(args.models_dir, model, "fp16", calibration)
-            rates["cuda_fp32"] = rate_of("ort", model, "cuda")
-            rates["cuda_fp16"] = rate_of("ort", variant_name(model, "fp16"), "cuda")
-        entry = {"gflop_per_image": flops / 1e9, "pure_inference": {}, "end_to_end": {}}
-        for name, rate in rates.items():
-            entry["pure_inference"][name] = {
-                "images_per_s": rate, "vs_torch_eager": rate / rates["torch_eager"],
-                "gflops": rate * flops / 1e9, "of_matmul_peak": rate * flops / 1e9 / result["matmul_peak_gflops"],
-            }
-        runs = [("fp32", "cpu", "ort_fp32"), ("int8", "cpu", "ort_int8")]
-        if cuda:
-            runs.append(("fp16", "cuda", "cuda_fp16"))
-        recipe = in_child("torchvision_recipe", photos, model, weights)
-        entry["torchvision_recipe"] = {**recipe, "images_per_s": recipe["images"] / recipe["process_seconds"]}
-        for precision, device, pure in runs:
-            cache = args.work / f"photos-{model}-{precision}.h5"
-            run = in_child("extract", photos, model, precision, cache, args.models_dir, weights, device, 0, 0, 0)
-            whole = run["images"] / run["process_seconds"]
-            entry["end_to_end"][precision if device == "cpu" else f"cuda_{precision}"] = {
-                **run, "vs_torch_eager": run["rate"] / rates["torch_eager"], "of_pure_inference": run["rate"] / rates[pure],
-                "whole_process_images_per_s": whole,
-                "vs_torchvision_recipe": whole / entry["torchvision_recipe"]["images_per_s"],
-            }
-        entry["thread_budget_int8"] = thread_budget(photos, variant_name(model, "int8"), args.models_dir, weights,
-                                                    args.work)
-        similarity = cosine(stored(args.work / f"photos-{model}-int8.h5", variant_name(model, "int8")),
-                            stored(args.work / f"photos-{model}-fp32.h5", model))
-        entry["int8_cosine_to_fp32"] = {"images": len(similarity), "min": float(similarity.min()),
-                                        "mean": float(similarity.mean())}
-        result["models"][model] = entry
-        print(f"{model}: {json.dumps(entry, indent=1)}", flush=True)
-    host_photos = make_photos(args.work / "host-photos", args.host_photos, seed=7)
-    result["host"] = host_ceiling(host_photos, args.models[0], args.models_dir, weights, args.work)
-    print(f"host: {json.dumps(result['host'])}", flush=True)
-    result["digits_logreg_accuracy"] = digits_accuracy(args.work, args.models, args.models_dir, weights,
-                                                       args.digits_per_class)
-    if args.memory_images:
+        result["models"][model] = default_backbone_entry(model, args, weights, photos, peak)
+        print(f"{model}: {json.dumps(result['models'][model], indent=1)}", flush=True)
+    curated_photos = make_photos(args.work / "curated-photos", args.curated_photos, seed=3)
+    for model in args.curated:  # the libraries' pretrained weights cannot be had offline: random (seeded) ones
+        result["models"][model] = curated_entry(model, args, "random", curated_photos, peak)
+        print(f"{model}: {json.dumps(result['models'][model], indent=1)}", flush=True)
+    if args.models:
+        host_photos = make_photos(args.work / "host-photos", args.host_photos, seed=7)
+        result["host"] = host_ceiling(host_photos, args.models[0], args.models_dir, weights, args.work)
+        print(f"host: {json.dumps(result['host'])}", flush=True)
+        result["digits_logreg_accuracy"] = digits_accuracy(args.work, args.models, args.models_dir, weights,
+                                                           args.digits_per_class)
+    if args.memory_images and "resnet50" in args.models:
         memory = {}
         for count in args.memory_images:
             folder = make_photos(args.work / f"memory-{count}", count, seed=count)
@@ -404,30 +471,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(result: dict) -> None:
-    """The README's tables: inference and extract against torchvision, the thread budget, the host side."""
-    print(f"\n| model | path | images/s | vs torch eager | G(FL)OP/s (share of {result['matmul_peak_gflops']:.0f} GFLOP/s fp32 matmul) | "
-          "peak memory | int8 fidelity |")
+    """The README's tables: inference and extract against eager PyTorch and torchvision's recipe, the thread budget,
+    the host side."""
+    print(f"\n| model | path | images/s | vs torch eager | G(FL)OP/s (share of {result['matmul_peak_gflops']:.0f} GFLOP/s "
+          "fp32 matmul) | peak memory | int8 fidelity |")
     print("|---|---|---|---|---|---|---|")
     accuracy = result.get("digits_logreg_accuracy", {})
     for model, entry in result["models"].items():
-        rows = [(name, values) for name, values in entry["pure_inference"].items()]
-        for name, row in rows:
+        for name, row in entry["pure_inference"].items():
             fidelity = ""
             if name == "ort_int8":
-                fidelity = (f"cosine min {entry['int8_cosine_to_fp32']['min']:.4f}; digits accuracy "
-                            f"{accuracy.get(variant_name(model, 'int8'), {}).get('accuracy', float('nan')):.3f} vs "
-                            f"{accuracy.get(model, {}).get('accuracy', float('nan')):.3f} fp32")
+                fidelity = f"cosine to fp32 min {entry['int8_cosine_to_fp32']['min']:.4f}"
+                if model in accuracy:
+                    fidelity += (f"; digits accuracy {accuracy.get(f'{model}-int8', {}).get('accuracy', float('nan')):.3f}"
+                                 f" vs {accuracy[model]['accuracy']:.3f} fp32")
             print(f"| {model} | {name} (pre-decoded) | {row['images_per_s']:.1f} | {row['vs_torch_eager']:.2f}x | "
                   f"{row['gflops']:.0f} ({row['of_matmul_peak']:.0%}) | | {fidelity} |")
+        if entry.get("int8_refused"):
+            print(f"| {model} | int8 | refused | | | | {entry['int8_refused']} |")
         for name, run in entry["end_to_end"].items():
             print(f"| {model} | extract {name}, JPEG to HDF5 | {run['rate']:.1f} | {run['vs_torch_eager']:.2f}x | "
                   f"{run['of_pure_inference']:.0%} of pure inference | {run['peak_rss_mb']:.0f} MB | |")
     for count, run in result.get("memory_resnet50_int8", {}).items():
         print(f"| resnet50 | extract int8, {count} photos | {run['rate']:.1f} | | | {run['peak_rss_mb']:.0f} MB | |")
 
+    recipes = {model: entry for model, entry in result["models"].items() if "torchvision_recipe" in entry}
     print("\n| model | whole process, the same photos | images/s | vs torchvision's recipe |")
     print("|---|---|---|---|")
-    for model, entry in result["models"].items():
+    for model, entry in recipes.items():
         print(f"| {model} | torchvision recipe (ImageFolder, DataLoader, eager) | "
               f"{entry['torchvision_recipe']['images_per_s']:.1f} | 1.00x |")
         for name, run in entry["end_to_end"].items():
@@ -435,17 +506,19 @@ def print_table(result: dict) -> None:
 
     print("\n| model | decode threads | onnxruntime threads | images/s, int8 end to end |")
     print("|---|---|---|---|")
-    for model, entry in result["models"].items():
+    for model, entry in recipes.items():
         for row in entry["thread_budget_int8"]:
             default = " (default)" if row["default"] else ""
             print(f"| {model} | {row['decode_threads']} | {row['onnxruntime_threads']} | {row['images_per_s']:.1f}{default} |")
 
-    host = result["host"]
-    print(f"\n| zero-cost backbone, {host['images']} photos of {host['photo_size'][0]}x{host['photo_size'][1]} | images/s | per core |")
-    print("|---|---|---|")
-    for cores, run in host["cores"].items():
-        print(f"| {cores} core{'s' if int(cores) > 1 else ''}, as many decode threads | {run['images_per_s']:.0f} | "
-              f"{run['images_per_s_per_core']:.0f} |")
+    if "host" in result:
+        host = result["host"]
+        print(f"\n| zero-cost backbone, {host['images']} photos of {host['photo_size'][0]}x{host['photo_size'][1]} | "
+              "images/s | per core |")
+        print("|---|---|---|")
+        for cores, run in host["cores"].items():
+            print(f"| {cores} core{'s' if int(cores) > 1 else ''}, as many decode threads | {run['images_per_s']:.0f} | "
+                  f"{run['images_per_s_per_core']:.0f} |")
     steps = result["decode"]["photos_640x480"]["ms"]
     print("\ndecode_file, 640x480 JPEG, one core: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in steps.items()))
 

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.backbones import Preprocessing
 from pipeline.decode import (
     MAX_PIXELS, PIXELS_SOURCE, decode_file, draft_floor, load_rgb, map_ordered, open_image, pixel_features, read_image_file,
     resize_center_crop, to_rgb,
 )
-from pipeline.runtime import available_cores
+from pipeline.models import Preprocessing
+from pipeline.models.session import available_cores
 
 REPEATS = 3
 # Pillow's reducing_gap shrinks by an integer factor before the filter when the scale is at least twice the
@@ -146,7 +146,7 @@ def zero_cost_backbone(models_dir: Path, model: str, out_dir: Path) -> Path:
     from onnx import TensorProto, helper
 
     from pipeline.files import sha256_file
-    from pipeline.manifest import ModelManifest
+    from pipeline.models import ModelManifest
 
     manifest = ModelManifest.load(models_dir / f"{model}.json")
     size, dim = manifest.input["size"], manifest.output["dim"]

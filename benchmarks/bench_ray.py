@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 from bench_extract import make_photos
-from pipeline.runtime import available_cores
+from pipeline.models.session import available_cores
 
 CLUSTER_IMAGES = (1_000_000, 100_000_000)
 CLUSTER_WORKERS = (8, 64, 512)
@@ -138,15 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print_estimate(result["estimate"])
         return 0
-    from pipeline.export import export_backbone
-    from pipeline.quantize import current_variant, make_variant
+    from pipeline.decode import calibration_crops
+    from pipeline.discover import discover
+    from pipeline.models import ModelRepository
 
     args.work.mkdir(parents=True, exist_ok=True)
     photos = make_photos(args.work / "ray-photos", args.photos)
     models_dir = args.work / "models"
-    export_backbone(args.model, "random", 224, models_dir)
-    if args.precision != "fp32" and current_variant(models_dir, args.model, args.precision) is None:
-        make_variant(models_dir, args.model, args.precision, sorted(photos.rglob("*.jpg")))  # not timed
+    repository = ModelRepository(models_dir)
+    source = repository.export(args.model, "random", 224).model
+    repository.variant(source, args.precision, calibration_crops(discover(photos), source.preprocessing))  # not timed
     result: dict = {"cores": available_cores(), "model": args.model, "precision": args.precision}
     for backend in ("local", "ray"):
         result[backend] = in_child(photos, args.work / f"ray-bench-{backend}.h5", models_dir, args.model,

@@ -35,7 +35,7 @@ import numpy as np
 from pipeline.discover import ImageRecord
 from pipeline.extract import WorkItem, needed_work, record_batch
 from pipeline.features import FeatureSpec
-from pipeline.runtime import available_cores
+from pipeline.models.session import available_cores
 from pipeline.store import EmbeddingStore, FileState, Segment
 
 DIM = 2048

@@ -30,23 +30,24 @@ $PY - "$OUT" "$DEVICE" $MODELS <<'PY'
 import json, sys
 from pathlib import Path
 import numpy as np
-from pipeline.export import export_backbone
-from pipeline.quantize import make_variant
-from pipeline.runtime import open_backbone
+from pipeline.decode import calibration_crops
+from pipeline.discover import discover
+from pipeline.models import ModelRepository
 sys.path.insert(0, "benchmarks")
 from bench_extract import make_photos
 
 out, device, models = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-photos = sorted(make_photos(out / "calibration", 32).rglob("*.jpg"))
+photos = discover(make_photos(out / "calibration", 32))
+repository = ModelRepository(out / "models")
 rng = np.random.default_rng(0)
 crops = rng.integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)
 result = {}
 for model in models:
-    export_backbone(model, "random", 224, out / "models")
-    make_variant(out / "models", model, "fp16", photos)
-    cpu = open_backbone(out / "models", model, "cpu").embed(crops)
+    source = repository.export(model, "random", 224).model
+    repository.variant(source, "fp16", calibration_crops(photos, source.preprocessing))
+    cpu = source.open("cpu").embed(crops)
     for variant in (model, f"{model}-fp16"):
-        session = open_backbone(out / "models", variant, device)  # cuda is strict: fails rather than use the CPU
+        session = repository.load(variant).open(device)  # cuda is strict: fails rather than use the CPU
         assert device == "cpu" or session.provider == "CUDAExecutionProvider", session.provider
         gpu = np.concatenate([session.embed(crops[i:i + 16]) for i in range(0, len(crops), 16)])
         cosine = np.sum(cpu * gpu, 1) / (np.linalg.norm(cpu, axis=1) * np.linalg.norm(gpu, axis=1))

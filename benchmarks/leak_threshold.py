@@ -18,9 +18,8 @@ from PIL import Image
 from sklearn.datasets import load_digits, load_sample_image
 
 from pipeline.decode import decode_file
-from pipeline.export import export_backbone
 from pipeline.findings import centred
-from pipeline.runtime import open_backbone
+from pipeline.models import ModelRepository
 
 THRESHOLDS = (0.9, 0.95, 0.97, 0.98, 0.99)
 
@@ -78,8 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     images, planted = real_images(args.work)
-    export_backbone("resnet50", "random", 224, args.work / "models")
-    session = open_backbone(args.work / "models", "resnet50", "cpu")
+    session = ModelRepository(args.work / "models").export("resnet50", "random", 224).model.open("cpu")
     recipe = [session.manifest.preprocessing]
     decoded = [decode_file(path, recipe) for path in images]
     copies = [decode_file(copy, recipe) for _, copy in planted]
