@@ -104,6 +104,14 @@ class Classifier:
     known: Mapping[str, np.ndarray]
     untrained: bool
 
+    @property
+    def features(self) -> str:
+        """What its features are, in words: the backbone, its precision, weights and their licence."""
+        if self.session is None:
+            return "raw 32x32 pixels"
+        manifest = self.session.manifest
+        return f"{manifest.model} {manifest.precision}, weights {manifest.weights_id}, licence {manifest.license}"
+
 
 def open_classifier(
     path: Path, models_dir: Path, cache: Path | None, device: str = "auto", precision: str = "auto",
@@ -230,8 +238,8 @@ def run_classify(
     Returns
     -------
     dict
-        ``images``, ``classified``, ``unreadable``, ``cached`` counts, and ``correct`` / ``labelled`` when
-        the folder has class sub-folders.
+        ``images``, ``classified``, ``unreadable``, ``cached`` counts, ``correct`` / ``labelled`` when the
+        folder has class sub-folders, and ``features``: the backbone, its weights and their licence, in words.
     """
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1.")
@@ -257,7 +265,8 @@ def run_classify(
         print(f"warning: none of {folder}'s class names ({_few(dataset.classes)}) is a class of {bundle_path} "
               f"({_few(classifier.classes)}): it was fitted on other images; the classifiers fitted on a store are "
               "in models/classifiers/<store name> (classify --cache STORE picks them).", file=sys.stderr)
-    counts = {"images": len(shown), "classified": 0, "unreadable": 0, "cached": 0, "labelled": 0, "correct": 0}
+    counts = {"images": len(shown), "classified": 0, "unreadable": 0, "cached": 0, "labelled": 0, "correct": 0,
+              "features": classifier.features}
 
     def tally(stream: Iterator[Embedded]) -> Iterator[Embedded]:
         for item in stream:
@@ -370,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         reused = f"no store at {args.cache} to reuse embeddings from"
     print(f"classified {counts['classified']} of {counts['images']} images with {bundle_path}{where} "
-          f"({reused}){accuracy}.", file=sys.stderr)
+          f"({reused}){accuracy}; features: {counts['features']}.", file=sys.stderr)
     if counts["unreadable"]:
         print(f"{_count(counts['unreadable'], 'file')} could not be decoded; their rows hold the reason.", file=sys.stderr)
         return EXIT_UNREADABLE
