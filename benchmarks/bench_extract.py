@@ -196,9 +196,9 @@ def child(task: str, *arguments: str) -> None:
         if int(cores):
             pin_to_cores(int(cores))
         if int(threads):  # onnxruntime's intra-op threads, which extract leaves at every available core
-            from pipeline.models import repository
+            from pipeline.models import ExportedModel
 
-            repository.ExportedModel.open = functools.partialmethod(repository.ExportedModel.open, threads=int(threads))
+            ExportedModel.open = functools.partialmethod(ExportedModel.open, threads=int(threads))
         remove_store(Path(cache))
         started = time.perf_counter()
         specs = run_extract(data, [model], cache, models_dir=models_dir, weights=weights, precision=precision,

@@ -191,3 +191,19 @@ def weights_id(weights: dict[str, Any]) -> str:
     if source == "random":
         return f"random:seed={weights['seed']}"
     return f"file:{weights['sha256']}"
+
+
+def remake_command(manifest: ModelManifest, onnx_path: Path) -> str:
+    """What to do to make ``onnx_path`` (described by ``manifest``) again: the command, in a phrase."""
+    if isinstance(manifest, DeployedManifest):
+        bundle = onnx_path.parent / manifest.classifier.get("bundle_file", "BUNDLE")
+        return f"deploy it again: {command('deploy')} {bundle} --out {onnx_path}"
+    if manifest.precision != "fp32":
+        return (f"make it again: {command('quantize')} --model {manifest.model} --precision {manifest.precision} --force"
+                + (" --calibration DATA" if manifest.precision == "int8" else ""))
+    weights = manifest.weights
+    option = {
+        "imagenet": f"--weights {weights.get('name')}", "pretrained": "--weights pretrained",
+        "random": f"--weights random --seed {weights.get('seed')}",
+    }.get(weights["source"], f"--weights {weights.get('file')}")
+    return f"make it again: {command('export')} --model {manifest.model} {option} --image-size {manifest.input['size']} --force"

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -21,9 +20,7 @@ import onnxruntime
 from pipeline.errors import UserError, command
 from pipeline.files import atomic_path, sha256_file
 from pipeline.models.manifest import INPUT_NAME, OUTPUT_NAME, ModelManifest
-
-if TYPE_CHECKING:
-    from pipeline.models.repository import ExportedModel
+from pipeline.models.session import ExportedModel
 
 CALIBRATION_IMAGES = 100  # default sample of the user's images that sets the int8 activation ranges
 VERIFY_IMAGES = 16  # images beside the calibration sample on which fidelity to fp32 is measured at creation

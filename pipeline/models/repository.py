@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError, command
-from pipeline.files import atomic_path, sha256_file
+from pipeline.files import atomic_path
 from pipeline.models.manifest import MANIFEST_VERSION, OPSET, DeployedManifest, ModelManifest
-from pipeline.models.preprocessing import Preprocessing
 from pipeline.models.registry import EXPORT_EXTRA, ModelName, parse_feature_set, parse_model_name
-from pipeline.models.session import BackboneSession, start_session
-from pipeline.models.weights import IMAGENET, PRETRAINED, RANDOM, WeightsRequest, parse_weights
+from pipeline.models.session import ExportedModel
+from pipeline.models.weights import PRETRAINED, WeightsRequest, parse_weights
 
 logger = logging.getLogger(__name__)
 UNTRAINED_BANNER = (
@@ -30,68 +29,6 @@ UNTRAINED_BANNER = (
     + "\n!! {model}: UNTRAINED RANDOM WEIGHTS. These embeddings carry nothing learnt;\n"
     "!! classifiers fitted on them measure the pipeline, not transfer learning.\n" + "!" * 78
 )
-
-
-@dataclass(frozen=True)
-class ExportedModel:
-    """One exported model (a backbone, a precision variant of one, or a deployed classifier), verified once.
-
-    Attributes
-    ----------
-    manifest : ModelManifest
-        What the file computes and how its input is made; a :class:`DeployedManifest` for a deployed classifier.
-    onnx_path : Path
-        The ONNX file, whose sha256 is ``manifest.onnx_sha256``.
-    """
-
-    manifest: ModelManifest
-    onnx_path: Path
-
-    @property
-    def name(self) -> str:
-        """The feature-set name of its embeddings (and its file stem): ``resnet50-int8``."""
-        return self.manifest.name
-
-    @property
-    def fingerprint(self) -> str:
-        """The ONNX file's sha256: what stores and classifiers refer to."""
-        return self.manifest.onnx_sha256
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        """How its input crops are made."""
-        return self.manifest.preprocessing
-
-    @property
-    def precision(self) -> str:
-        return self.manifest.precision
-
-    @property
-    def untrained(self) -> bool:
-        """Whether its weights are random (its embeddings carry nothing learnt)."""
-        return self.manifest.untrained
-
-    def feature_set(self, precision: str) -> str:
-        """The feature-set name of this model's ``precision`` variant (``resnet50-int8``)."""
-        return self.manifest.model_name.feature_set(precision)
-
-    def open(self, device: str = "auto", threads: int | None = None) -> BackboneSession:
-        """An onnxruntime session over the file on ``device`` (see :func:`pipeline.models.session.start_session`)."""
-        return start_session(self, device, threads)
-
-    def verify(self) -> ExportedModel:
-        """Check that the file is still the one the manifest describes (as on another machine, whose copy
-        of the models folder may differ); returns self.
-
-        Raises
-        ------
-        UserError
-            When the file is missing or changed, with the command that makes it again.
-        """
-        if not self.onnx_path.is_file() or sha256_file(self.onnx_path) != self.fingerprint:
-            raise UserError(f"{self.onnx_path} does not match its manifest {self.onnx_path.with_suffix('.json')} (missing "
-                            f"or changed since it was made); {remake_command(self.manifest, self.onnx_path)}.")
-        return self
 
 
 @dataclass(frozen=True)
@@ -284,22 +221,6 @@ def open_deployed(path: str | os.PathLike) -> ExportedModel:
     path = Path(path)
     manifest = DeployedManifest.load(path.with_suffix(".json"))
     return ExportedModel(manifest, path).verify()
-
-
-def remake_command(manifest: ModelManifest, onnx_path: Path) -> str:
-    """What to do to make ``onnx_path`` (described by ``manifest``) again: the command, in a phrase."""
-    if isinstance(manifest, DeployedManifest):
-        bundle = onnx_path.parent / manifest.classifier.get("bundle_file", "BUNDLE")
-        return f"deploy it again: {command('deploy')} {bundle} --out {onnx_path}"
-    if manifest.precision != "fp32":
-        return (f"make it again: {command('quantize')} --model {manifest.model} --precision {manifest.precision} --force"
-                + (" --calibration DATA" if manifest.precision == "int8" else ""))
-    weights = manifest.weights
-    option = {
-        IMAGENET: f"--weights {weights.get('name')}", PRETRAINED: "--weights pretrained",
-        RANDOM: f"--weights random --seed {weights.get('seed')}",
-    }.get(weights["source"], f"--weights {weights.get('file')}")
-    return f"make it again: {command('export')} --model {manifest.model} {option} --image-size {manifest.input['size']} --force"
 
 
 def describe_export(result: ExportResult) -> str:

@@ -1,4 +1,5 @@
-"""onnxruntime sessions over exported models, on CUDA when it is actually usable, otherwise on the CPU."""
+"""An exported model, checked against its manifest once, and the onnxruntime sessions over it: on CUDA when it is
+actually usable, otherwise on the CPU."""
 
 from __future__ import annotations
 
@@ -7,17 +8,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime
 
 from pipeline.errors import UserError, command
 from pipeline.models import cuda
-from pipeline.models.manifest import ModelManifest
-
-if TYPE_CHECKING:
-    from pipeline.models.repository import ExportedModel
+from pipeline.files import sha256_file
+from pipeline.models.manifest import ModelManifest, remake_command
+from pipeline.models.preprocessing import Preprocessing
 
 DEVICES = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
@@ -32,6 +31,68 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """One exported model (a backbone, a precision variant of one, or a deployed classifier), verified once.
+
+    Attributes
+    ----------
+    manifest : ModelManifest
+        What the file computes and how its input is made; a :class:`DeployedManifest` for a deployed classifier.
+    onnx_path : Path
+        The ONNX file, whose sha256 is ``manifest.onnx_sha256``.
+    """
+
+    manifest: ModelManifest
+    onnx_path: Path
+
+    @property
+    def name(self) -> str:
+        """The feature-set name of its embeddings (and its file stem): ``resnet50-int8``."""
+        return self.manifest.name
+
+    @property
+    def fingerprint(self) -> str:
+        """The ONNX file's sha256: what stores and classifiers refer to."""
+        return self.manifest.onnx_sha256
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How its input crops are made."""
+        return self.manifest.preprocessing
+
+    @property
+    def precision(self) -> str:
+        return self.manifest.precision
+
+    @property
+    def untrained(self) -> bool:
+        """Whether its weights are random (its embeddings carry nothing learnt)."""
+        return self.manifest.untrained
+
+    def feature_set(self, precision: str) -> str:
+        """The feature-set name of this model's ``precision`` variant (``resnet50-int8``)."""
+        return self.manifest.model_name.feature_set(precision)
+
+    def open(self, device: str = "auto", threads: int | None = None) -> BackboneSession:
+        """An onnxruntime session over the file on ``device`` (see :func:`pipeline.models.session.start_session`)."""
+        return start_session(self, device, threads)
+
+    def verify(self) -> ExportedModel:
+        """Check that the file is still the one the manifest describes (as on another machine, whose copy
+        of the models folder may differ); returns self.
+
+        Raises
+        ------
+        UserError
+            When the file is missing or changed, with the command that makes it again.
+        """
+        if not self.onnx_path.is_file() or sha256_file(self.onnx_path) != self.fingerprint:
+            raise UserError(f"{self.onnx_path} does not match its manifest {self.onnx_path.with_suffix('.json')} (missing "
+                            f"or changed since it was made); {remake_command(self.manifest, self.onnx_path)}.")
+        return self
 
 
 @dataclass

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
-from pipeline.models.registry import TIMM, TORCHVISION_LICENSE, ModelName, parse_model_name
+from pipeline.models.registry import TIMM, ModelName, parse_model_name
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that parsing --weights needs only the run-time deps
     import torch
