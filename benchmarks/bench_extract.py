@@ -36,10 +36,11 @@ import numpy as np
 # Only what extract itself loads is imported here, so that the extract children measure extract's own memory;
 # torch and scikit-learn are imported where they are used.
 from bench_host import decode_costs, pin_to_cores, zero_cost_backbone
-from pipeline.decode import calibration_crops, decode_file
-from pipeline.discover import discover
+
 from pipeline.errors import UserError
-from pipeline.extract import run_extract
+from pipeline.extract.decode import calibration_crops, decode_file
+from pipeline.extract.discover import discover
+from pipeline.extract.run import run_extract
 from pipeline.models import CURATED, DEFAULT_BACKBONES, ModelRepository, feature_set_name, parse_model_name
 from pipeline.models.registry import parse_feature_set
 from pipeline.models.session import CUDA, available_cores
@@ -298,7 +299,7 @@ def stored(cache: Path, name: str) -> np.ndarray:
 def digits_accuracy(work: Path, models: list[str], models_dir: Path, weights: str, per_class: int) -> dict:
     """Test accuracy of logistic regression on fp32 and int8 embeddings of the same digit scans and split."""
     from pipeline.demo import write_digits
-    from pipeline.fit import run_fit
+    from pipeline.fit.run import run_fit
 
     data = work / "digits"
     write_digits(data, per_class)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.discover import ImageRecord
-from pipeline.fit import print_summary, run_fit
+from pipeline.extract.discover import ImageRecord
+from pipeline.fit.run import print_summary, run_fit
 from pipeline.store import EmbeddingStore, FileState, Segment
 
 LATENT = 64

@@ -25,9 +25,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.decode import (
-    MAX_PIXELS, PIXELS_SOURCE, decode_file, draft_floor, load_rgb, map_ordered, open_image, pixel_features, read_image_file,
-    resize_center_crop, to_rgb,
+from pipeline.extract.decode import (
+    MAX_PIXELS,
+    PIXELS_SOURCE,
+    decode_file,
+    draft_floor,
+    load_rgb,
+    map_ordered,
+    open_image,
+    pixel_features,
+    read_image_file,
+    resize_center_crop,
+    to_rgb,
 )
 from pipeline.models import Preprocessing
 from pipeline.models.session import available_cores

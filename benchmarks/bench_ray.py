@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-
 from bench_extract import make_photos
+
 from pipeline.models.session import available_cores
 
 CLUSTER_IMAGES = (1_000_000, 100_000_000)
@@ -31,8 +31,8 @@ CLUSTER_WORKERS = (8, 64, 512)
 
 def extract_child(data: str, cache: str, models_dir: str, model: str, precision: str, backend: str) -> None:
     """Time one extract run in this (fresh) process; print one JSON line."""
-    from pipeline import cluster
-    from pipeline.extract import run_extract
+    from pipeline.extract import cluster
+    from pipeline.extract.run import run_extract
 
     Path(cache).unlink(missing_ok=True)
     started = time.perf_counter()
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print_estimate(result["estimate"])
         return 0
-    from pipeline.decode import calibration_crops
-    from pipeline.discover import discover
+    from pipeline.extract.decode import calibration_crops
+    from pipeline.extract.discover import discover
     from pipeline.models import ModelRepository
 
     args.work.mkdir(parents=True, exist_ok=True)

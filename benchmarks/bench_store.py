@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.discover import ImageRecord
-from pipeline.extract import WorkItem, needed_work, record_batch
-from pipeline.features import FeatureSpec
+from pipeline.extract.discover import ImageRecord
+from pipeline.extract.features import FeatureSpec
+from pipeline.extract.run import WorkItem, needed_work, record_batch
 from pipeline.models.session import available_cores
 from pipeline.store import EmbeddingStore, FileState, Segment
 
@@ -202,7 +202,7 @@ def ray_intake(work: Path, images: int) -> dict:
     """The driver's cost per image when actors write the shards: extract's own Ray loop, record and commit."""
     import ray
 
-    from pipeline import cluster
+    from pipeline.extract import cluster
 
     cluster.decode_batch, cluster.EmbedActor = synthetic_decode, SyntheticActor  # no files, no model: the store path
     folder = work / "ray"

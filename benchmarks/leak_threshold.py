@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits, load_sample_image
 
-from pipeline.decode import decode_file
-from pipeline.findings import centred
+from pipeline.extract.decode import decode_file
+from pipeline.fit.findings import centred
 from pipeline.models import ModelRepository
 
 THRESHOLDS = (0.9, 0.95, 0.97, 0.98, 0.99)

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 __all__ = ["EmbeddingStore", "ImageEmbedder", "__version__"]
-_PUBLIC = {"EmbeddingStore": "pipeline.store", "ImageEmbedder": "pipeline.embedder"}
+_PUBLIC = {"EmbeddingStore": "pipeline.store", "ImageEmbedder": "pipeline.serve.embedder"}
 
 
 def __getattr__(name: str):

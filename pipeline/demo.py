@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.bundle import classifiers_dir
-from pipeline.classify import choose_bundle, run_classify
 from pipeline.errors import run_cli
-from pipeline.extract import run_extract
-from pipeline.fit import print_summary, run_fit
+from pipeline.extract.run import run_extract
+from pipeline.files import classifiers_dir
+from pipeline.fit.run import print_summary, run_fit
 from pipeline.models import DEFAULT_BACKBONES, PRECISIONS, ModelManifest, ModelRepository
 from pipeline.models.repository import UNTRAINED_BANNER, ExportResult, describe_export
+from pipeline.serve.classify import choose_bundle, run_classify
 from pipeline.store import EmbeddingStore
 
 TEST_FRACTION = 0.25

@@ -1,4 +1,4 @@
-"""Stage driver: ``python -m pipeline.export --model MODEL``: export backbones without their heads to ONNX."""
+"""``python -m pipeline.export --model MODEL``: export backbones without their heads to ONNX."""
 
 from __future__ import annotations
 

@@ -114,3 +114,12 @@ def _flock(lock_path: Path, busy: str) -> int:
         if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
             return descriptor
         os.close(descriptor)  # the holder removed it as we opened it: take the new one
+
+
+CLASSIFIERS_ROOT = Path("models/classifiers")
+
+
+def classifiers_dir(cache: str | os.PathLike) -> Path:
+    """Where fit writes, and classify looks for, the classifiers fitted on the store ``cache``:
+    ``models/classifiers/<store name>/``, so that fitting one store never replaces another's classifiers."""
+    return CLASSIFIERS_ROOT / Path(cache).stem

@@ -1,4 +1,4 @@
-"""Stage driver: ``python -m pipeline.quantize --model MODEL --precision int8``: derive precision variants."""
+"""``python -m pipeline.quantize --model MODEL --precision int8``: derive precision variants."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.decode import calibration_crops
-from pipeline.discover import discover
 from pipeline.errors import UserError, run_cli
+from pipeline.extract.decode import calibration_crops
+from pipeline.extract.discover import discover
 from pipeline.models import ModelRepository
 from pipeline.models.quantize import CALIBRATION_IMAGES, VERIFY_IMAGES, check_calibration_images, describe
 

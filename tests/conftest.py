@@ -12,9 +12,8 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.models import ExportResult, ModelRepository
-from pipeline.extract import run_extract
-from pipeline.models import parse_model_name
+from pipeline.extract.run import run_extract
+from pipeline.models import ExportResult, ModelRepository, parse_model_name
 
 STATE_DICT_SEED = 1234
 

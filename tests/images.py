@@ -76,7 +76,7 @@ def hostile_corpus(root: Path) -> tuple[Path, set[str], set[str]]:
     keep("strip.png", photo(10, 1000))
     Image.fromarray(photo(40, 50, 1)).convert("CMYK").save(folder / "cmyk.jpg")
     good.add("mixed/cmyk.jpg")
-    Image.fromarray((photo(30, 40, 2)[..., 0].astype(np.uint16) * 257)).save(folder / "sixteen-bit.png")
+    Image.fromarray(photo(30, 40, 2)[..., 0].astype(np.uint16) * 257).save(folder / "sixteen-bit.png")
     good.add("mixed/sixteen-bit.png")
     palette = Image.fromarray(photo(30, 40, 3)).convert("P", palette=Image.Palette.ADAPTIVE)
     palette.info["transparency"] = 0

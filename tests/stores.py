@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.decode import PIXELS_FINGERPRINT
-from pipeline.discover import ImageRecord
+from pipeline.extract.decode import PIXELS_FINGERPRINT
+from pipeline.extract.discover import ImageRecord
 from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
 
 ROOT = Path("/data/synthetic")

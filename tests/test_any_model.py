@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import extract
-from pipeline.classify import run_classify
-from pipeline.deploy import deploy_classifier
-from pipeline.embedder import ImageEmbedder
-from pipeline.features import feature_specs
-from pipeline.fit import run_fit
+from pipeline.extract import run as extract
+from pipeline.extract.features import feature_specs
+from pipeline.fit.run import run_fit
 from pipeline.models import ModelRepository
+from pipeline.serve.classify import run_classify
+from pipeline.serve.deploy import deploy_classifier
+from pipeline.serve.embedder import ImageEmbedder
 from pipeline.store import PIXELS, EmbeddingStore
 from tests.images import class_folders
 

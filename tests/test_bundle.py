@@ -9,10 +9,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.bundle import ClassifierBundle, open_fitted_backbone, provenance_of
-from pipeline.decode import PIXELS_FINGERPRINT
 from pipeline.errors import UserError
+from pipeline.extract.decode import PIXELS_FINGERPRINT
 from pipeline.files import sha256_file
+from pipeline.fit.bundle import ClassifierBundle, provenance_of
+from pipeline.serve.bundles import open_fitted_backbone
 from pipeline.store import PIXELS
 from tests.stores import blobs, feature_attrs
 

@@ -11,15 +11,15 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import embedder
-from pipeline.bundle import ClassifierBundle
-from pipeline.classify import choose_bundle, run_classify
 from pipeline.errors import UserError
-from pipeline.extract import run_extract
-from pipeline.fit import run_fit
-from pipeline.decode import calibration_crops
-from pipeline.discover import discover
+from pipeline.extract.decode import calibration_crops
+from pipeline.extract.discover import discover
+from pipeline.extract.run import run_extract
+from pipeline.fit.bundle import ClassifierBundle
+from pipeline.fit.run import run_fit
 from pipeline.models import ModelRepository
+from pipeline.serve import embedder
+from pipeline.serve.classify import choose_bundle, run_classify
 from pipeline.store import EmbeddingStore
 from tests.images import photo, save
 
@@ -233,7 +233,7 @@ def test_each_store_has_its_own_classifiers_and_classify_picks_those_of_its_cach
     shutil.copytree(work / "pets.h5.shards", tmp_path / "a.h5.shards")
     report = run_fit(tmp_path / "a.h5", n_jobs=1, classifiers=["logreg"], curve=False)  # no out: the store's own
     assert (tmp_path / "models" / "classifiers" / "a" / "report.json").exists() and report["bundles"]
-    from pipeline.bundle import classifiers_dir
+    from pipeline.files import classifiers_dir
 
     assert classifiers_dir(tmp_path / "a.h5") == classifiers_dir("features/a.h5") == (
         tmp_path / "models" / "classifiers" / "a").relative_to(tmp_path)

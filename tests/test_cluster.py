@@ -17,17 +17,19 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray,dev]')")
 
-from pipeline import cluster, extract  # noqa: E402
-from pipeline.models import DEFAULT_BACKBONES, ModelRepository  # noqa: E402
-from pipeline.cluster import EmbedActor, ShardOutput, decode_batch, embed_on_ray, plan_workers  # noqa: E402
-from pipeline.decode import MAX_PIXELS  # noqa: E402
-from pipeline.discover import ImageRecord  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.extract import WorkItem  # noqa: E402
-from pipeline.features import feature_specs  # noqa: E402
+from pipeline.extract import cluster  # noqa: E402
+from pipeline.extract import run as extract  # noqa: E402
+from pipeline.extract.cluster import EmbedActor, ShardOutput, decode_batch, embed_on_ray, plan_workers  # noqa: E402
+from pipeline.extract.decode import MAX_PIXELS  # noqa: E402
+from pipeline.extract.discover import ImageRecord  # noqa: E402
+from pipeline.extract.features import feature_specs  # noqa: E402
+from pipeline.extract.run import WorkItem  # noqa: E402
+from pipeline.models import DEFAULT_BACKBONES, ModelRepository  # noqa: E402
 from pipeline.store import PIXELS, EmbeddingStore, FileState  # noqa: E402
 from pipeline.store.shards import ShardEntry  # noqa: E402
 from tests.images import class_folders, pets  # noqa: E402
+
 
 def unlisted(cache: Path) -> list[str]:
     store = EmbeddingStore(cache)
@@ -113,7 +115,7 @@ def test_a_worker_killed_mid_run_changes_nothing(tmp_path, small_models, extract
 
 KILLED_DRIVER = """
 import sys
-from pipeline.extract import run_extract
+from pipeline.extract.run import run_extract
 run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=4, models_dir=sys.argv[3], weights=sys.argv[4],
             progress=False, journal_rows=8, backend="ray")
 """

@@ -16,10 +16,16 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 from torchvision import transforms
 
-from pipeline.models import Preprocessing
-from pipeline.decode import (
-    MAX_PIXELS, TooManyPixels, decode_file, jpeg_draft_size, load_rgb, read_image_file, resize_center_crop,
+from pipeline.extract.decode import (
+    MAX_PIXELS,
+    TooManyPixels,
+    decode_file,
+    jpeg_draft_size,
+    load_rgb,
+    read_image_file,
+    resize_center_crop,
 )
+from pipeline.models import Preprocessing
 from tests.images import photo, save, with_orientation
 
 RECIPE = Preprocessing(256, 224)
@@ -91,7 +97,7 @@ def test_decode_file_hashes_and_makes_pixels(tmp_path):
     assert decoded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and not decoded.error
     assert [c.shape for c in decoded.crops] == [(224, 224, 3), (64, 64, 3)]
     assert decoded.pixels.shape == (3072,) and decoded.pixels.dtype == np.float32
-    assert 0 <= decoded.pixels.min() and decoded.pixels.max() <= 1
+    assert decoded.pixels.min() >= 0 and decoded.pixels.max() <= 1
     reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.Resize((32, 32))])
     thumbnail = np.asarray(reference(Image.open(path).convert("RGB")))
     np.testing.assert_array_equal(decoded.pixels, thumbnail.reshape(-1).astype(np.float32) / 255.0)

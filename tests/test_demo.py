@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import demo
-from pipeline.discover import discover
+from pipeline.extract.discover import discover
 from pipeline.store import EmbeddingStore
 
 

@@ -18,16 +18,16 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer
 
-from pipeline import heads
-from pipeline.bundle import ClassifierBundle
-from pipeline.classify import run_classify
-from pipeline.deploy import OUTPUT_NAME, deploy_classifier, head_graph
 from pipeline.errors import UserError
-from pipeline.extract import run_extract
+from pipeline.extract.run import run_extract
 from pipeline.files import sha256_file
-from pipeline.fit import run_fit
+from pipeline.fit import heads
+from pipeline.fit.bundle import ClassifierBundle
+from pipeline.fit.run import run_fit
 from pipeline.models import DeployedManifest, ModelManifest, open_deployed
 from pipeline.models.manifest import OPSET
+from pipeline.serve.classify import run_classify
+from pipeline.serve.deploy import OUTPUT_NAME, deploy_classifier, head_graph
 from tests.images import photo, save
 from tests.stores import synthetic_store
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.discover import ImageRecord, discover
 from pipeline.errors import UserError
+from pipeline.extract.discover import ImageRecord, discover
 from tests.images import class_folders, photo, save
 
 

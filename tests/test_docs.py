@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.deploy import deploy_classifier
-from pipeline.extract import run_extract
-from pipeline.fit import run_fit
+from pipeline.extract.run import run_extract
+from pipeline.fit.run import run_fit
+from pipeline.serve.deploy import deploy_classifier
 from tests.images import class_folders
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,10 +12,10 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 
 from pipeline import ImageEmbedder
-from pipeline.embedder import embed_files, stored_features
 from pipeline.errors import UserError
-from pipeline.extract import run_extract
+from pipeline.extract.run import run_extract
 from pipeline.models import ModelRepository
+from pipeline.serve.embedder import embed_files, stored_features
 from pipeline.store import PIXELS, EmbeddingStore
 from tests.images import class_folders
 

@@ -21,8 +21,8 @@ from torchvision.transforms import v2
 
 from pipeline.errors import UserError
 from pipeline.export import build_parser
+from pipeline.extract.decode import decode_file
 from pipeline.files import sha256_file
-from pipeline.decode import decode_file
 from pipeline.models import CURATED, DEFAULT_BACKBONES, ModelManifest, ModelRepository, parse_model_name
 from pipeline.models.export import EmbeddingNet
 from tests.conftest import make_state_dict
@@ -234,7 +234,7 @@ FAMILY_SAMPLES = [  # the smallest configuration of each kind, at small sizes
 def library_embeddings(model: str, weights: Path, size: int | None, files: list[Path]) -> np.ndarray:
     """The reference a user of the library would compute: its model with the weights file, its own eval transform,
     and the input of its classification layer (timm: ``num_classes=0``)."""
-    from pipeline.decode import load_rgb
+    from pipeline.extract.decode import load_rgb
 
     name = parse_model_name(model)
     if name.family == "timm":

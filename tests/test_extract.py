@@ -20,11 +20,12 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from pipeline import extract, features
-from pipeline.models import DEFAULT_BACKBONES, ModelRepository
-from pipeline.decode import PIXELS_FINGERPRINT, decode_file
 from pipeline.errors import UserError, command
-from pipeline.extract import run_extract
+from pipeline.extract import features
+from pipeline.extract import run as extract
+from pipeline.extract.decode import PIXELS_FINGERPRINT, decode_file
+from pipeline.extract.run import run_extract
+from pipeline.models import DEFAULT_BACKBONES, ModelRepository
 from pipeline.store import PIXELS, EmbeddingStore
 from tests.conftest import make_state_dict
 from tests.images import class_folders, hostile_corpus, pets, photo, save
@@ -249,7 +250,7 @@ def assert_same_images(expected: Path, actual: Path, images: int) -> None:
 
 KILLED_RUN = """
 import sys
-from pipeline.extract import run_extract
+from pipeline.extract.run import run_extract
 run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=2, models_dir=sys.argv[3], weights=sys.argv[4],
             progress=False, journal_rows=2)
 """
@@ -317,7 +318,7 @@ from pathlib import Path
 import pipeline.store.compact as compact
 import pipeline.store.embedding_store as embedding_store
 import pipeline.store.index as index
-from pipeline.extract import run_extract
+from pipeline.extract.run import run_extract
 
 marker, where = Path(sys.argv[5]), sys.argv[6]
 
@@ -531,7 +532,7 @@ def test_full_size_embeddings_equal_torchvision(tmp_path, exported, state_dict_f
 
 
 def test_journal_of_another_folder_is_not_mixed_in(tmp_path, small_models, extract_quietly):
-    from pipeline.discover import ImageRecord
+    from pipeline.extract.discover import ImageRecord
     from pipeline.store import FileState, Segment
 
     cache = tmp_path / "e.h5"

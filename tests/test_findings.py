@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import findings
+from pipeline.fit import findings
 
 
 def clusters(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

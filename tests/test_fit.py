@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import fit, training
-from pipeline.bundle import ClassifierBundle
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
-from pipeline.fit import run_fit
+from pipeline.fit import run as fit
+from pipeline.fit import training
+from pipeline.fit.bundle import ClassifierBundle
+from pipeline.fit.run import run_fit
 from pipeline.store import PIXELS, EmbeddingStore
 from tests.stores import synthetic_store
 

@@ -8,8 +8,8 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import SVC, LinearSVC
 
-from pipeline import heads
-from pipeline.heads import fit_head
+from pipeline.fit import heads
+from pipeline.fit.heads import fit_head
 from tests.stores import blobs
 
 

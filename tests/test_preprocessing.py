@@ -13,11 +13,11 @@ import torch
 import torchvision
 from PIL import Image
 
-from pipeline.decode import decode_file, load_rgb
+from pipeline.errors import UserError
+from pipeline.extract.decode import decode_file, load_rgb
 from pipeline.models import Preprocessing
 from pipeline.models.export import EmbeddingNet
 from pipeline.models.preprocessing import SQUASH, resize_center_crop, timm_recipe
-from pipeline.errors import UserError
 from tests.images import photo, save, with_orientation
 
 

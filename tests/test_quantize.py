@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline.decode import calibration_crops
-from pipeline.discover import discover
 from pipeline.errors import UserError
+from pipeline.extract.decode import calibration_crops
+from pipeline.extract.discover import discover
 from pipeline.models import ModelManifest, ModelRepository
 from pipeline.models.quantize import VERIFY_IMAGES
 from tests.images import photo, save

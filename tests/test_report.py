@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.report import comparison_rows, confusion_figure, evaluate, learning_curve_figure, markdown_report, text_table
+from pipeline.report.build import (
+    comparison_rows,
+    confusion_figure,
+    evaluate,
+    learning_curve_figure,
+    markdown_report,
+    text_table,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.extract import run_extract
-from pipeline.fit import PageOptions, run_fit
+from pipeline.extract.run import run_extract
+from pipeline.fit.run import PageOptions, run_fit
 from tests.images import photo, save
 from tests.stores import blobs, synthetic_store
 

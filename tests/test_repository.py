@@ -11,14 +11,13 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.classify import run_classify
-from pipeline.decode import calibration_crops
-from pipeline.deploy import deploy_classifier
-from pipeline.discover import discover
 from pipeline.errors import UserError
-from pipeline.fit import run_fit
-from pipeline.models import ExportedModel, ModelRepository, Preprocessing
-from pipeline.models import quantize
+from pipeline.extract.decode import calibration_crops
+from pipeline.extract.discover import discover
+from pipeline.fit.run import run_fit
+from pipeline.models import ExportedModel, ModelRepository, Preprocessing, quantize
+from pipeline.serve.classify import run_classify
+from pipeline.serve.deploy import deploy_classifier
 from pipeline.store import EmbeddingStore
 from tests.images import class_folders, photo, save
 
@@ -124,7 +123,7 @@ def test_exports_stores_bundles_and_deployments_of_the_landed_version_keep_worki
     assert model.manifest.license.startswith("not recorded") and model.preprocessing == Preprocessing(73, 64)
     data = class_folders(tmp_path / "pets", {"cat": 6, "dog": 6})
     cache = tmp_path / "store.h5"
-    from pipeline.extract import run_extract
+    from pipeline.extract.run import run_extract
 
     run_extract(data, ["resnet50"], cache, models_dir=repository.folder, progress=False)
     landed_store(cache)

@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.discover import ImageRecord
 from pipeline.errors import UserError, command
+from pipeline.extract.discover import ImageRecord
 from pipeline.store import FORMAT_VERSION, EmbeddingStore, FileState, Segment
 
 ATTRS = {"kind": "onnx", "fingerprint": "f1", "embedding_dim": 4, "weights_id": "random:seed=0"}

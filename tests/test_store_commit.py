@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.discover import ImageRecord
+from pipeline.extract.discover import ImageRecord
 from pipeline.store import EmbeddingStore
 from pipeline.store.commit import Listing, RunName, carry, garbage, pending_shards
 from pipeline.store.spec import path_keys

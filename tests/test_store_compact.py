@@ -9,7 +9,7 @@ import pytest
 
 import pipeline.store.compact as compact
 import pipeline.store.spec as spec
-from pipeline.discover import ImageRecord
+from pipeline.extract.discover import ImageRecord
 from pipeline.store import EmbeddingStore
 from pipeline.store.compact import _jobs, plan_compaction
 from tests.test_store import ROOT, segment, shard_files

@@ -6,11 +6,10 @@ import signal
 import subprocess
 import sys
 
-
 import h5py
 import numpy as np
 
-from pipeline.discover import ImageRecord
+from pipeline.extract.discover import ImageRecord
 from pipeline.store import EmbeddingStore
 from tests.stores import PIXELS, ROOT, format1_journal_segment, format1_store
 

@@ -7,7 +7,7 @@ import pytest
 
 import pipeline.store.shards as shards
 from pipeline.errors import UserError
-from pipeline.discover import ImageRecord
+from pipeline.extract.discover import ImageRecord
 from pipeline.store import EmbeddingStore
 from pipeline.store.readers import hash_digests
 from tests.test_store import ROOT, segment, sha

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError, command
-from pipeline.store.shards import ShardEntry, ShardHeader, ShardReader, ShardTable, read_header, write_shard, write_shard_blocks
+from pipeline.store.shards import (
+    ShardEntry,
+    ShardHeader,
+    ShardReader,
+    ShardTable,
+    read_header,
+    write_shard,
+    write_shard_blocks,
+)
 from pipeline.store.spec import path_keys
 
 HEADER = ShardHeader("m", "f1", "/data", 3, "extract", {"fingerprint": "f1", "embedding_dim": 4, "untrained": np.bool_(False)})

@@ -10,8 +10,8 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.errors import UserError
-from pipeline.fit import run_fit
-from pipeline.streaming import RowStream, fit_streaming, predict_proba_streaming, streamed_scaler
+from pipeline.fit.run import run_fit
+from pipeline.fit.streaming import RowStream, fit_streaming, predict_proba_streaming, streamed_scaler
 from tests.stores import synthetic_store
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-import pipeline.training as training
+import pipeline.fit.training as training
+from pipeline.fit.training import FitSettings, InMemoryRows, OutOfCore, StreamedRows, training_rows
 from pipeline.store import EmbeddingStore
-from pipeline.training import FitSettings, InMemoryRows, OutOfCore, StreamedRows, training_rows
 from tests.stores import synthetic_store
 
 

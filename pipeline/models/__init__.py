@@ -3,7 +3,14 @@ verified ONNX backbone that every later stage receives; exporting, precision var
 
 from pipeline.models.manifest import DeployedManifest, ModelManifest
 from pipeline.models.preprocessing import Preprocessing
-from pipeline.models.registry import CURATED, DEFAULT_BACKBONES, PRECISIONS, ModelName, feature_set_name, parse_model_name
+from pipeline.models.registry import (
+    CURATED,
+    DEFAULT_BACKBONES,
+    PRECISIONS,
+    ModelName,
+    feature_set_name,
+    parse_model_name,
+)
 from pipeline.models.repository import ExportResult, ModelRepository, open_deployed
 from pipeline.models.session import BackboneSession, ExportedModel
 

@@ -21,8 +21,16 @@ from pipeline.files import sha256_file
 from pipeline.models.preprocessing import Preprocessing, timm_recipe
 from pipeline.models.registry import EXPORT_EXTRA, TIMM, TORCHVISION_LICENSE, ModelName, closest_hint
 from pipeline.models.weights import (
-    FILE, IMAGENET, PRETRAINED, RANDOM, WeightsRequest, check_state_dict, hub_weights_file, read_state_dict,
-    state_dict_sha256, torchvision_state_dict,
+    FILE,
+    IMAGENET,
+    PRETRAINED,
+    RANDOM,
+    WeightsRequest,
+    check_state_dict,
+    hub_weights_file,
+    read_state_dict,
+    state_dict_sha256,
+    torchvision_state_dict,
 )
 
 MIN_IMAGE_SIZE = 32

@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime
 
 from pipeline.errors import UserError, command
-from pipeline.models import cuda
 from pipeline.files import sha256_file
+from pipeline.models import cuda
 from pipeline.models.manifest import ModelManifest, remake_command
 from pipeline.models.preprocessing import Preprocessing
 

@@ -1,4 +1,4 @@
-"""Stage 4: the embedding store: an HDF5 index over immutable HDF5 shards, written crash-safely by every worker.
+"""The embedding store: an HDF5 index over immutable HDF5 shards, written crash-safely by every worker.
 
 Modules, one role each: :mod:`~pipeline.store.spec` (the format and its written spec),
 :mod:`~pipeline.store.shards` (shard files), :mod:`~pipeline.store.index` (the index file),

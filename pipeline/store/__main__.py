@@ -1,4 +1,4 @@
-"""Stage tool: ``python -m pipeline.store``: look into a store, list its failures, check, convert or compact it."""
+"""``python -m pipeline.store``: look into a store, list its failures, check, convert or compact it."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.discover import ImageRecord
+from pipeline.extract.discover import ImageRecord
 from pipeline.files import sha256_file
 from pipeline.store.index import Index, SetIndex
 from pipeline.store.shards import ShardEntry, ShardHeader, ShardReader, ShardTable, read_header, write_shard

@@ -13,17 +13,26 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.discover import ImageRecord
 from pipeline.errors import UserError
+from pipeline.extract.discover import ImageRecord
 from pipeline.files import exclusive
 from pipeline.store.commit import (
-    Known, Listing, RunName, Segment, carry, commit_sets, garbage, known_files, pending_entry, pending_shards,
+    Known,
+    Listing,
+    RunName,
+    Segment,
+    carry,
+    commit_sets,
+    garbage,
+    known_files,
+    pending_entry,
+    pending_shards,
     write_segment,
 )
 from pipeline.store.compact import JobRunner, compact_index, plan_compaction
 from pipeline.store.index import Index, open_store_file, read_index, write_index
 from pipeline.store.legacy import adopt_journal, convert, legacy_index
-from pipeline.store.readers import FeatureSet, Failures, RowReader, StoredEmbeddings, load_failures, load_set
+from pipeline.store.readers import Failures, FeatureSet, RowReader, StoredEmbeddings, load_failures, load_set
 from pipeline.store.shards import ShardEntry, ShardReader
 from pipeline.store.spec import LEGACY_VERSION, shard_rows
 

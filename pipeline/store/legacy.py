@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.discover import ImageRecord
+from pipeline.extract.discover import ImageRecord
 from pipeline.store.commit import RunName, Segment, write_segment
 from pipeline.store.index import Index, SetIndex, open_store_file, write_index
 from pipeline.store.shards import ShardEntry, ShardHeader, ShardReader, ShardTable, read_strings, write_shard_blocks

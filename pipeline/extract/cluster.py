@@ -1,4 +1,4 @@
-"""Stages 2-4 on Ray: Ray Data reads and decodes in CPU tasks, an actor pool embeds and writes the shards.
+"""Extract on Ray: Ray Data reads and decodes in CPU tasks, an actor pool embeds and writes the shards.
 
 Also joining a Ray cluster (or starting a local instance), which fit's joblib backend uses too. The driver
 lists the images and plans the work exactly as with the local backend; each actor writes the rows it embeds
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.decode import MAX_PIXELS, PIXELS_SIZE, DecodedImage, decode_file
 from pipeline.errors import UserError
-from pipeline.discover import ImageRecord
-from pipeline.features import BatchOutcome, FeatureSpec, embed_batch, feature_specs, record_outcomes
+from pipeline.extract.decode import MAX_PIXELS, PIXELS_SIZE, DecodedImage, decode_file
+from pipeline.extract.discover import ImageRecord
+from pipeline.extract.features import BatchOutcome, FeatureSpec, embed_batch, feature_specs, record_outcomes
 from pipeline.models import ExportedModel, Preprocessing
 from pipeline.models.session import CPU_BATCH, CUDA_BATCH
 from pipeline.store import EmbeddingStore, FileState, Segment

@@ -1,4 +1,4 @@
-"""Stage 5c: score fitted classifiers and write the report: JSON, Markdown, PNG figures and the HTML page.
+"""Score fitted classifiers and write the report: JSON, Markdown, PNG figures and the HTML page.
 
 ``python -m pipeline.report OUT`` makes the page again from a finished fit, without fitting.
 """
@@ -26,10 +26,9 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from pipeline.bundle import classifiers_dir
-from pipeline.errors import UserError, run_cli
-from pipeline.files import atomic_path, write_json_atomic
-from pipeline.report_page import render_page
+from pipeline.errors import UserError
+from pipeline.files import atomic_path, classifiers_dir, write_json_atomic
+from pipeline.report.page import render_page
 
 TOP_K = (3, 5)
 PAGE = "report.html"
@@ -280,7 +279,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     print(f"report: {write_page(out, report, args.thumbnails, args.every_classifier)}")
     return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -1,4 +1,4 @@
-"""Stage 5b: heads fitted out of core: SGD over the store in chunks, standardised from a first streaming pass."""
+"""Heads fitted out of core: SGD over the store in chunks, standardised from a first streaming pass."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
 
 from pipeline.errors import UserError
-from pipeline.heads import FOLDS, SEARCH_MAX_TRAIN, FittedHead, search_rows
+from pipeline.fit.heads import FOLDS, SEARCH_MAX_TRAIN, FittedHead, search_rows
 from pipeline.store import EmbeddingStore
 
 CHUNK_ROWS = 4096  # default rows in memory at once: 64 MB of 4096-d float32 embeddings

@@ -1,4 +1,4 @@
-"""Stage 5c: one feature set's training and test rows for fit, held in memory or streamed from the store's shards."""
+"""One feature set's training and test rows for fit, held in memory or streamed from the store's shards."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.heads import FittedHead, describe_classifier, fit_head
-from pipeline.store import EmbeddingStore, FeatureSet
-from pipeline.streaming import (
-    CHUNK_ROWS, EPOCHS, RowStream, describe_streaming, fit_streaming, predict_proba_streaming, streamed_scaler,
+from pipeline.fit.heads import FittedHead, describe_classifier, fit_head
+from pipeline.fit.streaming import (
+    CHUNK_ROWS,
+    EPOCHS,
+    RowStream,
+    describe_streaming,
+    fit_streaming,
+    predict_proba_streaming,
+    streamed_scaler,
 )
+from pipeline.store import EmbeddingStore, FeatureSet
 
 
 @dataclass(frozen=True)

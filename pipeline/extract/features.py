@@ -1,4 +1,4 @@
-"""Stage 3b: the feature sets a run computes per batch: one per backbone session, and the raw-pixel baseline."""
+"""The feature sets a run computes per batch: one per backbone session, and the raw-pixel baseline."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.decode import PIXELS_FINGERPRINT, PIXELS_SIZE, PIXELS_SOURCE, DecodedImage
-from pipeline.discover import ImageRecord
+from pipeline.extract.decode import PIXELS_FINGERPRINT, PIXELS_SIZE, PIXELS_SOURCE, DecodedImage
+from pipeline.extract.discover import ImageRecord
 from pipeline.models import BackboneSession, Preprocessing
 from pipeline.store import PIXELS, FileState, Segment
 

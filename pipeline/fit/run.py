@@ -1,4 +1,4 @@
-"""Stage driver: ``python -m pipeline.fit``: split the stored embeddings, fit and score the heads, save and report."""
+"""``python -m pipeline.fit``: split the stored embeddings, fit and score the heads, save and report."""
 
 from __future__ import annotations
 
@@ -20,15 +20,17 @@ import joblib
 import numpy as np
 from sklearn.base import clone
 
-from pipeline import cluster
-from pipeline.bundle import ClassifierBundle, classifiers_dir, library_versions, provenance_of
-from pipeline.errors import Interrupted, UserError, run_cli
-from pipeline.files import exclusive, sha256_file
-from pipeline.heads import CLASSIFIERS, FOLDS, FittedHead
+from pipeline.errors import Interrupted, UserError
+from pipeline.extract import cluster
+from pipeline.files import classifiers_dir, exclusive, sha256_file
+from pipeline.fit import findings
+from pipeline.fit.bundle import ClassifierBundle, library_versions, provenance_of
+from pipeline.fit.heads import CLASSIFIERS, FOLDS, FittedHead
+from pipeline.fit.streaming import CHUNK_ROWS, EPOCHS, RowStream
+from pipeline.fit.training import FitSettings, InMemoryRows, OutOfCore, training_rows
 from pipeline.models import feature_set_name
 from pipeline.models.registry import feature_set_order
-from pipeline import findings
-from pipeline.report import (
+from pipeline.report.build import (
     PAGE,
     comparison_rows,
     confusion_figure,
@@ -41,8 +43,6 @@ from pipeline.report import (
     write_report,
 )
 from pipeline.store import PIXELS, EmbeddingStore, FeatureSet
-from pipeline.streaming import CHUNK_ROWS, EPOCHS, RowStream
-from pipeline.training import FitSettings, InMemoryRows, OutOfCore, training_rows
 
 CURVE_PER_CLASS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 CURVE_REPEATS = 3  # random draws averaged per point of the learning curve
@@ -664,7 +664,3 @@ def print_summary(report: dict[str, Any], out: Path, seconds: float) -> None:
     page = f"{out / PAGE} (open it in a browser), " if report.get("findings") else ""
     print(f"\nreport: {page}{out / 'report.md'} (and report.json, PNG figures); classifiers: {out}/*.joblib; "
           f"{seconds:.0f} s")
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -1,4 +1,4 @@
-"""Stage 5d: what the report shows beyond scores: leaks across the split, likely label errors, a map of the embeddings."""
+"""What the report shows beyond scores: leaks across the split, likely label errors, a map of the embeddings."""
 
 from __future__ import annotations
 

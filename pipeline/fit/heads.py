@@ -1,4 +1,4 @@
-"""Stage 5a: the classifier heads, scikit-learn pipelines whose hyper-parameters are chosen by cross-validation."""
+"""The classifier heads, scikit-learn pipelines whose hyper-parameters are chosen by cross-validation."""
 
 from __future__ import annotations
 

@@ -11,13 +11,13 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.discover import Dataset
+from pipeline.extract.discover import Dataset
 from pipeline.models.preprocessing import RESAMPLING, Preprocessing, resize_center_crop
 
 PIXELS_SIZE = 32

@@ -12,8 +12,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from tqdm import tqdm
 
-from pipeline.decode import MAX_PIXELS, PIXELS_FINGERPRINT, PIXELS_SIZE, batches, decode_file, map_ordered
 from pipeline.errors import UserError
+from pipeline.extract.decode import MAX_PIXELS, PIXELS_FINGERPRINT, PIXELS_SIZE, batches, decode_file, map_ordered
 from pipeline.models import BackboneSession, ModelRepository, feature_set_name
 from pipeline.models.session import available_cores
 from pipeline.store import PIXELS, EmbeddingStore

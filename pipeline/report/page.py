@@ -1,4 +1,4 @@
-"""Stage 5e: the report as one self-contained HTML page: the scores, and the images behind them."""
+"""The report as one self-contained HTML page: the scores, and the images behind them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.decode import MAX_BYTES_PER_PIXEL, MAX_PIXELS, TooManyPixels, load_rgb, read_image_file
+from pipeline.extract.decode import MAX_BYTES_PER_PIXEL, MAX_PIXELS, TooManyPixels, load_rgb, read_image_file
 
 THUMBNAIL_PX = 96
 STYLE = """

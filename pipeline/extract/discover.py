@@ -1,4 +1,4 @@
-"""Stage 1: find the images of a dataset (class folders, split folders, a flat folder or a CSV) and their labels."""
+"""Find the images of a dataset (class folders, split folders, a flat folder or a CSV) and their labels."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage driver: ``python -m pipeline.extract DATA``: discover, decode in threads, embed on onnxruntime, store."""
+"""``python -m pipeline.extract DATA``: discover, decode in threads, embed on onnxruntime, store."""
 
 from __future__ import annotations
 
@@ -14,13 +14,34 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import cluster
-from pipeline.decode import EARLIER_PIXELS_FINGERPRINTS, MAX_PIXELS, batches, calibration_crops, decode_file, map_ordered
-from pipeline.discover import Dataset, ImageRecord, discover
-from pipeline.errors import Interrupted, UserError, command, run_cli
-from pipeline.features import BatchOutcome, FeatureSpec, count_outcomes, embed_batch, feature_specs, record_outcomes
-from pipeline.models import DEFAULT_BACKBONES, PRECISIONS, BackboneSession, ExportedModel, ModelRepository, Preprocessing
-from pipeline.models import parse_model_name
+from pipeline.errors import Interrupted, UserError, command
+from pipeline.extract import cluster
+from pipeline.extract.decode import (
+    EARLIER_PIXELS_FINGERPRINTS,
+    MAX_PIXELS,
+    batches,
+    calibration_crops,
+    decode_file,
+    map_ordered,
+)
+from pipeline.extract.discover import Dataset, ImageRecord, discover
+from pipeline.extract.features import (
+    BatchOutcome,
+    FeatureSpec,
+    count_outcomes,
+    embed_batch,
+    feature_specs,
+    record_outcomes,
+)
+from pipeline.models import (
+    DEFAULT_BACKBONES,
+    PRECISIONS,
+    BackboneSession,
+    ExportedModel,
+    ModelRepository,
+    Preprocessing,
+    parse_model_name,
+)
 from pipeline.models.quantize import CALIBRATION_IMAGES, check_calibration_images, describe
 from pipeline.models.session import CUDA, DEVICES, available_cores
 from pipeline.models.weights import weights_per_model
@@ -423,6 +444,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" + ("" if number == 1 else "s")
-
-if __name__ == "__main__":
-    run_cli(main)

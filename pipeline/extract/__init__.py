@@ -1,0 +1,5 @@
+"""Extract: discover the images, decode each once into every model's crop, embed them (here or on Ray), store them."""
+
+from pipeline.extract.run import run_extract
+
+__all__ = ["run_extract"]

@@ -1,0 +1,400 @@
+"""``python -m pipeline.classify FOLDER``: predict every image's class with a bundle or a deployed ONNX."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from pipeline.errors import Interrupted, UserError
+from pipeline.extract.decode import MAX_PIXELS, PIXELS_FINGERPRINT, batches
+from pipeline.extract.discover import discover
+from pipeline.files import classifiers_dir, sha256_file
+from pipeline.fit.bundle import ClassifierBundle
+from pipeline.fit.heads import CLASSIFIERS
+from pipeline.models import PRECISIONS, BackboneSession, ModelRepository, feature_set_name, open_deployed
+from pipeline.models.session import DEVICES
+from pipeline.serve.bundles import check_listed, open_fitted_backbone
+from pipeline.serve.embedder import Embedded, embed_files, stored_features
+from pipeline.store import PIXELS
+
+EXIT_UNREADABLE = 1  # every image got a row, but some could not be decoded (their rows hold the error)
+OUTPUT_FORMATS = (".csv", ".jsonl")
+PARTIAL = ".partial"
+
+
+@dataclass
+class Prediction:
+    """One output row: the image, its top-k classes with probabilities, or why it has none."""
+
+    path: str
+    classes: list[str] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    error: str = ""
+    label: str | None = None
+
+    @property
+    def prediction(self) -> str:
+        return self.classes[0] if self.classes else ""
+
+    @property
+    def probability(self) -> float | None:
+        return self.probabilities[0] if self.probabilities else None
+
+
+def choose_bundle(
+    classifier: str | os.PathLike | None, model: str | None, classifier_name: str | None, classifiers_dir: Path
+) -> Path:
+    """The bundle to use: a path, ``<model>-<name>.joblib``, or the best by validation score in ``report.json``.
+
+    A bundle chosen through the report must still have the sha256 the report lists for it.
+    """
+    if classifier is not None:
+        return Path(classifier)
+    report_path = classifiers_dir / "report.json"
+    if model and classifier_name:
+        return classifiers_dir / f"{model}-{classifier_name}.joblib"
+    if not report_path.exists():
+        raise UserError(f"no {report_path} to choose a classifier from; run fit first (make fit), or pass --classifier PATH.")
+    try:
+        listed = json.loads(report_path.read_text(encoding="utf-8"))["bundles"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{report_path} is not a report written by pipeline.fit; fit again or pass --classifier PATH.") from None
+    candidates = [b for b in listed if (not model or b["features"] == model) and
+                  (not classifier_name or b["classifier"] == classifier_name)]
+    if not candidates:
+        wanted = " ".join(filter(None, [model, classifier_name]))
+        raise UserError(f"{report_path} lists no {wanted} classifier; fit it first, or pass --classifier PATH.")
+    best = max(candidates, key=lambda b: np.nan_to_num(b["validation_score"], nan=-1.0))  # first of equals
+    path = classifiers_dir / best["path"]
+    if path.exists() and sha256_file(path) != best["sha256"]:
+        raise UserError(f"{path} is not the file {report_path} lists (sha256 differs); fit again or pass --classifier {path}.")
+    return path
+
+
+@dataclass
+class Classifier:
+    """What classify runs: the images' session, how its outputs become probabilities, and the class names.
+
+    Attributes
+    ----------
+    classes : list of str
+        Class names, in the order of the probabilities' columns.
+    session : BackboneSession or None
+        The backbone (or deployed classifier) images go through; None for the raw-pixel baseline.
+    probabilities : callable
+        ``[N, D]`` session outputs to ``[N, C]`` class probabilities (the identity for a deployed classifier).
+    known : mapping
+        Stored features reusable by content hash (empty for a deployed classifier: they are not probabilities).
+    untrained : bool
+        Whether the features come from random weights.
+    """
+
+    classes: list[str]
+    session: BackboneSession | None
+    probabilities: Callable[[np.ndarray], np.ndarray]
+    known: Mapping[str, np.ndarray]
+    untrained: bool
+
+    @property
+    def features(self) -> str:
+        """What its features are, in words: the backbone, its precision, weights and their licence."""
+        if self.session is None:
+            return "raw 32x32 pixels"
+        manifest = self.session.manifest
+        return f"{manifest.model} {manifest.precision}, weights {manifest.weights_id}, licence {manifest.license}"
+
+
+def open_classifier(
+    path: Path, models_dir: Path, cache: Path | None, device: str = "auto", precision: str = "auto",
+    allow_precision_change: bool = False, trust: bool = False,
+) -> Classifier:
+    """A bundle with the backbone it was fitted on, or a deployed ``.onnx`` classifier (no pickle loaded).
+
+    Raises
+    ------
+    UserError
+        An unlisted bundle (unless ``trust``), a backbone or precision that does not match, or a changed file.
+    """
+    if path.suffix == ".onnx":
+        deployed = open_deployed(path)
+        if precision not in ("auto", deployed.precision):
+            raise UserError(
+                f"{path} runs its backbone at {deployed.precision}, merged into the file; classify without "
+                f"--precision {precision}, or deploy a classifier fitted on {precision} features."
+            )
+        session = deployed.open(device)
+        return Classifier(deployed.manifest.classes, session, lambda probabilities: probabilities, {}, deployed.untrained)
+    if not trust:
+        check_listed(path)
+    bundle = ClassifierBundle.load(path)
+    session = open_fitted_backbone(bundle, path, ModelRepository(models_dir), device, precision, allow_precision_change)
+    if session is None:
+        known = stored_features(cache, PIXELS, PIXELS_FINGERPRINT)
+    else:
+        known = stored_features(cache, session.manifest.name, session.manifest.onnx_sha256)
+    return Classifier(bundle.classes, session, bundle.pipeline.predict_proba, known,
+                      bool(bundle.provenance.get("untrained")))
+
+
+def predict(
+    classifier: Classifier, embedded: Iterator[Embedded], top_k: int, batch_size: int
+) -> Iterator[Prediction]:
+    """Predictions in input order, computed a batch at a time; files that could not be decoded keep their error."""
+    classes = np.array(classifier.classes)
+    for batch in batches(embedded, batch_size):
+        good = [item for item in batch if item.features is not None]
+        if good:
+            probabilities = classifier.probabilities(np.stack([item.features for item in good]))
+            order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+            ranked = iter(zip(order, probabilities))
+        for item in batch:
+            if item.features is None:
+                yield Prediction(item.path, error=item.error)
+                continue
+            top, row = next(ranked)
+            yield Prediction(item.path, classes[top].tolist(), [round(float(row[i]), 6) for i in top])
+
+
+def csv_writer(stream: TextIO, top_k: int, labelled: bool) -> Any:
+    """A function writing one Prediction per CSV row (header first)."""
+    writer = csv.writer(stream)
+    header = ["path", "prediction", "probability"]
+    for rank in range(2, top_k + 1):
+        header += [f"top{rank}", f"top{rank}_probability"]
+    writer.writerow(header + (["label"] if labelled else []) + ["error"])
+
+    def write(row: Prediction) -> None:
+        cells: list[Any] = [row.path, row.prediction, "" if row.probability is None else row.probability]
+        for rank in range(1, top_k):
+            has = rank < len(row.classes)
+            cells += [row.classes[rank] if has else "", row.probabilities[rank] if has else ""]
+        writer.writerow(cells + ([row.label or ""] if labelled else []) + [row.error])
+
+    return write
+
+
+def jsonl_writer(stream: TextIO, top_k: int, labelled: bool) -> Any:
+    """A function writing one Prediction per JSON line."""
+
+    def write(row: Prediction) -> None:
+        record: dict[str, Any] = {
+            "path": row.path, "prediction": row.prediction or None, "probability": row.probability,
+            "top_k": [{"class": c, "probability": p} for c, p in zip(row.classes, row.probabilities)],
+        }
+        if labelled:
+            record["label"] = row.label
+        record["error"] = row.error
+        stream.write(json.dumps(record) + "\n")
+
+    return write
+
+
+def table_writer(stream: TextIO, top_k: int, labelled: bool) -> Any:
+    """A function printing one Prediction per readable line."""
+
+    def write(row: Prediction) -> None:
+        if row.error:
+            stream.write(f"{row.path}  ERROR: {row.error}\n")
+            return
+        others = ", ".join(f"{c} {p:.2f}" for c, p in zip(row.classes[1:], row.probabilities[1:]))
+        truth = f"  [label {row.label}]" if labelled and row.label is not None else ""
+        stream.write(f"{row.path}  {row.prediction} {row.probability:.2f}" + (f"  ({others})" if others else "") + truth + "\n")
+
+    return write
+
+
+def run_classify(
+    folder: str | os.PathLike,
+    bundle_path: Path,
+    output: Path | None,
+    top_k: int | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    models_dir: Path = Path("models"),
+    cache: Path | None = Path("features/embeddings.h5"),
+    workers: int | None = None,
+    progress: bool | None = None,
+    precision: str = "auto",
+    allow_precision_change: bool = False,
+    trust: bool = False,
+    max_pixels: int = MAX_PIXELS,
+) -> dict[str, Any]:
+    """Classify every image of ``folder`` and write the rows to ``output`` (or print them).
+
+    ``bundle_path`` is a bundle written by fit, or a ``.onnx`` classifier written by deploy (which loads
+    no pickle and reuses no stored embeddings). ``precision`` ``auto`` runs the backbone at the precision
+    the classifier was fitted on. A bundle must be listed, with its sha256, in the ``report.json`` beside it
+    (loading it runs code), unless ``trust``.
+
+    Returns
+    -------
+    dict
+        ``images``, ``classified``, ``unreadable``, ``cached`` counts, ``correct`` / ``labelled`` when the
+        folder has class sub-folders, and ``features``: the backbone, its weights and their licence, in words.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1.")
+    if output is not None and output.suffix not in OUTPUT_FORMATS:
+        raise UserError(f"--output {output} must end in {' or '.join(OUTPUT_FORMATS)}.")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k {top_k} must be at least 1.")
+    if max_pixels < 1:
+        raise UserError(f"--max-pixels {max_pixels} must be at least 1.")
+    dataset = discover(folder)
+    classifier = open_classifier(bundle_path, models_dir, cache, device, precision, allow_precision_change, trust)
+    top_k = min(top_k or 3, len(classifier.classes))
+    if classifier.untrained:
+        print(f"warning: {bundle_path} was fitted on UNTRAINED random-weight features; its predictions show the "
+              "pipeline works, not what transfer learning can do.", file=sys.stderr)
+    session = classifier.session
+    batch_size = batch_size or (session.default_batch_size if session else 16)
+    shown = [os.path.join(os.fspath(folder), r.path) if dataset.layout != "csv" else str(dataset.absolute(r))
+             for r in dataset.records]
+    labels = {path: r.label for path, r in zip(shown, dataset.records)}
+    labelled = any(label is not None for label in labels.values())
+    if dataset.classes and not set(dataset.classes) & set(classifier.classes):
+        print(f"warning: none of {folder}'s class names ({_few(dataset.classes)}) is a class of {bundle_path} "
+              f"({_few(classifier.classes)}): it was fitted on other images; the classifiers fitted on a store are "
+              "in models/classifiers/<store name> (classify --cache STORE picks them).", file=sys.stderr)
+    counts = {"images": len(shown), "classified": 0, "unreadable": 0, "cached": 0, "labelled": 0, "correct": 0,
+              "features": classifier.features}
+
+    def tally(stream: Iterator[Embedded]) -> Iterator[Embedded]:
+        for item in stream:
+            counts["cached"] += item.cached
+            yield item
+
+    embedded = tally(embed_files(shown, session, classifier.known, batch_size, workers, progress, max_pixels))
+    try:
+        with _destination(output) as stream:
+            write = {".csv": csv_writer, ".jsonl": jsonl_writer}.get(output.suffix if output else "", table_writer)(
+                stream, top_k, labelled)
+            for row in predict(classifier, embedded, top_k, batch_size):
+                row.label = labels[row.path]
+                write(row)
+                if row.error:
+                    counts["unreadable"] += 1
+                    continue
+                counts["classified"] += 1
+                if row.label is not None:
+                    counts["labelled"] += 1
+                    counts["correct"] += row.label == row.prediction
+    except KeyboardInterrupt:
+        if output is None or not counts["classified"] + counts["unreadable"]:
+            raise
+        partial = output.with_name(output.name + PARTIAL)
+        raise Interrupted(f"the {counts['classified'] + counts['unreadable']} rows written so far are in {partial}") from None
+    return counts
+
+
+@contextlib.contextmanager
+def _destination(output: Path | None) -> Iterator[TextIO]:
+    """stdout, or ``<output>.partial`` renamed to ``output`` when complete.
+
+    A run that stops early leaves its rows so far in the ``.partial`` file rather than a short ``output``
+    that looks complete.
+    """
+    if output is None:
+        yield sys.stdout
+        return
+    partial = output.with_name(output.name + PARTIAL)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "w", encoding="utf-8", newline="") as stream:
+        yield stream
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(partial, output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m pipeline.classify``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.classify",
+        description="Predict a class for every image of a folder (or CSV) with a classifier fitted by pipeline.fit.",
+        epilog=(
+            "Exit status: 0 when every image was classified; 1 when some files could not be decoded (they still get a "
+            "row, with the error); 2 when the folder has no images, an argument is wrong, or the classifier and the "
+            "model do not match (one line, no traceback); 130 when interrupted."
+        ),
+    )
+    parser.add_argument("folder", help="image folder (any layout extract accepts) or CSV manifest")
+    parser.add_argument("--classifier", type=Path, help="a bundle (.joblib) or a classifier made by pipeline.deploy "
+                        "(.onnx) (default: the best bundle in --classifiers-dir/report.json)")
+    parser.add_argument("--model", type=_features, metavar="FEATURES",
+                        help="choose among bundles of these features: vgg16, resnet50, resnet50-int8, "
+                        "timm/convnext_atto.d2_in1k, pixels...")
+    parser.add_argument("--classifier-name", choices=CLASSIFIERS, help="choose among bundles of this classifier")
+    parser.add_argument("--classifiers-dir", type=Path, default=None,
+                        help="fit's --out (default: the classifiers fitted on --cache: models/classifiers/<store name>)")
+    parser.add_argument("--output", type=Path, help="write rows to a .csv or .jsonl file (default: print a table)")
+    parser.add_argument("--top-k", type=int, default=3, help="classes per image, most probable first (default: 3)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default: 16 on the CPU, 128 on CUDA)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when usable, else CPU (default: auto)")
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                        help="backbone precision (default: auto, the one the classifier was fitted on; a deployed .onnx "
+                        "has its own)")
+    parser.add_argument("--allow-precision-change", action="store_true",
+                        help="run a classifier at another precision than it was fitted on (same fp32 export)")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported models (default: models/)")
+    parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"),
+                        help="reuse embeddings of images already in this store, by content (default: features/embeddings.h5; "
+                        "not with a deployed .onnx, which gives probabilities)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: available cores)")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help=f"images that would decode to more pixels get a 'too large' error row (default: {MAX_PIXELS:,})")
+    parser.add_argument("--trust", action="store_true",
+                        help="load a bundle that no report.json beside it lists with its sha256 (loading runs its code)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Classify, print a summary line on stderr, and return the documented exit status."""
+    args = build_parser().parse_args(argv)
+    if args.classifier is not None and (args.model or args.classifier_name):
+        raise UserError("pass either --classifier PATH or --model / --classifier-name, not both.")
+    folder = args.classifiers_dir or classifiers_dir(args.cache)
+    if args.classifier is None and args.classifiers_dir is None and not args.cache.exists() and not folder.exists():
+        raise UserError(f"no store at --cache {args.cache}, and no classifiers fitted on it in {folder}; check --cache "
+                        "(the store you fitted), or run fit on it first.")
+    bundle_path = choose_bundle(args.classifier, args.model, args.classifier_name, folder)
+    counts = run_classify(args.folder, bundle_path, args.output, args.top_k, args.batch_size, args.device,
+                          args.models_dir, args.cache, args.workers, precision=args.precision,
+                          allow_precision_change=args.allow_precision_change, trust=args.trust,
+                          max_pixels=args.max_pixels)
+    accuracy = f"; {counts['correct']}/{counts['labelled']} match their folder's label" if counts["labelled"] else ""
+    where = f" into {args.output}" if args.output else ""
+    if bundle_path.suffix == ".onnx":
+        reused = "a deployed classifier embeds every image"
+    elif args.cache.exists():
+        reused = f"{counts['cached']} embeddings reused from {args.cache}"
+    else:
+        reused = f"no store at {args.cache} to reuse embeddings from"
+    print(f"classified {counts['classified']} of {counts['images']} images with {bundle_path}{where} "
+          f"({reused}){accuracy}; features: {counts['features']}.", file=sys.stderr)
+    if counts["unreadable"]:
+        print(f"{_count(counts['unreadable'], 'file')} could not be decoded; their rows hold the reason.", file=sys.stderr)
+        return EXIT_UNREADABLE
+    return 0
+
+
+def _features(text: str) -> str:
+    """A feature-set name as bundles record it, from a model or feature-set name (argparse's type)."""
+    return text if text == PIXELS else feature_set_name(text)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _few(names: Sequence[str]) -> str:
+    return ", ".join(list(names)[:4]) + (", ..." if len(names) > 4 else "")
