@@ -35,7 +35,7 @@ import numpy as np
 
 # Only what extract itself loads is imported here, so that the extract children measure extract's own memory;
 # torch and scikit-learn are imported where they are used.
-from bench_host import decode_costs, pin_to_cores, zero_cost_backbone
+from bench_host import PHOTO_SIZE, decode_costs, make_photos, pin_to_cores, zero_cost_backbone
 
 from pipeline.errors import UserError
 from pipeline.extract.decode import calibration_crops, decode_file
@@ -48,7 +48,6 @@ from pipeline.store import EmbeddingStore
 
 BATCH = 16
 MIN_SECONDS = 8.0  # each pure-inference rate is timed over at least this long (after one warm-up batch)
-PHOTO_SIZE = (640, 480)
 
 
 def machine() -> dict:
@@ -88,33 +87,6 @@ def matmul_peak(sizes: tuple[int, ...] = (2048, 4096), repeats: int = 5) -> floa
                 multiply(x, x)
                 best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
     return best
-
-
-def make_photos(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = PHOTO_SIZE) -> Path:
-    """``count`` JPEG photos of ``size`` in two class folders, derived from scikit-learn's sample photographs."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    sources = load_sample_images()
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        index = i % 2
-        path = folder / sources.filenames[index].rsplit("/", 1)[-1].split(".")[0] / f"{i:05d}.jpg"
-        if path.exists():
-            continue
-        image = sources.images[index]
-        height, width = image.shape[:2]
-        crop_h = int(height * rng.uniform(0.6, 1.0))
-        crop_w = min(width, int(crop_h * 4 / 3))
-        top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
-        pixels = image[top : top + crop_h, left : left + crop_w].astype(np.float32)
-        pixels = pixels * rng.uniform(0.8, 1.2, 3) + rng.uniform(-20, 20)
-        picture = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC)
-        if rng.random() < 0.5:
-            picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(path, quality=90)
-    return folder
 
 
 def crops_of(folder: Path, model_manifest, count: int) -> np.ndarray:

@@ -49,6 +49,36 @@ RECIPE = [PIXELS_SOURCE]  # the 224 px crop of VGG16 and ResNet50
 _MAX_BYTES = MAX_PIXELS * 8
 
 
+PHOTO_SIZE = (640, 480)
+
+
+def make_photos(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = PHOTO_SIZE) -> Path:
+    """``count`` JPEG photos of ``size`` in two class folders, derived from scikit-learn's sample photographs."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    sources = load_sample_images()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        index = i % 2
+        path = folder / sources.filenames[index].rsplit("/", 1)[-1].split(".")[0] / f"{i:05d}.jpg"
+        if path.exists():
+            continue
+        image = sources.images[index]
+        height, width = image.shape[:2]
+        crop_h = int(height * rng.uniform(0.6, 1.0))
+        crop_w = min(width, int(crop_h * 4 / 3))
+        top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
+        pixels = image[top : top + crop_h, left : left + crop_w].astype(np.float32)
+        pixels = pixels * rng.uniform(0.8, 1.2, 3) + rng.uniform(-20, 20)
+        picture = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path, quality=90)
+    return folder
+
+
 def best_ms(step: Callable[[object], object], items: Sequence) -> float:
     """Milliseconds per item of ``step``, the best of ``REPEATS`` passes."""
     best = float("inf")
@@ -203,8 +233,6 @@ def decode_costs(photos: Path, large: Path, count: int = 200) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """The decode figures alone, printed as JSON."""
-    from bench_extract import make_photos
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--work", type=Path, default=Path("build/bench"))

@@ -9,30 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import UserError
+from pipeline.store.spec import ImageRecord
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 )
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation", "test": "test"}
-
-
-@dataclass(frozen=True, slots=True)  # slots: a listing of 100M images holds 100M of these
-class ImageRecord:
-    """One image of a dataset.
-
-    Attributes
-    ----------
-    path : str
-        POSIX path relative to the dataset root: the image's identity in the store.
-    label : str or None
-        Class name, None when unlabelled.
-    split : str
-        ``train``, ``validation``, ``test``, or ``""`` when the layout has no splits.
-    """
-
-    path: str
-    label: str | None = None
-    split: str = ""
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.extract.discover import ImageRecord
 from pipeline.files import sha256_file
 from pipeline.store.index import Index, SetIndex
 from pipeline.store.shards import ShardEntry, ShardHeader, ShardReader, ShardTable, read_header, write_shard
-from pipeline.store.spec import FileState, path_keys, split_codes
+from pipeline.store.spec import FileState, ImageRecord, path_keys, split_codes
 
 ORIGIN_EXTRACT = "extract"
 _NAME = re.compile(r"^(\d{6})-([0-9a-f]{16})-(\d{10})-([a-z0-9]+)\.h5$")

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.extract.discover import ImageRecord
 from pipeline.files import exclusive
 from pipeline.store.commit import (
     Known,
@@ -34,7 +33,7 @@ from pipeline.store.index import Index, open_store_file, read_index, write_index
 from pipeline.store.legacy import adopt_journal, convert, legacy_index
 from pipeline.store.readers import Failures, FeatureSet, RowReader, StoredEmbeddings, load_failures, load_set
 from pipeline.store.shards import ShardEntry, ShardReader
-from pipeline.store.spec import LEGACY_VERSION, shard_rows
+from pipeline.store.spec import LEGACY_VERSION, ImageRecord, shard_rows
 
 
 @dataclass(frozen=True)

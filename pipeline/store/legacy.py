@@ -10,11 +10,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.extract.discover import ImageRecord
 from pipeline.store.commit import RunName, Segment, write_segment
 from pipeline.store.index import Index, SetIndex, open_store_file, write_index
 from pipeline.store.shards import ShardEntry, ShardHeader, ShardReader, ShardTable, read_strings, write_shard_blocks
-from pipeline.store.spec import LEGACY_VERSION, FileState, shard_rows, split_codes
+from pipeline.store.spec import LEGACY_VERSION, FileState, ImageRecord, shard_rows, split_codes
 
 BLOCK_ROWS = 1024  # rows copied at a time
 

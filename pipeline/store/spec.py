@@ -1,4 +1,5 @@
-"""The store's on-disk format 2: its names, version and written spec, thresholds, and the path keys runs plan with."""
+"""The store's on-disk format 2: its names, version and written spec, thresholds, the record of one image, and the
+path keys runs plan with."""
 
 from __future__ import annotations
 
@@ -26,6 +27,25 @@ SMALL_SHARE = 0.25
 SMALL_SHARDS = 64
 DEAD_SHARE = 0.25
 VIEW_PIECES = 65_536  # the index's virtual-dataset view is left out beyond this many pieces
+
+@dataclass(frozen=True, slots=True)  # slots: a listing of 100M images holds 100M of these
+class ImageRecord:
+    """One image of a dataset.
+
+    Attributes
+    ----------
+    path : str
+        POSIX path relative to the dataset root: the image's identity in the store.
+    label : str or None
+        Class name, None when unlabelled.
+    split : str
+        ``train``, ``validation``, ``test``, or ``""`` when the layout has no splits.
+    """
+
+    path: str
+    label: str | None = None
+    split: str = ""
+
 
 SPEC = (
     "Embedding store, format 2: this index file, and immutable HDF5 shard files in the folder named by the "
