@@ -42,7 +42,7 @@ help:
 	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE), into models/classifiers/<store name> (FIT_ARGS=...)"
 	@echo "make classify FOLDER=folder   predict every image with the best classifier fitted on CACHE=$(CACHE) (CLASSIFY_ARGS=...)"
 	@echo "make report      make report.html of the fit on CACHE=$(CACHE) again, without fitting"
-	@echo "make deploy BUNDLE=models/classifiers/<store>/<model>-<classifier>.joblib   one ONNX file, no pickle (DEPLOY_ARGS=...)"
+	@echo "make deploy BUNDLE=models/classifiers/<store>/<model>-<classifier>.skops   one ONNX file, no pickle (DEPLOY_ARGS=...)"
 	@echo "make doctor      can onnxruntime run on CUDA here; if not, the first thing missing and its fix"
 	@echo "make bench       extraction speed and int8 fidelity side by side, writes benchmarks/bench.json (~25 min)"
 	@echo "make bench-ray   extract on a local Ray instance vs locally, 1M/100M-image estimates from bench and bench-store (~5 min)"
@@ -88,7 +88,7 @@ report: $(INSTALLED)
 	$(PY) -m pipeline.report $(CACHE)
 
 deploy: $(INSTALLED)
-	@test -n "$(BUNDLE)" || { echo "error: say which classifier: make deploy BUNDLE=models/classifiers/<store>/<model>-<classifier>.joblib."; exit 2; }
+	@test -n "$(BUNDLE)" || { echo "error: say which classifier: make deploy BUNDLE=models/classifiers/<store>/<model>-<classifier>.skops."; exit 2; }
 	$(PY) -m pipeline.deploy "$(BUNDLE)" --models-dir $(MODELS_DIR) $(DEPLOY_ARGS)
 
 demo: $(INSTALLED)

@@ -17,6 +17,7 @@ STAGES = {
     "classify": ("pipeline.serve.classify", "predict a class for every image of a folder"),
     "report": ("pipeline.report.build", "make a fit's report.html again, without fitting"),
     "deploy": ("pipeline.serve.deploy", "merge a fitted classifier behind its backbone into one ONNX file"),
+    "bundles": ("pipeline.fit.upgrade", "rewrite the joblib bundles of an earlier version as safe skops files"),
     "store": ("pipeline.store.__main__", "look into, check, convert or compact a store"),
     "doctor": ("pipeline.models.doctor", "say whether onnxruntime can run on CUDA here"),
     "demo": ("pipeline.demo", "run every stage on built-in data"),

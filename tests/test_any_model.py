@@ -45,7 +45,7 @@ def test_every_stage_runs_on_a_model_of_each_family(model, stem, folders, export
     assert {row["features"] for row in report["results"]} == {stem, PIXELS}
     assert model in report["features"][stem]["description"] and "licence" in report["features"][stem]["description"]
     assert (tmp_path / "classifiers" / "report.html").exists()
-    bundle = tmp_path / "classifiers" / f"{stem}-logreg.joblib"
+    bundle = tmp_path / "classifiers" / f"{stem}-logreg.skops"
     counts = run_classify(new, bundle, tmp_path / "p.csv", models_dir=models_dir, cache=cache, progress=False)
     assert counts["classified"] == 6 and counts["cached"] == 0
 

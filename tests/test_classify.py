@@ -8,10 +8,12 @@ import shutil
 import subprocess
 import sys
 
+import joblib
 import numpy as np
 import pytest
 
 from pipeline.errors import UserError
+from pipeline.files import sha256_file
 from pipeline.extract.decode import calibration_crops
 from pipeline.extract.discover import discover
 from pipeline.extract.run import run_extract
@@ -52,7 +54,7 @@ def new_folder(root, with_bad: bool = True):
 def test_every_good_image_gets_a_prediction_and_bad_ones_an_error_row(fitted, tmp_path):
     work, models_dir, _ = fitted
     folder = new_folder(tmp_path / "new")
-    bundle = work / "classifiers" / "resnet50-logreg.joblib"
+    bundle = work / "classifiers" / "resnet50-logreg.skops"
     counts = run_classify(folder, bundle, tmp_path / "p.csv", top_k=2, models_dir=models_dir, cache=None, progress=False)
     assert counts == {"images": 5, "classified": 3, "unreadable": 2, "cached": 0, "labelled": 0, "correct": 0}
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
@@ -70,7 +72,7 @@ def test_every_good_image_gets_a_prediction_and_bad_ones_an_error_row(fitted, tm
 def test_a_file_that_vanishes_mid_run_gets_an_error_row_and_costs_no_other(fitted, tmp_path, monkeypatch):
     work, models_dir, _ = fitted
     folder = new_folder(tmp_path / "new", with_bad=False)
-    bundle = work / "classifiers" / "resnet50-logreg.joblib"
+    bundle = work / "classifiers" / "resnet50-logreg.skops"
     run_classify(folder, bundle, tmp_path / "before.csv", models_dir=models_dir, cache=None, progress=False)
     vanished, decode, first = folder / "new1.png", embedder.decode_file, []
 
@@ -93,12 +95,12 @@ def test_a_file_that_vanishes_mid_run_gets_an_error_row_and_costs_no_other(fitte
 
 def test_predictions_equal_the_bundle_on_stored_embeddings_and_reuse_them(fitted, tmp_path):
     work, models_dir, _ = fitted
-    bundle = ClassifierBundle.load(work / "classifiers" / "resnet50-logreg.joblib")
+    bundle = ClassifierBundle.load(work / "classifiers" / "resnet50-logreg.skops")
     stored = EmbeddingStore(work / "pets.h5").load("resnet50")
     expected = bundle.pipeline.predict_proba(stored.embeddings)
     for cache in (None, work / "pets.h5"):
         out = tmp_path / f"p{cache is None}.jsonl"
-        counts = run_classify(work / "pets", work / "classifiers" / "resnet50-logreg.joblib", out, top_k=1,
+        counts = run_classify(work / "pets", work / "classifiers" / "resnet50-logreg.skops", out, top_k=1,
                               models_dir=models_dir, cache=cache, progress=False)
         assert counts["cached"] == (16 if cache else 0) and counts["labelled"] == 16
         rows = {json.loads(line)["path"]: json.loads(line) for line in out.read_text().splitlines()}
@@ -112,7 +114,7 @@ def test_predictions_equal_the_bundle_on_stored_embeddings_and_reuse_them(fitted
 def test_a_pixel_baseline_bundle_classifies_and_jsonl_rows_carry_errors(fitted, tmp_path):
     work, models_dir, _ = fitted
     folder = new_folder(tmp_path / "new")
-    counts = run_classify(folder, work / "classifiers" / "pixels-logreg.joblib", tmp_path / "p.jsonl", top_k=5,
+    counts = run_classify(folder, work / "classifiers" / "pixels-logreg.skops", tmp_path / "p.jsonl", top_k=5,
                           models_dir=tmp_path / "no-models-needed", cache=work / "pets.h5", progress=False)
     assert counts["classified"] == 3 and counts["unreadable"] == 2
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -128,8 +130,8 @@ def test_the_best_bundle_is_chosen_from_the_report_and_checked(fitted, tmp_path)
     classifiers = work / "classifiers"
     best = max(report["bundles"], key=lambda b: b["validation_score"])
     assert choose_bundle(None, None, None, classifiers) == classifiers / best["path"]
-    assert choose_bundle(None, "pixels", None, classifiers).name == "pixels-logreg.joblib"
-    assert choose_bundle(None, "resnet50", "logreg", classifiers).name == "resnet50-logreg.joblib"
+    assert choose_bundle(None, "pixels", None, classifiers).name == "pixels-logreg.skops"
+    assert choose_bundle(None, "resnet50", "logreg", classifiers).name == "resnet50-logreg.skops"
     with pytest.raises(UserError, match="lists no vgg16 classifier"):
         choose_bundle(None, "vgg16", None, classifiers)
     with pytest.raises(UserError, match="run fit first"):
@@ -145,26 +147,26 @@ def test_the_best_bundle_is_chosen_from_the_report_and_checked(fitted, tmp_path)
 
 def test_a_bundle_of_another_model_file_is_refused_naming_both(fitted, tmp_path):
     work, models_dir, _ = fitted
-    bundle = ClassifierBundle.load(work / "classifiers" / "resnet50-logreg.joblib")
+    bundle = ClassifierBundle.load(work / "classifiers" / "resnet50-logreg.skops")
     bundle.provenance["onnx_sha256"] = "0" * 64
-    bundle.save(tmp_path / "other.joblib")
+    bundle.save(tmp_path / "other.skops")
     with pytest.raises(UserError, match="was fitted on resnet50 embeddings of ONNX sha256 000000000000 .* but .*resnet50.onnx has sha256"):
-        run_classify(work / "pets", tmp_path / "other.joblib", None, models_dir=models_dir, cache=None, trust=True)
+        run_classify(work / "pets", tmp_path / "other.skops", None, models_dir=models_dir, cache=None, trust=True)
 
 
 def test_unlisted_or_changed_bundles_are_not_loaded_unless_trusted(fitted, tmp_path):
     work, models_dir, _ = fitted
-    stranger = tmp_path / "stranger.joblib"
-    shutil.copy(work / "classifiers" / "resnet50-logreg.joblib", stranger)
-    with pytest.raises(UserError, match=r"stranger.joblib is not beside a report.json \(none at .*\), and loading .* runs"):
+    stranger = tmp_path / "stranger.skops"
+    shutil.copy(work / "classifiers" / "resnet50-logreg.skops", stranger)
+    with pytest.raises(UserError, match=r"stranger.skops is not beside a report.json \(none at .*\), so it is not known"):
         run_classify(work / "pets", stranger, None, models_dir=models_dir, cache=None)
     assert run_classify(work / "pets", stranger, tmp_path / "p.csv", models_dir=models_dir, cache=None, trust=True)["images"]
     listed = tmp_path / "listed"
     shutil.copytree(work / "classifiers", listed)
-    with open(listed / "resnet50-logreg.joblib", "ab") as stream:
+    with open(listed / "resnet50-logreg.skops", "ab") as stream:
         stream.write(b"\0")  # changed since fit listed it
     with pytest.raises(UserError, match="is not the file .*report.json lists .*sha256 changed"):
-        run_classify(work / "pets", listed / "resnet50-logreg.joblib", None, models_dir=models_dir, cache=None)
+        run_classify(work / "pets", listed / "resnet50-logreg.skops", None, models_dir=models_dir, cache=None)
 
 
 def run(*args, cwd):
@@ -185,7 +187,7 @@ def test_cli_exit_codes_and_table(fitted, tmp_path):
     assert len(list(csv.reader(open(tmp_path / "p.csv")))) == 6
     (tmp_path / "empty").mkdir()
     for bad in (["empty"], ["clean", "--output", "p.txt"], ["clean", "--top-k", "0"], ["clean", "--batch-size", "0"],
-                ["missing"], ["clean", "--classifier", work / "classifiers" / "resnet50-logreg.joblib"]):
+                ["missing"], ["clean", "--classifier", work / "classifiers" / "resnet50-logreg.skops"]):
         done = run(*bad, *common, cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1, bad
 
@@ -198,7 +200,7 @@ def test_another_precision_is_refused_unless_allowed(fitted, tmp_path):
     source = repository.load("resnet50")
     repository.variant(source, "int8", calibration_crops(discover(work / "pets"), source.preprocessing), 8)
     folder = new_folder(tmp_path / "new", with_bad=False)
-    bundle = work / "classifiers" / "resnet50-logreg.joblib"
+    bundle = work / "classifiers" / "resnet50-logreg.skops"
     with pytest.raises(UserError, match="fitted on fp32 embeddings.*not int8.*--allow-precision-change"):
         run_classify(folder, bundle, None, models_dir=private, cache=None, precision="int8", progress=False)
     fp32 = run_classify(folder, bundle, tmp_path / "fp32.csv", models_dir=private, cache=None, progress=False)
@@ -216,7 +218,7 @@ def test_a_folder_whose_classes_the_classifier_does_not_know_gets_one_warning(fi
     work, models_dir, _ = fitted
     for name in ("cat", "dog"):  # class folders of another dataset
         save(tmp_path / "other" / name / "0.png", photo(50, 44, seed=7))
-    bundle = work / "classifiers" / "resnet50-logreg.joblib"
+    bundle = work / "classifiers" / "resnet50-logreg.skops"
     counts = run_classify(tmp_path / "other", bundle, tmp_path / "p.csv", models_dir=models_dir, cache=None,
                           progress=False)
     assert counts["labelled"] == 2 and counts["correct"] == 0
@@ -238,4 +240,57 @@ def test_each_store_has_its_own_classifiers_and_classify_picks_those_of_its_cach
     assert classifiers_dir(tmp_path / "a.h5") == classifiers_dir("features/a.h5") == (
         tmp_path / "models" / "classifiers" / "a").relative_to(tmp_path)
     chosen = choose_bundle(None, None, None, classifiers_dir(tmp_path / "a.h5"))
-    assert chosen.parent == classifiers_dir("a.h5") and chosen.name == "resnet50-logreg.joblib"
+    assert chosen.parent == classifiers_dir("a.h5") and chosen.name == "resnet50-logreg.skops"
+
+
+def crafted_folder(folder, marker):
+    """A classifiers folder as someone else could send it: a pickle named as a bundle, which would write ``marker``
+    when unpickled, and a report.json beside it listing its sha256."""
+    from tests.test_bundle import Payload
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "resnet50-logreg.joblib"
+    joblib.dump({"format": "pipeline.classifier-bundle", "payload": Payload(marker)}, path)
+    report = {"bundles": [{"path": path.name, "sha256": sha256_file(path), "features": "resnet50",
+                           "classifier": "logreg", "validation_score": 1.0}]}
+    (folder / "report.json").write_text(json.dumps(report))
+    return path
+
+
+def test_a_crafted_bundle_listed_in_its_own_report_runs_nothing(fitted, tmp_path):
+    work, models_dir, _ = fitted
+    marker = tmp_path / "ran"
+    bundle = crafted_folder(tmp_path / "received", marker)
+    assert choose_bundle(None, None, None, tmp_path / "received") == bundle
+    with pytest.raises(UserError, match="is a joblib pickle .* pass --trust"):
+        run_classify(work / "pets", bundle, None, models_dir=models_dir, cache=None, progress=False)
+    done = run("pets", "--classifiers-dir", tmp_path / "received", "--models-dir", models_dir, cwd=work)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "joblib pickle" in done.stderr
+    assert not marker.exists()
+
+
+def test_bundles_of_the_landed_version_are_rewritten_once_as_skops(fitted, tmp_path):
+    from pipeline.fit.bundle import _fields
+    from pipeline.fit.upgrade import upgrade_bundles
+
+    work, models_dir, _ = fitted
+    folder = tmp_path / "classifiers"
+    shutil.copytree(work / "classifiers", folder)
+    report = json.loads((folder / "report.json").read_text())
+    for entry in report["bundles"]:  # as the landed version wrote them: joblib pickles
+        bundle = ClassifierBundle.load(folder / entry["path"])
+        legacy = (folder / entry["path"]).with_suffix(".joblib")
+        joblib.dump({"format": "pipeline.classifier-bundle", "format_version": 1, **_fields(bundle)}, legacy, compress=3)
+        (folder / entry["path"]).unlink()
+        entry.update(path=legacy.name, sha256=sha256_file(legacy))
+    (folder / "report.json").write_text(json.dumps(report))
+    legacy = folder / "resnet50-logreg.joblib"
+    with pytest.raises(UserError, match="joblib pickle"):
+        run_classify(work / "pets", legacy, None, models_dir=models_dir, cache=None, progress=False)
+    trusted = run_classify(work / "pets", legacy, None, models_dir=models_dir, cache=None, progress=False, trust=True)
+    written = upgrade_bundles(folder)
+    assert sorted(p.name for p in written) == ["pixels-logreg.skops", "resnet50-logreg.skops"]
+    assert choose_bundle(None, "resnet50", None, folder).name == "resnet50-logreg.skops"
+    upgraded = run_classify(work / "pets", folder / "resnet50-logreg.skops", None, models_dir=models_dir, cache=None,
+                            progress=False)
+    assert upgraded["correct"] == trusted["correct"] and upgraded["classified"] == trusted["classified"]

@@ -51,7 +51,7 @@ def test_every_head_fit_makes_converts_to_the_same_probabilities(tmp_path, monke
     X = store.load("resnet50").embeddings
     kernels = {"in-memory": "rbf", "linear-svm": "linear", "out-of-core": None}
     for classifier in ("logreg", "svm"):
-        bundle = ClassifierBundle.load(tmp_path / "out" / f"resnet50-{classifier}.joblib")
+        bundle = ClassifierBundle.load(tmp_path / "out" / f"resnet50-{classifier}.skops")
         if classifier == "svm":
             assert bundle.params.get("kernel") == kernels[kind] and ("loss" in bundle.params) == (kind == "out-of-core")
         want = bundle.pipeline.predict_proba(X)
@@ -87,7 +87,7 @@ def rows(path):
 
 def test_a_deployed_classifier_predicts_what_its_bundle_predicts_without_unpickling(fitted, tmp_path, monkeypatch):
     work, models_dir = fitted
-    bundle_path = work / "classifiers" / "resnet50-svm.joblib"
+    bundle_path = work / "classifiers" / "resnet50-svm.skops"
     result = deploy_classifier(bundle_path, models_dir, out=tmp_path / "svm.onnx")
     assert result.deployed and result.onnx_path == tmp_path / "svm.onnx"
     manifest = open_deployed(tmp_path / "svm.onnx").manifest
@@ -126,35 +126,35 @@ def test_deploying_again_is_a_no_op_until_the_bundle_changes(fitted, tmp_path):
     work, models_dir = fitted
     classifiers = tmp_path / "classifiers"
     shutil.copytree(work / "classifiers", classifiers)
-    first = deploy_classifier(classifiers / "resnet50-logreg.joblib", models_dir)
+    first = deploy_classifier(classifiers / "resnet50-logreg.skops", models_dir)
     assert first.deployed and first.onnx_path == classifiers / "resnet50-logreg.onnx"
     assert (classifiers / "resnet50-logreg.json").exists()
-    again = deploy_classifier(classifiers / "resnet50-logreg.joblib", models_dir)
+    again = deploy_classifier(classifiers / "resnet50-logreg.skops", models_dir)
     assert not again.deployed and again.manifest == first.manifest
-    bundle = ClassifierBundle.load(classifiers / "resnet50-logreg.joblib")
+    bundle = ClassifierBundle.load(classifiers / "resnet50-logreg.skops")
     bundle.classes = ["one", "two", "three"]
-    bundle.save(classifiers / "resnet50-logreg.joblib")
-    changed = deploy_classifier(classifiers / "resnet50-logreg.joblib", models_dir, trust=True)
+    bundle.save(classifiers / "resnet50-logreg.skops")
+    changed = deploy_classifier(classifiers / "resnet50-logreg.skops", models_dir, trust=True)
     assert changed.deployed and open_deployed(changed.onnx_path).manifest.classes == ["one", "two", "three"]
 
 
 def test_deploy_refuses_unlisted_pixel_and_mismatched_bundles(fitted, tmp_path):
     work, models_dir = fitted
-    stranger = tmp_path / "stranger.joblib"
-    shutil.copy(work / "classifiers" / "resnet50-logreg.joblib", stranger)
-    with pytest.raises(UserError, match=r"stranger.joblib is not beside a report.json .* runs the code inside"):
+    stranger = tmp_path / "stranger.skops"
+    shutil.copy(work / "classifiers" / "resnet50-logreg.skops", stranger)
+    with pytest.raises(UserError, match=r"stranger.skops is not beside a report.json .* so it is not known to be a bundle fit wrote"):
         deploy_classifier(stranger, models_dir)
     assert not (tmp_path / "stranger.onnx").exists()
     with pytest.raises(UserError, match="classifies raw 32x32 pixels"):
-        deploy_classifier(work / "classifiers" / "pixels-logreg.joblib", models_dir, out=tmp_path / "p.onnx")
+        deploy_classifier(work / "classifiers" / "pixels-logreg.skops", models_dir, out=tmp_path / "p.onnx")
     bundle = ClassifierBundle.load(stranger)
     bundle.provenance["onnx_sha256"] = "0" * 64
     bundle.save(stranger)
     with pytest.raises(UserError, match="fitted on resnet50 embeddings of ONNX sha256 000000000000 .* but .*resnet50.onnx has"):
         deploy_classifier(stranger, models_dir, trust=True)
-    listed = work / "classifiers" / "resnet50-logreg.joblib"
+    listed = work / "classifiers" / "resnet50-logreg.skops"
     with pytest.raises(UserError, match="must end in .onnx"):
-        deploy_classifier(listed, models_dir, out=tmp_path / "x.joblib")
+        deploy_classifier(listed, models_dir, out=tmp_path / "x.skops")
     for taken in (models_dir / "resnet50.onnx", work / "classifiers" / "report.onnx"):  # a backbone's, fit's report
         with pytest.raises(UserError, match=f"{taken.stem}.json exists and is not a deployed classifier's manifest"):
             deploy_classifier(listed, models_dir, out=taken)
@@ -177,7 +177,7 @@ def test_deploy_refuses_unlisted_pixel_and_mismatched_bundles(fitted, tmp_path):
 
 def test_classify_refuses_a_changed_deployed_file_a_backbone_and_another_precision(fitted, tmp_path):
     work, models_dir = fitted
-    deployed = deploy_classifier(work / "classifiers" / "resnet50-logreg.joblib", models_dir, out=tmp_path / "d.onnx")
+    deployed = deploy_classifier(work / "classifiers" / "resnet50-logreg.skops", models_dir, out=tmp_path / "d.onnx")
     with pytest.raises(UserError, match="runs its backbone at fp32, merged into the file"):
         run_classify(work / "pets", deployed.onnx_path, None, precision="int8", cache=None)
     with pytest.raises(UserError, match="resnet50.json describes a backbone, not a classifier"):
@@ -185,7 +185,7 @@ def test_classify_refuses_a_changed_deployed_file_a_backbone_and_another_precisi
     with open(deployed.onnx_path, "ab") as stream:
         stream.write(b"\0")
     with pytest.raises(UserError, match=r"d.onnx does not match its manifest .*d.json .* deploy it again: .*resnet50-logreg"
-                       r".joblib --out .*d.onnx\."):
+                       r".skops --out .*d.onnx\."):
         run_classify(work / "pets", deployed.onnx_path, None, cache=None)
     (tmp_path / "d.json").write_text("{}")
     with pytest.raises(UserError, match="d.json is not the manifest of a deployed classifier"):
@@ -194,11 +194,22 @@ def test_classify_refuses_a_changed_deployed_file_a_backbone_and_another_precisi
 
 def test_cli_deploys_and_says_so_in_one_line(fitted, tmp_path):
     work, models_dir = fitted
-    command = [sys.executable, "-m", "pipeline.deploy", work / "classifiers" / "resnet50-logreg.joblib",
+    command = [sys.executable, "-m", "pipeline.deploy", work / "classifiers" / "resnet50-logreg.skops",
                "--models-dir", models_dir, "--out", tmp_path / "cli.onnx"]
     done = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "deployed resnet50-logreg.joblib as" in done.stdout and "3 classes" in done.stdout
+    assert "deployed resnet50-logreg.skops as" in done.stdout and "3 classes" in done.stdout
     done = subprocess.run(list(map(str, command[:4])) + ["--models-dir", str(tmp_path / "none"), "--out",
                           str(tmp_path / "other.onnx")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_deploy_runs_nothing_of_a_crafted_bundle(fitted, tmp_path):
+    from tests.test_classify import crafted_folder
+
+    _, models_dir = fitted
+    marker = tmp_path / "ran"
+    bundle = crafted_folder(tmp_path / "received", marker)
+    with pytest.raises(UserError, match="is a joblib pickle .* pass --trust"):
+        deploy_classifier(bundle, models_dir, out=tmp_path / "d.onnx")
+    assert not marker.exists() and not (tmp_path / "d.onnx").exists()

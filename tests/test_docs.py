@@ -36,7 +36,7 @@ def project(tmp_path_factory, exported, state_dict_file) -> Path:
                 weights=str(state_dict_file("resnet50")), progress=False)
     run_fit(root / "features" / "embeddings.h5", classifiers=["logreg"], out=root / "models" / "classifiers" / "embeddings",
             n_jobs=1, curve=False)
-    deploy_classifier(root / "models" / "classifiers" / "embeddings" / "resnet50-logreg.joblib", root / "models")
+    deploy_classifier(root / "models" / "classifiers" / "embeddings" / "resnet50-logreg.skops", root / "models")
     shutil.copy(next((root / "data" / "cat").glob("*.jpg")), root / "cat.jpg")
     return root
 

@@ -63,10 +63,10 @@ def test_report_figures_and_bundles_exist_and_match(fitted):
 def test_bundles_round_trip_and_predict_like_the_report(fitted):
     root, report = fitted
     features = EmbeddingStore(root / "s.h5").load("resnet50")
-    bundle = ClassifierBundle.load(root / "out" / "resnet50-svm.joblib")
+    bundle = ClassifierBundle.load(root / "out" / "resnet50-svm.skops")
     assert bundle.classes == [f"class{c}" for c in range(4)] and bundle.onnx_sha256 == "sha-resnet50"
     assert bundle.metrics["test"]["accuracy"] == next(
-        r["test"]["accuracy"] for r in report["results"] if r["bundle"]["path"] == "resnet50-svm.joblib")
+        r["test"]["accuracy"] for r in report["results"] if r["bundle"]["path"] == "resnet50-svm.skops")
     predicted = np.array(bundle.classes)[bundle.pipeline.predict(features.embeddings)]
     assert (predicted == features.classes[features.labels]).mean() >= 0.99
 
@@ -122,7 +122,7 @@ def test_reuse_only_when_store_arguments_and_bundles_are_unchanged(tmp_path):
     assert run_fit(store.path, **kwargs)["reused"]
     assert "reused" not in run_fit(store.path, **{**kwargs, "seed": 1})
     assert run_fit(store.path, **{**kwargs, "seed": 1})["reused"]
-    (tmp_path / "o" / "resnet50-logreg.joblib").write_bytes(b"changed")
+    (tmp_path / "o" / "resnet50-logreg.skops").write_bytes(b"changed")
     assert "reused" not in run_fit(store.path, **{**kwargs, "seed": 1})
 
 
@@ -251,7 +251,7 @@ def test_cli_fits_out_of_core(tmp_path):
     assert "resnet50  svm" in done.stdout and "none is drawn with --out-of-core" in done.stderr
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert {r["params"]["loss"] for r in report["results"]} == {"log_loss", "hinge"}
-    bundle = ClassifierBundle.load(tmp_path / "o" / "resnet50-logreg.joblib")
+    bundle = ClassifierBundle.load(tmp_path / "o" / "resnet50-logreg.skops")
     assert bundle.pipeline.named_steps["clf"].__class__.__name__ == "SGDClassifier"
     bad = subprocess.run(command + ["--chunk-rows", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--chunk-rows 0 and --epochs 3 must be at least 1" in bad.stderr

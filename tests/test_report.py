@@ -34,7 +34,7 @@ def result(features="resnet50", untrained=False, accuracy=0.9):
         "n_train": 8, "n_test": 2, "notes": ["a note"], "confusion_figure": "c.png",
         "test": {"accuracy": accuracy, "balanced_accuracy": accuracy, "macro_f1": accuracy, "top_k": {},
                  "per_class": {"a": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}}},
-        "bundle": {"path": "resnet50-logreg.joblib", "sha256": "ab" * 32},
+        "bundle": {"path": "resnet50-logreg.skops", "sha256": "ab" * 32},
     }
 
 

@@ -130,7 +130,7 @@ def test_exports_stores_bundles_and_deployments_of_the_landed_version_keep_worki
     assert "weights_license" not in EmbeddingStore(cache).load_attrs("resnet50")
     report = run_fit(cache, out=tmp_path / "classifiers", reuse=False)
     assert {row["features"] for row in report["results"]} == {"resnet50", "pixels"}
-    bundle = tmp_path / "classifiers" / "resnet50-logreg.joblib"
+    bundle = tmp_path / "classifiers" / "resnet50-logreg.skops"
     counts = run_classify(data, bundle, None, models_dir=repository.folder, cache=cache, progress=False)
     assert counts["classified"] == 12 and counts["cached"] == 12
     deployed = deploy_classifier(bundle, repository.folder, out=tmp_path / "deployed.onnx")

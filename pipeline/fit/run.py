@@ -24,7 +24,7 @@ from pipeline.errors import Interrupted, UserError
 from pipeline.extract import cluster
 from pipeline.files import classifiers_dir, exclusive, sha256_file
 from pipeline.fit import findings
-from pipeline.fit.bundle import ClassifierBundle, library_versions, provenance_of
+from pipeline.fit.bundle import BUNDLE_SUFFIX, ClassifierBundle, library_versions, provenance_of
 from pipeline.fit.heads import CLASSIFIERS, FOLDS, FittedHead
 from pipeline.fit.streaming import CHUNK_ROWS, EPOCHS, RowStream
 from pipeline.fit.training import FitSettings, InMemoryRows, OutOfCore, training_rows
@@ -356,7 +356,7 @@ def _fit_all(
                 head.pipeline, split.classes, name, classifier, provenance_of(feature_set.attrs), head.params,
                 {"validation_score": head.validation_score, "test": result["test"]}, settings.seed,
             )
-            bundle_path = out / f"{name}-{classifier}.joblib"
+            bundle_path = out / f"{name}-{classifier}{BUNDLE_SUFFIX}"
             result["bundle"] = {"path": bundle_path.name, "sha256": bundle.save(bundle_path)}
             results.append(result)
             if classifier == "logreg" and curve and len(y_test) and isinstance(rows, InMemoryRows):
@@ -662,5 +662,5 @@ def print_summary(report: dict[str, Any], out: Path, seconds: float) -> None:
         best = max(backbones, key=lambda r: np.nan_to_num(r["validation_score"], nan=-1.0))
         print(f"to ship the best backbone classifier as one ONNX file: make deploy BUNDLE={out / best['bundle']['path']}")
     page = f"{out / PAGE} (open it in a browser), " if report.get("findings") else ""
-    print(f"\nreport: {page}{out / 'report.md'} (and report.json, PNG figures); classifiers: {out}/*.joblib; "
+    print(f"\nreport: {page}{out / 'report.md'} (and report.json, PNG figures); classifiers: {out}/*{BUNDLE_SUFFIX}; "
           f"{seconds:.0f} s")

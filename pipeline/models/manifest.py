@@ -178,7 +178,7 @@ class DeployedManifest(ModelManifest):
         except (ValueError, UnicodeDecodeError, TypeError):
             raise UserError(f"{path} is not the manifest of a deployed classifier; {again}.") from None
         if not manifest.classes:
-            raise UserError(f"{path} describes a backbone, not a classifier; pass a bundle (.joblib) or a classifier "
+            raise UserError(f"{path} describes a backbone, not a classifier; pass a bundle (.skops) or a classifier "
                             f"made by {command('deploy')} (.onnx).")
         return manifest
 

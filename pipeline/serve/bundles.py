@@ -18,7 +18,8 @@ from pipeline.store import PIXELS
 def check_listed(path: str | os.PathLike) -> None:
     """Refuse a bundle that the ``report.json`` beside it does not list with the sha256 it has now.
 
-    Loading a bundle unpickles it, which can run any code; a bundle fit wrote, unchanged since, is listed.
+    This says the bundle is the one fit wrote there, unchanged since; it is no safety against a crafted file (the
+    report travels with the bundles): loading builds only allow-listed types (:meth:`ClassifierBundle.load`).
 
     Raises
     ------
@@ -36,8 +37,8 @@ def check_listed(path: str | os.PathLike) -> None:
     if path.name not in listed:
         where = f"listed in {report}" if report.exists() else f"beside a report.json (none at {report})"
         raise UserError(
-            f"{path} is not {where}, and loading a classifier bundle runs the code inside it; use a bundle fit "
-            "wrote, or pass --trust if you know where this one comes from."
+            f"{path} is not {where}, so it is not known to be a bundle fit wrote there; use a bundle fit wrote, or "
+            "pass --trust if you know where this one comes from."
         )
     if sha256_file(path) != listed[path.name]:
         raise UserError(

@@ -19,7 +19,7 @@ from pipeline.errors import Interrupted, UserError
 from pipeline.extract.decode import MAX_PIXELS, PIXELS_FINGERPRINT, batches
 from pipeline.extract.discover import discover
 from pipeline.files import classifiers_dir, sha256_file
-from pipeline.fit.bundle import ClassifierBundle
+from pipeline.fit.bundle import BUNDLE_SUFFIX, ClassifierBundle
 from pipeline.fit.heads import CLASSIFIERS
 from pipeline.models import PRECISIONS, BackboneSession, ModelRepository, feature_set_name, open_deployed
 from pipeline.models.session import DEVICES
@@ -54,7 +54,7 @@ class Prediction:
 def choose_bundle(
     classifier: str | os.PathLike | None, model: str | None, classifier_name: str | None, classifiers_dir: Path
 ) -> Path:
-    """The bundle to use: a path, ``<model>-<name>.joblib``, or the best by validation score in ``report.json``.
+    """The bundle to use: a path, ``<model>-<name>.skops``, or the best by validation score in ``report.json``.
 
     A bundle chosen through the report must still have the sha256 the report lists for it.
     """
@@ -62,7 +62,7 @@ def choose_bundle(
         return Path(classifier)
     report_path = classifiers_dir / "report.json"
     if model and classifier_name:
-        return classifiers_dir / f"{model}-{classifier_name}.joblib"
+        return classifiers_dir / f"{model}-{classifier_name}{BUNDLE_SUFFIX}"
     if not report_path.exists():
         raise UserError(f"no {report_path} to choose a classifier from; run fit first (make fit), or pass --classifier PATH.")
     try:
@@ -136,7 +136,7 @@ def open_classifier(
         return Classifier(deployed.manifest.classes, session, lambda probabilities: probabilities, {}, deployed.untrained)
     if not trust:
         check_listed(path)
-    bundle = ClassifierBundle.load(path)
+    bundle = ClassifierBundle.load(path, trust)
     session = open_fitted_backbone(bundle, path, ModelRepository(models_dir), device, precision, allow_precision_change)
     if session is None:
         known = stored_features(cache, PIXELS, PIXELS_FINGERPRINT)
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("folder", help="image folder (any layout extract accepts) or CSV manifest")
-    parser.add_argument("--classifier", type=Path, help="a bundle (.joblib) or a classifier made by pipeline.deploy "
+    parser.add_argument("--classifier", type=Path, help="a bundle (.skops; a .joblib of an earlier version with --trust) or a classifier made by pipeline.deploy "
                         "(.onnx) (default: the best bundle in --classifiers-dir/report.json)")
     parser.add_argument("--model", type=_features, metavar="FEATURES",
                         help="choose among bundles of these features: vgg16, resnet50, resnet50-int8, "
@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                         help=f"images that would decode to more pixels get a 'too large' error row (default: {MAX_PIXELS:,})")
     parser.add_argument("--trust", action="store_true",
-                        help="load a bundle that no report.json beside it lists with its sha256 (loading runs its code)")
+                        help="load a bundle that no report.json beside it lists with its sha256, or a joblib bundle of an "
+                        "earlier version (unpickling it runs its code; transfer bundles FOLDER rewrites those as skops)")
     return parser
 
 

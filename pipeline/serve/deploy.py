@@ -172,7 +172,7 @@ def deploy_classifier(
     _check_out(out, bundle_path)
     if not trust:
         check_listed(bundle_path)
-    bundle = ClassifierBundle.load(bundle_path)
+    bundle = ClassifierBundle.load(bundle_path, trust)
     if bundle.features == PIXELS:
         raise UserError(
             f"{bundle_path} classifies raw 32x32 pixels, which the host makes from the image, so there is no "
@@ -331,11 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
             "FILE.onnx runs it."
         ),
     )
-    parser.add_argument("bundle", type=Path, help="a classifier bundle written by pipeline.fit (.joblib)")
+    parser.add_argument("bundle", type=Path, help="a classifier bundle written by pipeline.fit (.skops; a .joblib of an earlier version with --trust)")
     parser.add_argument("--out", type=Path, help="the ONNX file to write (default: the bundle's path with .onnx)")
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported backbones (default: models/)")
     parser.add_argument("--trust", action="store_true",
-                        help="load a bundle that no report.json beside it lists with its sha256 (loading runs its code)")
+                        help="load a bundle that no report.json beside it lists with its sha256, or a joblib bundle of an "
+                        "earlier version (unpickling it runs its code; transfer bundles FOLDER rewrites those as skops)")
     parser.add_argument("--force", action="store_true", help="deploy even if the file is already up to date")
     return parser
 
