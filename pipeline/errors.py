@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -39,6 +40,25 @@ class Interrupted(KeyboardInterrupt):
         self.kept = kept
 
 
+class _Lines(logging.Formatter):
+    """The package's messages on the command line: warnings as ``warning: ...``, everything else as it is."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
+
+def show_messages() -> None:
+    """Send the package's log messages (notices at INFO, warnings) to stderr, one plain line each: what the
+    command line does; a program that imports the package configures logging as it likes instead."""
+    logger = logging.getLogger("pipeline")
+    if not any(isinstance(handler.formatter, _Lines) for handler in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Lines())
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run a stage's ``main`` and turn :class:`UserError` and Ctrl-C into a message and an exit status.
 
@@ -50,6 +70,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         Command-line arguments; ``sys.argv[1:]`` when omitted.
     """
     warnings.formatwarning = _one_line
+    show_messages()
     names = _make_names()
     if names:  # under make, a bad option is one line in the make variable's name, like every other error
         argparse.ArgumentParser.error = _raise_user_error  # type: ignore[method-assign]

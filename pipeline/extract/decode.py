@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import os
 import stat
@@ -19,6 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.extract.discover import Dataset
 from pipeline.models.preprocessing import RESAMPLING, Preprocessing, resize_center_crop
+
+logger = logging.getLogger(__name__)
 
 PIXELS_SIZE = 32
 # The raw-pixel baseline is the standard 224 px crop (Resize 256, CenterCrop 224) reduced to 32x32 with the
@@ -298,7 +301,7 @@ def calibration_crops(dataset: Dataset, preprocessing: Preprocessing, seed: int 
     decoded are left out."""
     usable = [record for record in dataset.records if record.split != "test"]
     if not usable:
-        warnings.warn(f"{dataset.root} has only test images; the int8 calibration is drawn from them.", stacklevel=2)
+        logger.warning(f"{dataset.root} has only test images; the int8 calibration is drawn from them.")
     paths = [dataset.absolute(record) for record in usable or dataset.records]
     for index in np.random.default_rng(seed).permutation(len(paths)):
         decoded = decode_file(paths[index], [preprocessing])

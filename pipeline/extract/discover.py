@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import UserError
 from pipeline.store.spec import ImageRecord
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
@@ -96,10 +98,9 @@ def _utf8_named(records: list[ImageRecord], root: Path) -> list[ImageRecord]:
     kept = [r for r in records if _is_utf8(r.path)]
     if len(kept) < len(records):
         first = next(r.path for r in records if not _is_utf8(r.path))
-        warnings.warn(
+        logger.warning(
             f"skipped {len(records) - len(kept)} file(s) in {root} whose names are not valid UTF-8 (first: "
-            f"{ascii(first)}); the store keeps paths as UTF-8 text: rename them to include them.",
-            stacklevel=3,
+            f"{ascii(first)}); the store keeps paths as UTF-8 text: rename them to include them."
         )
     return kept
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -46,6 +47,8 @@ from pipeline.models.quantize import CALIBRATION_IMAGES, check_calibration_image
 from pipeline.models.session import CUDA, DEVICES, available_cores
 from pipeline.models.weights import weights_per_model
 from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
 EXIT_SKIPPED = 1  # with --strict: the run finished but some files could not be decoded
@@ -110,10 +113,10 @@ def open_sessions(
                 wanted = "fp16"
         model = repository.current_variant(export, wanted) if wanted != "fp32" else export
         if model is None:
-            print(f"{export.manifest.model}: making its {wanted} variant first.", file=sys.stderr)
+            logger.info(f"{export.manifest.model}: making its {wanted} variant first.")
             crops = calibration_crops(dataset, export.preprocessing)
             model = repository.variant(export, wanted, crops, calibration_images)
-            print(describe(model.manifest), file=sys.stderr)
+            logger.info(describe(model.manifest))
         sessions.append(model.open(device))
     return sessions
 
@@ -142,8 +145,8 @@ def check_store(store: EmbeddingStore, dataset: Dataset, specs: Sequence[Feature
         attrs = store.load_attrs(spec.name)
         if spec.name == PIXELS and attrs.get("fingerprint") in EARLIER_PIXELS_FINGERPRINTS:
             # The baseline is ours, not the user's model: a new recipe replaces an earlier one without asking.
-            print(f"notice: {store.path} holds pixel-baseline features of an earlier recipe ({attrs.get('fingerprint')});"
-                  f" this run makes them again ({spec.fingerprint}), once for the store.", file=sys.stderr)
+            logger.info(f"notice: {store.path} holds pixel-baseline features of an earlier recipe "
+                        f"({attrs.get('fingerprint')}); this run makes them again ({spec.fingerprint}), once for the store.")
         elif attrs.get("fingerprint") != spec.fingerprint and not overwrite:
             raise UserError(
                 f"{store.path} holds {spec.name} features from another "
@@ -297,7 +300,7 @@ def run_extract(
         root = str(dataset.root)
         segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs, root) for spec in specs}
         if pool and work:
-            print(f"ray: {pool.describe()} for {_count(len(work), 'image')}.", file=sys.stderr)
+            logger.info(f"ray: {pool.describe()} for {_count(len(work), 'image')}.")
             paths = [str(dataset.absolute(item.record)) for item in work]
             outcomes = cluster.embed_on_ray(
                 work, paths, specs, preprocessings, device, batch_size, pool, max_pixels,
@@ -329,7 +332,7 @@ def run_extract(
         dropped = store.commit(dataset.root, dataset.records, fingerprints, cluster.map_on_ray if pool else map)
         for name, count in dropped.items():
             if count:
-                print(f"notice: {name}: dropped {_count(count, 'image')} no longer in {dataset.root}.", file=sys.stderr)
+                logger.info(f"notice: {name}: dropped {_count(count, 'image')} no longer in {dataset.root}.")
     return specs
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,6 +43,8 @@ from pipeline.report.build import (
     write_report,
 )
 from pipeline.store import PIXELS, EmbeddingStore, FeatureSet
+
+logger = logging.getLogger(__name__)
 
 CURVE_PER_CLASS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 CURVE_REPEATS = 3  # random draws averaged per point of the learning curve
@@ -110,7 +112,7 @@ def load_features(store: EmbeddingStore, models: Sequence[str] | None, embedding
     if PIXELS in present:
         names.append(PIXELS)
     else:
-        warnings.warn(f"{store.path} has no pixels feature set, so the report has no raw-pixel baseline.", stacklevel=2)
+        logger.warning(f"{store.path} has no pixels feature set, so the report has no raw-pixel baseline.")
     features = {}
     for name in names:
         feature_set = store.load(name, embeddings)
@@ -147,8 +149,8 @@ def make_split(features: dict[str, FeatureSet], test_size: float, seed: int, sto
         )
     lost = {name: int((fs.labels >= 0).sum()) - len(common) for name, fs in features.items()}
     if any(lost.values()):
-        warnings.warn(f"fitting on the {len(common)} labelled images every feature set has "
-                      f"(others skipped: {lost}); run extract again to complete the store.", stacklevel=2)
+        logger.warning(f"fitting on the {len(common)} labelled images every feature set has "
+                       f"(others skipped: {lost}); run extract again to complete the store.")
     order = np.flatnonzero(np.isin(first.paths, common))
     paths, store_labels, recorded = first.paths[order], first.labels[order], first.splits[order]
     present = np.unique(store_labels)
@@ -308,12 +310,10 @@ def run_fit(
         return previous
     split = make_split(features, test_size, seed, store.path)
     if curve and out_of_core:
-        warnings.warn("the learning curve needs the training embeddings in memory; none is drawn with --out-of-core.",
-                      stacklevel=2)
+        logger.warning("the learning curve needs the training embeddings in memory; none is drawn with --out-of-core.")
         curve = False
     if curve and "logreg" not in classifiers:
-        warnings.warn("the learning curve is drawn with logreg, which is not among --classifiers; no curve this time.",
-                      stacklevel=2)
+        logger.warning("the learning curve is drawn with logreg, which is not among --classifiers; no curve this time.")
     validation = (split.part[split.train] == "validation") if (split.part == "validation").any() else None
     settings = FitSettings(seed, folds, n_jobs, class_weight, validation)
     busy = f"another fit is writing {out}; wait for it to finish, or use another --out."

@@ -22,6 +22,8 @@ from pipeline.files import atomic_path, sha256_file
 from pipeline.models.manifest import INPUT_NAME, OUTPUT_NAME, ModelManifest
 from pipeline.models.session import ExportedModel
 
+logger = logging.getLogger(__name__)
+
 CALIBRATION_IMAGES = 100  # default sample of the user's images that sets the int8 activation ranges
 VERIFY_IMAGES = 16  # images beside the calibration sample on which fidelity to fp32 is measured at creation
 MIN_MEAN_COSINE = 0.99  # an int8 variant whose mean cosine to fp32 is below this is refused; fp16 is flagged
@@ -117,11 +119,10 @@ def make_variant(
     )
     manifest.save(manifest_path)
     if verification["min_cosine"] < MIN_MEAN_COSINE:
-        warnings.warn(
+        logger.warning(
             f"{onnx_path}: {precision} embeddings reach only cosine {verification['min_cosine']:.4f} to fp32 on "
             f"{verification['images']} images (mean {verification['mean_cosine']:.4f}); prefer fp32 for this model, "
-            "or calibrate on more images.",
-            stacklevel=2,
+            "or calibrate on more images."
         )
     return manifest
 

@@ -116,14 +116,14 @@ class ModelRepository:
             if request.matches(current.manifest.weights):
                 return current
             image_size = image_size or current.manifest.input["size"]
-            logger.warning("%s: %s has weights %s, not %s.", model.name, current.onnx_path,
-                           current.manifest.weights_id, weights)
-        logger.warning("%s: exporting it into %s with --weights %s first.", model.name, self.folder,
-                       weights or PRETRAINED)
+            logger.info("%s: %s has weights %s, not %s.", model.name, current.onnx_path,
+                        current.manifest.weights_id, weights)
+        logger.info("%s: exporting it into %s with --weights %s first.", model.name, self.folder,
+                    weights or PRETRAINED)
         result = self.export(model, weights or PRETRAINED, image_size)
         if result.manifest.untrained:
             logger.warning(UNTRAINED_BANNER.format(model=model.name))
-        logger.warning("%s", describe_export(result))
+        logger.info("%s", describe_export(result))
         return result.model
 
     def export(self, model: ModelName | str, weights: str = PRETRAINED, image_size: int | None = None, seed: int = 0,
@@ -205,8 +205,8 @@ class ModelRepository:
         previous_manifest.unlink(missing_ok=True)  # never a manifest beside an ONNX file it does not describe
         shutil.copy2(onnx_path, previous_onnx)
         shutil.copy2(manifest_path, previous_manifest)
-        logger.warning("notice: kept the export being replaced as %s and %s; to go back, rename them to %s and %s.",
-                       previous_onnx, previous_manifest.name, onnx_path.name, manifest_path.name)
+        logger.info("notice: kept the export being replaced as %s and %s; to go back, rename them to %s and %s.",
+                    previous_onnx, previous_manifest.name, onnx_path.name, manifest_path.name)
 
 
 def open_deployed(path: str | os.PathLike) -> ExportedModel:

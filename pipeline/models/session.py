@@ -4,8 +4,8 @@ actually usable, otherwise on the CPU."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,8 @@ from pipeline.files import sha256_file
 from pipeline.models import cuda
 from pipeline.models.manifest import ModelManifest, remake_command
 from pipeline.models.preprocessing import Preprocessing
+
+logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
@@ -181,13 +183,13 @@ def start_session(model: ExportedModel, device: str = "auto", threads: int | Non
 
 @functools.cache
 def _precision_notice(model: str, text: str) -> None:
-    print(f"notice: {model}: {text}.", file=sys.stderr)
+    logger.info(f"notice: {model}: {text}.")
 
 
 @functools.cache
 def _cpu_notice(threads: int, cause: str) -> None:
-    print(f"notice: no usable CUDA device for onnxruntime ({cause}); running on the CPU ({threads} "
-          f"thread{'s' if threads != 1 else ''}).", file=sys.stderr)
+    logger.info(f"notice: no usable CUDA device for onnxruntime ({cause}); running on the CPU ({threads} "
+                f"thread{'s' if threads != 1 else ''}).")
 
 
 def _cuda_session(onnx_path: Path, options: onnxruntime.SessionOptions, strict: bool) -> onnxruntime.InferenceSession | None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 
 from pipeline.errors import UserError, command
@@ -13,6 +13,8 @@ from pipeline.files import sha256_file
 from pipeline.fit.bundle import ClassifierBundle
 from pipeline.models import BackboneSession, ModelRepository
 from pipeline.store import PIXELS
+
+logger = logging.getLogger(__name__)
 
 
 def check_listed(path: str | os.PathLike) -> None:
@@ -58,11 +60,11 @@ def open_fitted_backbone(
     """
     if bundle.features == PIXELS:
         if bundle.provenance.get("fingerprint", PIXELS_FINGERPRINT) != PIXELS_FINGERPRINT:
-            print(f"notice: {bundle_path} was fitted on pixel-baseline features of an earlier recipe "
+            logger.info(f"notice: {bundle_path} was fitted on pixel-baseline features of an earlier recipe "
                   f"({bundle.provenance['fingerprint']}, now {PIXELS_FINGERPRINT}); its predictions may shift "
-                  "slightly: extract and fit again to refresh it.", file=sys.stderr)
+                        "slightly: extract and fit again to refresh it.")
         if precision != "auto":
-            print(f"notice: --precision {precision} does not apply to {bundle_path}: it classifies raw pixels.", file=sys.stderr)
+            logger.info(f"notice: --precision {precision} does not apply to {bundle_path}: it classifies raw pixels.")
         return None
     fitted = bundle.provenance.get("precision", "fp32")
     model = bundle.provenance.get("model") or bundle.features

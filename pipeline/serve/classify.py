@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import csv
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,6 +27,8 @@ from pipeline.models.session import DEVICES
 from pipeline.serve.bundles import check_listed, open_fitted_backbone
 from pipeline.serve.embedder import Embedded, embed_files, stored_features
 from pipeline.store import PIXELS
+
+logger = logging.getLogger(__name__)
 
 EXIT_UNREADABLE = 1  # every image got a row, but some could not be decoded (their rows hold the error)
 OUTPUT_FORMATS = (".csv", ".jsonl")
@@ -254,8 +257,8 @@ def run_classify(
     classifier = open_classifier(bundle_path, models_dir, cache, device, precision, allow_precision_change, trust)
     top_k = min(top_k or 3, len(classifier.classes))
     if classifier.untrained:
-        print(f"warning: {bundle_path} was fitted on UNTRAINED random-weight features; its predictions show the "
-              "pipeline works, not what transfer learning can do.", file=sys.stderr)
+        logger.warning(f"{bundle_path} was fitted on UNTRAINED random-weight features; its predictions show the "
+                       "pipeline works, not what transfer learning can do.")
     session = classifier.session
     batch_size = batch_size or (session.default_batch_size if session else 16)
     shown = [os.path.join(os.fspath(folder), r.path) if dataset.layout != "csv" else str(dataset.absolute(r))
@@ -263,9 +266,9 @@ def run_classify(
     labels = {path: r.label for path, r in zip(shown, dataset.records)}
     labelled = any(label is not None for label in labels.values())
     if dataset.classes and not set(dataset.classes) & set(classifier.classes):
-        print(f"warning: none of {folder}'s class names ({_few(dataset.classes)}) is a class of {bundle_path} "
-              f"({_few(classifier.classes)}): it was fitted on other images; the classifiers fitted on a store are "
-              "in models/classifiers/<store name> (classify --cache STORE picks them).", file=sys.stderr)
+        logger.warning(f"none of {folder}'s class names ({_few(dataset.classes)}) is a class of {bundle_path} "
+                       f"({_few(classifier.classes)}): it was fitted on other images; the classifiers fitted on a store "
+                       "are in models/classifiers/<store name> (classify --cache STORE picks them).")
     counts = {"images": len(shown), "classified": 0, "unreadable": 0, "cached": 0, "labelled": 0, "correct": 0,
               "features": classifier.features}
 

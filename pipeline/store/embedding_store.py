@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
-import sys
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ from pipeline.store.legacy import adopt_journal, convert, legacy_index
 from pipeline.store.readers import Failures, FeatureSet, RowReader, StoredEmbeddings, load_failures, load_set
 from pipeline.store.shards import ShardEntry, ShardReader
 from pipeline.store.spec import LEGACY_VERSION, ImageRecord, shard_rows
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -322,18 +323,17 @@ class EmbeddingStore:
 
     def _warn_if_pending(self, index: Index) -> None:
         if (self.journal.is_dir() and any(self.journal.iterdir())) or pending_shards(self.shards, index):
-            warnings.warn(
+            logger.warning(
                 f"{self.path} has results of an interrupted run that are not committed yet; run extract again to "
-                "commit them.",
-                stacklevel=3,
+                "commit them."
             )
 
     def _writable_index(self, arrays: bool = True) -> Index:
         """The index, after converting a format-1 store to format 2 (and a format-1 journal to pending shards)."""
         index = self.index(arrays)
         if index.format_version == LEGACY_VERSION:
-            print(f"{self.path}: converting the store to format 2, once (the old file stays until the new index "
-                  "is complete).", file=sys.stderr)
+            logger.info(f"{self.path}: converting the store to format 2, once (the old file stays until the new index "
+                        "is complete).")
             index = convert(self.path, self.shards, self.journal)
         elif self.journal.is_dir():  # a conversion killed after its index, or a format-1 run killed before its commit
             adopt_journal(self.journal, self.shards, index.version)
