@@ -41,9 +41,10 @@ from pipeline.errors import UserError
 from pipeline.extract.decode import calibration_crops, decode_file
 from pipeline.extract.discover import discover
 from pipeline.extract.run import run_extract
+from pipeline.files import available_cores
 from pipeline.models import CURATED, DEFAULT_BACKBONES, ModelRepository, feature_set_name, parse_model_name
 from pipeline.models.registry import parse_feature_set
-from pipeline.models.session import CUDA, available_cores
+from pipeline.models.session import CUDA
 from pipeline.store import EmbeddingStore
 
 BATCH = 16
@@ -128,14 +129,21 @@ def torch_eager_rate(model: str, weights: str, crops: np.ndarray, min_seconds: f
 
 
 def flops_per_image(model: str, image_size: int) -> float:
-    """Floating-point operations of one forward pass (2 per multiply-add), counted by torch."""
+    """Floating-point operations of one forward pass (2 per multiply-add), counted by torch (NaN when its counter
+    cannot follow the model). Gradients are off on the parameters rather than by ``inference_mode``, inside which
+    the counter fails on some modules (timm's attention pool)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     net = library_network(model, "random", image_size)
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
     counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        net(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8))
+    try:
+        with counter:
+            net(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8))
+    except Exception:  # the counter's own failures; the rows then have no GFLOP/s
+        return float("nan")
     return float(counter.get_total_flops())
 
 

@@ -38,8 +38,8 @@ from pipeline.extract.decode import (
     resize_center_crop,
     to_rgb,
 )
+from pipeline.files import available_cores
 from pipeline.models import Preprocessing
-from pipeline.models.session import available_cores
 
 REPEATS = 3
 # Pillow's reducing_gap shrinks by an integer factor before the filter when the scale is at least twice the

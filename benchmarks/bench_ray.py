@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench_extract import make_photos
 
-from pipeline.models.session import available_cores
+from pipeline.files import available_cores
 
 CLUSTER_IMAGES = (1_000_000, 100_000_000)
 CLUSTER_WORKERS = (8, 64, 512)

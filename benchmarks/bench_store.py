@@ -35,7 +35,7 @@ import numpy as np
 from pipeline.extract.discover import ImageRecord
 from pipeline.extract.features import FeatureSpec
 from pipeline.extract.run import WorkItem, needed_work, record_batch
-from pipeline.models.session import available_cores
+from pipeline.files import available_cores
 from pipeline.store import EmbeddingStore, FileState, Segment
 
 DIM = 2048

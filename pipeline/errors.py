@@ -26,6 +26,11 @@ def command(stage: str) -> str:
     return f"{relative if not relative.startswith('..') else script} {stage}"
 
 
+def counted(number: int, noun: str) -> str:
+    """``number`` and ``noun``, plural unless one: ``1 image``, ``3 shards``."""
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 class UserError(Exception):
     """A problem the user can fix (a missing file, a wrong option, no network); the message says how."""
 
@@ -71,7 +76,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     """
     warnings.formatwarning = _one_line
     show_messages()
-    names = _make_names()
+    names = _make_names(list(sys.argv[1:] if argv is None else argv))
     if names:  # under make, a bad option is one line in the make variable's name, like every other error
         argparse.ArgumentParser.error = _raise_user_error  # type: ignore[method-assign]
     try:
@@ -94,14 +99,23 @@ def _one_line(message: Warning | str, category: type[Warning], *_args: object, *
     return f"warning: {message}\n"
 
 
-def _make_names() -> dict[str, str]:
+def _make_names(argv: Sequence[str]) -> dict[str, str]:
+    """Option (or, as ``@1``, the first argument's value) to make variable, from what the Makefile exported."""
     pairs = (item.partition("=") for item in os.environ.get(MAKE_NAMES, "").split())
-    return {option: variable for option, _, variable in pairs if option.startswith("--") and variable}
+    names = {option: variable for option, _, variable in pairs if option.startswith(("--", "@")) and variable}
+    first = names.pop("@1", None)
+    if first and argv and not argv[0].startswith("-"):
+        names[argv[0]] = first
+    return names
 
 
 def _in_make_terms(message: str, names: dict[str, str]) -> str:
-    """``message`` with each option a make variable sets named as that variable (``--cache x`` as ``CACHE=x``)."""
+    """``message`` with each option a make variable sets named as that variable (``--cache x`` as ``CACHE=x``), and
+    the first argument's value as its variable's (``no images found in DATA=x``)."""
     for option, variable in names.items():
+        if not option.startswith("--"):
+            message = re.sub(rf"(?<![\w/=.-]){re.escape(option)}(?![\w/.-])", f"{variable}={option}", message, count=1)
+            continue
         message = re.sub(rf"{re.escape(option)} (?!or\b|and\b)([^\s,;]+)", rf"{variable}=\1", message)
         message = re.sub(rf"{re.escape(option)}\b(?!-)", variable, message)
     return message

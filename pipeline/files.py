@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import filelock
+import numpy as np
 
 from pipeline.errors import UserError
 
@@ -21,6 +22,19 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 _CHUNK = 1 << 20
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (affinity and container limits included where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def plain(value: Any) -> Any:
+    """A numpy scalar (as HDF5 attributes read back) as the Python value JSON takes; any other value as it is."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -105,6 +106,13 @@ def extract_quietly(seeded_weights):
         return run_extract(data, ["resnet50"], cache, models_dir=models_dir, progress=False, **options)
 
     return run
+
+
+@pytest.fixture
+def messages(caplog) -> Callable[[], str]:
+    """What the package logged since the test began (notices and warnings), one message a line."""
+    caplog.set_level(logging.INFO, logger="pipeline")
+    return lambda: "\n".join(record.getMessage() for record in caplog.records)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import joblib
-import skops.io
 import numpy as np
 import pytest
+import skops.io
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -71,13 +71,14 @@ def test_a_truncated_bundle_is_refused(tmp_path):
         ClassifierBundle.load(tmp_path / "b.skops")
 
 
-def test_a_pixel_classifier_of_an_earlier_pixel_recipe_gets_a_notice(tmp_path, capsys):
+def test_a_pixel_classifier_of_an_earlier_pixel_recipe_gets_a_notice(tmp_path, caplog, messages):
     made, _ = bundle()
     for fingerprint, noticed in ((PIXELS_FINGERPRINT, False), ("pixels:32:v1", True)):
         pixels = ClassifierBundle(made.pipeline, made.classes, PIXELS, "logreg",
                                   {"kind": "pixels", "fingerprint": fingerprint}, {}, {}, 0)
         assert open_fitted_backbone(pixels, tmp_path / "p.skops", tmp_path, "cpu") is None
-        said = capsys.readouterr().err
+        said = messages()
+        caplog.clear()
         assert ("fitted on pixel-baseline features of an earlier recipe (pixels:32:v1" in said) == noticed
 
 

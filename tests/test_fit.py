@@ -168,10 +168,10 @@ def test_unlabelled_rows_are_left_out_and_models_can_be_chosen(tmp_path):
     assert report["data"]["n_train"] + report["data"]["n_test"] == 20
 
 
-def test_a_store_without_pixels_is_fitted_without_baseline_and_says_so(tmp_path):
+def test_a_store_without_pixels_is_fitted_without_baseline_and_says_so(tmp_path, messages):
     synthetic_store(tmp_path / "s.h5", per_class=6, classes=2, features={"resnet50": (4, 0.3)})
-    with pytest.warns(UserWarning, match="has no pixels feature set, so the report has no raw-pixel baseline"):
-        report = run_fit(tmp_path / "s.h5", out=tmp_path / "o", n_jobs=1, classifiers=["logreg"])
+    report = run_fit(tmp_path / "s.h5", out=tmp_path / "o", n_jobs=1, classifiers=["logreg"])
+    assert "has no pixels feature set, so the report has no raw-pixel baseline" in messages()
     assert [r["features"] for r in report["results"]] == ["resnet50"]
 
 

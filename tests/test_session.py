@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
+from pipeline.files import available_cores
 from pipeline.models import ModelRepository, cuda
-from pipeline.models.session import CPU, _cpu_notice, _cuda_session, available_cores
+from pipeline.models.session import CPU, _cpu_notice, _cuda_session
 
 
 def open_backbone(models_dir, name, device="auto"):
@@ -30,14 +31,14 @@ def test_cpu_session_embeds_batches(exported):
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
-def test_auto_falls_back_to_the_cpu_with_a_notice(exported, capsys):
+def test_auto_falls_back_to_the_cpu_with_a_notice(exported, messages):
     result = exported("resnet50", 64)
     _cpu_notice.cache_clear()  # the notice is printed once per process
     backbone = open_backbone(result.onnx_path.parent, "resnet50", device="auto")
     open_backbone(result.onnx_path.parent, "resnet50", device="auto")
     if _cuda_session(result.onnx_path, __import__("onnxruntime").SessionOptions(), strict=False) is None:
         assert backbone.provider == CPU
-        notices = capsys.readouterr().err
+        notices = messages()
         assert notices.count("notice: no usable CUDA device") == 1
         assert f"({cuda.problem()})" in notices  # the cause, as the doctor says it
         with pytest.raises(UserError, match="--device cuda was asked for, but"):

@@ -41,20 +41,21 @@ def test_a_format1_store_is_read_as_it_is(tmp_path):
     assert path.read_bytes() == before and not store.shards.exists()  # reading changes nothing
 
 
-def test_the_first_write_converts_it_once_and_says_so(tmp_path, capsys):
+def test_the_first_write_converts_it_once_and_says_so(tmp_path, caplog, messages):
     path = tmp_path / "old.h5"
     expected = format1_store(path)
     store = EmbeddingStore(path)
     with store.lock():
         pass
-    assert "converting the store to format 2, once" in capsys.readouterr().err
+    assert "converting the store to format 2, once" in messages()
+    caplog.clear()
     with h5py.File(path, "r") as index:
         assert index.attrs["format_version"] == 2 and index.attrs["version"] == 1
     assert_holds(store, expected)
     assert all(name.endswith("-conversion.h5") for name in (p.name for p in store.shards.glob("*/*.h5")))
     with store.lock():
         pass
-    assert "converting" not in capsys.readouterr().err  # once
+    assert "converting" not in messages()  # once
 
 
 def test_an_interrupted_format1_run_becomes_pending_shards(tmp_path):

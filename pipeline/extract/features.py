@@ -32,6 +32,7 @@ class FeatureSpec:
     seconds: float = 0.0
     embedded: int = 0
     skipped: int = 0
+    setup_seconds: float = 0.0  # this run's one-time work before embedding: exports, precision variants
 
     def features(self, decoded: Sequence[DecodedImage]) -> np.ndarray:
         """Features of successfully decoded images, ``[N, D]`` float32."""
@@ -94,6 +95,19 @@ def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec
     }
     specs.append(FeatureSpec(PIXELS, PIXELS_FINGERPRINT, pixel_attrs))
     return specs, preprocessings
+
+
+def describe_features(attrs: dict) -> str:
+    """How a feature set was computed, in words, from its store attributes: the pixel baseline's recipe, or the
+    weights, licence, crop, precision, layer and ONNX file of a backbone's."""
+    if attrs.get("kind") == "pixels":
+        return str(attrs.get("description") or f"pixels {attrs.get('image_size')} px, recipe {attrs.get('fingerprint')}")
+    model = f"{attrs['model']}, " if attrs.get("model") else ""
+    licence = f", licence {attrs['weights_license']}" if attrs.get("weights_license") else ""
+    return (
+        f"weights {attrs.get('weights_id')}{licence}, {model}{attrs.get('image_size')} px, {attrs.get('precision')}, "
+        f"{attrs.get('embedding_layer')} ({attrs.get('embedding_dim')}-d), ONNX sha256 {str(attrs.get('onnx_sha256'))[:12]}"
+    )
 
 
 def _digest(hashes: Sequence[str]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.errors import Interrupted, UserError, command
+from pipeline.errors import Interrupted, UserError, command, counted
 from pipeline.extract import cluster
 from pipeline.extract.decode import (
     EARLIER_PIXELS_FINGERPRINTS,
@@ -30,10 +30,12 @@ from pipeline.extract.features import (
     BatchOutcome,
     FeatureSpec,
     count_outcomes,
+    describe_features,
     embed_batch,
     feature_specs,
     record_outcomes,
 )
+from pipeline.files import available_cores
 from pipeline.models import (
     DEFAULT_BACKBONES,
     PRECISIONS,
@@ -44,7 +46,7 @@ from pipeline.models import (
     parse_model_name,
 )
 from pipeline.models.quantize import CALIBRATION_IMAGES, check_calibration_images, describe
-from pipeline.models.session import CUDA, DEVICES, available_cores
+from pipeline.models.session import CUDA, DEVICES
 from pipeline.models.weights import weights_per_model
 from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
 
@@ -103,6 +105,9 @@ def open_sessions(
             held = [p for p in PRECISIONS if export.feature_set(p) in stored]
             if len(held) == 1:
                 wanted = held[0]
+                if wanted != "fp32":
+                    logger.info(f"notice: {export.manifest.model}: the store holds its {wanted} embeddings, so "
+                                f"--precision auto embeds at {wanted} (--precision fp32 makes the fp32 set beside it).")
             elif workers_on_cuda is not None:
                 wanted = "fp16" if workers_on_cuda else "fp32"
             else:
@@ -151,18 +156,9 @@ def check_store(store: EmbeddingStore, dataset: Dataset, specs: Sequence[Feature
             raise UserError(
                 f"{store.path} holds {spec.name} features from another "
                 f"{'recipe' if spec.name == PIXELS else 'model file'} "
-                f"({_describe(attrs)}; now {_describe(spec.attrs)}); pass --overwrite to replace them, "
+                f"({describe_features(attrs)}; now {describe_features(spec.attrs)}); pass --overwrite to replace them, "
                 "or use another --cache."
             )
-
-
-def _describe(attrs: dict) -> str:
-    if attrs.get("kind") == "pixels":
-        return f"pixels {attrs.get('image_size')} px, recipe {attrs.get('fingerprint')}"
-    return (
-        f"weights {attrs.get('weights_id')}, {attrs.get('image_size')} px, {attrs.get('precision')}, "
-        f"ONNX sha256 {str(attrs.get('onnx_sha256'))[:12]}"
-    )
 
 
 def plan(dataset: Dataset, store: EmbeddingStore, specs: Sequence[FeatureSpec]) -> list[WorkItem]:
@@ -286,6 +282,7 @@ def run_extract(
     store = EmbeddingStore(cache)
     ray_pool = contextlib.nullcontext() if backend == "local" else cluster.actor_pool(device, workers)
     with store.lock(), ray_pool as pool:
+        setup_started = time.perf_counter()
         exports = [repository.get(model, chosen[model]) for model in models]  # exported first when they must be
         # With Ray the driver's sessions only describe the models (the actors run them): on the CPU here.
         sessions = open_sessions(
@@ -293,6 +290,8 @@ def run_extract(
             store.feature_sets(), workers_on_cuda=bool(pool.gpus) if pool else None,
         )
         specs, preprocessings = feature_specs(sessions)
+        for spec in specs:
+            spec.setup_seconds = time.perf_counter() - setup_started
         batch_size = batch_size or (pool.batch_size if pool else min(s.default_batch_size for s in sessions))
         check_store(store, dataset, specs, overwrite)
         fingerprints = {spec.name: spec.fingerprint for spec in specs}
@@ -300,7 +299,7 @@ def run_extract(
         root = str(dataset.root)
         segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs, root) for spec in specs}
         if pool and work:
-            logger.info(f"ray: {pool.describe()} for {_count(len(work), 'image')}.")
+            logger.info(f"ray: {pool.describe()} for {counted(len(work), 'image')}.")
             paths = [str(dataset.absolute(item.record)) for item in work]
             outcomes = cluster.embed_on_ray(
                 work, paths, specs, preprocessings, device, batch_size, pool, max_pixels,
@@ -325,14 +324,14 @@ def run_extract(
                 done = max(spec.embedded + spec.skipped for spec in specs)
                 if not done:
                     raise
-                raise Interrupted(f"the {_count(done, 'image')} done so far are kept in {store.shards}") from None
+                raise Interrupted(f"the {counted(done, 'image')} done so far are kept in {store.shards}") from None
             finally:
                 for segment in segments.values():  # on Ctrl-C or an error too: the next run commits it
                     store.append(segment)
         dropped = store.commit(dataset.root, dataset.records, fingerprints, cluster.map_on_ray if pool else map)
         for name, count in dropped.items():
             if count:
-                logger.info(f"notice: {name}: dropped {_count(count, 'image')} no longer in {dataset.root}.")
+                logger.info(f"notice: {name}: dropped {counted(count, 'image')} no longer in {dataset.root}.")
     return specs
 
 
@@ -428,22 +427,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         how += " [UNTRAINED random weights]" if spec.attrs.get("untrained") else ""
         where = f"; inference {spec.seconds:.1f} s on {spec.attrs['provider']}" if spec.seconds else ""  # not on Ray
         print(f"{spec.name}{how}: embedded {spec.embedded}, failed {spec.skipped}{where}; the store holds "
-              f"{_count(rows, 'embedding')}, {failures} failed")
+              f"{counted(rows, 'embedding')}, {failures} failed")
     images = max(spec.embedded + spec.skipped for spec in specs)
-    print(f"extract: {_count(images, 'image')} in {wall:.1f} s ({images / wall:.1f} images/s); store: {args.cache}")
+    setup = max(spec.setup_seconds for spec in specs)
+    once = f", after {setup:.1f} s of one-time work (exports, precision variants)" if setup >= 1.0 else ""
+    embedding = max(wall - setup, 1e-9)
+    print(f"extract: {counted(images, 'image')} in {embedding:.1f} s ({images / embedding:.1f} images/s){once}; "
+          f"store: {args.cache}")
     if failed_sets:
         name, failures = failed_sets[0]
         missing = sum(reason.startswith("missing") for reason in store.failures(name).reasons)
         listed = f"paths and reasons: {command('store')} failures {name} --cache {args.cache}"
         if missing:
-            print(f"{_count(missing, 'image')} of the dataset {'is' if missing == 1 else 'are'} missing (listed, but no "
+            print(f"{counted(missing, 'image')} of the dataset {'is' if missing == 1 else 'are'} missing (listed, but no "
                   f"such file); {listed}", file=sys.stderr)
         if failures > missing:
             bad = failures - missing
-            print(f"{_count(bad, 'image')} of the dataset could not be decoded or {'was' if bad == 1 else 'were'} too "
+            print(f"{counted(bad, 'image')} of the dataset could not be decoded or {'was' if bad == 1 else 'were'} too "
                   f"large; {listed}", file=sys.stderr)
     return EXIT_SKIPPED if args.strict and failed_sets else 0
 
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" + ("" if number == 1 else "s")

@@ -24,7 +24,7 @@ from sklearn.pipeline import Pipeline
 
 import pipeline
 from pipeline.errors import UserError, command
-from pipeline.files import atomic_path, sha256_file
+from pipeline.files import atomic_path, plain, sha256_file
 
 BUNDLE_FORMAT = "pipeline.classifier-bundle"
 BUNDLE_VERSION = 1
@@ -188,14 +188,9 @@ def _fields(bundle: ClassifierBundle) -> dict[str, Any]:
 
 def provenance_of(attrs: dict[str, Any]) -> dict[str, Any]:
     """The provenance a bundle keeps from a store group's attributes, as plain JSON-ready values."""
-    provenance = {key: _plain(attrs[key]) for key in PROVENANCE_ATTRS if key in attrs}
+    provenance = {key: plain(attrs[key]) for key in PROVENANCE_ATTRS if key in attrs}
     if isinstance(provenance.get("weights"), str):  # the store keeps it as a JSON string attribute
         provenance["weights"] = json.loads(provenance["weights"])
     return provenance
 
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 

@@ -8,8 +8,10 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import Pipeline
+
+from pipeline.fit.heads import stratified_folds
 
 # Cosine similarity of centred, L2-normalised features at or above which two images count as near duplicates
 # (docs/report.md has the measurements). Exact duplicates (same sha256) are found first, by hash. On the 32x32
@@ -127,9 +129,7 @@ def merged(found: list[tuple[Leaks, str]]) -> Leaks:
 def out_of_fold_probabilities(pipeline: Pipeline, X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Class probabilities of each training image from a copy of ``pipeline`` (its chosen settings) fitted on
     the other folds: what the classifier thinks of an image it has not learnt from."""
-    n_splits = max(2, min(folds, int(np.bincount(y)[np.unique(y)].min())))
-    splitter = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
-    return cross_val_predict(clone(pipeline), X, y, cv=splitter, method="predict_proba")
+    return cross_val_predict(clone(pipeline), X, y, cv=stratified_folds(y, folds, seed), method="predict_proba")
 
 
 def label_issues(probabilities: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

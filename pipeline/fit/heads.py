@@ -144,12 +144,11 @@ def fit_head(
         splitter: Any = PredefinedSplit(np.where(validation[rows], 0, -1))
         selection = "scored on the recorded validation split"
     else:
-        smallest = _smallest_class(ys)
-        n_splits = max(2, min(folds, smallest))
-        if n_splits < folds:
-            notes.append(f"{n_splits} folds instead of {folds}: the smallest class has {smallest} training images")
-        splitter = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
-        selection = f"{n_splits}-fold stratified cross-validation"
+        splitter = stratified_folds(ys, folds, seed)
+        if splitter.n_splits < folds:
+            notes.append(f"{splitter.n_splits} folds instead of {folds}: the smallest class has {_smallest_class(ys)} "
+                         "training images")
+        selection = f"{splitter.n_splits}-fold stratified cross-validation"
     scoring = "balanced_accuracy" if class_weight else "accuracy"  # weighting classes means every class counts alike
     search = GridSearchCV(estimator, grid, scoring=scoring, cv=splitter, n_jobs=n_jobs, refit=False)
     # Fits in joblib workers would print their ConvergenceWarnings; convergence is read from n_iter_ instead.
@@ -199,6 +198,12 @@ def _calibrated(chosen: Pipeline, y: np.ndarray, n_jobs: int | None) -> Pipeline
             n_jobs=n_jobs,
         )),
     ])
+
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> StratifiedKFold:
+    """Shuffled stratified ``folds``-fold cross-validation, with fewer folds (two at least) when the smallest class
+    of ``y`` has fewer images than that."""
+    return StratifiedKFold(max(2, min(folds, _smallest_class(y))), shuffle=True, random_state=seed)
 
 
 def _smallest_class(y: np.ndarray) -> int:

@@ -20,8 +20,9 @@ import joblib
 import numpy as np
 from sklearn.base import clone
 
-from pipeline.errors import Interrupted, UserError
+from pipeline.errors import Interrupted, UserError, command
 from pipeline.extract import cluster
+from pipeline.extract.features import describe_features
 from pipeline.files import classifiers_dir, exclusive, sha256_file
 from pipeline.fit import findings
 from pipeline.fit.bundle import BUNDLE_SUFFIX, ClassifierBundle, library_versions, provenance_of
@@ -29,7 +30,7 @@ from pipeline.fit.heads import CLASSIFIERS, FOLDS, FittedHead
 from pipeline.fit.streaming import CHUNK_ROWS, EPOCHS, RowStream
 from pipeline.fit.training import FitSettings, InMemoryRows, OutOfCore, training_rows
 from pipeline.models import feature_set_name
-from pipeline.models.registry import feature_set_order
+from pipeline.models.registry import feature_set_order, parse_feature_set
 from pipeline.report.build import (
     PAGE,
     comparison_rows,
@@ -42,6 +43,7 @@ from pipeline.report.build import (
     write_page,
     write_report,
 )
+from pipeline.report.results import best_index
 from pipeline.store import PIXELS, EmbeddingStore, FeatureSet
 
 logger = logging.getLogger(__name__)
@@ -106,7 +108,11 @@ def load_features(store: EmbeddingStore, models: Sequence[str] | None, embedding
     present = store.feature_sets()
     if not store.exists():
         store.load(PIXELS)  # raises the store's own "run extract first" error
-    names = [feature_set_name(model) for model in models] if models else sorted(set(present) - {PIXELS}, key=feature_set_order)
+    names = [feature_set_name(model) for model in models] if models else sorted(set(present) - {PIXELS},
+                                                                                 key=feature_set_order)
+    for name in names:
+        if name not in present:
+            raise UserError(missing_set(store, name, present))
     if not names:
         raise UserError(f"{store.path} holds no backbone features (it has: {', '.join(present) or 'none'}); run extract.")
     if PIXELS in present:
@@ -127,6 +133,18 @@ def load_features(store: EmbeddingStore, models: Sequence[str] | None, embedding
             )
         features[name] = feature_set
     return features
+
+
+def missing_set(store: EmbeddingStore, name: str, present: Sequence[str]) -> str:
+    """Why ``name`` cannot be fitted, in a sentence: the store holds none, or holds the model at another precision
+    (as after an int8 extract), naming that set and the command that makes the one asked for."""
+    model, precision = parse_feature_set(name)
+    others = [other for other in present if other != PIXELS and parse_feature_set(other)[0] == model]
+    if not others:
+        return f"{store.path} has no {name!r} features (it has: {', '.join(present) or 'none'}); extract them first."
+    return (f"{store.path} holds {model.name} at another precision ({', '.join(others)}), not {name!r}; fit on it with "
+            f"--models {others[0]}, or make the {precision} set: {command('extract')} DATA --models {model.name} "
+            f"--precision {precision} --cache {store.path}.")
 
 
 def make_split(features: dict[str, FeatureSet], test_size: float, seed: int, store_path: Path) -> Split:
@@ -227,18 +245,6 @@ def learning_curve(
     per_class.append(round(len(y) / len(np.unique(y)), 1))
     accuracy.append(float((head.pipeline.predict(X_test) == y_test).mean()))
     return {"per_class": per_class, "accuracy": accuracy}
-
-
-def feature_description(name: str, attrs: dict[str, Any]) -> str:
-    """One line saying how a feature set was computed."""
-    if attrs.get("kind") == "pixels":
-        return str(attrs.get("description", "raw pixels"))
-    model = f"{attrs.get('model')} " if attrs.get("model") not in (None, name) else ""
-    licence = f", licence {attrs['weights_license']}" if attrs.get("weights_license") else ""
-    return (
-        f"{name} {model}{attrs.get('embedding_layer')} ({attrs.get('embedding_dim')}-d) at {attrs.get('image_size')} px, "
-        f"weights {attrs.get('weights_id')}{licence}, ONNX sha256 {str(attrs.get('onnx_sha256'))[:12]}"
-    )
 
 
 def run_fit(
@@ -374,17 +380,12 @@ def _fit_all(
     return report
 
 
-def _best(results: Sequence[dict[str, Any]]) -> int:
-    """The result classify would choose: the best validation score (the first of equals)."""
-    return int(np.argmax([np.nan_to_num(r["validation_score"], nan=-1.0) for r in results]))
-
-
 def _findings(
     store: EmbeddingStore, features: dict[str, FeatureSet], split: Split, results: list[dict], heads: list[FittedHead],
     probabilities: list[np.ndarray], settings: FitSettings, out: Path, out_of_core: OutOfCore | None,
 ) -> dict[str, Any]:
     """Leaks, label issues and the map for the best classifier's feature set; the page's data in ``out``."""
-    best = _best(results)
+    best = best_index(results)
     name = results[best]["features"]
     feature_set = features[name]
     sample = np.arange(len(split.paths))
@@ -530,7 +531,7 @@ def _report(
         "versions": library_versions(),
         "features": {
             name: {
-                "description": feature_description(name, fs.attrs),
+                "description": f"{name}: {describe_features(fs.attrs)}",
                 "untrained": bool(fs.attrs.get("untrained", False)),
                 "provenance": provenance_of(fs.attrs),
             }
@@ -659,7 +660,7 @@ def print_summary(report: dict[str, Any], out: Path, seconds: float) -> None:
               f"exact, {leaks['near']} near duplicates): {rescored}; see leaks.csv.", file=sys.stderr)
     backbones = [r for r in report["results"] if r["features"] != PIXELS]
     if backbones:  # the pixel baseline has no backbone to merge with: the best backbone bundle is the one to ship
-        best = max(backbones, key=lambda r: np.nan_to_num(r["validation_score"], nan=-1.0))
+        best = backbones[best_index(backbones)]
         print(f"to ship the best backbone classifier as one ONNX file: make deploy BUNDLE={out / best['bundle']['path']}")
     page = f"{out / PAGE} (open it in a browser), " if report.get("findings") else ""
     print(f"\nreport: {page}{out / 'report.md'} (and report.json, PNG figures); classifiers: {out}/*{BUNDLE_SUFFIX}; "

@@ -10,13 +10,13 @@ import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 from sklearn.linear_model import SGDClassifier
-from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
+from sklearn.model_selection import GridSearchCV, PredefinedSplit
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
 
 from pipeline.errors import UserError
-from pipeline.fit.heads import FOLDS, SEARCH_MAX_TRAIN, FittedHead, search_rows
+from pipeline.fit.heads import FOLDS, SEARCH_MAX_TRAIN, FittedHead, search_rows, stratified_folds
 from pipeline.store import EmbeddingStore
 
 CHUNK_ROWS = 4096  # default rows in memory at once: 64 MB of 4096-d float32 embeddings
@@ -250,9 +250,8 @@ def _choose_alpha(
         splitter = PredefinedSplit(np.where(validation[sample], 0, -1))
         selection = "alpha scored on the recorded validation split"
     else:
-        n_splits = max(2, min(folds, int(np.bincount(y)[np.unique(y)].min())))
-        splitter = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
-        selection = f"alpha by {n_splits}-fold stratified cross-validation"
+        splitter = stratified_folds(y, folds, seed)
+        selection = f"alpha by {splitter.n_splits}-fold stratified cross-validation"
     selection += f" on a stratified sample of {len(sample)} of {len(train)} training images"
     search = GridSearchCV(
         SGDClassifier(loss=SGD_LOSS[name], max_iter=epochs, tol=None, class_weight=weights, random_state=seed),

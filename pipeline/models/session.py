@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import onnxruntime
 
 from pipeline.errors import UserError, command
-from pipeline.files import sha256_file
+from pipeline.files import available_cores, sha256_file
 from pipeline.models import cuda
 from pipeline.models.manifest import ModelManifest, remake_command
 from pipeline.models.preprocessing import Preprocessing
@@ -27,12 +26,6 @@ CPU_BATCH, CUDA_BATCH = 16, 128  # default images per inference batch
 _FATAL_ONLY = 4  # onnxruntime log severity: keep a failed CUDA probe from dumping library errors
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (affinity and container limits included where the OS says)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import counted
 from pipeline.extract.decode import MAX_BYTES_PER_PIXEL, MAX_PIXELS, TooManyPixels, load_rgb, read_image_file
 
 THUMBNAIL_PX = 96
@@ -223,7 +224,7 @@ def _leaks(report: dict[str, Any], data: dict[str, np.ndarray], thumbs: Thumbnai
         lines.append(f"<tr><td>{thumbs(str(data['paths'][held]), str(data['part'][held]))}</td>"
                      f"<td>{thumbs(str(data['paths'][train]), 'train')}</td><td>{kind}</td>"
                      f"<td>{html.escape(str(data['paths'][held]))}<br>{html.escape(str(data['paths'][train]))}</td></tr>")
-    return (head + rule + f"<p>{leaks['pairs']} pairs.</p><table><tr><th>held out</th><th>training</th>"
+    return (head + rule + f"<p>{counted(leaks['pairs'], 'pair')}.</p><table><tr><th>held out</th><th>training</th>"
             f"<th>similarity</th><th>paths</th></tr>{''.join(lines)}</table>")
 
 

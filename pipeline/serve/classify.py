@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from pipeline.errors import Interrupted, UserError
+from pipeline.errors import Interrupted, UserError, counted
 from pipeline.extract.decode import MAX_PIXELS, PIXELS_FINGERPRINT, batches
 from pipeline.extract.discover import discover
 from pipeline.files import classifiers_dir, sha256_file
@@ -24,6 +24,7 @@ from pipeline.fit.bundle import BUNDLE_SUFFIX, ClassifierBundle
 from pipeline.fit.heads import CLASSIFIERS
 from pipeline.models import PRECISIONS, BackboneSession, ModelRepository, feature_set_name, open_deployed
 from pipeline.models.session import DEVICES
+from pipeline.report.results import Report
 from pipeline.serve.bundles import check_listed, open_fitted_backbone
 from pipeline.serve.embedder import Embedded, embed_files, stored_features
 from pipeline.store import PIXELS
@@ -66,18 +67,10 @@ def choose_bundle(
     report_path = classifiers_dir / "report.json"
     if model and classifier_name:
         return classifiers_dir / f"{model}-{classifier_name}{BUNDLE_SUFFIX}"
-    if not report_path.exists():
-        raise UserError(f"no {report_path} to choose a classifier from; run fit first (make fit), or pass --classifier PATH.")
-    try:
-        listed = json.loads(report_path.read_text(encoding="utf-8"))["bundles"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{report_path} is not a report written by pipeline.fit; fit again or pass --classifier PATH.") from None
-    candidates = [b for b in listed if (not model or b["features"] == model) and
-                  (not classifier_name or b["classifier"] == classifier_name)]
-    if not candidates:
+    best = Report.load(report_path).best("bundles", features=model, classifier=classifier_name)
+    if best is None:
         wanted = " ".join(filter(None, [model, classifier_name]))
         raise UserError(f"{report_path} lists no {wanted} classifier; fit it first, or pass --classifier PATH.")
-    best = max(candidates, key=lambda b: np.nan_to_num(b["validation_score"], nan=-1.0))  # first of equals
     path = classifiers_dir / best["path"]
     if path.exists() and sha256_file(path) != best["sha256"]:
         raise UserError(f"{path} is not the file {report_path} lists (sha256 differs); fit again or pass --classifier {path}.")
@@ -386,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"classified {counts['classified']} of {counts['images']} images with {bundle_path}{where} "
           f"({reused}){accuracy}; features: {counts['features']}.", file=sys.stderr)
     if counts["unreadable"]:
-        print(f"{_count(counts['unreadable'], 'file')} could not be decoded; their rows hold the reason.", file=sys.stderr)
+        print(f"{counted(counts['unreadable'], 'file')} could not be decoded; their rows hold the reason.", file=sys.stderr)
         return EXIT_UNREADABLE
     return 0
 
@@ -395,9 +388,6 @@ def _features(text: str) -> str:
     """A feature-set name as bundles record it, from a model or feature-set name (argparse's type)."""
     return text if text == PIXELS else feature_set_name(text)
 
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _few(names: Sequence[str]) -> str:

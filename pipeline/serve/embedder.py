@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.extract.decode import MAX_PIXELS, PIXELS_FINGERPRINT, PIXELS_SIZE, batches, decode_file, map_ordered
+from pipeline.files import available_cores
 from pipeline.models import BackboneSession, ModelRepository, feature_set_name
-from pipeline.models.session import available_cores
 from pipeline.store import PIXELS, EmbeddingStore
 
 ON_ERROR = ("raise", "nan")

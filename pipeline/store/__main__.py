@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.errors import UserError, command, run_cli
+from pipeline.errors import UserError, command, counted, run_cli
 from pipeline.store.embedding_store import EmbeddingStore
 
 COMMANDS = ("info", "failures", "verify", "convert", "compact", "drop")
@@ -38,7 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     store = EmbeddingStore(args.cache)
     if not store.exists():
-        raise UserError(f"no embedding store at {args.cache}; run extract first (make extract DATA=...).")
+        pending = _pending(store)
+        if pending and args.command == "info":
+            print(pending)
+            return 0
+        raise UserError(pending or f"no embedding store at {args.cache}; run extract first (make extract DATA=...).")
     if args.command in ("failures", "drop") and not args.feature_set:
         raise UserError(f"say which feature set: {command('store')} {args.command} SET (one of: {_sets(store)}).")
     if args.command == "failures":
@@ -72,10 +76,24 @@ def _info(store: EmbeddingStore) -> str:
         rows, failures = set_index.counts()
         size = sum(entry.bytes for entry in set_index.shards)
         lines.append(
-            f"  {name}: {rows} rows, {failures} failed, {len(set_index.shards)} shards ({size / 2**20:.1f} MiB), "
+            f"  {name}: {counted(rows, 'row')}, {failures} failed, {counted(len(set_index.shards), 'shard')} "
+            f"({size / 2**20:.1f} MiB), "
             f"{len(set_index.deleted) + len(set_index.deleted_failures)} deleted rows not yet compacted"
         )
     return "\n".join(lines)
+
+
+def _pending(store: EmbeddingStore) -> str:
+    """What an interrupted first run left, in a sentence (``""`` when nothing)."""
+    counts = store.pending_sets() if store.shards.is_dir() else {}
+    if not counts:
+        return ""
+    shards = sum(counts.values())
+    per_set = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
+    roots = " or ".join(sorted(store.pending_roots()))
+    return (f"{store.path} has no committed version yet: an interrupted run left {counted(shards, 'shard')} of results "
+            f"in {store.shards} ({per_set}); run extract on {roots} again to commit them (nothing is computed twice).")
+
 
 
 def _sets(store: EmbeddingStore) -> str:

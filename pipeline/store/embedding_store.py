@@ -72,6 +72,8 @@ class EmbeddingStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise UserError(f"--cache {path} is a folder; name the store file, e.g. --cache {self.path / 'embeddings.h5'}.")
         self.shards = self.path.with_name(self.path.name + ".shards")
         self.journal = self.path.with_name(self.path.name + ".journal")  # format 1's: converted by the first write
         self._run: RunName | None = None
@@ -292,6 +294,13 @@ class EmbeddingStore:
             rewritten[rewrite.feature_set] += rewrite.stop - rewrite.first
         written = {name: len(new.sets[name].shards) - before[name] + rewritten[name] for name in rewritten}
         return Compaction(rewritten, written)
+
+    def pending_sets(self) -> dict[str, int]:
+        """Shards per feature set that interrupted runs wrote and no commit has listed yet."""
+        counts: dict[str, int] = {}
+        for shard in pending_shards(self.shards, self.index(arrays=False)):
+            counts[shard.header.feature_set] = counts.get(shard.header.feature_set, 0) + 1
+        return counts
 
     def pending_roots(self) -> set[str]:
         """Dataset roots of the results interrupted runs left pending."""

@@ -99,7 +99,9 @@ def open_store_file(path: Path) -> h5py.File:
     try:
         store = h5py.File(path, "r")
     except OSError as error:
-        raise UserError(f"{path} is not a readable HDF5 store ({error}); move it away and extract again.") from None
+        reason = str(error).split(" (", 1)[0]  # HDF5's own text goes on with file descriptors and addresses
+        raise UserError(f"{path} is not a readable HDF5 store ({reason}); if it is no store of yours, give another "
+                        "--cache.") from None
     try:
         check_store_file(store, path)
     except UserError:
