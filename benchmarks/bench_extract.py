@@ -346,13 +346,15 @@ def default_backbone_entry(model: str, args: argparse.Namespace, weights: str, p
              "ort_int8": rate_of("ort", f"{model}-int8")}
     cuda = in_child("cuda", args.models_dir, model)["usable"]
     if cuda:  # fp16 needs no calibration; TensorRT is not measured
-        repository.variant(repository.load(model), "fp16", calibration_crops(discover(photos), repository.load(model).preprocessing))
+        repository.variant(repository.load(model), "fp16",
+                           calibration_crops(discover(photos), repository.load(model).preprocessing))
         rates["cuda_fp32"] = rate_of("ort", model, "cuda")
         rates["cuda_fp16"] = rate_of("ort", f"{model}-fp16", "cuda")
     entry = {"gflop_per_image": flops / 1e9, "pure_inference": pure_inference(rates, flops, peak), "end_to_end": {}}
     recipe = in_child("torchvision_recipe", photos, model, weights)
     entry["torchvision_recipe"] = {**recipe, "images_per_s": recipe["images"] / recipe["process_seconds"]}
-    runs = [("fp32", "cpu", "ort_fp32"), ("int8", "cpu", "ort_int8")] + ([("fp16", "cuda", "cuda_fp16")] if cuda else [])
+    runs = [("fp32", "cpu", "ort_fp32"), ("int8", "cpu", "ort_int8")] + (
+        [("fp16", "cuda", "cuda_fp16")] if cuda else [])
     for precision, device, pure in runs:
         run = end_to_end(photos, model, precision, device, args, weights, rates["torch_eager"], rates[pure])
         run["vs_torchvision_recipe"] = run["whole_process_images_per_s"] / entry["torchvision_recipe"]["images_per_s"]
@@ -400,12 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=400, help="JPEG photos for end-to-end extract (default: 400)")
     parser.add_argument("--curated-photos", type=int, default=100,
                         help="JPEG photos for the curated models' end-to-end rows (default: 100)")
-    parser.add_argument("--digits-per-class", type=int, default=60, help="digit scans per class for accuracy (default: 60)")
+    parser.add_argument("--digits-per-class", type=int, default=60,
+                        help="digit scans per class for accuracy (default: 60)")
     parser.add_argument("--memory-images", type=int, nargs="*", default=[1000, 10000],
                         help="photo counts for the memory check, resnet50 int8 (default: 1000 10000; none to skip)")
     parser.add_argument("--work", type=Path, default=Path("build/bench"),
                         help="its own exported models, photos and stores (default: build/bench)")
-    parser.add_argument("--min-seconds", type=float, default=MIN_SECONDS, help="time each pure-inference rate this long")
+    parser.add_argument("--min-seconds", type=float, default=MIN_SECONDS,
+                        help="time each pure-inference rate this long")
     parser.add_argument("--host-photos", type=int, default=2000,
                         help="JPEG photos for the zero-cost-backbone rows (default: 2000)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/bench.json"))
@@ -454,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(result: dict) -> None:
     """The README's tables: inference and extract against eager PyTorch and torchvision's recipe, the thread budget,
     the host side."""
-    print(f"\n| model | path | images/s | vs torch eager | G(FL)OP/s (share of {result['matmul_peak_gflops']:.0f} GFLOP/s "
+    print("\n| model | path | images/s | vs torch eager | "
+          f"G(FL)OP/s (share of {result['matmul_peak_gflops']:.0f} GFLOP/s "
           "fp32 matmul) | peak memory | int8 fidelity |")
     print("|---|---|---|---|---|---|---|")
     accuracy = result.get("digits_logreg_accuracy", {})
@@ -464,7 +469,8 @@ def print_table(result: dict) -> None:
             if name == "ort_int8":
                 fidelity = f"cosine to fp32 min {entry['int8_cosine_to_fp32']['min']:.4f}"
                 if model in accuracy:
-                    fidelity += (f"; digits accuracy {accuracy.get(f'{model}-int8', {}).get('accuracy', float('nan')):.3f}"
+                    fidelity += ("; digits accuracy "
+                                 f"{accuracy.get(f'{model}-int8', {}).get('accuracy', float('nan')):.3f}"
                                  f" vs {accuracy[model]['accuracy']:.3f} fp32")
             print(f"| {model} | {name} (pre-decoded) | {row['images_per_s']:.1f} | {row['vs_torch_eager']:.2f}x | "
                   f"{row['gflops']:.0f} ({row['of_matmul_peak']:.0%}) | | {fidelity} |")
@@ -483,14 +489,16 @@ def print_table(result: dict) -> None:
         print(f"| {model} | torchvision recipe (ImageFolder, DataLoader, eager) | "
               f"{entry['torchvision_recipe']['images_per_s']:.1f} | 1.00x |")
         for name, run in entry["end_to_end"].items():
-            print(f"| {model} | extract {name} | {run['whole_process_images_per_s']:.1f} | {run['vs_torchvision_recipe']:.2f}x |")
+            print(f"| {model} | extract {name} | {run['whole_process_images_per_s']:.1f} | "
+                  f"{run['vs_torchvision_recipe']:.2f}x |")
 
     print("\n| model | decode threads | onnxruntime threads | images/s, int8 end to end |")
     print("|---|---|---|---|")
     for model, entry in recipes.items():
         for row in entry["thread_budget_int8"]:
             default = " (default)" if row["default"] else ""
-            print(f"| {model} | {row['decode_threads']} | {row['onnxruntime_threads']} | {row['images_per_s']:.1f}{default} |")
+            print(f"| {model} | {row['decode_threads']} | {row['onnxruntime_threads']} | "
+                  f"{row['images_per_s']:.1f}{default} |")
 
     if "host" in result:
         host = result["host"]
@@ -498,8 +506,8 @@ def print_table(result: dict) -> None:
               "images/s | per core |")
         print("|---|---|---|")
         for cores, run in host["cores"].items():
-            print(f"| {cores} core{'s' if int(cores) > 1 else ''}, as many decode threads | {run['images_per_s']:.0f} | "
-                  f"{run['images_per_s_per_core']:.0f} |")
+            print(f"| {cores} core{'s' if int(cores) > 1 else ''}, as many decode threads | "
+                  f"{run['images_per_s']:.0f} | {run['images_per_s_per_core']:.0f} |")
     steps = result["decode"]["photos_640x480"]["ms"]
     print("\ndecode_file, 640x480 JPEG, one core: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in steps.items()))
 

@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--classifiers", nargs="+", default=["logreg", "svm"])
-    parser.add_argument("--work", type=Path, default=None, help="folder for the store and report (default: a temporary one)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for the store and report (default: a temporary one)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-fit-"))
     store_path = work / "embeddings.h5"

@@ -119,8 +119,10 @@ def breakdown(paths: Sequence[Path], recipe: Sequence[Preprocessing] = RECIPE) -
     }
     gaps = {}
     for gap in REDUCING_GAPS:
-        instead[f"resize_crop_with_reducing_gap_{gap}"] = best_ms(lambda image: _reduced(image, recipe[0], gap), images)
-        gaps[gap] = sum(not np.array_equal(_reduced(image, recipe[0], gap), crop[0]) for image, crop in zip(images, crops))
+        instead[f"resize_crop_with_reducing_gap_{gap}"] = best_ms(
+            lambda image, gap=gap: _reduced(image, recipe[0], gap), images)
+        gaps[gap] = sum(
+            not np.array_equal(_reduced(image, recipe[0], gap), crop[0]) for image, crop in zip(images, crops))
     return {"images": len(paths), "decoded_size": list(images[0].size), "ms": steps, "instead_ms": instead,
             "crops_changed_by_reducing_gap": {gap: f"{n} of {len(images)}" for gap, n in gaps.items()}}
 
@@ -141,7 +143,7 @@ def draft_effect(paths: Sequence[Path], recipe: Sequence[Preprocessing] = RECIPE
     data = [path.read_bytes() for path in paths]
     crops, ms = {}, {}
     for label, floor in (("drafted", draft_floor(recipe)), ("whole", 0)):  # the same work but for draft mode
-        ms[label] = best_ms(lambda item: resize_center_crop(load_rgb(item, floor), recipe[0]), data)
+        ms[label] = best_ms(lambda item, floor=floor: resize_center_crop(load_rgb(item, floor), recipe[0]), data)
         crops[label] = np.stack([resize_center_crop(load_rgb(item, floor), recipe[0]) for item in data]).astype(int)
     difference = np.abs(crops["drafted"] - crops["whole"])
     return {"decode_resize_crop_ms": ms, "crop_difference": {"mean_abs": float(difference.mean()),

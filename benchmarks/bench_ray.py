@@ -44,7 +44,8 @@ def extract_child(data: str, cache: str, models_dir: str, model: str, precision:
                         device="cpu", progress=False, backend=backend)
     seconds = time.perf_counter() - started
     print(json.dumps({"images": specs[0].embedded, "seconds": seconds, "rate": specs[0].embedded / seconds,
-                      "ray_start_seconds": ray_seconds, "rate_after_start": specs[0].embedded / (seconds - ray_seconds)}))
+                      "ray_start_seconds": ray_seconds,
+                      "rate_after_start": specs[0].embedded / (seconds - ray_seconds)}))
 
 
 def store_costs(path: Path) -> dict:
@@ -113,7 +114,8 @@ def print_estimate(rows: list[dict]) -> None:
           f"{'worker-h':>9} {'driver GB':>9}")
     for row in rows:
         bound = " (driver-bound)" if row["driver_bound"] else ""
-        print(f"{row['model']:9} {row['worker']:24} {row['workers']:>7} {row['images']:>11,} {row['images_per_s']:>8.0f} "
+        print(f"{row['model']:9} {row['worker']:24} {row['workers']:>7} {row['images']:>11,} "
+              f"{row['images_per_s']:>8.0f} "
               f"{row['extract_hours']:>9.2f} {row['commit_hours']:>8.3f} {row['worker_hours']:>9.0f} "
               f"{row['driver_memory_gb']:>9.1f}{bound}")
 

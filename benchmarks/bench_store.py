@@ -150,7 +150,8 @@ def size_row(work: Path, images: int) -> dict:
         compaction = store.compact()
     row["compaction"] = {"seconds": round(time.perf_counter() - started, 3),
                          "written_mb": round((written_bytes() - before) / 2**20, 1),
-                         "peak_mb": round(memory.peak / 2**20, 1), "shards_rewritten": sum(compaction.rewritten.values())}
+                         "peak_mb": round(memory.peak / 2**20, 1),
+                         "shards_rewritten": sum(compaction.rewritten.values())}
     index = store.index(arrays=False).sets[NAME]
     row["store"] = {"shards": len(index.shards), "disk_mb": round(sum(e.bytes for e in index.shards) / 2**20, 1),
                     "index_kb": round(store.path.stat().st_size / 1024, 1)}
@@ -188,7 +189,8 @@ class SyntheticActor:
 
         segment = Segment(NAME, "synthetic", ATTRS, self.target["dataset_root"])
         segment.records = [ImageRecord(str(p)) for p in batch["record"]]
-        segment.states = [FileState(str(s), int(z), int(m)) for s, z, m in zip(batch["sha256"], batch["size"], batch["mtime"])]
+        segment.states = [FileState(str(s), int(z), int(m))
+                          for s, z, m in zip(batch["sha256"], batch["size"], batch["mtime"])]
         segment.embeddings = list(POOL[np.asarray(batch["index"]) % len(POOL)])
         entry = write_segment(Path(self.target["folder"]), segment, self.run.shard(NAME, int(batch["index"][0])),
                               self.run.base_version)
@@ -229,14 +231,16 @@ def ray_intake(work: Path, images: int) -> dict:
     row = {"images": images, "actors": available_cores(), "shard_rows": SEGMENT_ROWS,
            "driver_cpu_seconds": round(loop_cpu + commit_cpu, 2), "commit_seconds": round(commit_wall, 2),
            "wall_seconds": round(loop_wall + commit_wall, 2),
-           "intake_per_s": round(images / (loop_cpu + commit_cpu)), "wall_per_s": round(images / (loop_wall + commit_wall))}
+           "intake_per_s": round(images / (loop_cpu + commit_cpu)),
+           "wall_per_s": round(images / (loop_wall + commit_wall))}
     shutil.rmtree(folder, ignore_errors=True)
     print(json.dumps({"ray": row}), flush=True)
     return row
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{'images':>10} {'run':17} {'plan s':>7} {'commit s':>9} {'written MB':>11} {'peak MB':>8} {'B/listed image':>15}")
+    print(f"\n{'images':>10} {'run':17} {'plan s':>7} {'commit s':>9} {'written MB':>11} {'peak MB':>8} "
+          f"{'B/listed image':>15}")
     for row in result["sizes"]:
         for operation in ("first_commit", "add_1_percent", "no_op", "delete_1_percent", "compaction"):
             entry = row[operation]

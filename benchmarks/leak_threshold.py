@@ -53,7 +53,9 @@ def real_images(folder: Path, seed: int = 0) -> tuple[list[Path], list[tuple[Pat
     return images, planted
 
 
-def report(name: str, features: np.ndarray, copies: np.ndarray, images: list[Path], planted: list[tuple[Path, Path]]) -> None:
+def report(
+    name: str, features: np.ndarray, copies: np.ndarray, images: list[Path], planted: list[tuple[Path, Path]]
+) -> None:
     mean = features.mean(axis=0)
     Z, C = centred(features, mean), centred(copies, mean)
     similarity = Z @ Z.T
@@ -64,7 +66,8 @@ def report(name: str, features: np.ndarray, copies: np.ndarray, images: list[Pat
     for group, rows in (("photos", slice(0, 120)), ("digits", slice(120, 240))):
         distinct = similarity[rows, rows][np.isfinite(similarity[rows, rows])]
         mine = np.array([rows.start <= position[original] < rows.stop for original, _ in planted])
-        print(f"  {group}: copies {[round(float(x), 3) for x in np.sort(pairs[mine])]}; distinct images: 99.9th percentile "
+        print(f"  {group}: copies {[round(float(x), 3) for x in np.sort(pairs[mine])]}; "
+              "distinct images: 99.9th percentile "
               f"{np.quantile(distinct, 0.999):.3f}, max {distinct.max():.3f}")
         for threshold in THRESHOLDS:
             print(f"    at {threshold}: copies found {np.mean(pairs[mine] >= threshold):.0%}, distinct pairs above "

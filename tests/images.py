@@ -109,7 +109,8 @@ def hostile_corpus(root: Path) -> tuple[Path, set[str], set[str]]:
     spoil("error-page.jpg", b"<!DOCTYPE html><html><body><h1>404 Not Found</h1></body></html>")
     header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
     chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
-    spoil("bomb.png", b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    spoil("bomb.png", b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+          + chunk(b"IEND", b""))
     (folder / "loop-a.jpg").symlink_to(folder / "loop-b.jpg")
     (folder / "loop-b.jpg").symlink_to(folder / "loop-a.jpg")
     bad |= {"mixed/loop-a.jpg", "mixed/loop-b.jpg"}

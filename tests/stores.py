@@ -116,7 +116,8 @@ def format1_store(path: Path, per_class: int = 6, dim: int = 8, seed: int = 0) -
             group.create_dataset("file_mtime_ns", data=np.arange(len(paths), dtype=np.int64))
             failed = ["dog/broken.jpg"] if name == "resnet50" else []
             failures = group.create_group("failures")
-            for column, values in (("paths", failed), ("reason", ["truncated"] * len(failed)), ("sha256", ["f" * 64] * len(failed))):
+            for column, values in (("paths", failed), ("reason", ["truncated"] * len(failed)),
+                                   ("sha256", ["f" * 64] * len(failed))):
                 failures.create_dataset(column, data=np.array(values, dtype=object), dtype=string)
             failures.create_dataset("file_size", data=np.full(len(failed), 5, np.int64))
             failures.create_dataset("file_mtime_ns", data=np.full(len(failed), 5, np.int64))
@@ -131,7 +132,8 @@ def format1_journal_segment(store_path: Path, name: str, rows: dict[str, float],
     journal.mkdir(exist_ok=True)
     dim = 8
     np.savez(
-        journal / f"{name}-{number:06d}.npz", name=np.array(name), fingerprint=np.array(feature_attrs(name, dim)["fingerprint"]),
+        journal / f"{name}-{number:06d}.npz", name=np.array(name),
+        fingerprint=np.array(feature_attrs(name, dim)["fingerprint"]),
         dataset_root=np.array(str(ROOT)), attrs=np.array(json.dumps(feature_attrs(name, dim))),
         embeddings=np.stack([np.full(dim, v, np.float32) for v in rows.values()]),
         paths=np.array(list(rows), dtype=str), sha256=np.array([f"{9:064x}"] * len(rows)),

@@ -104,4 +104,5 @@ def test_ray_embeds_a_timm_model_as_the_local_backend_does(folders, exported, tm
     local, ray = EmbeddingStore(tmp_path / "local.h5"), EmbeddingStore(tmp_path / "ray.h5")
     for name in local.feature_sets():
         np.testing.assert_array_equal(local.load(name).embeddings, ray.load(name).embeddings)
-        assert json.loads(local.load_attrs(name).get("weights", "{}")) == json.loads(ray.load_attrs(name).get("weights", "{}"))
+        assert json.loads(local.load_attrs(name).get("weights", "{}")) == json.loads(
+            ray.load_attrs(name).get("weights", "{}"))

@@ -100,7 +100,8 @@ def test_a_crafted_pickle_runs_nothing_unless_trusted(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "resnet50-logreg.joblib"
     joblib.dump({"format": "pipeline.classifier-bundle", "payload": Payload(marker)}, path)
-    with pytest.raises(UserError, match=r"is a joblib pickle .* unpickling runs the code inside it; rewrite the bundles "
+    with pytest.raises(UserError, match=r"is a joblib pickle .* unpickling runs the code inside it; "
+                       r"rewrite the bundles "
                        r"you made as safe skops files once \(.*bundles .*\), or pass --trust"):
         ClassifierBundle.load(path)
     assert not marker.exists()

@@ -34,7 +34,8 @@ def fitted(tmp_path_factory, exported, state_dict_file):
     data = work / "pets"
     for name, brightness in (("bright", 1.0), ("dark", 0.25)):
         for i in range(8):
-            save(data / name / f"{i}.png", (photo(48 + i, 40, seed=i + (100 if name == "dark" else 0)) * brightness).astype(np.uint8))
+            save(data / name / f"{i}.png",
+                 (photo(48 + i, 40, seed=i + (100 if name == "dark" else 0)) * brightness).astype(np.uint8))
     weights = str(state_dict_file("resnet50"))
     run_extract(data, ["resnet50"], work / "pets.h5", models_dir=models_dir, weights=weights, progress=False)
     report = run_fit(work / "pets.h5", out=work / "classifiers", n_jobs=1, classifiers=["logreg"], curve=False)
@@ -55,9 +56,11 @@ def test_every_good_image_gets_a_prediction_and_bad_ones_an_error_row(fitted, tm
     work, models_dir, _ = fitted
     folder = new_folder(tmp_path / "new")
     bundle = work / "classifiers" / "resnet50-logreg.skops"
-    counts = run_classify(folder, bundle, tmp_path / "p.csv", top_k=2, models_dir=models_dir, cache=None, progress=False)
+    counts = run_classify(folder, bundle, tmp_path / "p.csv", top_k=2, models_dir=models_dir, cache=None,
+                          progress=False)
     assert counts == {"images": 5, "classified": 3, "unreadable": 2, "cached": 0, "labelled": 0, "correct": 0}
-    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    with open(tmp_path / "p.csv") as file:
+        rows = list(csv.DictReader(file))
     assert list(rows[0]) == ["path", "prediction", "probability", "top2", "top2_probability", "error"]
     by_name = {row["path"].rsplit("/", 1)[1]: row for row in rows}
     assert set(by_name) == {"new0.png", "new1.png", "new2.png", "corrupt.jpg", "notes.jpg"}
@@ -83,14 +86,18 @@ def test_a_file_that_vanishes_mid_run_gets_an_error_row_and_costs_no_other(fitte
         return decode(path, *args, **kwargs)
 
     monkeypatch.setattr(embedder, "decode_file", decode_while_a_file_vanishes)
-    counts = run_classify(folder, bundle, tmp_path / "p.csv", models_dir=models_dir, cache=None, progress=False, workers=1)
+    counts = run_classify(folder, bundle, tmp_path / "p.csv", models_dir=models_dir, cache=None, progress=False,
+                          workers=1)
     assert (counts["classified"], counts["unreadable"]) == (2, 1)
-    before = {row["path"]: row for row in csv.DictReader(open(tmp_path / "before.csv"))}
-    for row in csv.DictReader(open(tmp_path / "p.csv")):
-        if row["path"] == str(vanished):
-            assert row["error"] == "missing: no such file" and row["prediction"] == ""
-        else:
-            assert (row["prediction"], row["probability"]) == (before[row["path"]]["prediction"], before[row["path"]]["probability"])
+    with open(tmp_path / "before.csv") as file:
+        before = {row["path"]: row for row in csv.DictReader(file)}
+    with open(tmp_path / "p.csv") as file:
+        for row in csv.DictReader(file):
+            if row["path"] == str(vanished):
+                assert row["error"] == "missing: no such file" and row["prediction"] == ""
+            else:
+                assert (row["prediction"], row["probability"]) == (
+                    before[row["path"]]["prediction"], before[row["path"]]["probability"])
 
 
 def test_predictions_equal_the_bundle_on_stored_embeddings_and_reuse_them(fitted, tmp_path):
@@ -119,7 +126,8 @@ def test_a_pixel_baseline_bundle_classifies_and_jsonl_rows_carry_errors(fitted, 
     assert counts["classified"] == 3 and counts["unreadable"] == 2
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     good = [row for row in rows if not row["error"]]
-    assert len(good) == 3 and all(len(row["top_k"]) == 2 and row["prediction"] == row["top_k"][0]["class"] for row in good)
+    assert len(good) == 3 and all(
+        len(row["top_k"]) == 2 and row["prediction"] == row["top_k"][0]["class"] for row in good)
     bad = [row for row in rows if row["error"]]
     assert all(row["prediction"] is None and row["probability"] is None and row["top_k"] == [] for row in bad)
     assert not (tmp_path / "p.jsonl.partial").exists()
@@ -150,7 +158,8 @@ def test_a_bundle_of_another_model_file_is_refused_naming_both(fitted, tmp_path)
     bundle = ClassifierBundle.load(work / "classifiers" / "resnet50-logreg.skops")
     bundle.provenance["onnx_sha256"] = "0" * 64
     bundle.save(tmp_path / "other.skops")
-    with pytest.raises(UserError, match="was fitted on resnet50 embeddings of ONNX sha256 000000000000 .* but .*resnet50.onnx has sha256"):
+    with pytest.raises(UserError, match="was fitted on resnet50 embeddings of ONNX sha256 000000000000 .* "
+                       "but .*resnet50.onnx has sha256"):
         run_classify(work / "pets", tmp_path / "other.skops", None, models_dir=models_dir, cache=None, trust=True)
 
 
@@ -158,9 +167,11 @@ def test_unlisted_or_changed_bundles_are_not_loaded_unless_trusted(fitted, tmp_p
     work, models_dir, _ = fitted
     stranger = tmp_path / "stranger.skops"
     shutil.copy(work / "classifiers" / "resnet50-logreg.skops", stranger)
-    with pytest.raises(UserError, match=r"stranger.skops is not beside a report.json \(none at .*\), so it is not known"):
+    with pytest.raises(UserError,
+                       match=r"stranger.skops is not beside a report.json \(none at .*\), so it is not known"):
         run_classify(work / "pets", stranger, None, models_dir=models_dir, cache=None)
-    assert run_classify(work / "pets", stranger, tmp_path / "p.csv", models_dir=models_dir, cache=None, trust=True)["images"]
+    assert run_classify(work / "pets", stranger, tmp_path / "p.csv", models_dir=models_dir, cache=None,
+                        trust=True)["images"]
     listed = tmp_path / "listed"
     shutil.copytree(work / "classifiers", listed)
     with open(listed / "resnet50-logreg.skops", "ab") as stream:
@@ -184,7 +195,8 @@ def test_cli_exit_codes_and_table(fitted, tmp_path):
     assert "classified 3 of 3 images" in clean.stderr
     mixed = run(new_folder(tmp_path / "mixed"), *common, "--output", tmp_path / "p.csv", cwd=tmp_path)
     assert mixed.returncode == 1 and "2 files could not be decoded" in mixed.stderr
-    assert len(list(csv.reader(open(tmp_path / "p.csv")))) == 6
+    with open(tmp_path / "p.csv") as file:
+        assert len(list(csv.reader(file))) == 6
     (tmp_path / "empty").mkdir()
     for bad in (["empty"], ["clean", "--output", "p.txt"], ["clean", "--top-k", "0"], ["clean", "--batch-size", "0"],
                 ["missing"], ["clean", "--classifier", work / "classifiers" / "resnet50-logreg.skops"]):
@@ -207,7 +219,10 @@ def test_another_precision_is_refused_unless_allowed(fitted, tmp_path):
     int8 = run_classify(folder, bundle, tmp_path / "int8.csv", models_dir=private, cache=None, precision="int8",
                         allow_precision_change=True, progress=False)
     assert fp32["classified"] == int8["classified"] == 3
-    rows = [list(csv.DictReader(open(tmp_path / name))) for name in ("fp32.csv", "int8.csv")]
+    rows = []
+    for name in ("fp32.csv", "int8.csv"):
+        with open(tmp_path / name) as file:
+            rows.append(list(csv.DictReader(file)))
     assert [r["prediction"] for r in rows[0]] == [r["prediction"] for r in rows[1]]
     probabilities = [[float(r["probability"]) for r in table] for table in rows]
     assert probabilities[0] != probabilities[1]  # the int8 model really ran
@@ -281,7 +296,8 @@ def test_bundles_of_the_landed_version_are_rewritten_once_as_skops(fitted, tmp_p
     for entry in report["bundles"]:  # as the landed version wrote them: joblib pickles
         bundle = ClassifierBundle.load(folder / entry["path"])
         legacy = (folder / entry["path"]).with_suffix(".joblib")
-        joblib.dump({"format": "pipeline.classifier-bundle", "format_version": 1, **_fields(bundle)}, legacy, compress=3)
+        joblib.dump({"format": "pipeline.classifier-bundle", "format_version": 1, **_fields(bundle)}, legacy,
+                    compress=3)
         (folder / entry["path"]).unlink()
         entry.update(path=legacy.name, sha256=sha256_file(legacy))
     (folder / "report.json").write_text(json.dumps(report))

@@ -1,4 +1,5 @@
-"""extract --backend ray on a real local Ray instance (2 CPUs): same store as the local backend, killed workers and drivers."""
+"""extract --backend ray on a real local Ray instance (2 CPUs): same store as the local backend, \
+killed workers and drivers."""
 
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ def test_ray_store_equals_local_store_and_runs_are_incremental(
     assert_same_store(tmp_path / "local.h5", tmp_path / "ray.h5")
     assert ray.is_initialized()  # a running instance is joined, and left running
 
-    command = [str(data), "--models", "resnet50", "--cache", str(tmp_path / "ray.h5"), "--models-dir", str(small_models),
-               "--weights", seeded_weights, "--backend", "ray"]
+    command = [str(data), "--models", "resnet50", "--cache", str(tmp_path / "ray.h5"),
+               "--models-dir", str(small_models), "--weights", seeded_weights, "--backend", "ray"]
     assert extract.main(command) == 0
     assert "nothing to do" in capsys.readouterr().out
     class_folders(data, {"bird": 2}, seed=50)
@@ -122,7 +123,9 @@ run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=4, models_dir=sys
 
 
 @pytest.mark.slow  # starts Ray, whose actors load the model: seconds
-def test_a_killed_driver_resumes_to_the_uninterrupted_store(tmp_path, small_models, extract_quietly, seeded_weights, ray_instance):
+def test_a_killed_driver_resumes_to_the_uninterrupted_store(
+    tmp_path, small_models, extract_quietly, seeded_weights, ray_instance
+):
     data = class_folders(tmp_path / "many", {"a": 100, "b": 100}, size=(120, 160))
     extract_quietly(data, tmp_path / "local.h5", small_models, batch_size=4)
     cache, shards = tmp_path / "ray.h5", tmp_path / "ray.h5.shards" / "resnet50"
@@ -140,7 +143,8 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_store(tmp_path, small_mode
     settled = None  # an actor may outlive the driver for a moment and finish its shard: wait until none changes
     while settled != (settled := sorted(shards.glob("*"))):
         time.sleep(2)
-    done = len(EmbeddingStore(cache).known("resnet50", EmbeddingStore(tmp_path / "local.h5").load_attrs("resnet50")["fingerprint"]))
+    done = len(EmbeddingStore(cache).known(
+        "resnet50", EmbeddingStore(tmp_path / "local.h5").load_attrs("resnet50")["fingerprint"]))
     assert 0 < done < 200  # rows in the shards the actors had written
 
     specs = extract_quietly(data, cache, small_models, batch_size=4, backend="ray")
@@ -167,12 +171,15 @@ def test_actors_refuse_a_model_file_other_than_the_drivers_in_one_sentence(tmp_p
     output = ShardOutput(EmbeddingStore(tmp_path / "e.h5"), str(tmp_path / "one"), 8)
     outcomes = embed_on_ray(items, [str(image)], specs, preprocessings, small_models, "cpu", 4, plan_workers("cpu", 1),
                             MAX_PIXELS, output)
-    with pytest.raises(UserError, match=r"^on a Ray worker: .*resnet50.onnx on this node .* is not the model the driver"):
+    with pytest.raises(UserError,
+                       match=r"^on a Ray worker: .*resnet50.onnx on this node .* is not the model the driver"):
         list(outcomes)
 
 
-def decoded_batch(data: Path, names: list[str], preprocessing=DEFAULT_BACKBONES["resnet50"].preprocessing()) -> dict[str, np.ndarray]:
+def decoded_batch(data: Path, names: list[str], preprocessing=None) -> dict[str, np.ndarray]:
     """A decode task's output for files of ``data``, every file needing both feature sets."""
+    if preprocessing is None:
+        preprocessing = DEFAULT_BACKBONES["resnet50"].preprocessing()
     paths = np.array([str(data / name) for name in names], dtype=object)
     columns = {"index": np.arange(len(names)), "needed": np.full(len(names), 3), "path": paths,
                "record": np.array(names, dtype=object), "size": np.full(len(names), 7), "mtime": np.full(len(names), 8)}
@@ -210,7 +217,8 @@ def test_an_actor_writes_its_rows_as_pending_shards_and_returns_only_their_metad
 
 def test_the_driver_refuses_shards_it_cannot_see(tmp_path):
     store = EmbeddingStore(tmp_path / "e.h5")
-    with pytest.raises(UserError, match="a Ray worker wrote .*, which this machine cannot see: put --cache on a filesystem"):
+    with pytest.raises(UserError,
+                       match="a Ray worker wrote .*, which this machine cannot see: put --cache on a filesystem"):
         cluster._check_driver_sees_the_shard(store, ShardEntry("resnet50/000000-x.h5", "", 10, 1, 0))
 
 

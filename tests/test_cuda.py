@@ -26,7 +26,8 @@ def run(code: str, preload: bool = True) -> str:
 def test_the_provider_needs_cuda_13_cudnn_9_and_the_driver():
     names = cuda.needed_libraries()
     assert cuda.DRIVER in names and names[-1] == f"libcudnn.so.{cuda.built_for()[1]}"
-    assert any(name.startswith("libcublas.so.") for name in names) and any(name.startswith("libcudart.so.") for name in names)
+    assert any(name.startswith("libcublas.so.") for name in names) and any(
+        name.startswith("libcudart.so.") for name in names)
     assert not any(name.startswith(("libc.so", "libstdc++", "libm.so")) for name in names)  # system libraries left out
     assert cuda.built_for()[0].isdigit()
 
@@ -34,7 +35,8 @@ def test_the_provider_needs_cuda_13_cudnn_9_and_the_driver():
 @needs_cuda_provider
 @needs_no_driver
 def test_after_the_preload_only_the_driver_is_missing():
-    report = run("from pipeline.models import cuda; print([(l.name, l.loads, l.path) for l in cuda.libraries()]); print(cuda.problem())")
+    report = run("from pipeline.models import cuda; "
+                 "print([(l.name, l.loads, l.path) for l in cuda.libraries()]); print(cuda.problem())")
     libraries, problem = report.strip().splitlines()
     for name, loads, path in eval(libraries):
         assert loads == (name != cuda.DRIVER), name

@@ -146,7 +146,8 @@ def png_declaring(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+            + chunk(b"IEND", b""))
 
 
 def test_images_above_the_pixel_limit_are_too_large_before_decoding(tmp_path):
@@ -158,7 +159,8 @@ def test_images_above_the_pixel_limit_are_too_large_before_decoding(tmp_path):
     dot = save(tmp_path / "dot.png", photo(1, 1))
     assert not decode_file(strip, [RECIPE]).error and not decode_file(dot, [RECIPE]).error
     small = save(tmp_path / "small.png", photo(100, 100))
-    assert decode_file(small, [RECIPE], max_pixels=9_999).error == "too large: 100x100 pixels, above the limit of 9,999 (--max-pixels)"
+    assert decode_file(small, [RECIPE], max_pixels=9_999).error == (
+        "too large: 100x100 pixels, above the limit of 9,999 (--max-pixels)")
     assert not decode_file(small, [RECIPE], max_pixels=10_000).error
 
 
@@ -232,7 +234,8 @@ MAGIC = [b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"RIFF\0\0\0\0WEB
 @given(
     seed=st.sampled_from(SEED_IMAGES),
     cut=st.integers(min_value=0, max_value=4096),
-    flips=st.lists(st.tuples(st.integers(min_value=0, max_value=4095), st.integers(min_value=0, max_value=255)), max_size=8),
+    flips=st.lists(st.tuples(st.integers(min_value=0, max_value=4095), st.integers(min_value=0, max_value=255)),
+                   max_size=8),
     magic=st.sampled_from(MAGIC),
     noise=st.binary(max_size=512),
 )

@@ -142,7 +142,8 @@ def test_deploy_refuses_unlisted_pixel_and_mismatched_bundles(fitted, tmp_path):
     work, models_dir = fitted
     stranger = tmp_path / "stranger.skops"
     shutil.copy(work / "classifiers" / "resnet50-logreg.skops", stranger)
-    with pytest.raises(UserError, match=r"stranger.skops is not beside a report.json .* so it is not known to be a bundle fit wrote"):
+    with pytest.raises(UserError, match=r"stranger.skops is not beside a report.json .* "
+                       r"so it is not known to be a bundle fit wrote"):
         deploy_classifier(stranger, models_dir)
     assert not (tmp_path / "stranger.onnx").exists()
     with pytest.raises(UserError, match="classifies raw 32x32 pixels"):
@@ -150,7 +151,8 @@ def test_deploy_refuses_unlisted_pixel_and_mismatched_bundles(fitted, tmp_path):
     bundle = ClassifierBundle.load(stranger)
     bundle.provenance["onnx_sha256"] = "0" * 64
     bundle.save(stranger)
-    with pytest.raises(UserError, match="fitted on resnet50 embeddings of ONNX sha256 000000000000 .* but .*resnet50.onnx has"):
+    with pytest.raises(UserError,
+                       match="fitted on resnet50 embeddings of ONNX sha256 000000000000 .* but .*resnet50.onnx has"):
         deploy_classifier(stranger, models_dir, trust=True)
     listed = work / "classifiers" / "resnet50-logreg.skops"
     with pytest.raises(UserError, match="must end in .onnx"):
@@ -184,7 +186,8 @@ def test_classify_refuses_a_changed_deployed_file_a_backbone_and_another_precisi
         run_classify(work / "pets", models_dir / "resnet50.onnx", None, cache=None)
     with open(deployed.onnx_path, "ab") as stream:
         stream.write(b"\0")
-    with pytest.raises(UserError, match=r"d.onnx does not match its manifest .*d.json .* deploy it again: .*resnet50-logreg"
+    with pytest.raises(UserError, match=r"d.onnx does not match its manifest .*d.json .* "
+                       r"deploy it again: .*resnet50-logreg"
                        r".skops --out .*d.onnx\."):
         run_classify(work / "pets", deployed.onnx_path, None, cache=None)
     (tmp_path / "d.json").write_text("{}")

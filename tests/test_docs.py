@@ -34,8 +34,8 @@ def project(tmp_path_factory, exported, state_dict_file) -> Path:
     shutil.copytree(exported("resnet50", 64).onnx_path.parent, root / "models")
     run_extract(root / "data", ["resnet50"], root / "features" / "embeddings.h5", models_dir=root / "models",
                 weights=str(state_dict_file("resnet50")), progress=False)
-    run_fit(root / "features" / "embeddings.h5", classifiers=["logreg"], out=root / "models" / "classifiers" / "embeddings",
-            n_jobs=1, curve=False)
+    run_fit(root / "features" / "embeddings.h5", classifiers=["logreg"],
+            out=root / "models" / "classifiers" / "embeddings", n_jobs=1, curve=False)
     deploy_classifier(root / "models" / "classifiers" / "embeddings" / "resnet50-logreg.skops", root / "models")
     shutil.copy(next((root / "data" / "cat").glob("*.jpg")), root / "cat.jpg")
     return root

@@ -14,7 +14,8 @@ from tests.test_cuda import needs_cuda_provider, needs_no_driver
 
 def doctor(preload: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, cuda.PRELOAD_SWITCH: "1" if preload else "0"}
-    return subprocess.run([sys.executable, "-m", "pipeline.doctor"], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "pipeline.doctor"], capture_output=True, text=True, env=env,
+                          timeout=120)
 
 
 @needs_cuda_provider
@@ -37,7 +38,8 @@ def test_without_the_preload_the_doctor_names_the_missing_libraries():
     result = doctor(preload=False)
     if "libcublas.so.13" not in result.stdout.split("fix:")[-1]:
         pytest.skip("a CUDA toolkit on the loader's path provides the libraries without the preload")
-    assert result.returncode == 1 and "MISSING libcublas.so.13" in result.stdout and "MISSING libcudnn.so.9" in result.stdout
+    assert (result.returncode == 1 and "MISSING libcublas.so.13" in result.stdout
+            and "MISSING libcudnn.so.9" in result.stdout)
     assert "pip install -e '.[gpu]'" in result.stdout.splitlines()[-1]
 
 
@@ -53,4 +55,5 @@ def test_device_cuda_without_a_gpu_is_one_sentence_naming_the_driver(tmp_path, s
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert line.startswith("error: --device cuda was asked for, but ") and ("NVIDIA driver" in line or "CUDA provider" in line)
+    assert line.startswith("error: --device cuda was asked for, but ") and (
+        "NVIDIA driver" in line or "CUDA provider" in line)

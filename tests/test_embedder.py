@@ -65,7 +65,8 @@ def test_bad_files_raise_or_become_nan_rows(pets, models_dir, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_text("not a jpeg")
     good = next(root.glob("cat/*.jpg"))
-    results = list(embed_files([good, broken, tmp_path / "gone.jpg"], ModelRepository(models_dir).load("resnet50").open()))
+    results = list(embed_files([good, broken, tmp_path / "gone.jpg"],
+                               ModelRepository(models_dir).load("resnet50").open()))
     assert [bool(r.error) for r in results] == [False, True, True] and results[0].features.shape == (2048,)
     assert results[2].error == "missing: no such file"
     embedder = ImageEmbedder("resnet50", models_dir=models_dir).fit()
@@ -82,7 +83,8 @@ def test_follows_scikit_learn_conventions_and_grid_searches(pets, models_dir):
     with pytest.raises(Exception, match="not fitted"):
         embedder.transform(["x.jpg"])
     assert embedder.fit() is embedder and embedder.embedding_dim_ == 2048 and len(embedder.onnx_sha256_) == 64
-    assert embedder.get_feature_names_out()[:2].tolist() == ["resnet50_0", "resnet50_1"] and embedder.n_features_in_ == 1
+    assert (embedder.get_feature_names_out()[:2].tolist() == ["resnet50_0", "resnet50_1"]
+            and embedder.n_features_in_ == 1)
     revived = pickle.loads(pickle.dumps(embedder))  # the onnxruntime session is dropped and reopened
     paths = sorted(str(p) for p in root.rglob("*") if p.suffix in (".jpg", ".png"))
     labels = [p.split("/")[-2] if "/sub/" not in p else p.split("/")[-3] for p in paths]

@@ -35,7 +35,8 @@ def test_an_interruption_says_what_was_kept_only_when_something_was(capsys):
 
     for error, said in ((KeyboardInterrupt(), "interrupted.\n"),
                         (Interrupted("the 3 images done so far are kept in s.h5.shards"),
-                         "interrupted: the 3 images done so far are kept in s.h5.shards; run the same command again to go on.\n")):
+                         "interrupted: the 3 images done so far are kept in s.h5.shards; "
+                         "run the same command again to go on.\n")):
         with pytest.raises(SystemExit):
             run_cli(raising(error), [])
         assert capsys.readouterr().err == said

@@ -244,14 +244,16 @@ def library_embeddings(model: str, weights: Path, size: int | None, files: list[
         options = {"img_size": size} if size and "vit" in name.architecture else {}
         network = timm.create_model(f"{name.architecture}.{name.tag}", pretrained=True, num_classes=0,
                                     pretrained_cfg_overlay={"file": str(weights)}, **options).eval()
-        transform = create_transform(**resolve_data_config({"input_size": (3, size, size)} if size else {}, model=network))
+        transform = create_transform(
+            **resolve_data_config({"input_size": (3, size, size)} if size else {}, model=network))
         forward = network
     else:
         network = torchvision.models.get_model(name.architecture, weights=None)
         network.load_state_dict(torch.load(weights))
         transform = torchvision.models.get_model_weights(name.architecture).DEFAULT.transforms()
         if size:
-            transform.crop_size, transform.resize_size = [size], [round(transform.resize_size[0] * size / transform.crop_size[0])]
+            transform.crop_size, transform.resize_size = [size], [
+                round(transform.resize_size[0] * size / transform.crop_size[0])]
         head = [m for m in network.modules() if isinstance(m, torch.nn.Linear)][-1]
         captured = []
         head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
@@ -312,7 +314,8 @@ def test_models_that_are_not_image_classifiers_are_refused(tmp_path):
 
 def test_a_timm_name_without_timm_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
-    with pytest.raises(UserError, match=r"needs timm to be exported: install the export extra \(pip install -e '.\[export\]'\)"):
+    with pytest.raises(UserError,
+                       match=r"needs timm to be exported: install the export extra \(pip install -e '.\[export\]'\)"):
         ModelRepository(tmp_path).export("timm/convnext_atto.d2_in1k", "random")
 
 
@@ -320,9 +323,11 @@ def test_an_export_that_fails_or_disagrees_is_refused_naming_the_step(tmp_path, 
     import pipeline.models.export as export
 
     monkeypatch.setattr(export, "VERIFY_MIN_COSINE", 1.5)
-    with pytest.raises(UserError, match=r"timm/convnext_atto.d2_in1k: the exported ONNX graph disagrees with the library's forward"):
+    with pytest.raises(UserError, match=r"timm/convnext_atto.d2_in1k: "
+                       r"the exported ONNX graph disagrees with the library's forward"):
         ModelRepository(tmp_path).export("timm/convnext_atto.d2_in1k", "random", 64)
     monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("no way")))
-    with pytest.raises(UserError, match=r"timm/convnext_atto.d2_in1k: torch.onnx.export cannot export it \(RuntimeError: no way\)"):
+    with pytest.raises(UserError, match=r"timm/convnext_atto.d2_in1k: "
+                       r"torch.onnx.export cannot export it \(RuntimeError: no way\)"):
         ModelRepository(tmp_path).export("timm/convnext_atto.d2_in1k", "random", 64)
     assert not list(tmp_path.iterdir())  # nothing half-made is left

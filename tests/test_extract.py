@@ -115,7 +115,7 @@ def test_split_layout_csv_and_flat_folders(tmp_path, small_models, extract_quiet
     csv.write_text("path,label,split\ntrain/cat/0.jpg,tabby,test\ntrain/dog/0.jpg,,\n")
     extract_quietly(csv, tmp_path / "csv.h5", small_models)
     features = EmbeddingStore(tmp_path / "csv.h5").load("resnet50")
-    rows = {p: (l, s) for p, l, s in zip(features.paths, features.labels, features.splits)}
+    rows = {p: (label, s) for p, label, s in zip(features.paths, features.labels, features.splits)}
     assert rows == {"train/cat/0.jpg": (0, "test"), "train/dog/0.jpg": (-1, "")}
     assert list(features.classes) == ["tabby"]
 
@@ -152,7 +152,9 @@ def test_other_models_and_datasets_never_mix_without_overwrite(tmp_path, small_m
         extract_quietly(elsewhere, cache, other_models)
 
 
-def test_pixels_of_an_earlier_recipe_are_made_again_once(tmp_path, small_models, extract_quietly, monkeypatch, messages):
+def test_pixels_of_an_earlier_recipe_are_made_again_once(
+    tmp_path, small_models, extract_quietly, monkeypatch, messages
+):
     data = pets(tmp_path / "pets")
     cache = tmp_path / "e.h5"
     with monkeypatch.context() as patched:
@@ -240,7 +242,8 @@ def unlisted(cache: Path) -> list[str]:
 
 
 def assert_same_images(expected: Path, actual: Path, images: int) -> None:
-    """``actual`` holds each of ``expected``'s ``images`` resnet50 rows once, with its embedding and label, in any order."""
+    """``actual`` holds each of ``expected``'s ``images`` resnet50 rows once, with its embedding and label, \
+in any order."""
     want, got = EmbeddingStore(expected).load("resnet50"), EmbeddingStore(actual).load("resnet50")
     assert len(got.paths) == len(set(got.paths)) == images and sorted(got.paths) == sorted(want.paths)
     order = {path: row for row, path in enumerate(got.paths)}
@@ -257,7 +260,9 @@ run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=2, models_dir=sys
 """
 
 
-def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, small_models, extract_quietly, seeded_weights):
+def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(
+    tmp_path, small_models, extract_quietly, seeded_weights
+):
     data = tmp_path / "many"
     class_folders(data, {"a": 20, "b": 20}, size=(300, 400))
     uninterrupted = tmp_path / "whole.h5"
@@ -267,7 +272,8 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, small_
     shards = tmp_path / "killed.h5.shards" / "resnet50"
     kills = 0
     for delay in (0.0, 0.3):
-        process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(data), str(cache), str(small_models), seeded_weights])
+        process = subprocess.Popen(
+            [sys.executable, "-c", KILLED_RUN, str(data), str(cache), str(small_models), seeded_weights])
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             if len(list(shards.glob("*.h5"))) >= 2:
@@ -477,7 +483,8 @@ def test_unreadable_files_are_failures_and_tried_again(tmp_path, small_models, e
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.extract", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "pipeline.extract", *args], capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_cli_exit_status_and_summary(tmp_path, small_models, seeded_weights):

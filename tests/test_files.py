@@ -20,10 +20,9 @@ def test_sha256_file_matches_hashlib(tmp_path):
 def test_atomic_path_replaces_only_on_success(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
     with atomic_path(target) as tmp:
@@ -45,9 +44,8 @@ def test_the_run_lock_refuses_a_second_holder_and_leaves_no_file(tmp_path):
     lock = tmp_path / "store.h5.lock"
     with exclusive(lock, "busy"):
         assert lock.exists()
-        with pytest.raises(UserError, match="busy"):
-            with exclusive(lock, "busy"):
-                pass
+        with pytest.raises(UserError, match="busy"), exclusive(lock, "busy"):
+            pass
     assert not lock.exists()  # no empty lock file left behind
     with exclusive(lock, "busy"):  # and it can be taken again
         pass

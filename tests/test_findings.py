@@ -40,7 +40,8 @@ def test_merged_leaks_keep_each_pair_once_with_its_best_evidence():
     one = findings.Leaks(np.array([1, 2]), np.array([9, 8]), np.array([1.0, 0.991]), np.array([True, False]))
     two = findings.Leaks(np.array([2, 3]), np.array([8, 7]), np.array([0.97, 0.96]), np.array([False, False]))
     merged = findings.merged([(one, "pixels"), (two, "resnet50")])
-    assert list(zip(merged.held_out, merged.train, merged.source)) == [(1, 9, "sha256"), (2, 8, "pixels"), (3, 7, "resnet50")]
+    assert list(zip(merged.held_out, merged.train, merged.source)) == [
+        (1, 9, "sha256"), (2, 8, "pixels"), (3, 7, "resnet50")]
 
 
 def test_confident_learning_finds_a_mislabelled_image():

@@ -75,7 +75,10 @@ def test_same_seed_reproduces_the_fit_exactly(tmp_path):
     synthetic_store(tmp_path / "s.h5", per_class=12, classes=3, features={"resnet50": (8, 1.5), PIXELS: (6, 3.0)})
     first = run_fit(tmp_path / "s.h5", out=tmp_path / "a", seed=7, n_jobs=2)
     second = run_fit(tmp_path / "s.h5", out=tmp_path / "b", seed=7, n_jobs=1)
-    timeless = lambda report: [{k: v for k, v in r.items() if k != "train_seconds"} for r in report["results"]]
+
+    def timeless(report):
+        return [{k: v for k, v in r.items() if k != "train_seconds"} for r in report["results"]]
+
     assert timeless(first) == timeless(second)
     assert first["learning_curve"]["curves"] == second["learning_curve"]["curves"]
     other = run_fit(tmp_path / "s.h5", out=tmp_path / "c", seed=8, n_jobs=1, curve=False)
@@ -84,7 +87,9 @@ def test_same_seed_reproduces_the_fit_exactly(tmp_path):
 
 
 def test_recorded_train_validation_test_split(tmp_path):
-    split = lambda i, label: "test" if i < 3 else "validation" if i < 6 else "train"
+    def split(i, label):
+        return "test" if i < 3 else "validation" if i < 6 else "train"
+
     synthetic_store(tmp_path / "s.h5", per_class=15, classes=3, split=split, features={"resnet50": (8, 0.3)})
     report = run_fit(tmp_path / "s.h5", out=tmp_path / "out", n_jobs=1, curve=False)
     assert report["data"]["split"] == "the train/validation/test split recorded by extract"
@@ -94,7 +99,9 @@ def test_recorded_train_validation_test_split(tmp_path):
 
 
 def test_train_and_validation_folders_fit_on_train_and_score_on_validation(tmp_path):
-    split = lambda i, label: "validation" if i < 4 else "train"
+    def split(i, label):
+        return "validation" if i < 4 else "train"
+
     synthetic_store(tmp_path / "s.h5", per_class=14, classes=3, split=split, features={"resnet50": (8, 0.5)})
     report = run_fit(tmp_path / "s.h5", out=tmp_path / "out", n_jobs=1, curve=False, test_size=0.5)
     assert (report["data"]["n_train"], report["data"]["n_validation"], report["data"]["n_test"]) == (30, 0, 12)
@@ -105,10 +112,15 @@ def test_train_and_validation_folders_fit_on_train_and_score_on_validation(tmp_p
 
 
 def test_the_test_part_chooses_nothing(tmp_path):
-    split = lambda i, label: "test" if i < 4 else "train"
-    noise = lambda name, X: np.where((np.arange(len(X)) % 16 < 4)[:, None], 100 * np.sin(X * 7), X)
+    def split(i, label):
+        return "test" if i < 4 else "train"
+
+    def noise(name, X):
+        return np.where((np.arange(len(X)) % 16 < 4)[:, None], 100 * np.sin(X * 7), X)
+
     synthetic_store(tmp_path / "a.h5", per_class=16, classes=3, split=split, features={"resnet50": (8, 1.0)})
-    synthetic_store(tmp_path / "b.h5", per_class=16, classes=3, split=split, features={"resnet50": (8, 1.0)}, edit=noise)
+    synthetic_store(tmp_path / "b.h5", per_class=16, classes=3, split=split, features={"resnet50": (8, 1.0)},
+                    edit=noise)
     clean, noisy = (run_fit(tmp_path / f"{n}.h5", out=tmp_path / n, n_jobs=1, curve=False) for n in "ab")
     for a, b in zip(clean["results"], noisy["results"]):
         assert (a["params"], a["validation_score"]) == (b["params"], b["validation_score"])
@@ -154,7 +166,8 @@ def _stopping_after(fits: int):
 
 
 def test_untrained_features_are_flagged_in_figures_and_text(tmp_path):
-    store = synthetic_store(tmp_path / "s.h5", per_class=8, classes=2, untrained=True, features={"resnet50": (4, 0.5), PIXELS: (4, 2)})
+    store = synthetic_store(tmp_path / "s.h5", per_class=8, classes=2, untrained=True,
+                            features={"resnet50": (4, 0.5), PIXELS: (4, 2)})
     report = run_fit(store.path, out=tmp_path / "o", n_jobs=1, classifiers=["logreg"])
     assert report["learning_curve"]["curves"]["resnet50"]["label"] == "resnet50 (untrained)"
     assert report["learning_curve"]["description"].endswith("some backbones have UNTRAINED random weights.")
@@ -210,7 +223,8 @@ def inf_rows(name, X):
     (dict(per_class=10, classes=2, edit=inf_rows), {}, "1 pixels embeddings hold NaN or infinite values"),
     (dict(per_class=10, classes=2), {"n_jobs": 0}, "--n-jobs 0 runs nothing"),
     (dict(per_class=10, classes=2), {"classifiers": ["tree"]}, "unknown classifier 'tree'"),
-    (dict(per_class=6, classes=2, split=lambda i, label: "test" if i < 2 else "validation" if label == "class1" else "train"),
+    (dict(per_class=6, classes=2,
+          split=lambda i, label: "test" if i < 2 else "validation" if label == "class1" else "train"),
      {}, "class 'class1' .* has all its training images in the validation split"),
     (dict(per_class=10, classes=2), {"test_size": 1.0}, "--test-size 1.0 must be"),
     (dict(per_class=10, classes=2, split=lambda i, label: "test" if i < 2 else "train"), {"test_size": 5},
@@ -236,7 +250,8 @@ def test_cli_prints_the_table_and_fails_in_one_line(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "features  classifier  accuracy" in done.stdout and "resnet50  logreg" in done.stdout
-    assert f"report: {tmp_path / 'o' / 'report.html'} (open it in a browser), {tmp_path / 'o' / 'report.md'}" in done.stdout
+    assert (f"report: {tmp_path / 'o' / 'report.html'} (open it in a browser), "
+            f"{tmp_path / 'o' / 'report.md'}") in done.stdout
     failed = subprocess.run(command[:4] + [str(tmp_path / "missing.h5")], capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2 and failed.stderr.startswith("error: no embedding store at")
     assert len(failed.stderr.strip().splitlines()) == 1
@@ -263,7 +278,8 @@ def test_the_search_on_the_ray_joblib_backend_gives_the_same_fit(tmp_path, ray_i
     on_loky = run_fit(store.path, out=tmp_path / "loky", curve=False, n_jobs=2)
     on_ray = run_fit(store.path, out=tmp_path / "ray", curve=False, n_jobs=2, joblib_backend="ray")
     summary = lambda report: [  # noqa: E731
-        (r["features"], r["classifier"], r["params"], r["validation_score"], r["test"]["accuracy"]) for r in report["results"]
+        (r["features"], r["classifier"], r["params"], r["validation_score"], r["test"]["accuracy"])
+        for r in report["results"]
     ]
     assert summary(on_ray) == summary(on_loky)
     assert ray_instance.is_initialized()  # joined, and left running
@@ -274,7 +290,9 @@ def test_a_second_fit_into_the_same_folder_gets_a_clear_error(tmp_path):
 
     store = synthetic_store(tmp_path / "s.h5", per_class=10, classes=2)
     (tmp_path / "out").mkdir()
-    with filelock.FileLock(tmp_path / "out" / fit.LOCK):  # as a running fit holds it
-        with pytest.raises(UserError, match="another fit is writing .*out; wait for it to finish, or use another --out"):
-            run_fit(store.path, out=tmp_path / "out", n_jobs=1, curve=False)
+    with (
+        filelock.FileLock(tmp_path / "out" / fit.LOCK),  # as a running fit holds it
+        pytest.raises(UserError, match="another fit is writing .*out; wait for it to finish, or use another --out"),
+    ):
+        run_fit(store.path, out=tmp_path / "out", n_jobs=1, curve=False)
     assert run_fit(store.path, out=tmp_path / "out", n_jobs=1, curve=False)["results"]

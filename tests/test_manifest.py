@@ -46,7 +46,8 @@ def test_missing_and_damaged_manifests_are_user_errors(tmp_path):
 
 def test_names_and_licence_of_other_families():
     manifest = ModelManifest(**{**MANIFEST.__dict__, "model": "timm/convnext_atto.d2_in1k", "precision": "int8",
-                                "weights": {"source": "pretrained", "name": "convnext_atto.d2_in1k", "license": "apache-2.0"}})
+                                "weights": {"source": "pretrained", "name": "convnext_atto.d2_in1k",
+                                            "license": "apache-2.0"}})
     assert manifest.name == "timm-convnext_atto-d2_in1k-int8" and manifest.license == "apache-2.0"
     assert MANIFEST.name == "resnet50" and MANIFEST.license == UNRECORDED_LICENSE  # written before licences were
 

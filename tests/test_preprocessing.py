@@ -45,7 +45,8 @@ CASES = {
     "timm SigLIP 2, crop_pct 0.9": lambda: timm_case("vit_base_patch16_siglip_224.v2_webli", 112),
     "timm squash": lambda: timm_case("convnext_base.fb_in22k_ft_in1k_384", 80),
     "timm crop_pct above 1 (padded)": lambda: timm_case("volo_d4_448.sail_in1k", 72),
-    "torchvision EfficientNet-B0, bicubic": lambda: torchvision_case(torchvision.models.EfficientNet_B0_Weights.DEFAULT),
+    "torchvision EfficientNet-B0, bicubic":
+        lambda: torchvision_case(torchvision.models.EfficientNet_B0_Weights.DEFAULT),
     "torchvision ConvNeXt-T, 236/224": lambda: torchvision_case(torchvision.models.ConvNeXt_Tiny_Weights.DEFAULT),
     "torchvision ResNet50 V2, 232/224": lambda: torchvision_case(torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
 }
@@ -91,7 +92,8 @@ def test_recipes_that_differ_only_in_normalisation_share_a_crop():
 def test_squash_resizes_both_sides():
     image = Image.fromarray(photo(60, 200))
     crop = resize_center_crop(image, Preprocessing(40, 32, resize_mode=SQUASH))
-    reference = torchvision.transforms.Compose([torchvision.transforms.Resize((40, 40)), torchvision.transforms.CenterCrop(32)])
+    reference = torchvision.transforms.Compose(
+        [torchvision.transforms.Resize((40, 40)), torchvision.transforms.CenterCrop(32)])
     np.testing.assert_array_equal(crop, np.asarray(reference(image)))
 
 

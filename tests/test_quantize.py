@@ -50,7 +50,8 @@ def models_dir(tmp_path, exported):
 
 
 def images(folder, count, seed=0):
-    return [save(folder / f"{i:03d}.jpg", photo(56 + i % 7, 48 + i % 5, seed=seed + i), quality=92) for i in range(count)]
+    return [save(folder / f"{i:03d}.jpg", photo(56 + i % 7, 48 + i % 5, seed=seed + i), quality=92)
+            for i in range(count)]
 
 
 def cosine(a, b):
@@ -93,7 +94,8 @@ def test_a_variant_of_another_fp32_export_is_stale(models_dir, tmp_path):
     manifest_path.write_text(json.dumps(record))
     assert current_variant(models_dir, "resnet50", "int8") is None
     (models_dir / "resnet50-int8.onnx").write_bytes(b"changed")
-    with pytest.raises(UserError, match="does not match its manifest.*transfer quantize --model resnet50 --precision int8"):
+    with pytest.raises(UserError,
+                       match="does not match its manifest.*transfer quantize --model resnet50 --precision int8"):
         open_backbone(models_dir, "resnet50-int8", "cpu")
 
 
@@ -105,7 +107,8 @@ def test_fp16_variant_converts_every_weight_and_keeps_uint8_in_float32_out(model
     assert float_types == {onnx.TensorProto.FLOAT16}
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert manifest.precision == "fp16" and manifest.calibration == {} and manifest.verification["on"] == "images of your folder"
+    assert (manifest.precision == "fp16" and manifest.calibration == {}
+            and manifest.verification["on"] == "images of your folder")
     assert manifest.verification["min_cosine"] >= 0.999
 
 

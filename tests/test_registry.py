@@ -52,7 +52,8 @@ def test_preprocessing_scales_with_crop_size():
 @pytest.mark.parametrize("text,family,architecture,tag,name,stem", [
     ("vgg16", "torchvision", "vgg16", "", "vgg16", "vgg16"),
     ("torchvision/resnet50", "torchvision", "resnet50", "", "resnet50", "resnet50"),
-    ("torchvision/convnext_tiny", "torchvision", "convnext_tiny", "", "torchvision/convnext_tiny", "torchvision-convnext_tiny"),
+    ("torchvision/convnext_tiny", "torchvision", "convnext_tiny", "",
+     "torchvision/convnext_tiny", "torchvision-convnext_tiny"),
     ("timm/vit_small_patch14_dinov2.lvd142m", "timm", "vit_small_patch14_dinov2", "lvd142m",
      "timm/vit_small_patch14_dinov2.lvd142m", "timm-vit_small_patch14_dinov2-lvd142m"),
     ("timm/convnext_atto", "timm", "convnext_atto", "", "timm/convnext_atto", "timm-convnext_atto"),
@@ -71,7 +72,8 @@ def test_feature_sets_carry_the_precision():
     assert feature_set_name("resnet50") == "resnet50"
     assert feature_set_name("resnet50-int8") == "resnet50-int8"
     assert feature_set_name("timm/convnext_atto.d2_in1k-fp16") == "timm-convnext_atto-d2_in1k-fp16"
-    assert parse_feature_set("timm-convnext_atto-d2_in1k-int8") == (ModelName("timm", "convnext_atto", "d2_in1k"), "int8")
+    assert parse_feature_set("timm-convnext_atto-d2_in1k-int8") == (
+        ModelName("timm", "convnext_atto", "d2_in1k"), "int8")
     assert parse_feature_set("torchvision-efficientnet_b0") == (ModelName("torchvision", "efficientnet_b0"), "fp32")
     names = ["timm-b", "resnet50-int8", "vgg16", "resnet50", "pixels", "timm-a"]
     assert sorted(names, key=feature_set_order) == ["vgg16", "resnet50", "resnet50-int8", "timm-a", "timm-b", "pixels"]
@@ -87,7 +89,8 @@ def test_unknown_names_are_one_sentence_with_the_closest(bad):
 def test_close_names_come_from_both_libraries():
     with pytest.raises(UserError, match=r"did you mean .*resnet50"):
         parse_model_name("resnt50")
-    with pytest.raises(UserError, match=r"timm/convnext_tiny.*torchvision/convnext_tiny|torchvision/convnext_tiny.*timm"):
+    with pytest.raises(UserError,
+                       match=r"timm/convnext_tiny.*torchvision/convnext_tiny|torchvision/convnext_tiny.*timm"):
         parse_model_name("convnext_tiny")
 
 
@@ -104,7 +107,8 @@ def test_curated_models_are_what_their_library_builds(entry):
         dim = network.num_features
     else:
         network = torchvision.models.get_model(model.architecture, weights=None)
-        assert torchvision.models.get_model_weights(model.architecture).DEFAULT.transforms().crop_size == [entry.input_size]
+        assert torchvision.models.get_model_weights(model.architecture).DEFAULT.transforms().crop_size == [
+            entry.input_size]
         head = [name for name, module in network.named_modules() if isinstance(module, torch.nn.Linear)][-1]
         dim = network.get_submodule(head).in_features
         network.set_submodule(head, torch.nn.Identity())

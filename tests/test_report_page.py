@@ -18,8 +18,9 @@ from pipeline.fit.run import PageOptions, run_fit
 from tests.images import photo, save
 from tests.stores import blobs, synthetic_store
 
-SECTIONS = ("Where the features come from", "Comparison on the test part", "Confusions of", "Most confident mistakes of",
-            "Map of the embeddings", "Leaks between the training and held-out parts", "Likely label errors")
+SECTIONS = ("Where the features come from", "Comparison on the test part", "Confusions of",
+            "Most confident mistakes of", "Map of the embeddings", "Leaks between the training and held-out parts",
+            "Likely label errors")
 
 
 class Page(HTMLParser):
@@ -68,7 +69,8 @@ def photos_fit(tmp_path_factory, exported, state_dict_file):
     shutil.copy(data / "train" / "bright" / "3.jpg", data / "test" / "bright" / "exact-copy.jpg")
     original = Image.open(data / "train" / "dark" / "5.jpg")
     buffer = io.BytesIO()
-    original.resize((int(original.width * 0.7), int(original.height * 0.7)), Image.BICUBIC).save(buffer, "JPEG", quality=60)
+    original.resize((int(original.width * 0.7), int(original.height * 0.7)), Image.BICUBIC).save(
+        buffer, "JPEG", quality=60)
     (data / "test" / "dark" / "near-copy.jpg").write_bytes(buffer.getvalue())
     run_extract(data, ["resnet50"], root / "e.h5", models_dir=exported("resnet50", 64).onnx_path.parent,
                 weights=str(state_dict_file("resnet50")), progress=False)
@@ -135,7 +137,8 @@ def test_a_planted_mislabelled_image_is_a_label_issue(tmp_path):
     report = run_fit(tmp_path / "s.h5", out=tmp_path / "out", n_jobs=1, classifiers=["logreg"], curve=False)
     with open(tmp_path / "out" / "label-issues.csv", newline="") as stream:
         issues = {r["path"]: r for r in csv.DictReader(stream)}
-    assert issues["class0/0000.png"]["given_label"] == "class0" and issues["class0/0000.png"]["suggested_label"] == "class1"
+    assert (issues["class0/0000.png"]["given_label"] == "class0"
+            and issues["class0/0000.png"]["suggested_label"] == "class1")
     assert report["findings"]["label_issues"]["count"] == len(issues) <= 3
 
 

@@ -48,7 +48,8 @@ def test_a_name_in_any_form_resolves_to_one_verified_model(repository):
 def test_a_changed_file_is_found_once_and_named_with_its_remedy(repository):
     model = repository.load("resnet50")
     model.onnx_path.write_bytes(b"changed")
-    with pytest.raises(UserError, match=r"does not match its manifest .* make it again: .*export --model resnet50 --weights "):
+    with pytest.raises(UserError,
+                       match=r"does not match its manifest .* make it again: .*export --model resnet50 --weights "):
         model.verify()
     assert repository.current("resnet50") is None
 
@@ -92,7 +93,8 @@ def test_an_int8_variant_below_the_fidelity_bar_is_refused_and_not_kept(reposito
         save(tmp_path / "images" / f"{i}.jpg", photo(70, 90, seed=i))
     source = repository.load("resnet50")
     monkeypatch.setattr(quantize, "MIN_MEAN_COSINE", 1.01)  # no variant can reach it: both operator sets are tried
-    with pytest.raises(UserError, match=r"int8 variant reaches only a mean cosine of 0\.9\d+ to fp32 .* use --precision fp32"):
+    with pytest.raises(UserError,
+                       match=r"int8 variant reaches only a mean cosine of 0\.9\d+ to fp32 .* use --precision fp32"):
         repository.variant(source, "int8", calibration_crops(discover(tmp_path / "images"), source.preprocessing), 4)
     assert sorted(p.name for p in repository.folder.iterdir()) == ["resnet50.json", "resnet50.onnx"]
 

@@ -29,14 +29,16 @@ def sha(path: str) -> str:
     return hashlib.sha256(path.encode()).hexdigest()
 
 
-def segment(rows: dict[str, float], failures: dict[str, str] = {}, name="m", fingerprint="f1", dim=4) -> Segment:
+def segment(
+    rows: dict[str, float], failures: dict[str, str] | None = None, name="m", fingerprint="f1", dim=4
+) -> Segment:
     """A segment whose embedding for each path is filled with the given value."""
     result = Segment(name, fingerprint, {**ATTRS, "fingerprint": fingerprint, "embedding_dim": dim}, str(ROOT))
     for path, value in rows.items():
         result.records.append(ImageRecord(path))
         result.states.append(FileState(sha(path), 10, int(value)))
         result.embeddings.append(np.full(dim, value, np.float32))
-    for path, reason in failures.items():
+    for path, reason in (failures or {}).items():
         result.failures.append((path, FileState(sha(path), 1, 1), reason))
     return result
 
@@ -98,8 +100,8 @@ def test_standard_hdf5_tools_read_the_index_and_the_shards(tmp_path):
                           check=True, cwd="/")
     assert "(0,0): 1, 1, 1, 1" in dump.stdout
     (name,) = shard_files(store)
-    dump = subprocess.run(["h5dump", "-d", "/failures/reason", str(store.shards / name)], capture_output=True, text=True,
-                          check=True)
+    dump = subprocess.run(["h5dump", "-d", "/failures/reason", str(store.shards / name)], capture_output=True,
+                          text=True, check=True)
     assert '"broken"' in dump.stdout
 
 
@@ -185,7 +187,8 @@ def test_a_run_writes_what_it_adds_and_deletions_rewrite_nothing(tmp_path):
     store.append(segment({"new.jpg": 8}))
     store.commit(ROOT, [*dataset, ImageRecord("new.jpg")], {"m": "f1"})
     after = shard_files(store)
-    assert {k: v for k, v in after.items() if k in first} == first and len(after) == 2  # one shard more, the rest as it was
+    # one shard more, the rest as it was
+    assert {k: v for k, v in after.items() if k in first} == first and len(after) == 2
     store.commit(ROOT, dataset[1:] + [ImageRecord("new.jpg")], {"m": "f1"})  # cat/0.jpg deleted
     assert shard_files(store) == after  # a deletion entry, no shard rewritten
     with h5py.File(store.path, "r") as index:
@@ -195,10 +198,12 @@ def test_a_run_writes_what_it_adds_and_deletions_rewrite_nothing(tmp_path):
 
 def test_a_second_writer_gets_a_clear_error(tmp_path):
     store = EmbeddingStore(tmp_path / "e.h5")
-    with store.lock():
-        with pytest.raises(UserError, match="another run is writing"):
-            with EmbeddingStore(tmp_path / "e.h5").lock():
-                pass
+    with (
+        store.lock(),
+        pytest.raises(UserError, match="another run is writing"),
+        EmbeddingStore(tmp_path / "e.h5").lock(),
+    ):
+        pass
     with store.lock():  # released
         pass
 
@@ -218,7 +223,8 @@ def test_missing_store_set_and_foreign_files_are_user_errors(tmp_path):
     shutil.copy(tmp_path / "e.h5", tmp_path / "future.h5")
     with h5py.File(tmp_path / "future.h5", "a") as future:
         future.attrs["format_version"] = 3
-    with pytest.raises(UserError, match="future.h5 is embedding store format 3, and this version .* reads formats 1 and 2"):
+    with pytest.raises(UserError,
+                       match="future.h5 is embedding store format 3, and this version .* reads formats 1 and 2"):
         EmbeddingStore(tmp_path / "future.h5").load("m")
     (tmp_path / "junk.h5").write_bytes(b"junk")
     with pytest.raises(UserError, match="not a readable HDF5 store"):

@@ -29,7 +29,8 @@ def cache(tmp_path):
 
 def test_info_failures_and_verify(cache):
     info = cli("info", "--cache", str(cache))
-    assert info.returncode == 0 and "format 2, version 1" in info.stdout and "m: 2 rows, 1 failed, 2 shards" in info.stdout
+    assert (info.returncode == 0 and "format 2, version 1" in info.stdout
+            and "m: 2 rows, 1 failed, 2 shards" in info.stdout)
     failures = cli("failures", "m", "--cache", str(cache))
     assert failures.stdout == "dog/b.jpg\ttruncated file\n"
     assert "2 shards checked" in cli("verify", "--cache", str(cache)).stdout
@@ -54,7 +55,8 @@ def test_convert_a_format1_store(tmp_path):
 def test_errors_are_one_sentence_and_status_2(cache, tmp_path):
     for arguments, message in (
         (("info", "--cache", str(tmp_path / "none.h5")), "error: no embedding store at"),
-        (("failures", "--cache", str(cache)), f"error: say which feature set: {command('store')} failures SET (one of: m)"),
+        (("failures", "--cache", str(cache)),
+         f"error: say which feature set: {command('store')} failures SET (one of: m)"),
         (("drop", "vgg16", "--cache", str(cache)), f"error: {cache} has no 'vgg16' features (it has: m)."),
     ):
         result = cli(*arguments)

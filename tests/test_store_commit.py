@@ -75,5 +75,6 @@ def test_labels_and_splits_follow_the_listing_without_new_shards(tmp_path):
                  {"m": "f1"})
     loaded = store.load("m")
     assert shard_files(store) == before
-    assert [loaded.classes[i] for i in loaded.labels] == ["lynx", "dog"] and list(loaded.splits) == ["validation", "test"]
+    assert [loaded.classes[i] for i in loaded.labels] == ["lynx", "dog"] and list(loaded.splits) == [
+        "validation", "test"]
     assert list(loaded.classes) == ["cat", "dog", "lynx"]

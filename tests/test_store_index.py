@@ -23,7 +23,8 @@ def shard(folder, name: str, values: list[float], failures: int = 0):
                         np.array([""] * failures, dtype=str), np.ones(failures, np.int64), np.ones(failures, np.int64),
                         np.array(["broken"] * failures, dtype=str))
     embeddings = np.repeat(np.array(values, np.float32)[:, None], 3, axis=1)
-    return write_shard(folder, f"m/{name}.h5", ShardHeader("m", "f1", "/d", 0, "extract", ATTRS), rows, embeddings, failed)
+    return write_shard(folder, f"m/{name}.h5", ShardHeader("m", "f1", "/d", 0, "extract", ATTRS), rows, embeddings,
+                       failed)
 
 
 def two_shards(tmp_path) -> Index:

@@ -26,7 +26,8 @@ def assert_holds(store: EmbeddingStore, expected: dict[str, dict]) -> None:
         assert list(store.failures(name).paths) == want["failures"]
         assert store.counts(name) == (len(want["paths"]), len(want["failures"]))
         with store.rows(name) as rows:
-            np.testing.assert_array_equal(np.concatenate([rows.read(a, b) for a, b in rows.blocks()]), want["embeddings"])
+            np.testing.assert_array_equal(np.concatenate([rows.read(a, b) for a, b in rows.blocks()]),
+                                          want["embeddings"])
         found = store.lookup(name, want["attrs"]["fingerprint"])
         np.testing.assert_array_equal(found[want["sha256"][3]], want["embeddings"][3])
 

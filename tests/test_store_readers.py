@@ -46,7 +46,8 @@ def test_blocks_cover_every_live_row_once_within_one_chunk_of_one_shard(store):
 
 def test_a_lookup_reads_only_the_rows_asked_for(store, monkeypatch):
     found = store.lookup("m", "f1")
-    assert len(found) == 600 and store.lookup("m", "other") == {} and EmbeddingStore(store.path.with_name("x.h5")).lookup("m", "f1") == {}
+    assert (len(found) == 600 and store.lookup("m", "other") == {}
+            and EmbeddingStore(store.path.with_name("x.h5")).lookup("m", "f1") == {})
     read = []
     embeddings = shards.ShardReader.embeddings
 

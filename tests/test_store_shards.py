@@ -20,7 +20,8 @@ from pipeline.store.shards import (
 )
 from pipeline.store.spec import path_keys
 
-HEADER = ShardHeader("m", "f1", "/data", 3, "extract", {"fingerprint": "f1", "embedding_dim": 4, "untrained": np.bool_(False)})
+HEADER = ShardHeader("m", "f1", "/data", 3, "extract",
+                     {"fingerprint": "f1", "embedding_dim": 4, "untrained": np.bool_(False)})
 
 
 def table(paths: list[str], reasons: list[str] | None = None) -> ShardTable:
@@ -38,12 +39,13 @@ def test_a_shard_round_trips_rows_failures_and_its_header(tmp_path):
     failures.sha256[0] = ""  # unreadable: no hash
     entry = write_shard(tmp_path, "m/000003-x-0000000001-local.h5", HEADER, rows, embeddings, failures)
     assert (entry.rows, entry.failures, entry.bytes) == (3, 1, (tmp_path / entry.file).stat().st_size)
-    assert read_header(tmp_path / entry.file) == ShardHeader("m", "f1", "/data", 3, "extract",
-                                                             {"fingerprint": "f1", "embedding_dim": 4, "untrained": False})
+    assert read_header(tmp_path / entry.file) == ShardHeader(
+        "m", "f1", "/data", 3, "extract", {"fingerprint": "f1", "embedding_dim": 4, "untrained": False})
     with ShardReader(tmp_path, entry, tmp_path / "e.h5", verify=True) as reader:
         np.testing.assert_array_equal(reader.embeddings(), embeddings)
         np.testing.assert_array_equal(reader.embeddings(np.array([0, 2])), embeddings[[0, 2]])
-        assert list(reader.keys()) == list(path_keys(rows.paths)) and list(reader.keys(True)) == list(path_keys(["bad.jpg"]))
+        assert list(reader.keys()) == list(path_keys(rows.paths)) and list(reader.keys(True)) == list(
+            path_keys(["bad.jpg"]))
         back = reader.table(rows=np.array([1]))
         assert list(back.paths) == ["b/é 2.jpg"] and list(back.sizes) == [11] and list(back.mtimes) == [21]
         sizes, mtimes, readable = reader.states(True)
@@ -80,7 +82,8 @@ def test_a_write_that_fails_midway_leaves_no_shard(tmp_path):
 def test_a_missing_or_other_file_is_refused_with_the_recovery(tmp_path):
     entry = write_shard(tmp_path, "m/a.h5", HEADER, table(["a.jpg"]), np.zeros((1, 4), np.float32), ShardTable.empty())
     with pytest.raises(UserError, match=r"m/b.h5 is missing, and .*e.h5 lists it as a shard; restore that file, or "
-                                        rf"compute that feature set anew: {re.escape(command('store'))} drop m --cache"):
+                                        rf"compute that feature set anew: {re.escape(command('store'))} "
+                                        r"drop m --cache"):
         ShardReader(tmp_path, ShardEntry("m/b.h5", "", 1, 1, 0), tmp_path / "e.h5")
     with pytest.raises(UserError, match="is not the shard .* lists"):
         ShardReader(tmp_path, ShardEntry(entry.file, entry.sha256, entry.bytes + 1, 1, 0), tmp_path / "e.h5")

@@ -90,7 +90,8 @@ def test_out_of_core_memory_stays_flat_as_the_store_grows(tmp_path):
     peak = _streaming_peak(tmp_path, 3000)  # 48 MB
     store_bytes, added = 12000 * 1024 * 4, 6000 * 1024 * 4
     # About one chunk (1 MB) and one HDF5 chunk at a time; what grows is the rows' index (indices and labels).
-    assert peak < store_bytes / 4 and peak - small < added / 40, f"{small / 1e6:.1f} MB, then {peak / 1e6:.1f} MB at peak"
+    assert peak < store_bytes / 4 and peak - small < added / 40, (
+        f"{small / 1e6:.1f} MB, then {peak / 1e6:.1f} MB at peak")
 
 
 def test_out_of_core_fit_reports_sgd_heads_and_copes_with_tiny_classes(tmp_path):

@@ -54,7 +54,8 @@ def test_parse_weights_of_other_families():
     assert parse_weights(MOBILENET, "IMAGENET1K_V1") == WeightsRequest("pretrained", name="IMAGENET1K_V1")
     with pytest.raises(UserError, match="not 'imagenet'; pass --weights pretrained"):
         parse_weights(ATTO, "imagenet")
-    with pytest.raises(UserError, match="mobilenet_v3_small has no IMAGENET1K_V9 weights; choose one of: IMAGENET1K_V1"):
+    with pytest.raises(UserError,
+                       match="mobilenet_v3_small has no IMAGENET1K_V9 weights; choose one of: IMAGENET1K_V1"):
         build_network(MOBILENET, parse_weights(MOBILENET, "IMAGENET1K_V9"))
 
 
