@@ -33,11 +33,12 @@ BENCH_ARGS ?=
 PRECISION ?= auto
 BACKEND ?= local
 
-.PHONY: help install test test-fast backbones models quantize extract fit classify report deploy demo doctor bench bench-ray bench-store clean
+.PHONY: help install lint test test-fast backbones models quantize extract fit classify report deploy demo doctor bench bench-ray bench-store clean
 
 help:
 	@echo "make demo        run the pipeline end to end on built-in data"
 	@echo "make test        run the test suite (make test-fast skips the slow parity tests)"
+	@echo "make lint        ruff over the whole tree (the rules are in pyproject.toml)"
 	@echo "make backbones   list the curated backbones (timm/..., torchvision/...): size, licence, published accuracy, speed here"
 	@echo "make models      export ONNX backbones: MODELS='$(MODELS)' (or timm/NAME[.TAG], torchvision/NAME) WEIGHTS=pretrained|random|PATH|'resnet50=PATH vgg16=imagenet' IMAGE_SIZE= (default: the model's own)"
 	@echo "make quantize DATA=folder PRECISION=int8   make the int8 (or fp16) variant of MODELS='$(MODELS)', calibrated on DATA"
@@ -59,6 +60,9 @@ $(INSTALLED): setup.cfg pyproject.toml
 	touch $@
 
 install: $(INSTALLED)
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
 
 test: $(INSTALLED)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -87,8 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Build the digits dataset, export both backbones, extract, fit, classify the test folder, and report."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported models (default: models/)")
-    parser.add_argument("--data", type=Path, default=Path("data/digits"), help="where the images go (default: data/digits)")
-    parser.add_argument("--cache", type=Path, default=Path("features/demo.h5"), help="the store (default: features/demo.h5)")
+    parser.add_argument("--data", type=Path, default=Path("data/digits"),
+                        help="where the images go (default: data/digits)")
+    parser.add_argument("--cache", type=Path, default=Path("features/demo.h5"),
+                        help="the store (default: features/demo.h5)")
     parser.add_argument("--per-class", type=int, default=30, help="images per digit (default: 30, of about 180)")
     parser.add_argument("--image-size", type=int, default=224, help="input crop size in pixels (default: 224)")
     parser.add_argument("--classifiers-dir", type=Path, default=None,
@@ -105,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{TEST_FRACTION:.0%} held out as test) in {args.data}/{{train,test}}/<digit>/")
     manifests = demo_models(ModelRepository(args.models_dir), args.image_size)
     untrained = [model for model, manifest in manifests.items() if manifest.untrained]
-    specs = run_extract(args.data, list(DEFAULT_BACKBONES), args.cache, models_dir=args.models_dir, precision=args.precision,
+    specs = run_extract(args.data, list(DEFAULT_BACKBONES), args.cache,
+                        models_dir=args.models_dir, precision=args.precision,
                         overwrite=True)  # the models as exported; the demo's own store follows them
     store = EmbeddingStore(args.cache)
     print(f"\nstore {args.cache}:")
@@ -123,8 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bundle = choose_bundle(None, None, None, args.classifiers_dir)
     predictions = args.data.with_name(args.data.name + "-test-predictions.csv")
-    print(f"\nclassify: make classify FOLDER={args.data}/test CACHE={args.cache} CLASSIFY_ARGS='--output {predictions}' "
-          f"(best by validation: {bundle.name})")
+    print(f"\nclassify: make classify FOLDER={args.data}/test CACHE={args.cache} "
+          f"CLASSIFY_ARGS='--output {predictions}' (best by validation: {bundle.name})")
     counts = run_classify(args.data / "test", bundle, predictions, models_dir=args.models_dir, cache=args.cache,
                           progress=False)
     print(f"  {counts['classified']} of {counts['images']} test scans classified, {counts['correct']} correctly "
@@ -133,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         verb = "has" if len(untrained) == 1 else "have"
         print(f"\nReminder: {' and '.join(untrained)} {verb} UNTRAINED random weights here; see the banner above.",
               file=sys.stderr)
-    print(f"\ndone in {time.perf_counter() - started:.0f} s. The report: {args.classifiers_dir / 'report.html'} (open it in "
-          f"a browser; also report.md). Next: "
+    print(f"\ndone in {time.perf_counter() - started:.0f} s. The report: {args.classifiers_dir / 'report.html'} "
+          f"(open it in a browser; also report.md). Next: "
           f"make classify FOLDER=<folder> CACHE={args.cache} prints predictions; README.md says how to go on with "
           "your own images.")
     return 0

@@ -85,7 +85,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         print(f"error: {_in_make_terms(str(error), names)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except (PermissionError, IsADirectoryError, NotADirectoryError) as error:
-        print(f"error: cannot use {error.filename}: {error.strerror}; check the path and its permissions.", file=sys.stderr)
+        print(f"error: cannot use {error.filename}: {error.strerror}; check the path and its permissions.",
+              file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt as interruption:
         kept = getattr(interruption, "kept", "")

@@ -111,7 +111,9 @@ def connect() -> bool:
                 f"cannot join the Ray cluster at RAY_ADDRESS={address} ({error}); start it (ray start --head), "
                 "fix the address (host:port), or unset RAY_ADDRESS to run on a local Ray instance."
             ) from None
-        raise UserError(f"cannot start a local Ray instance ({error}); see `ray status`, or use --backend local.") from None
+        raise UserError(
+            f"cannot start a local Ray instance ({error}); see `ray status`, or use --backend local."
+        ) from None
     return True
 
 
@@ -217,7 +219,8 @@ def embed_on_ray(
     context.execution_options.preserve_order = True  # shards are named in work order, so rows keep it
     context.enable_progress_bars = False  # extract draws its own bar...
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # ...so Ray's notice that its are off is noise
+    # ...so Ray's notice that its are off is noise
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     needed = [sum(1 << bit for bit, spec in enumerate(specs) if spec.name in item.needed) for item in items]
     # A shard's rows per block (few blocks: less scheduling on the driver), but two blocks per actor at least.
     block = max(batch_size, min(output.rows, len(items) // (2 * workers.actors)))
@@ -234,7 +237,8 @@ def embed_on_ray(
     ]
     backbones = [spec for spec in specs if spec.session is not None]
     dataset = ray.data.from_arrow(blocks).map_batches(
-        decode_batch, batch_size=batch_size, fn_kwargs={"preprocessings": list(preprocessings), "max_pixels": max_pixels},
+        decode_batch, batch_size=batch_size,
+        fn_kwargs={"preprocessings": list(preprocessings), "max_pixels": max_pixels},
         num_cpus=1,
     ).map_batches(
         EmbedActor, batch_size=max(output.rows, 1), compute=ray.data.ActorPoolStrategy(size=workers.actors),

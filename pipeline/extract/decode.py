@@ -266,7 +266,8 @@ def _draft_result(size: tuple[int, int], draft: tuple[int, int]) -> tuple[int, i
     return -(-size[0] // scale), -(-size[1] // scale)
 
 
-def pixel_features(image: Image.Image, preprocessings: Sequence[Preprocessing], crops: Sequence[np.ndarray]) -> np.ndarray:
+def pixel_features(image: Image.Image, preprocessings: Sequence[Preprocessing],
+                   crops: Sequence[np.ndarray]) -> np.ndarray:
     """The raw-pixel baseline of ``image``.
 
     Parameters
@@ -295,7 +296,8 @@ def _same_crop(a: Preprocessing, b: Preprocessing) -> bool:
     return a.crop_key == b.crop_key
 
 
-def calibration_crops(dataset: Dataset, preprocessing: Preprocessing, seed: int = 0) -> Iterator[tuple[np.ndarray, str]]:
+def calibration_crops(dataset: Dataset, preprocessing: Preprocessing,
+                      seed: int = 0) -> Iterator[tuple[np.ndarray, str]]:
     """The images a precision variant may be calibrated and verified on, as ``(crop, sha256)`` in a seeded random
     order: the dataset's outside its test split (its test images when it has no others); files that cannot be
     decoded are left out."""

@@ -62,11 +62,14 @@ def discover(source: str | os.PathLike, root: str | os.PathLike | None = None) -
         raise UserError(f"{source} does not exist; pass an image folder or a CSV manifest (path,label[,split]).")
     if source.is_file():
         if source.suffix.lower() != ".csv":
-            raise UserError(f"{source} is a file, not a folder; pass an image folder or a .csv manifest (path,label[,split]).")
+            raise UserError(f"{source} is a file, not a folder; pass an image folder or a .csv manifest "
+                            "(path,label[,split]).")
         try:
             dataset = _from_csv(source, Path(root).expanduser().resolve() if root else None)
         except (UnicodeDecodeError, csv.Error) as error:
-            raise UserError(f"{source} is not a readable UTF-8 CSV file ({error}); expected lines path,label[,split].") from None
+            raise UserError(
+                f"{source} is not a readable UTF-8 CSV file ({error}); expected lines path,label[,split]."
+            ) from None
     elif root is not None:
         raise UserError(f"--root is for a CSV manifest; {source} is a folder, which is its own root.")
     else:

@@ -91,7 +91,8 @@ def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec
         "interpolation": PIXELS_SOURCE.interpolation,
         "embedding_dim": PIXELS_SIZE * PIXELS_SIZE * 3,
         "description": f"raw-pixel baseline: the {PIXELS_SOURCE.crop_size} px center crop of Resize("
-                       f"{PIXELS_SOURCE.resize_size}) reduced to {PIXELS_SIZE}x{PIXELS_SIZE} RGB, flattened (HWC), in [0, 1]",
+                       f"{PIXELS_SOURCE.resize_size}) reduced to {PIXELS_SIZE}x{PIXELS_SIZE} RGB, flattened (HWC), "
+                       "in [0, 1]",
     }
     specs.append(FeatureSpec(PIXELS, PIXELS_FINGERPRINT, pixel_attrs))
     return specs, preprocessings
@@ -101,12 +102,14 @@ def describe_features(attrs: dict) -> str:
     """How a feature set was computed, in words, from its store attributes: the pixel baseline's recipe, or the
     weights, licence, crop, precision, layer and ONNX file of a backbone's."""
     if attrs.get("kind") == "pixels":
-        return str(attrs.get("description") or f"pixels {attrs.get('image_size')} px, recipe {attrs.get('fingerprint')}")
+        return str(attrs.get("description")
+                   or f"pixels {attrs.get('image_size')} px, recipe {attrs.get('fingerprint')}")
     model = f"{attrs['model']}, " if attrs.get("model") else ""
     licence = f", licence {attrs['weights_license']}" if attrs.get("weights_license") else ""
     return (
         f"weights {attrs.get('weights_id')}{licence}, {model}{attrs.get('image_size')} px, {attrs.get('precision')}, "
-        f"{attrs.get('embedding_layer')} ({attrs.get('embedding_dim')}-d), ONNX sha256 {str(attrs.get('onnx_sha256'))[:12]}"
+        f"{attrs.get('embedding_layer')} ({attrs.get('embedding_dim')}-d), "
+        f"ONNX sha256 {str(attrs.get('onnx_sha256'))[:12]}"
     )
 
 

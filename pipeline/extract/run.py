@@ -151,7 +151,8 @@ def check_store(store: EmbeddingStore, dataset: Dataset, specs: Sequence[Feature
         if spec.name == PIXELS and attrs.get("fingerprint") in EARLIER_PIXELS_FINGERPRINTS:
             # The baseline is ours, not the user's model: a new recipe replaces an earlier one without asking.
             logger.info(f"notice: {store.path} holds pixel-baseline features of an earlier recipe "
-                        f"({attrs.get('fingerprint')}); this run makes them again ({spec.fingerprint}), once for the store.")
+                        f"({attrs.get('fingerprint')}); this run makes them again ({spec.fingerprint}), "
+                        "once for the store.")
         elif attrs.get("fingerprint") != spec.fingerprint and not overwrite:
             raise UserError(
                 f"{store.path} holds {spec.name} features from another "
@@ -316,7 +317,8 @@ def run_extract(
                 for items, hashes, errors, features in outcomes:
                     record_batch(items, hashes, errors, features, specs, segments)
                     bar.update(len(items))
-                    if max(map(len, segments.values())) >= journal_rows or time.monotonic() - last_journal > JOURNAL_SECONDS:
+                    if (max(map(len, segments.values())) >= journal_rows
+                            or time.monotonic() - last_journal > JOURNAL_SECONDS):
                         for segment in segments.values():
                             store.append(segment)
                         last_journal = time.monotonic()
@@ -362,13 +364,23 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"backbones to embed with: {', '.join(DEFAULT_BACKBONES)}, timm/NAME[.TAG] or torchvision/NAME, each its "
         f"own feature set (default: {' '.join(DEFAULT_BACKBONES)}; transfer models lists the curated ones)",
     )
-    parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"), help="the HDF5 store (default: features/embeddings.h5)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default: 16 on the CPU, 128 on CUDA)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when usable, else CPU (default: auto)")
+    parser.add_argument(
+        "--cache", type=Path, default=Path("features/embeddings.h5"),
+        help="the HDF5 store (default: features/embeddings.h5)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None,
+        help="images per inference batch (default: 16 on the CPU, 128 on CUDA)",
+    )
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto",
+        help="auto: CUDA when usable, else CPU (default: auto)",
+    )
     parser.add_argument(
         "--backend", choices=BACKENDS, default="local",
         help="local: decode in threads and embed in this process; ray: Ray Data decodes and an actor pool embeds on "
-        "the Ray cluster at RAY_ADDRESS (a local Ray instance when unset); needs pip install -e '.[ray]' (default: local)",
+        "the Ray cluster at RAY_ADDRESS (a local Ray instance when unset); needs pip install -e '.[ray]' "
+        "(default: local)",
     )
     parser.add_argument(
         "--workers", type=int, default=None,
@@ -398,8 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"skip (and record as too large) images that would decode to more pixels, e.g. decompression bombs; "
         f"they are tried again on the next run (default: {MAX_PIXELS:,}, Pillow's warning threshold)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace features of another model file or dataset in the store")
-    parser.add_argument("--strict", action="store_true", help="exit with status 1 when any image of DATA could not be decoded")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace features of another model file or dataset in the store",
+    )
+    parser.add_argument(
+        "--strict", action="store_true",
+        help="exit with status 1 when any image of DATA could not be decoded",
+    )
     return parser
 
 
@@ -439,8 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = sum(reason.startswith("missing") for reason in store.failures(name).reasons)
         listed = f"paths and reasons: {command('store')} failures {name} --cache {args.cache}"
         if missing:
-            print(f"{counted(missing, 'image')} of the dataset {'is' if missing == 1 else 'are'} missing (listed, but no "
-                  f"such file); {listed}", file=sys.stderr)
+            print(f"{counted(missing, 'image')} of the dataset {'is' if missing == 1 else 'are'} missing "
+                  f"(listed, but no such file); {listed}", file=sys.stderr)
         if failures > missing:
             bad = failures - missing
             print(f"{counted(bad, 'image')} of the dataset could not be decoded or {'was' if bad == 1 else 'were'} too "

@@ -35,8 +35,8 @@ LEGACY_SUFFIX = ".joblib"  # the joblib pickles of earlier versions
 TRUSTED_TYPES = ("sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration")
 PROVENANCE_ATTRS = (
     "kind", "model", "onnx_file", "onnx_sha256", "fingerprint", "weights_id", "weights", "weights_license", "untrained",
-    "image_size", "resize_size", "resize_mode", "interpolation", "precision", "source_onnx_sha256", "calibration_images",
-    "calibration_sha256", "embedding_dim", "embedding_layer",
+    "image_size", "resize_size", "resize_mode", "interpolation", "precision", "source_onnx_sha256",
+    "calibration_images", "calibration_sha256", "embedding_dim", "embedding_layer",
 )
 
 
@@ -119,7 +119,8 @@ class ClassifierBundle:
             raise UserError(f"{path} is not a classifier bundle written by pipeline.fit; fit again.")
         if payload.get("format_version") != BUNDLE_VERSION:
             raise UserError(
-                f"{path} is bundle format {payload.get('format_version')}, this version reads {BUNDLE_VERSION}; fit again."
+                f"{path} is bundle format {payload.get('format_version')}, this version reads {BUNDLE_VERSION}; "
+                "fit again."
             )
         missing = [name for name in cls.__dataclass_fields__ if name not in payload]
         if missing:
@@ -171,8 +172,8 @@ def _read_skops(path: Path) -> Any:
 def _unpickle(path: Path, trust: bool) -> Any:
     if not trust:
         raise UserError(
-            f"{path} is a joblib pickle (a bundle of an earlier version, or not a bundle), and unpickling runs the code "
-            f"inside it; rewrite the bundles you made as safe skops files once ({command('bundles')} "
+            f"{path} is a joblib pickle (a bundle of an earlier version, or not a bundle), and unpickling runs the "
+            f"code inside it; rewrite the bundles you made as safe skops files once ({command('bundles')} "
             f"{path.parent}), or pass --trust if you know where it comes from."
         )
     try:

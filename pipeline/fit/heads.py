@@ -156,14 +156,17 @@ def fit_head(
         warnings.simplefilter("ignore", ConvergenceWarning)
         search.fit(Xs, ys)
         # the grid's scaler objects are the search's own: the chosen pipeline gets unfitted copies
-        chosen = clone(estimator).set_params(**{key: clone(value, safe=False) for key, value in search.best_params_.items()})
+        chosen = clone(estimator).set_params(
+            **{key: clone(value, safe=False) for key, value in search.best_params_.items()}
+        )
         final = _calibrated(chosen, y, n_jobs) if name == "svm" else chosen
         final.fit(X, y)
     if name == "svm":
         final.set_params(clf__n_jobs=None)  # so a bundle's bytes do not depend on the cores that fitted it
     score = float(search.best_score_)
     if not _converged(final):
-        notes.append("the final fit stopped at its iteration limit before converging; the scores say how much that matters")
+        notes.append("the final fit stopped at its iteration limit before converging; the scores say how much "
+                     "that matters")
     return FittedHead(final, _params(chosen), score, selection, time.perf_counter() - started, notes)
 
 

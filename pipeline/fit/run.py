@@ -100,7 +100,8 @@ class Split:
         return self.part == "test"
 
 
-def load_features(store: EmbeddingStore, models: Sequence[str] | None, embeddings: bool = True) -> dict[str, FeatureSet]:
+def load_features(store: EmbeddingStore, models: Sequence[str] | None,
+                  embeddings: bool = True) -> dict[str, FeatureSet]:
     """The feature sets to fit: ``models`` (default: every backbone in the store), then the pixel baseline.
 
     Without ``embeddings``, only the rows' paths, labels and splits are loaded (for fitting out of core).
@@ -114,7 +115,9 @@ def load_features(store: EmbeddingStore, models: Sequence[str] | None, embedding
         if name not in present:
             raise UserError(missing_set(store, name, present))
     if not names:
-        raise UserError(f"{store.path} holds no backbone features (it has: {', '.join(present) or 'none'}); run extract.")
+        raise UserError(
+            f"{store.path} holds no backbone features (it has: {', '.join(present) or 'none'}); run extract."
+        )
     if PIXELS in present:
         names.append(PIXELS)
     else:
@@ -129,7 +132,8 @@ def load_features(store: EmbeddingStore, models: Sequence[str] | None, embedding
         if not finite.all():
             raise UserError(
                 f"{store.path}: {(~finite).sum()} {name} embeddings hold NaN or infinite values (first: "
-                f"{feature_set.paths[~finite][0]}); the model file is broken: export it again and extract with --overwrite."
+                f"{feature_set.paths[~finite][0]}); the model file is broken: export it again and extract with "
+                "--overwrite."
             )
         features[name] = feature_set
     return features
@@ -355,7 +359,8 @@ def _fit_all(
             if len(y_test):
                 result["test"] = evaluate(probabilities[-1], y_test, split.classes)
                 figure = f"confusion-{name}-{classifier}.png"
-                title = f"{_label(name, feature_set.attrs)} + {classifier}: test accuracy {result['test']['accuracy']:.3f}"
+                title = (f"{_label(name, feature_set.attrs)} + {classifier}: "
+                         f"test accuracy {result['test']['accuracy']:.3f}")
                 confusion_figure(np.array(result["test"]["confusion"]), split.classes, title, out / figure)
                 result["confusion_figure"] = figure
             bundle = ClassifierBundle(
@@ -372,7 +377,8 @@ def _fit_all(
     report = _report(store, features, split, results, curves, settings.seed, out)
     report["inputs"] = inputs
     if page.html:
-        report["findings"] = _findings(store, features, split, results, heads, probabilities, settings, out, out_of_core)
+        report["findings"] = _findings(store, features, split, results, heads, probabilities, settings, out,
+                                       out_of_core)
     write_report(out, report)
     if page.html:
         write_page(out, report, page.thumbnails, page.every)
@@ -399,8 +405,8 @@ def _findings(
     found = []
     for source, threshold in searches or [(name, findings.NEAR_DUPLICATE)]:
         searched = X if source == name else _rows(store, features, source, split, sample, out_of_core)
-        sha256 = features[source].sha256[row_indices(features[source], split.paths)][sample] if out_of_core is None else (
-            np.full(len(sample), "", dtype=object))  # identical files still meet as near duplicates (1.0)
+        sha256 = (features[source].sha256[row_indices(features[source], split.paths)][sample] if out_of_core is None
+                  else np.full(len(sample), "", dtype=object))  # identical files still meet as near duplicates (1.0)
         found.append((findings.find_leaks(searched, sha256, split.train[sample], threshold, settings.seed), source))
     leaks = findings.merged(found)
     leaks.held_out, leaks.train = sample[leaks.held_out], sample[leaks.train]
@@ -411,7 +417,8 @@ def _findings(
     leaked = np.isin(test_rows, leaks.held_out)
     correct = predicted == split.labels[test_rows]
     summary = {
-        "searched": {source: threshold for source, threshold in searches}, "pairs": len(leaks), "exact": int(leaks.exact.sum()),
+        "searched": {source: threshold for source, threshold in searches},
+        "pairs": len(leaks), "exact": int(leaks.exact.sum()),
         "near": int((~leaks.exact).sum()), "held_out_images": int(len(np.unique(leaks.held_out))),
         "sampled": leaks.sampled, "truncated": leaks.truncated,
         "accuracy_with": float(correct.mean()) if len(correct) else float("nan"),
@@ -555,7 +562,8 @@ def _report(
         "learning_curve": None,
     }
     if curves:
-        learning_curve_figure(curves, "Test accuracy against training images per class (logreg)", out / "learning-curve.png")
+        learning_curve_figure(curves, "Test accuracy against training images per class (logreg)",
+                              out / "learning-curve.png")
         report["learning_curve"] = {
             "figure": "learning-curve.png",
             "classifier": "logreg",
@@ -584,20 +592,23 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Exit status: 0 when done; 2 for an error you can fix (no store, no labels, one class...): one line.",
     )
-    parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"), help="the HDF5 store (default: features/embeddings.h5)")
+    parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"),
+                        help="the HDF5 store (default: features/embeddings.h5)")
     parser.add_argument("--models", nargs="+", metavar="MODEL", type=feature_set_name,
-                        help="backbone feature sets to fit on: vgg16, resnet50, timm/NAME[.TAG], torchvision/NAME, or a "
-                        "precision variant such as resnet50-int8 (default: every one in the store); the pixel baseline "
-                        "is added")
+                        help="backbone feature sets to fit on: vgg16, resnet50, timm/NAME[.TAG], torchvision/NAME, "
+                        "or a precision variant such as resnet50-int8 (default: every one in the store); the pixel "
+                        "baseline is added")
     parser.add_argument("--classifiers", nargs="+", choices=CLASSIFIERS, default=list(CLASSIFIERS), metavar="NAME",
                         help=f"classifiers to fit (default: {' '.join(CLASSIFIERS)})")
     parser.add_argument("--out", type=Path, default=None,
-                        help="bundles and report (default: models/classifiers/<store name>, e.g. models/classifiers/embeddings "
-                        "for features/embeddings.h5: each store its own)")
+                        help="bundles and report (default: models/classifiers/<store name>, "
+                        "e.g. models/classifiers/embeddings for features/embeddings.h5: each store its own)")
     parser.add_argument("--test-size", type=float, default=0.2,
-                        help="share of each class held out for testing when the store has no recorded test split (default: 0.2)")
+                        help="share of each class held out for testing when the store has no recorded test split "
+                        "(default: 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, folds and SVMs (default: 0)")
-    parser.add_argument("--n-jobs", type=int, default=-1, help="parallel fits during the search (default: -1, every core)")
+    parser.add_argument("--n-jobs", type=int, default=-1,
+                        help="parallel fits during the search (default: -1, every core)")
     parser.add_argument("--folds", type=int, default=FOLDS, help=f"cross-validation folds (default: {FOLDS})")
     parser.add_argument("--class-weight", choices=("none", "balanced"), default="none",
                         help="balanced: weight classes inversely to their frequency (default: none)")
@@ -633,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run_fit(
         args.cache, args.models, args.classifiers, args.out, args.test_size, args.seed, args.n_jobs,
         args.folds, None if args.class_weight == "none" else args.class_weight, not args.no_learning_curve,
-        out_of_core=args.out_of_core, chunk_rows=args.chunk_rows, epochs=args.epochs, joblib_backend=args.joblib_backend,
+        out_of_core=args.out_of_core, chunk_rows=args.chunk_rows, epochs=args.epochs,
+        joblib_backend=args.joblib_backend,
         page=PageOptions(args.report_html, args.thumbnails, args.report_every_classifier),
     )
     print_summary(report, args.out or classifiers_dir(args.cache), time.perf_counter() - started)
@@ -646,7 +658,8 @@ def print_summary(report: dict[str, Any], out: Path, seconds: float) -> None:
         flag = "  ** UNTRAINED random weights: not a transfer-learning result **" if source["untrained"] else ""
         print(f"{name}: {source['description']}{flag}")
     data = report["data"]
-    print(f"\n{data['classes']} classes, {data['n_train']} training / {data['n_test']} test images; split: {data['split']}\n")
+    print(f"\n{data['classes']} classes, {data['n_train']} training / {data['n_test']} test images; "
+          f"split: {data['split']}\n")
     print(text_table(comparison_rows(report["results"])))
     for result in report["results"]:
         for note in result["notes"]:
@@ -661,7 +674,8 @@ def print_summary(report: dict[str, Any], out: Path, seconds: float) -> None:
     backbones = [r for r in report["results"] if r["features"] != PIXELS]
     if backbones:  # the pixel baseline has no backbone to merge with: the best backbone bundle is the one to ship
         best = backbones[best_index(backbones)]
-        print(f"to ship the best backbone classifier as one ONNX file: make deploy BUNDLE={out / best['bundle']['path']}")
+        print("to ship the best backbone classifier as one ONNX file: "
+              f"make deploy BUNDLE={out / best['bundle']['path']}")
     page = f"{out / PAGE} (open it in a browser), " if report.get("findings") else ""
     print(f"\nreport: {page}{out / 'report.md'} (and report.json, PNG figures); classifiers: {out}/*{BUNDLE_SUFFIX}; "
           f"{seconds:.0f} s")

@@ -199,7 +199,9 @@ def fit_streaming(
             calibration = train.subset(held)
             notes.append(f"probabilities calibrated on {len(held)} training images held out of the SGD passes")
         else:
-            calibration = fitting.subset(search_rows(fitting.labels, None, seed, min(CALIBRATION_ROWS, train.chunk_rows)))
+            calibration = fitting.subset(
+                search_rows(fitting.labels, None, seed, min(CALIBRATION_ROWS, train.chunk_rows))
+            )
             notes.append("probabilities calibrated on training images: too few to hold any out")
         # cv only splits the predictions of the frozen SVM; both folds hold every class
         clf = CalibratedClassifierCV(FrozenEstimator(sgd), method="sigmoid", cv=MIN_CLASS_ROWS)

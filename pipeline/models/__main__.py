@@ -48,7 +48,8 @@ def describe(entry: CuratedModel, bench: dict[str, Any]) -> str:
 
 
 def published(entry: CuratedModel) -> str:
-    """The published figures, those of one protocol and source together: ``CIFAR-10 96.2, Pets 93.1 (linear probe, ...)``."""
+    """The published figures, those of one protocol and source together:
+    ``CIFAR-10 96.2, Pets 93.1 (linear probe, ...)``."""
     groups: dict[tuple[str, str], list[str]] = {}
     for probe in entry.probes:
         groups.setdefault((probe.protocol, probe.source), []).append(f"{probe.dataset} {probe.accuracy:.1f}")

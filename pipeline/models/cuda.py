@@ -123,9 +123,9 @@ def problem() -> str:
     missing = [lib.name for lib in found if not lib.loads and lib.name != DRIVER]
     if missing:
         cuda, cudnn = built_for()
-        return (f"{', '.join(missing)} {'does' if len(missing) == 1 else 'do'} not load: install the CUDA {cuda or '?'} "
-                f"and cuDNN {cudnn or '?'} libraries onnxruntime-gpu {onnxruntime.__version__} was built for "
-                f"(pip install -e '.[gpu]'), or put a CUDA {cuda or ''} toolkit's lib folder on LD_LIBRARY_PATH")
+        return (f"{', '.join(missing)} {'does' if len(missing) == 1 else 'do'} not load: install the CUDA "
+                f"{cuda or '?'} and cuDNN {cudnn or '?'} libraries onnxruntime-gpu {onnxruntime.__version__} was built "
+                f"for (pip install -e '.[gpu]'), or put a CUDA {cuda or ''} toolkit's lib folder on LD_LIBRARY_PATH")
     if not check(DRIVER).loads:
         return ("no NVIDIA driver: libcuda.so.1 does not load, so there is no GPU to run on here; install the NVIDIA "
                 "driver on a machine with a GPU, or use --device cpu")

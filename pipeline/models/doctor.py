@@ -68,7 +68,8 @@ def report() -> tuple[str, bool]:
     lines.append(f"NVIDIA driver: {cuda.driver_version() or 'none (/proc/driver/nvidia/version is absent)'}")
     torch = torch_cuda()
     if torch:
-        agree = "agrees" if torch == built_cuda else "does NOT agree: install torch and onnxruntime-gpu for one CUDA major"
+        agree = ("agrees" if torch == built_cuda
+                 else "does NOT agree: install torch and onnxruntime-gpu for one CUDA major")
         lines.append(f"torch's CUDA wheels: CUDA {torch}, which {agree} with onnxruntime's CUDA {built_cuda}")
     provider, error = tiny_session_provider()
     lines.append(f"a session on a one-node graph runs on: {provider or 'nothing'}" + (f" ({error})" if error else ""))

@@ -148,7 +148,8 @@ def _verify(net: nn.Module, path: Path, preprocessing: Preprocessing, model: Mod
     if not cosine >= VERIFY_MIN_COSINE:
         raise UserError(f"{model.name}: the exported ONNX graph disagrees with the library's forward (cosine "
                         f"{cosine:.6f} < {VERIFY_MIN_COSINE}); it is not kept.")
-    record = {"images": len(images), "on": f"{VERIFY_RANDOM_IMAGES} random crops and {VERIFY_PHOTOS} decoded JPEG photos",
+    record = {"images": len(images),
+              "on": f"{VERIFY_RANDOM_IMAGES} random crops and {VERIFY_PHOTOS} decoded JPEG photos",
               "min_cosine": cosine, "max_relative_error": max_error}
     return record, int(got.shape[1])
 

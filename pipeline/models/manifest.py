@@ -81,7 +81,8 @@ class ModelManifest:
 
     @property
     def name(self) -> str:
-        """The file stem and the store's feature-set name: ``resnet50``, ``resnet50-int8``, ``timm-convnext_atto-d2_in1k``."""
+        """The file stem and the store's feature-set name: ``resnet50``, ``resnet50-int8``,
+        ``timm-convnext_atto-d2_in1k``."""
         return self.model_name.feature_set(self.precision)
 
     @property
@@ -199,11 +200,13 @@ def remake_command(manifest: ModelManifest, onnx_path: Path) -> str:
         bundle = onnx_path.parent / manifest.classifier.get("bundle_file", "BUNDLE")
         return f"deploy it again: {command('deploy')} {bundle} --out {onnx_path}"
     if manifest.precision != "fp32":
-        return (f"make it again: {command('quantize')} --model {manifest.model} --precision {manifest.precision} --force"
+        return (f"make it again: {command('quantize')} --model {manifest.model} "
+                f"--precision {manifest.precision} --force"
                 + (" --calibration DATA" if manifest.precision == "int8" else ""))
     weights = manifest.weights
     option = {
         "imagenet": f"--weights {weights.get('name')}", "pretrained": "--weights pretrained",
         "random": f"--weights random --seed {weights.get('seed')}",
     }.get(weights["source"], f"--weights {weights.get('file')}")
-    return f"make it again: {command('export')} --model {manifest.model} {option} --image-size {manifest.input['size']} --force"
+    return (f"make it again: {command('export')} --model {manifest.model} {option} "
+            f"--image-size {manifest.input['size']} --force")

@@ -87,8 +87,8 @@ def _torchvision_network(model: ModelName, request: WeightsRequest, image_size: 
     classifiers = torchvision.models.list_models(module=torchvision.models)
     if model.architecture not in classifiers:
         if model.architecture in torchvision.models.list_models():
-            raise UserError(f"{model.name} is not an image classifier (a detection, segmentation, video or optical-flow "
-                            "model of torchvision); name a model of torchvision.models.")
+            raise UserError(f"{model.name} is not an image classifier (a detection, segmentation, video or "
+                            "optical-flow model of torchvision); name a model of torchvision.models.")
         raise UserError(f"torchvision has no classification model {model.architecture!r}{closest_hint(model.name)}.")
     weights_enum = torchvision.models.get_model_weights(model.architecture)
     try:

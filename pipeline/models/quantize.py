@@ -101,9 +101,9 @@ def make_variant(
         verification["on"] = verified_on
         if precision == "int8" and verification["mean_cosine"] < MIN_MEAN_COSINE:
             raise UserError(
-                f"{source.manifest.model}'s int8 variant reaches only a mean cosine of {verification['mean_cosine']:.4f} "
-                f"to fp32 on {verification['images']} {verified_on} (at least {MIN_MEAN_COSINE} is needed), so it is "
-                "not kept; use --precision fp32 for this model."
+                f"{source.manifest.model}'s int8 variant reaches only a mean cosine of "
+                f"{verification['mean_cosine']:.4f} to fp32 on {verification['images']} {verified_on} (at least "
+                f"{MIN_MEAN_COSINE} is needed), so it is not kept; use --precision fp32 for this model."
             )
         manifest_path.unlink(missing_ok=True)  # as in export: no manifest claims a file until it is complete
     manifest = replace(
@@ -265,7 +265,8 @@ def describe(manifest: ModelManifest) -> str:
     calibrated = f", calibrated on {calibration['images']} images (seed {calibration['seed']})" if calibration else ""
     return (
         f"{manifest.name}: {manifest.onnx_file}{calibrated}; cosine to fp32 "
-        f"min {check['min_cosine']:.5f}, mean {check['mean_cosine']:.5f} on {check['images']} {check.get('on', 'images')}."
+        f"min {check['min_cosine']:.5f}, mean {check['mean_cosine']:.5f} on {check['images']} "
+        f"{check.get('on', 'images')}."
     )
 
 

@@ -71,7 +71,8 @@ class Backbone:
 
         Untrained or user-supplied weights use the default weights' recipe.
         """
-        resize_size = self.imagenet_weights.get(weights_name or "", self.imagenet_weights[self.default_imagenet_weights])
+        resize_size = self.imagenet_weights.get(weights_name or "",
+                                                self.imagenet_weights[self.default_imagenet_weights])
         base = Preprocessing(resize_size, self.crop_size, self.mean, self.std, self.interpolation)
         return base if crop_size in (None, self.crop_size) else base.scaled_to(crop_size)
 

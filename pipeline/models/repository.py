@@ -80,7 +80,8 @@ class ModelRepository:
             raise UserError(
                 f"no {precision} variant of {model.name} in {self.folder} ({manifest_path} is missing); make it with "
                 f"{command('extract')} DATA --models {model.name} --precision {precision}, or {command('quantize')} "
-                f"--model {model.name} --precision {precision}" + (" --calibration DATA." if precision == "int8" else ".")
+                f"--model {model.name} --precision {precision}"
+                + (" --calibration DATA." if precision == "int8" else ".")
             )
         if not manifest_path.exists():
             raise UserError(f"{model.name} is not exported in {self.folder} (no {manifest_path.name}); export it with "

@@ -85,8 +85,8 @@ class ExportedModel:
             When the file is missing or changed, with the command that makes it again.
         """
         if not self.onnx_path.is_file() or sha256_file(self.onnx_path) != self.fingerprint:
-            raise UserError(f"{self.onnx_path} does not match its manifest {self.onnx_path.with_suffix('.json')} (missing "
-                            f"or changed since it was made); {remake_command(self.manifest, self.onnx_path)}.")
+            raise UserError(f"{self.onnx_path} does not match its manifest {self.onnx_path.with_suffix('.json')} "
+                            f"(missing or changed since it was made); {remake_command(self.manifest, self.onnx_path)}.")
         return self
 
 
@@ -185,7 +185,8 @@ def _cpu_notice(threads: int, cause: str) -> None:
                 f"thread{'s' if threads != 1 else ''}).")
 
 
-def _cuda_session(onnx_path: Path, options: onnxruntime.SessionOptions, strict: bool) -> onnxruntime.InferenceSession | None:
+def _cuda_session(onnx_path: Path, options: onnxruntime.SessionOptions,
+                  strict: bool) -> onnxruntime.InferenceSession | None:
     """A session on CUDA, or None. ``strict`` (``--device cuda``): no node may fall back to the CPU, so that a
     GPU run can never quietly measure the CPU; then a failure is an error, not None."""
     cuda.load_libraries()  # the CUDA and cuDNN libraries from the installed wheels, once per process

@@ -251,8 +251,8 @@ def torchvision_state_dict(weights: Any, model: ModelName) -> tuple[Mapping[str,
         ) from None
     except RuntimeError as error:  # a download that fails its hash check, or a damaged cached file
         raise UserError(
-            f"the {weights.name} weights at {cache_file} could not be loaded ({str(error).splitlines()[0]}); delete the "
-            "file if it exists and run again."
+            f"the {weights.name} weights at {cache_file} could not be loaded ({str(error).splitlines()[0]}); "
+            "delete the file if it exists and run again."
         ) from None
     return state_dict, {"url": url, "file": cache_file.name, "sha256": _official_sha256(cache_file)}
 

@@ -140,9 +140,8 @@ def map_figure(coordinates: np.ndarray, labels: np.ndarray, wrong: np.ndarray, c
 def write_findings(out_dir: str | os.PathLike, data: dict[str, Any], classes: Sequence[str]) -> None:
     """Write the page's data (``report-data.npz``), ``leaks.csv`` and ``label-issues.csv`` into ``out_dir``."""
     out_dir = Path(out_dir)
-    with atomic_path(out_dir / PAGE_DATA) as tmp:
-        with open(tmp, "wb") as stream:
-            np.savez_compressed(stream, **{key: np.asarray(value) for key, value in data.items()})
+    with atomic_path(out_dir / PAGE_DATA) as tmp, open(tmp, "wb") as stream:
+        np.savez_compressed(stream, **{key: np.asarray(value) for key, value in data.items()})
     paths, part = data["paths"], data["part"]
     with atomic_path(out_dir / "leaks.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
@@ -153,7 +152,8 @@ def write_findings(out_dir: str | os.PathLike, data: dict[str, Any], classes: Se
     with atomic_path(out_dir / "label-issues.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["path", "given_label", "suggested_label", "probabilities"])
-        for row, suggested, probabilities in zip(data["issue_rows"], data["issue_suggested"], data["issue_probabilities"]):
+        for row, suggested, probabilities in zip(data["issue_rows"], data["issue_suggested"],
+                                                 data["issue_probabilities"]):
             writer.writerow([paths[row], classes[data["labels"][row]], classes[suggested],
                              json.dumps({name: round(float(p), 4) for name, p in zip(classes, probabilities)})])
 
@@ -176,16 +176,21 @@ def _save_png(figure: Figure, path: str | os.PathLike) -> None:
         figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
 
 
+def _score(test: dict[str, Any], key: str) -> str:
+    return f"{test[key]:.3f}" if key in test else "-"
+
+
 def comparison_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
     """Header and one row per result for the comparison table: features, classifier, scores, time."""
     ks = sorted({k for result in results for k in (result["test"] or {}).get("top_k", {})})
-    rows = [["features", "classifier", "accuracy", "balanced acc.", "macro F1", *ks, "validation", "train s", "train/test"]]
+    rows = [["features", "classifier", "accuracy", "balanced acc.", "macro F1", *ks, "validation", "train s",
+             "train/test"]]
     for result in results:
         test = result["test"] or {}
-        score = (lambda key: f"{test[key]:.3f}" if key in test else "-")
         features = result["features"] + (" (untrained)" if result.get("untrained") else "")
         rows.append([
-            features, result["classifier"], score("accuracy"), score("balanced_accuracy"), score("macro_f1"),
+            features, result["classifier"], _score(test, "accuracy"), _score(test, "balanced_accuracy"),
+            _score(test, "macro_f1"),
             *[f"{test['top_k'][k]:.3f}" if k in test.get("top_k", {}) else "-" for k in ks],
             f"{result['validation_score']:.3f}", f"{result['train_seconds']:.1f}",
             f"{result['n_train']}/{result['n_test']}",
@@ -228,7 +233,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     data = report["data"]
     lines += [
         "", f"Store `{report['store']}` of `{data['dataset_root']}`: {data['classes']} classes, "
-        f"{data['n_train']} training and {data['n_test']} test images; split: {data['split']}. Seed {report['seed']}.", "",
+        f"{data['n_train']} training and {data['n_test']} test images; split: {data['split']}. "
+        f"Seed {report['seed']}.", "",
         "## Comparison (test part)", "", markdown_table(comparison_rows(report["results"])), "",
         "`validation`: mean accuracy of the chosen hyper-parameters on the validation folds, which chose them; "
         "the test part chose nothing.", "",
@@ -258,10 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m pipeline.report``."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.report",
-        description="Make report.html again from a finished fit (its report.json and report-data.npz), without fitting.",
+        description=(
+            "Make report.html again from a finished fit (its report.json and report-data.npz), without fitting."
+        ),
         epilog="Exit status: 0 when written; 2 when there is no finished fit there (one line).",
     )
-    parser.add_argument("where", type=Path, help="fit's output folder, or a store (its classifiers: models/classifiers/<store name>)")
+    parser.add_argument("where", type=Path,
+                        help="fit's output folder, or a store (its classifiers: models/classifiers/<store name>)")
     parser.add_argument("--thumbnails", type=int, default=8, help="images per section (default: 8)")
     parser.add_argument("--every-classifier", action="store_true", help="confusions and mistakes of every classifier")
     return parser

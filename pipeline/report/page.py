@@ -17,16 +17,21 @@ from pipeline.errors import counted
 from pipeline.extract.decode import MAX_BYTES_PER_PIXEL, MAX_PIXELS, TooManyPixels, load_rgb, read_image_file
 
 THUMBNAIL_PX = 96
+# A backslash ending a line below joins the next line to it: the wrapping leaves the style's text as it was.
 STYLE = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1180px;color:#1b1f24;padding:0 16px}
-h1{font-size:24px}h2{font-size:19px;margin-top:34px;border-bottom:1px solid #d0d7de;padding-bottom:4px}h3{font-size:15px}
-table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #d0d7de;padding:3px 8px;text-align:left;vertical-align:top}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1180px;\
+color:#1b1f24;padding:0 16px}
+h1{font-size:24px}h2{font-size:19px;margin-top:34px;border-bottom:1px solid #d0d7de;padding-bottom:4px}\
+h3{font-size:15px}
+table{border-collapse:collapse;margin:8px 0}\
+td,th{border:1px solid #d0d7de;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f3f5f7}tr.best td{background:#eef6ee;font-weight:600}.untrained{color:#b42318;font-weight:700}
 .warn{background:#fff4e5;border:1px solid #f0b35b;padding:8px 12px;border-radius:4px}
 .thumbs{display:flex;flex-wrap:wrap;gap:6px}figure.t{margin:0;width:104px;font-size:11px;color:#57606a;word-break:break-all}
 figure.t img,.missing{width:96px;height:96px;object-fit:contain;background:#f3f5f7;display:block}
 .missing{background:#c9ced4;color:#24292f;font-size:10px;overflow:hidden;padding:2px;box-sizing:border-box}
-.cells{display:flex;flex-wrap:wrap;gap:4px 22px}.cell{margin:6px 0}.cell h3{margin:4px 0;font-size:13px}.plot{max-width:min(100%,720px)}.none{color:#57606a;font-style:italic}
+.cells{display:flex;flex-wrap:wrap;gap:4px 22px}.cell{margin:6px 0}.cell h3{margin:4px 0;font-size:13px}\
+.plot{max-width:min(100%,720px)}.none{color:#57606a;font-style:italic}
 """
 
 
@@ -99,7 +104,8 @@ def render_page(report: dict[str, Any], data: dict[str, np.ndarray], out: Path, 
     parts = [f"<h1>Classifier report</h1><p>Store <code>{html.escape(report['store'])}</code> of "
              f"<code>{html.escape(report['data']['dataset_root'])}</code>; {report['data']['classes']} classes, "
              f"{report['data']['n_train']} training and {report['data']['n_test']} test images; split: "
-             f"{html.escape(report['data']['split'])}. Seed {report['seed']}, made {html.escape(report['created'])}.</p>"]
+             f"{html.escape(report['data']['split'])}. Seed {report['seed']}, "
+             f"made {html.escape(report['created'])}.</p>"]
     parts.append(_provenance(report))
     parts.append(_comparison(rows, report, best))
     parts.append(_leak_warning(report))
@@ -113,7 +119,8 @@ def render_page(report: dict[str, Any], data: dict[str, np.ndarray], out: Path, 
                  + "<p>PCA to 50 dimensions, then t-SNE, of a seeded sample; colours are classes, black crosses the "
                  "test images the best classifier gets wrong.</p>")
     if report.get("learning_curve"):
-        parts.append("<h2>Learning curve</h2>" + embedded_png(out / report["learning_curve"]["figure"], "learning curve")
+        parts.append("<h2>Learning curve</h2>"
+                     + embedded_png(out / report["learning_curve"]["figure"], "learning curve")
                      + f"<p>{html.escape(report['learning_curve']['description'])}</p>")
     parts.append(_leaks(report, data, thumbs, thumbnails))
     parts.append(_label_issues(report, data, classes, thumbs, thumbnails))
@@ -167,19 +174,22 @@ def _confusions(report: dict[str, Any], data: dict[str, np.ndarray], number: int
     title = f"{result['features']} + {result['classifier']}"
     if not result.get("test"):
         return ""
-    figure = embedded_png(out / result["confusion_figure"], f"confusion matrix of {title}") if result["confusion_figure"] else ""
+    figure = (embedded_png(out / result["confusion_figure"], f"confusion matrix of {title}")
+              if result["confusion_figure"] else "")
     rows = _test_rows(data)
     predicted = data[f"proba{number}"].argmax(axis=1)
     truth = data["labels"][rows]
     confusion = np.array(result["test"]["confusion"])
-    cells = [(confusion[i, j], i, j) for i in range(len(classes)) for j in range(len(classes)) if i != j and confusion[i, j]]
+    cells = [(confusion[i, j], i, j) for i in range(len(classes)) for j in range(len(classes))
+             if i != j and confusion[i, j]]
     blocks = []
     for _, i, j in sorted(cells, reverse=True)[: max(count, 1) * 2]:
         wrong = rows[(truth == i) & (predicted == j)][:count]
         pictures = "".join(thumbs(str(data["paths"][r])) for r in wrong)
         blocks.append(f'<div class="cell"><h3>true {html.escape(classes[i])}, predicted {html.escape(classes[j])} '
                       f'({confusion[i, j]})</h3><div class="thumbs">{pictures}</div></div>')
-    listed = f'<div class="cells">{"".join(blocks)}</div>' if blocks else '<p class="none">No confusions: every test image is right.</p>'
+    listed = (f'<div class="cells">{"".join(blocks)}</div>' if blocks
+              else '<p class="none">No confusions: every test image is right.</p>')
     return f"<h2>Confusions of {html.escape(title)}</h2>{figure}{listed}"
 
 
@@ -201,7 +211,8 @@ def _mistakes(report: dict[str, Any], data: dict[str, np.ndarray], number: int, 
     ]
     title = f"{result['features']} + {result['classifier']}"
     if not lines:
-        return f'<h2>Most confident mistakes of {html.escape(title)}</h2><p class="none">None: no test image is wrong.</p>'
+        return (f'<h2>Most confident mistakes of {html.escape(title)}</h2>'
+                '<p class="none">None: no test image is wrong.</p>')
     return (f"<h2>Most confident mistakes of {html.escape(title)}</h2><table><tr><th>image</th><th>true</th>"
             f"<th>predicted</th><th>probability</th><th>path</th></tr>{''.join(lines)}</table>")
 
@@ -209,7 +220,8 @@ def _mistakes(report: dict[str, Any], data: dict[str, np.ndarray], number: int, 
 def _leaks(report: dict[str, Any], data: dict[str, np.ndarray], thumbs: Thumbnails, count: int) -> str:
     leaks = report.get("findings", {}).get("leaks", {})
     head = "<h2>Leaks between the training and held-out parts</h2>"
-    searched = ", ".join(f"{html.escape(name)} {threshold:.2f}" for name, threshold in leaks.get("searched", {}).items())
+    searched = ", ".join(f"{html.escape(name)} {threshold:.2f}"
+                         for name, threshold in leaks.get("searched", {}).items())
     rule = (f"<p>Exact duplicates by sha256, then near duplicates: cosine similarity of features centred on the "
             f"training mean and normalised, at or above a threshold per feature set ({searched or 'none searched'}; "
             "an untrained backbone's embeddings are not searched: they cannot tell near duplicates from other "
@@ -220,7 +232,8 @@ def _leaks(report: dict[str, Any], data: dict[str, np.ndarray], thumbs: Thumbnai
     lines = []
     for k in range(min(len(data["leak_held_out"]), max(count, 1) * 2)):
         held, train = int(data["leak_held_out"][k]), int(data["leak_train"][k])
-        kind = "exact (sha256)" if data["leak_exact"][k] else f"{data['leak_similarity'][k]:.3f} ({data['leak_source'][k]})"
+        kind = ("exact (sha256)" if data["leak_exact"][k]
+                else f"{data['leak_similarity'][k]:.3f} ({data['leak_source'][k]})")
         lines.append(f"<tr><td>{thumbs(str(data['paths'][held]), str(data['part'][held]))}</td>"
                      f"<td>{thumbs(str(data['paths'][train]), 'train')}</td><td>{kind}</td>"
                      f"<td>{html.escape(str(data['paths'][held]))}<br>{html.escape(str(data['paths'][train]))}</td></tr>")

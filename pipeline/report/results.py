@@ -43,12 +43,15 @@ class Report:
         """
         path = Path(path)
         if not path.exists():
-            raise UserError(f"no {path} to choose a classifier from; run fit first (make fit), or pass --classifier PATH.")
+            raise UserError(f"no {path} to choose a classifier from; run fit first (make fit), "
+                            "or pass --classifier PATH.")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             data["bundles"]  # noqa: B018  (what every report fit wrote has)
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} is not a report written by pipeline.fit; fit again or pass --classifier PATH.") from None
+            raise UserError(
+                f"{path} is not a report written by pipeline.fit; fit again or pass --classifier PATH."
+            ) from None
         return cls(data)
 
     def best(self, section: str = "bundles", **wanted: str | None) -> dict[str, Any] | None:

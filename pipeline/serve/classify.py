@@ -73,7 +73,8 @@ def choose_bundle(
         raise UserError(f"{report_path} lists no {wanted} classifier; fit it first, or pass --classifier PATH.")
     path = classifiers_dir / best["path"]
     if path.exists() and sha256_file(path) != best["sha256"]:
-        raise UserError(f"{path} is not the file {report_path} lists (sha256 differs); fit again or pass --classifier {path}.")
+        raise UserError(f"{path} is not the file {report_path} lists (sha256 differs); fit again or pass "
+                        f"--classifier {path}.")
     return path
 
 
@@ -129,7 +130,8 @@ def open_classifier(
                 f"--precision {precision}, or deploy a classifier fitted on {precision} features."
             )
         session = deployed.open(device)
-        return Classifier(deployed.manifest.classes, session, lambda probabilities: probabilities, {}, deployed.untrained)
+        return Classifier(deployed.manifest.classes, session, lambda probabilities: probabilities, {},
+                          deployed.untrained)
     if not trust:
         check_listed(path)
     bundle = ClassifierBundle.load(path, trust)
@@ -204,7 +206,8 @@ def table_writer(stream: TextIO, top_k: int, labelled: bool) -> Any:
             return
         others = ", ".join(f"{c} {p:.2f}" for c, p in zip(row.classes[1:], row.probabilities[1:]))
         truth = f"  [label {row.label}]" if labelled and row.label is not None else ""
-        stream.write(f"{row.path}  {row.prediction} {row.probability:.2f}" + (f"  ({others})" if others else "") + truth + "\n")
+        stream.write(f"{row.path}  {row.prediction} {row.probability:.2f}" + (f"  ({others})" if others else "")
+                     + truth + "\n")
 
     return write
 
@@ -260,8 +263,8 @@ def run_classify(
     labelled = any(label is not None for label in labels.values())
     if dataset.classes and not set(dataset.classes) & set(classifier.classes):
         logger.warning(f"none of {folder}'s class names ({_few(dataset.classes)}) is a class of {bundle_path} "
-                       f"({_few(classifier.classes)}): it was fitted on other images; the classifiers fitted on a store "
-                       "are in models/classifiers/<store name> (classify --cache STORE picks them).")
+                       f"({_few(classifier.classes)}): it was fitted on other images; the classifiers fitted on "
+                       "a store are in models/classifiers/<store name> (classify --cache STORE picks them).")
     counts = {"images": len(shown), "classified": 0, "unreadable": 0, "cached": 0, "labelled": 0, "correct": 0,
               "features": classifier.features}
 
@@ -289,7 +292,9 @@ def run_classify(
         if output is None or not counts["classified"] + counts["unreadable"]:
             raise
         partial = output.with_name(output.name + PARTIAL)
-        raise Interrupted(f"the {counts['classified'] + counts['unreadable']} rows written so far are in {partial}") from None
+        raise Interrupted(
+            f"the {counts['classified'] + counts['unreadable']} rows written so far are in {partial}"
+        ) from None
     return counts
 
 
@@ -324,33 +329,39 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("folder", help="image folder (any layout extract accepts) or CSV manifest")
-    parser.add_argument("--classifier", type=Path, help="a bundle (.skops; a .joblib of an earlier version with --trust) or a classifier made by pipeline.deploy "
-                        "(.onnx) (default: the best bundle in --classifiers-dir/report.json)")
+    parser.add_argument("--classifier", type=Path,
+                        help="a bundle (.skops; a .joblib of an earlier version with --trust) or a classifier made by "
+                        "pipeline.deploy (.onnx) (default: the best bundle in --classifiers-dir/report.json)")
     parser.add_argument("--model", type=_features, metavar="FEATURES",
                         help="choose among bundles of these features: vgg16, resnet50, resnet50-int8, "
                         "timm/convnext_atto.d2_in1k, pixels...")
     parser.add_argument("--classifier-name", choices=CLASSIFIERS, help="choose among bundles of this classifier")
     parser.add_argument("--classifiers-dir", type=Path, default=None,
-                        help="fit's --out (default: the classifiers fitted on --cache: models/classifiers/<store name>)")
+                        help="fit's --out (default: the classifiers fitted on --cache: "
+                        "models/classifiers/<store name>)")
     parser.add_argument("--output", type=Path, help="write rows to a .csv or .jsonl file (default: print a table)")
     parser.add_argument("--top-k", type=int, default=3, help="classes per image, most probable first (default: 3)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default: 16 on the CPU, 128 on CUDA)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when usable, else CPU (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per inference batch (default: 16 on the CPU, 128 on CUDA)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: CUDA when usable, else CPU (default: auto)")
     parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
-                        help="backbone precision (default: auto, the one the classifier was fitted on; a deployed .onnx "
-                        "has its own)")
+                        help="backbone precision (default: auto, the one the classifier was fitted on; "
+                        "a deployed .onnx has its own)")
     parser.add_argument("--allow-precision-change", action="store_true",
                         help="run a classifier at another precision than it was fitted on (same fp32 export)")
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported models (default: models/)")
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"),
-                        help="reuse embeddings of images already in this store, by content (default: features/embeddings.h5; "
-                        "not with a deployed .onnx, which gives probabilities)")
+                        help="reuse embeddings of images already in this store, by content "
+                        "(default: features/embeddings.h5; not with a deployed .onnx, which gives probabilities)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: available cores)")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
-                        help=f"images that would decode to more pixels get a 'too large' error row (default: {MAX_PIXELS:,})")
+                        help="images that would decode to more pixels get a 'too large' error row "
+                        f"(default: {MAX_PIXELS:,})")
     parser.add_argument("--trust", action="store_true",
-                        help="load a bundle that no report.json beside it lists with its sha256, or a joblib bundle of an "
-                        "earlier version (unpickling it runs its code; transfer bundles FOLDER rewrites those as skops)")
+                        help="load a bundle that no report.json beside it lists with its sha256, or a joblib bundle "
+                        "of an earlier version (unpickling it runs its code; transfer bundles FOLDER rewrites those "
+                        "as skops)")
     return parser
 
 
@@ -379,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"classified {counts['classified']} of {counts['images']} images with {bundle_path}{where} "
           f"({reused}){accuracy}; features: {counts['features']}.", file=sys.stderr)
     if counts["unreadable"]:
-        print(f"{counted(counts['unreadable'], 'file')} could not be decoded; their rows hold the reason.", file=sys.stderr)
+        print(f"{counted(counts['unreadable'], 'file')} could not be decoded; their rows hold the reason.",
+              file=sys.stderr)
         return EXIT_UNREADABLE
     return 0
 

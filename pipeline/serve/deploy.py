@@ -179,8 +179,8 @@ def deploy_classifier(
             "backbone to merge it with; deploy a classifier fitted on a backbone's embeddings."
         )
     if list(getattr(bundle.pipeline, "classes_", [])) != list(range(len(bundle.classes))):
-        raise UserError(f"{bundle_path}'s classifier does not predict the indices of its {len(bundle.classes)} classes; "
-                        "deploy a bundle pipeline.fit wrote.")
+        raise UserError(f"{bundle_path}'s classifier does not predict the indices of its {len(bundle.classes)} "
+                        "classes; deploy a bundle pipeline.fit wrote.")
     backbone = open_fitted_backbone(bundle, bundle_path, ModelRepository(models_dir), "cpu")
     bundle_sha256 = sha256_file(bundle_path)
     manifest_path = out.with_suffix(".json")
@@ -320,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.deploy",
         epilog=(
-            "Exit status: 0 when the file was deployed or was up to date; 2 when the bundle is not listed (see --trust), "
-            "cannot be converted or deployed, its backbone is missing or different, or --out would replace something "
-            "else (one line, no traceback)."
+            "Exit status: 0 when the file was deployed or was up to date; 2 when the bundle is not listed "
+            "(see --trust), cannot be converted or deployed, its backbone is missing or different, or --out would "
+            "replace something else (one line, no traceback)."
         ),
         description=(
             "Merge a fitted classifier behind its backbone into one ONNX file (uint8 RGB crops [N, S, S, 3] in, "
@@ -331,12 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
             "FILE.onnx runs it."
         ),
     )
-    parser.add_argument("bundle", type=Path, help="a classifier bundle written by pipeline.fit (.skops; a .joblib of an earlier version with --trust)")
+    parser.add_argument("bundle", type=Path,
+                        help="a classifier bundle written by pipeline.fit (.skops; a .joblib of an earlier version "
+                        "with --trust)")
     parser.add_argument("--out", type=Path, help="the ONNX file to write (default: the bundle's path with .onnx)")
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="exported backbones (default: models/)")
     parser.add_argument("--trust", action="store_true",
-                        help="load a bundle that no report.json beside it lists with its sha256, or a joblib bundle of an "
-                        "earlier version (unpickling it runs its code; transfer bundles FOLDER rewrites those as skops)")
+                        help="load a bundle that no report.json beside it lists with its sha256, or a joblib bundle "
+                        "of an earlier version (unpickling it runs its code; transfer bundles FOLDER rewrites those "
+                        "as skops)")
     parser.add_argument("--force", action="store_true", help="deploy even if the file is already up to date")
     return parser
 

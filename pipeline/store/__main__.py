@@ -71,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _info(store: EmbeddingStore) -> str:
     attrs = store.root_attrs()
     index = store.index(arrays=False)
-    lines = [f"{store.path}: format {attrs.get('format_version')}, version {index.version}, dataset {index.dataset_root}"]
+    lines = [f"{store.path}: format {attrs.get('format_version')}, version {index.version}, "
+             f"dataset {index.dataset_root}"]
     for name, set_index in sorted(index.sets.items()):
         rows, failures = set_index.counts()
         size = sum(entry.bytes for entry in set_index.shards)

@@ -187,7 +187,9 @@ def _outcomes(folder: Path, index_path: Path, shards: Sequence[ShardEntry], live
                     columns.failure[span], columns.position[span] = failures, start + take
                     if states:
                         sizes, mtimes, readable = reader.states(failures)
-                        columns.sizes[span], columns.mtimes[span], columns.readable[span] = sizes[take], mtimes[take], readable[take]
+                        columns.sizes[span], columns.mtimes[span], columns.readable[span] = (
+                            sizes[take], mtimes[take], readable[take]
+                        )
                     filled += len(take)
         row_at, failure_at = row_at + entry.rows, failure_at + entry.failures
     order = np.argsort(columns.keys, kind="stable")  # stable: within a path, shards stay in order
@@ -306,7 +308,8 @@ def merge_set(folder: Path, index_path: Path, listed: SetIndex | None, pending: 
             retired.append(entry.file)
     new = SetIndex(
         attrs, kept_shards, labels[row_mask], splits[row_mask],
-        np.flatnonzero(~rows_alive[row_mask]).astype(np.int64), np.flatnonzero(~failures_alive[failure_mask]).astype(np.int64),
+        np.flatnonzero(~rows_alive[row_mask]).astype(np.int64),
+        np.flatnonzero(~failures_alive[failure_mask]).astype(np.int64),
     )
     changed = listed is None or bool(pending) or bool(retired) or not _same(listed, new)
     return SetMerge(new, retired, int(gone.sum()), changed)
@@ -320,7 +323,8 @@ def _same(old: SetIndex, new: SetIndex) -> bool:
     )
 
 
-def _attrs(listed: SetIndex | None, pending: Sequence[dict[str, Any]], listed_rows_survive: bool) -> dict[str, Any] | None:
+def _attrs(listed: SetIndex | None, pending: Sequence[dict[str, Any]],
+           listed_rows_survive: bool) -> dict[str, Any] | None:
     """The set's attributes: the newest pending shard's, with the providers of surviving rows merged in."""
     if not pending:
         return dict(listed.attrs) if listed else None

@@ -73,7 +73,9 @@ class EmbeddingStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if self.path.is_dir():
-            raise UserError(f"--cache {path} is a folder; name the store file, e.g. --cache {self.path / 'embeddings.h5'}.")
+            raise UserError(
+                f"--cache {path} is a folder; name the store file, e.g. --cache {self.path / 'embeddings.h5'}."
+            )
         self.shards = self.path.with_name(self.path.name + ".shards")
         self.journal = self.path.with_name(self.path.name + ".journal")  # format 1's: converted by the first write
         self._run: RunName | None = None
@@ -272,7 +274,9 @@ class EmbeddingStore:
         """
         index = self._writable_index()
         if name not in index.sets:
-            raise UserError(f"{self.path} has no {name!r} features (it has: {', '.join(sorted(index.sets)) or 'none'}).")
+            raise UserError(
+                f"{self.path} has no {name!r} features (it has: {', '.join(sorted(index.sets)) or 'none'})."
+            )
         retired = [entry.file for entry in index.sets[name].shards]
         sets = {other: set_index for other, set_index in index.sets.items() if other != name}
         self._replace(Index(index.version + 1, index.dataset_root, index.classes, sets), retired, carried=True)

@@ -128,7 +128,8 @@ def read_index(store: h5py.File, arrays: bool = True) -> Index:
             group["split"][()] if arrays else np.zeros(0, np.uint8),
             group["deleted"][()], group["deleted_failures"][()],
         )
-    return Index(int(store.attrs["version"]), str(store.attrs["dataset_root"]), list(read_strings(store["classes"])), sets)
+    return Index(int(store.attrs["version"]), str(store.attrs["dataset_root"]), list(read_strings(store["classes"])),
+                 sets)
 
 
 def write_index(path: Path, index: Index, shards_folder: Path) -> None:
@@ -164,7 +165,7 @@ def _write_view(group: h5py.Group, entry: SetIndex, folder: str) -> None:
     pieces = []
     live = entry.live()
     offsets = entry.offsets()
-    for number, shard in enumerate(entry.shards):
+    for number, _shard in enumerate(entry.shards):
         alive = live[offsets[number] : offsets[number + 1]].astype(np.int8)
         edges = np.flatnonzero(np.diff(np.concatenate([[0], alive, [0]])))
         pieces += [(number, int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]

@@ -90,7 +90,8 @@ def adopt_journal(journal: Path, folder: Path, base_version: int) -> int:
 
 def _segment(data: np.lib.npyio.NpzFile) -> Segment:
     """A format-1 journal segment (an ``.npz`` file) as a :class:`Segment`."""
-    segment = Segment(str(data["name"]), str(data["fingerprint"]), json.loads(str(data["attrs"])), str(data["dataset_root"]))
+    segment = Segment(str(data["name"]), str(data["fingerprint"]), json.loads(str(data["attrs"])),
+                      str(data["dataset_root"]))
     for path, sha256, size, mtime, row in zip(data["paths"], data["sha256"], data["file_size"], data["file_mtime_ns"],
                                               data["embeddings"]):
         segment.records.append(ImageRecord(str(path)))

@@ -243,7 +243,9 @@ class StoredEmbeddings(Mapping):
             digests, numbers, rows = [np.zeros(0, "S32")], [np.zeros(0, np.int32)], [np.zeros(0, np.int32)]
         digest = np.concatenate(digests)
         order = np.argsort(digest)
-        self.digests, self.numbers, self.rows = digest[order], np.concatenate(numbers)[order], np.concatenate(rows)[order]
+        self.digests, self.numbers, self.rows = (
+            digest[order], np.concatenate(numbers)[order], np.concatenate(rows)[order]
+        )
         self.lock = threading.Lock()
 
     def _find(self, sha256: object) -> int:

@@ -190,7 +190,9 @@ class ShardReader:
         except OSError:
             raise UserError(f"{self.path} is missing, and {index_path} lists it as a shard; {recovery}.") from None
         if size != entry.bytes or (verify and entry.sha256 and sha256_file(self.path) != entry.sha256):
-            raise UserError(f"{self.path} is not the shard {index_path} lists (its size or sha256 differs); {recovery}.")
+            raise UserError(
+                f"{self.path} is not the shard {index_path} lists (its size or sha256 differs); {recovery}."
+            )
         self.file = h5py.File(self.path, "r")
         self.group = self.file[entry.group]
 
@@ -224,7 +226,8 @@ class ShardReader:
         pick = slice(None) if rows is None else np.asarray(rows)
         return ShardTable(
             read_strings(table["paths"])[pick], read_strings(table["sha256"])[pick], table["file_size"][()][pick],
-            table["file_mtime_ns"][()][pick], read_strings(table["reason"])[pick] if failures else np.array([], dtype=str),
+            table["file_mtime_ns"][()][pick],
+            read_strings(table["reason"])[pick] if failures else np.array([], dtype=str),
         )
 
     def embeddings(self, rows: np.ndarray | None = None) -> np.ndarray:
