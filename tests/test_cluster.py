@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -165,12 +166,14 @@ def test_workers_follow_the_cluster_and_refuse_cuda_without_gpus(ray_instance):
 @pytest.mark.slow  # starts Ray actors
 def test_actors_refuse_a_model_file_other_than_the_drivers_in_one_sentence(tmp_path, small_models, ray_instance):
     image = class_folders(tmp_path / "one", {"a": 1}) / "a" / "0.jpg"
-    specs, preprocessings = feature_specs([ModelRepository(small_models).load("resnet50").open("cpu")])
-    specs[0].fingerprint = "0" * 64  # as if another node held another export under the same path
+    session = ModelRepository(small_models).load("resnet50").open("cpu")
+    # as if another node held another export under the same path
+    session.model = replace(session.model, manifest=replace(session.manifest, onnx_sha256="0" * 64))
+    specs, preprocessings = feature_specs([session])
     items = [WorkItem(ImageRecord("a/0.jpg"), FileState("", 1, 1), [spec.name for spec in specs])]
     output = ShardOutput(EmbeddingStore(tmp_path / "e.h5"), str(tmp_path / "one"), 8)
-    outcomes = embed_on_ray(items, [str(image)], specs, preprocessings, small_models, "cpu", 4, plan_workers("cpu", 1),
-                            MAX_PIXELS, output)
+    outcomes = embed_on_ray(items, [str(image)], specs, preprocessings, "cpu", 4, plan_workers("cpu", 1), MAX_PIXELS,
+                            output)
     with pytest.raises(UserError,
                        match=r"^on a Ray worker: .*resnet50.onnx on this node .* is not the model the driver"):
         list(outcomes)

@@ -328,10 +328,17 @@ class EmbedActor:
         self.batch_size, self.target = batch_size, target
         # Shards a retried batch writes again get another writer name; the commit lists one of each row.
         self.run = RunName(target["base_version"], target["run"], uuid.uuid4().hex[:12])
-        try:  # this node's copy of each file must be the driver's
-            sessions = [model.verify().open(device, threads) for model in models]
+        for model in models:  # this node's copy of each file must be the driver's
+            try:
+                model.verify()
+            except UserError:
+                self.fatal = (f"{model.onnx_path} on this node (missing, or another file) is not the model the driver "
+                              f"embeds with (sha256 {model.fingerprint[:12]}); give every node the same --models-dir.")
+                return
+        try:
+            sessions = [model.open(device, threads) for model in models]
         except UserError as error:
-            self.fatal = f"{error} (on this node: give every node the same --models-dir)"
+            self.fatal = str(error)
             return
         self.specs, _ = feature_specs(sessions)
         self.providers = ",".join(session.provider for session in sessions)

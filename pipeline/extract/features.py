@@ -102,8 +102,8 @@ def describe_features(attrs: dict) -> str:
     """How a feature set was computed, in words, from its store attributes: the pixel baseline's recipe, or the
     weights, licence, crop, precision, layer and ONNX file of a backbone's."""
     if attrs.get("kind") == "pixels":
-        return str(attrs.get("description")
-                   or f"pixels {attrs.get('image_size')} px, recipe {attrs.get('fingerprint')}")
+        what = attrs.get("description") or f"pixels of {attrs.get('image_size')} px"
+        return f"{what}, recipe {attrs.get('fingerprint')}"
     model = f"{attrs['model']}, " if attrs.get("model") else ""
     licence = f", licence {attrs['weights_license']}" if attrs.get("weights_license") else ""
     return (

@@ -238,8 +238,8 @@ def run_classify(
     Returns
     -------
     dict
-        ``images``, ``classified``, ``unreadable``, ``cached`` counts, ``correct`` / ``labelled`` when the
-        folder has class sub-folders, and ``features``: the backbone, its weights and their licence, in words.
+        ``images``, ``classified``, ``unreadable``, ``cached`` counts, and ``correct`` / ``labelled`` when
+        the folder has class sub-folders.
     """
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1.")
@@ -265,8 +265,8 @@ def run_classify(
         logger.warning(f"none of {folder}'s class names ({_few(dataset.classes)}) is a class of {bundle_path} "
                        f"({_few(classifier.classes)}): it was fitted on other images; the classifiers fitted on "
                        "a store are in models/classifiers/<store name> (classify --cache STORE picks them).")
-    counts = {"images": len(shown), "classified": 0, "unreadable": 0, "cached": 0, "labelled": 0, "correct": 0,
-              "features": classifier.features}
+    logger.info(f"{bundle_path}: features {classifier.features}.")
+    counts = {"images": len(shown), "classified": 0, "unreadable": 0, "cached": 0, "labelled": 0, "correct": 0}
 
     def tally(stream: Iterator[Embedded]) -> Iterator[Embedded]:
         for item in stream:
@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         reused = f"no store at {args.cache} to reuse embeddings from"
     print(f"classified {counts['classified']} of {counts['images']} images with {bundle_path}{where} "
-          f"({reused}){accuracy}; features: {counts['features']}.", file=sys.stderr)
+          f"({reused}){accuracy}.", file=sys.stderr)
     if counts["unreadable"]:
         print(f"{counted(counts['unreadable'], 'file')} could not be decoded; their rows hold the reason.",
               file=sys.stderr)
