@@ -9,11 +9,11 @@ INSTALLED := $(VENV)/.installed
 MAKE_NAMES := --models=MODELS --model=MODELS --cache=CACHE --weights=WEIGHTS --precision=PRECISION \
 	--backend=BACKEND --models-dir=MODELS_DIR --image-size=IMAGE_SIZE --calibration=DATA
 models quantize extract fit classify report deploy demo doctor: export PIPELINE_MAKE_NAMES = $(MAKE_NAMES)
-models: PIPELINE_MAKE_NAMES += --out=MODELS_DIR
-fit: PIPELINE_MAKE_NAMES += --out=CLASSIFIERS_DIR
-extract: PIPELINE_MAKE_NAMES += @1=DATA
-classify: PIPELINE_MAKE_NAMES += @1=FOLDER
-deploy: PIPELINE_MAKE_NAMES += @1=BUNDLE
+models: export PIPELINE_MAKE_NAMES += --out=MODELS_DIR
+fit: export PIPELINE_MAKE_NAMES += --out=CLASSIFIERS_DIR
+extract: export PIPELINE_MAKE_NAMES += @1=DATA
+classify: export PIPELINE_MAKE_NAMES += @1=FOLDER
+deploy: export PIPELINE_MAKE_NAMES += @1=BUNDLE
 
 MODELS ?= vgg16 resnet50
 WEIGHTS ?=

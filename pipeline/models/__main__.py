@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ def measured_rates(bench: dict[str, Any], name: str) -> str:
     for precision, run in entry.get("end_to_end", {}).items():
         if run.get("rate"):
             parts.append(f"{precision} {run['rate']:.1f} images/s")
-    refused = entry.get("int8_refused")
+    refused = re.search(r"mean cosine of ([0-9.]+)", str(entry.get("int8_refused", "")))
     if refused:
-        parts.append(f"int8 refused (mean cosine to fp32 {refused:.4f})")
+        parts.append(f"int8 refused (mean cosine to fp32 {refused[1]})")
     machine = bench.get("machine", {})
     where = f" on {machine.get('cores', '?')} {machine.get('cpu', 'CPU')} cores, {bench.get('weights', '?')} weights"
     return ", ".join(parts) + f" end to end from JPEG files{where}" if parts else ""

@@ -196,8 +196,10 @@ def _timm_weights(model: ModelName, config: Any, request: WeightsRequest) -> tup
                         "--weights PATH to a state dict, or name a tag that has one (transfer models).")
     repository = config.hf_hub_id.split("@")[0]
     preferred = config.hf_hub_filename or "pytorch_model.bin"
-    candidates = [preferred[:-4] + ".safetensors", "model.safetensors"] if preferred.endswith(".bin") else []
-    path = hub_weights_file(repository, list(dict.fromkeys([*candidates, preferred])), model)
+    # as timm's own loader: the safetensors file first (model.safetensors beside pytorch_model.bin)
+    safe = "model.safetensors" if preferred == "pytorch_model.bin" else preferred[:-4] + ".safetensors"
+    candidates = [safe, preferred] if preferred.endswith(".bin") else [preferred]
+    path = hub_weights_file(repository, candidates, model)
     return read_state_dict(path, model), {
         "source": PRETRAINED, "name": f"{model.architecture}.{config.tag}",
         "hub_id": repository, "file": path.name, "sha256": sha256_file(path),

@@ -211,6 +211,7 @@ def closest_hint(text: str) -> str:
     close = [name for name in names if name.split("/", 1)[-1].split(".")[0] == bare]  # the same model, in a family
     for candidate in (text, bare):
         close += [n for n in difflib.get_close_matches(candidate, names, n=3, cutoff=0.6) if n not in close]
+    close = list(dict.fromkeys(close))
     return f" (did you mean {' or '.join(close[:3])}?)" if close else ""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import os
 import re
+import socket
 import urllib.error
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -219,6 +221,16 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _unreachable(host: str) -> str:
+    """Why ``host`` cannot be reached, found at once from its name (``""`` when it resolves): offline, a download
+    would otherwise retry for half a minute before saying so."""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as error:
+        return f"offline: {host} does not resolve ({error.strerror or error})"
+    return ""
+
+
 def torchvision_cache_file(url: str) -> Path:
     """The file torch.hub caches ``url`` as: ``$TORCH_HOME/hub/checkpoints/<name>`` (``~/.cache/torch`` by default)."""
     import torch
@@ -282,21 +294,32 @@ def hub_weights_file(repository: str, filenames: Sequence[str], model: ModelName
     UserError
         Offline with nothing cached: one sentence naming the repository and the file to place, and --weights PATH.
     """
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    failure = ""
-    for filename in filenames:
+    for filename in filenames:  # what the cache holds first: no network needed
         try:
-            return Path(hf_hub_download(repository, filename))
-        except EntryNotFoundError:
-            continue  # the repository holds another of the candidate files
-        except LocalEntryNotFoundError:
-            failure = "offline, and not in the Hugging Face cache"
-            break
-        except Exception as error:  # huggingface_hub raises HTTP, OS and validation errors of many types
-            failure = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-            break
+            return Path(hf_hub_download(repository, filename, local_files_only=True))
+        except (LocalEntryNotFoundError, EntryNotFoundError):
+            continue
+    failure = _unreachable(urlparse(constants.ENDPOINT).hostname or "")
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retries would print a line each before the one sentence below
+    try:
+        for filename in filenames if not failure else ():
+            try:
+                return Path(hf_hub_download(repository, filename))
+            except EntryNotFoundError:
+                continue  # the repository holds another of the candidate files
+            except LocalEntryNotFoundError:
+                failure = "offline, and not in the Hugging Face cache"
+                break
+            except Exception as error:  # huggingface_hub raises HTTP, OS and validation errors of many types
+                failure = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                break
+    finally:
+        hub_logger.setLevel(level)
     raise UserError(
         f"could not fetch the pretrained weights of {model.name} from the Hugging Face repository {repository} "
         f"({failure or 'it holds none of ' + ', '.join(filenames)}); with no network, download {filenames[0]} from "
