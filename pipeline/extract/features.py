@@ -98,13 +98,14 @@ def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec
     return specs, preprocessings
 
 
-def describe_features(attrs: dict) -> str:
+def describe_features(attrs: dict, name: str = "") -> str:
     """How a feature set was computed, in words, from its store attributes: the pixel baseline's recipe, or the
-    weights, licence, crop, precision, layer and ONNX file of a backbone's."""
+    weights, licence, model (unless it is ``name``, the set's own), crop, precision, layer and ONNX file of a
+    backbone's."""
     if attrs.get("kind") == "pixels":
         what = attrs.get("description") or f"pixels of {attrs.get('image_size')} px"
         return f"{what}, recipe {attrs.get('fingerprint')}"
-    model = f"{attrs['model']}, " if attrs.get("model") else ""
+    model = f"{attrs['model']}, " if attrs.get("model") not in (None, name) else ""
     licence = f", licence {attrs['weights_license']}" if attrs.get("weights_license") else ""
     return (
         f"weights {attrs.get('weights_id')}{licence}, {model}{attrs.get('image_size')} px, {attrs.get('precision')}, "

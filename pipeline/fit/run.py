@@ -538,7 +538,7 @@ def _report(
         "versions": library_versions(),
         "features": {
             name: {
-                "description": f"{name}: {describe_features(fs.attrs)}",
+                "description": describe_features(fs.attrs, name),
                 "untrained": bool(fs.attrs.get("untrained", False)),
                 "provenance": provenance_of(fs.attrs),
             }
