@@ -182,7 +182,8 @@ def child(task: str, *arguments: str) -> None:
             ExportedModel.open = functools.partialmethod(ExportedModel.open, threads=int(threads))
         remove_store(Path(cache))
         started = time.perf_counter()
-        specs = run_extract(data, [model], cache, models_dir=models_dir, weights=weights, precision=precision,
+        specs = run_extract(data, models=[model], cache=cache, models_dir=models_dir, weights=weights,
+                            precision=precision,
                             device=device, progress=False, workers=int(workers) or None)
         seconds = time.perf_counter() - started
         out = {"images": specs[0].embedded, "seconds": seconds, "rate": specs[0].embedded / seconds,
@@ -285,10 +286,11 @@ def digits_accuracy(work: Path, models: list[str], models_dir: Path, weights: st
     write_digits(data, per_class)
     cache = work / "digits.h5"
     for precision in ("fp32", "int8"):
-        run_extract(data, models, cache, models_dir=models_dir, weights=weights, precision=precision, device="cpu",
+        run_extract(data, models=models, cache=cache, models_dir=models_dir, weights=weights, precision=precision,
+                    device="cpu",
                     progress=False)
     names = [feature_set_name(f"{m}-{p}") if p != "fp32" else m for m in models for p in ("fp32", "int8")]
-    report = run_fit(cache, names, ["logreg"], out=work / "classifiers", curve=False, reuse=True)
+    report = run_fit(cache, models=names, classifiers=["logreg"], out=work / "classifiers", curve=False, reuse=True)
     return {r["features"]: {"accuracy": r["test"]["accuracy"], "n_test": r["n_test"]} for r in report["results"]}
 
 

@@ -43,8 +43,9 @@ def write_store(path: Path, embeddings: np.ndarray, labels: np.ndarray) -> Embed
     segment.records = records
     segment.states = [FileState(f"{i:064x}", 1, 1) for i in range(len(records))]
     segment.embeddings = list(embeddings)
-    store.append(segment)
-    store.commit(Path("/synthetic"), records, {"resnet50": "synthetic"})
+    writer = store.writer()
+    writer.append(segment)
+    writer.commit(Path("/synthetic"), records, {"resnet50": "synthetic"})
     return store
 
 

@@ -40,7 +40,7 @@ def extract_child(data: str, cache: str, models_dir: str, model: str, precision:
     if backend == "ray":  # started here so that its start-up is timed on its own; extract joins it
         cluster.connect()
         ray_seconds = time.perf_counter() - started
-    specs = run_extract(data, [model], cache, models_dir=models_dir, weights="random", precision=precision,
+    specs = run_extract(data, models=[model], cache=cache, models_dir=models_dir, weights="random", precision=precision,
                         device="cpu", progress=False, backend=backend)
     seconds = time.perf_counter() - started
     print(json.dumps({"images": specs[0].embedded, "seconds": seconds, "rate": specs[0].embedded / seconds,

@@ -34,9 +34,10 @@ import numpy as np
 
 from pipeline.extract.discover import ImageRecord
 from pipeline.extract.features import FeatureSpec
-from pipeline.extract.run import WorkItem, needed_work, record_batch
+from pipeline.extract.plan import ExtractRun, WorkItem, needed_work
+from pipeline.extract.run import record_batch
 from pipeline.files import available_cores
-from pipeline.store import EmbeddingStore, FileState, Segment
+from pipeline.store import EmbeddingStore, FileState, Segment, ShardTarget, StoreWriter
 
 DIM = 2048
 NAME = "resnet50"
@@ -76,7 +77,7 @@ def state_of(number: int) -> FileState:
     return FileState(f"{number:064x}", 100_000 + number % 1000, number)
 
 
-def write_rows(store: EmbeddingStore, numbers: np.ndarray) -> None:
+def write_rows(writer: StoreWriter, numbers: np.ndarray) -> None:
     """Append the images ``numbers`` as extract does: a pending shard every 512 rows."""
     for start in range(0, len(numbers), SEGMENT_ROWS):
         segment = Segment(NAME, "synthetic", ATTRS, str(ROOT))
@@ -84,7 +85,7 @@ def write_rows(store: EmbeddingStore, numbers: np.ndarray) -> None:
         segment.records = records_for(part)
         segment.states = [state_of(n) for n in part.tolist()]
         segment.embeddings = list(POOL[np.arange(start, start + len(part)) % len(POOL)])
-        store.append(segment)
+        writer.append(segment)
 
 
 def written_bytes() -> int:
@@ -98,6 +99,7 @@ def written_bytes() -> int:
 def run(store: EmbeddingStore, listed: np.ndarray, added: np.ndarray, traced: bool = False) -> dict:
     """One extract run's store work on the listing ``listed``: plan, write the ``added`` images, commit."""
     spec = FeatureSpec(NAME, "synthetic", ATTRS)
+    writer = store.writer()
     before = written_bytes()
     if traced:
         tracemalloc.start()
@@ -105,11 +107,11 @@ def run(store: EmbeddingStore, listed: np.ndarray, added: np.ndarray, traced: bo
         records = records_for(listed)  # what discover would list: not timed
         sizes = 100_000 + listed.astype(np.int64) % 1000  # what os.stat would say (state_of)
         started = time.perf_counter()
-        work = needed_work(records, sizes, listed.astype(np.int64), store, [spec])
+        work = needed_work(records, sizes, listed.astype(np.int64), writer, [spec])
         planned = time.perf_counter()
         assert len(work) == len(added), (len(work), len(added))
-        write_rows(store, added)
-        store.commit(ROOT, records, {NAME: "synthetic"})
+        write_rows(writer, added)
+        writer.commit(ROOT, records, {NAME: "synthetic"})
         done = time.perf_counter()
     seconds = done - started
     result = {"seconds": round(seconds, 3), "plan_seconds": round(planned - started, 3),
@@ -146,8 +148,8 @@ def size_row(work: Path, images: int) -> dict:
     row["traced"]["delete_1_percent"] = run(store, kept, more[:0], traced=True)
     before = written_bytes()
     started = time.perf_counter()
-    with Memory() as memory, store.lock():
-        compaction = store.compact()
+    with Memory() as memory, store.writer() as writer:
+        compaction = writer.compact()
     row["compaction"] = {"seconds": round(time.perf_counter() - started, 3),
                          "written_mb": round((written_bytes() - before) / 2**20, 1),
                          "peak_mb": round(memory.peak / 2**20, 1),
@@ -176,24 +178,19 @@ def synthetic_decode(batch: dict, **_ignored: object) -> dict:
 class SyntheticActor:
     """Stands in for the embedding actor: synthetic rows, written as pending shards by the store's own code."""
 
-    def __init__(self, target: dict, **_ignored: object) -> None:
-        from pipeline.store.commit import RunName
-
+    def __init__(self, target: ShardTarget, **_ignored: object) -> None:
         self.target = target
-        self.run = RunName(target["base_version"], target["run"], uuid.uuid4().hex[:12])
+        self.name = uuid.uuid4().hex[:12]
 
     def __call__(self, batch: dict) -> dict:
         from dataclasses import asdict
 
-        from pipeline.store.commit import write_segment
-
-        segment = Segment(NAME, "synthetic", ATTRS, self.target["dataset_root"])
+        segment = Segment(NAME, "synthetic", ATTRS, self.target.dataset_root)
         segment.records = [ImageRecord(str(p)) for p in batch["record"]]
         segment.states = [FileState(str(s), int(z), int(m))
                           for s, z, m in zip(batch["sha256"], batch["size"], batch["mtime"])]
         segment.embeddings = list(POOL[np.asarray(batch["index"]) % len(POOL)])
-        entry = write_segment(Path(self.target["folder"]), segment, self.run.shard(NAME, int(batch["index"][0])),
-                              self.run.base_version)
+        entry = self.target.write(segment, int(batch["index"][0]), self.name)
         count = len(batch["index"])
         return {"index": batch["index"], "needed": batch["needed"], "sha256": batch["sha256"], "error": batch["error"],
                 "shards": np.array([json.dumps([asdict(entry)])] + [""] * (count - 1), dtype=object),
@@ -210,6 +207,7 @@ def ray_intake(work: Path, images: int) -> dict:
     folder = work / "ray"
     shutil.rmtree(folder, ignore_errors=True)
     store = EmbeddingStore(folder / "embeddings.h5")
+    writer = store.writer()
     spec = FeatureSpec(NAME, "synthetic", ATTRS)
     records = records_for(np.arange(images))
     items = [WorkItem(r, state_of(n), [NAME]) for n, r in enumerate(records)]
@@ -217,13 +215,13 @@ def ray_intake(work: Path, images: int) -> dict:
     try:
         workers = cluster.Workers(available_cores(), 1, 0.0)
         started, cpu = time.perf_counter(), time.process_time()
-        outcomes = cluster.embed_on_ray(items, [str(ROOT / r.path) for r in records], [spec], [], work, "cpu", 16,
-                                        workers, 1, cluster.ShardOutput(store, str(ROOT), SEGMENT_ROWS))
+        outcomes = cluster.embed_on_ray(ExtractRun([spec], [], 16, items), [str(ROOT / r.path) for r in records],
+                                        workers, cluster.ShardOutput(writer, str(ROOT), SEGMENT_ROWS), "cpu", 1)
         for batch_items, hashes, errors, features in outcomes:
             record_batch(batch_items, hashes, errors, features, [spec], {})
         loop_cpu, loop_wall = time.process_time() - cpu, time.perf_counter() - started
         started, cpu = time.perf_counter(), time.process_time()
-        store.commit(ROOT, records, {NAME: "synthetic"}, cluster.map_on_ray)
+        writer.commit(ROOT, records, {NAME: "synthetic"}, cluster.map_on_ray)
         commit_cpu, commit_wall = time.process_time() - cpu, time.perf_counter() - started
     finally:
         ray.shutdown()

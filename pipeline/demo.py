@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{TEST_FRACTION:.0%} held out as test) in {args.data}/{{train,test}}/<digit>/")
     manifests = demo_models(ModelRepository(args.models_dir), args.image_size)
     untrained = [model for model, manifest in manifests.items() if manifest.untrained]
-    specs = run_extract(args.data, list(DEFAULT_BACKBONES), args.cache,
+    specs = run_extract(args.data, models=list(DEFAULT_BACKBONES), cache=args.cache,
                         models_dir=args.models_dir, precision=args.precision,
                         overwrite=True)  # the models as exported; the demo's own store follows them
     store = EmbeddingStore(args.cache)
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     predictions = args.data.with_name(args.data.name + "-test-predictions.csv")
     print(f"\nclassify: make classify FOLDER={args.data}/test CACHE={args.cache} "
           f"CLASSIFY_ARGS='--output {predictions}' (best by validation: {bundle.name})")
-    counts = run_classify(args.data / "test", bundle, predictions, models_dir=args.models_dir, cache=args.cache,
+    counts = run_classify(args.data / "test", bundle, output=predictions, models_dir=args.models_dir, cache=args.cache,
                           progress=False)
     print(f"  {counts['classified']} of {counts['images']} test scans classified, {counts['correct']} correctly "
           f"({counts['cached']} embeddings reused from the store); rows in {predictions}")

@@ -103,7 +103,7 @@ def extract_quietly(seeded_weights):
 
     def run(data, cache, models_dir, **options):
         options.setdefault("weights", seeded_weights)
-        return run_extract(data, ["resnet50"], cache, models_dir=models_dir, progress=False, **options)
+        return run_extract(data, models=["resnet50"], cache=cache, models_dir=models_dir, progress=False, **options)
 
     return run
 

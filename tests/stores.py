@@ -64,6 +64,7 @@ def synthetic_store(
     names = sorted(per_class)
     labels = np.array([names.index(r.label) if r.label else 0 for r in records])
     store = EmbeddingStore(path)
+    writer = store.writer()
     for offset, (name, (dim, spread)) in enumerate(features.items()):
         X = blobs(labels, dim, spread, seed + offset)
         if edit is not None:
@@ -73,8 +74,8 @@ def synthetic_store(
             segment.records.append(record)
             segment.states.append(FileState(f"{i:064x}", 100, 1))
             segment.embeddings.append(X[i])
-        store.append(segment)
-    store.commit(ROOT, records, {name: feature_attrs(name, dim)["fingerprint"] for name, (dim, _) in features.items()})
+        writer.append(segment)
+    writer.commit(ROOT, records, {name: feature_attrs(name, dim)["fingerprint"] for name, (dim, _) in features.items()})
     return store
 
 

@@ -35,7 +35,7 @@ def test_every_stage_runs_on_a_model_of_each_family(model, stem, folders, export
     data, new = folders
     models_dir = exported(model, 64).onnx_path.parent
     cache = tmp_path / "store.h5"
-    specs = extract.run_extract(data, [model], cache, models_dir=models_dir, progress=False)
+    specs = extract.run_extract(data, models=[model], cache=cache, models_dir=models_dir, progress=False)
     assert [(s.name, s.embedded) for s in specs] == [(stem, 16), (PIXELS, 16)]
     attrs = EmbeddingStore(cache).load_attrs(stem)
     assert attrs["model"] == model and attrs["weights_license"].startswith("unknown")  # a test weights file
@@ -46,12 +46,13 @@ def test_every_stage_runs_on_a_model_of_each_family(model, stem, folders, export
     assert model in report["features"][stem]["description"] and "licence" in report["features"][stem]["description"]
     assert (tmp_path / "classifiers" / "report.html").exists()
     bundle = tmp_path / "classifiers" / f"{stem}-logreg.skops"
-    counts = run_classify(new, bundle, tmp_path / "p.csv", models_dir=models_dir, cache=cache, progress=False)
+    counts = run_classify(new, bundle, output=tmp_path / "p.csv", models_dir=models_dir, cache=cache, progress=False)
     assert counts["classified"] == 6 and counts["cached"] == 0
 
     deployed = deploy_classifier(bundle, models_dir, out=tmp_path / "deployed.onnx")
     assert deployed.manifest.model == model and deployed.manifest.weights["license"]
-    again = run_classify(new, deployed.onnx_path, tmp_path / "d.csv", models_dir=models_dir, cache=None, progress=False)
+    again = run_classify(new, deployed.onnx_path, output=tmp_path / "d.csv", models_dir=models_dir, cache=None,
+                         progress=False)
     assert again["classified"] == 6
 
     embedder = ImageEmbedder(model, models_dir=models_dir, cache=cache).fit()
@@ -99,7 +100,8 @@ def test_ray_embeds_a_timm_model_as_the_local_backend_does(folders, exported, tm
     model = "timm/convnext_atto.d2_in1k"
     models_dir = exported(model, 64).onnx_path.parent
     for backend in ("local", "ray"):
-        extract.run_extract(data, [model], tmp_path / f"{backend}.h5", models_dir=models_dir, progress=False,
+        extract.run_extract(data, models=[model], cache=tmp_path / f"{backend}.h5", models_dir=models_dir,
+                            progress=False,
                             backend=backend, batch_size=4)
     local, ray = EmbeddingStore(tmp_path / "local.h5"), EmbeddingStore(tmp_path / "ray.h5")
     for name in local.feature_sets():

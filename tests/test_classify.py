@@ -37,7 +37,8 @@ def fitted(tmp_path_factory, exported, state_dict_file):
             save(data / name / f"{i}.png",
                  (photo(48 + i, 40, seed=i + (100 if name == "dark" else 0)) * brightness).astype(np.uint8))
     weights = str(state_dict_file("resnet50"))
-    run_extract(data, ["resnet50"], work / "pets.h5", models_dir=models_dir, weights=weights, progress=False)
+    run_extract(data, models=["resnet50"], cache=work / "pets.h5", models_dir=models_dir, weights=weights,
+                progress=False)
     report = run_fit(work / "pets.h5", out=work / "classifiers", n_jobs=1, classifiers=["logreg"], curve=False)
     return work, models_dir, report
 
@@ -56,7 +57,7 @@ def test_every_good_image_gets_a_prediction_and_bad_ones_an_error_row(fitted, tm
     work, models_dir, _ = fitted
     folder = new_folder(tmp_path / "new")
     bundle = work / "classifiers" / "resnet50-logreg.skops"
-    counts = run_classify(folder, bundle, tmp_path / "p.csv", top_k=2, models_dir=models_dir, cache=None,
+    counts = run_classify(folder, bundle, output=tmp_path / "p.csv", top_k=2, models_dir=models_dir, cache=None,
                           progress=False)
     assert counts == {"images": 5, "classified": 3, "unreadable": 2, "cached": 0, "labelled": 0, "correct": 0}
     with open(tmp_path / "p.csv") as file:
@@ -76,7 +77,7 @@ def test_a_file_that_vanishes_mid_run_gets_an_error_row_and_costs_no_other(fitte
     work, models_dir, _ = fitted
     folder = new_folder(tmp_path / "new", with_bad=False)
     bundle = work / "classifiers" / "resnet50-logreg.skops"
-    run_classify(folder, bundle, tmp_path / "before.csv", models_dir=models_dir, cache=None, progress=False)
+    run_classify(folder, bundle, output=tmp_path / "before.csv", models_dir=models_dir, cache=None, progress=False)
     vanished, decode, first = folder / "new1.png", embedder.decode_file, []
 
     def decode_while_a_file_vanishes(path, *args, **kwargs):
@@ -86,7 +87,7 @@ def test_a_file_that_vanishes_mid_run_gets_an_error_row_and_costs_no_other(fitte
         return decode(path, *args, **kwargs)
 
     monkeypatch.setattr(embedder, "decode_file", decode_while_a_file_vanishes)
-    counts = run_classify(folder, bundle, tmp_path / "p.csv", models_dir=models_dir, cache=None, progress=False,
+    counts = run_classify(folder, bundle, output=tmp_path / "p.csv", models_dir=models_dir, cache=None, progress=False,
                           workers=1)
     assert (counts["classified"], counts["unreadable"]) == (2, 1)
     with open(tmp_path / "before.csv") as file:
@@ -107,7 +108,7 @@ def test_predictions_equal_the_bundle_on_stored_embeddings_and_reuse_them(fitted
     expected = bundle.pipeline.predict_proba(stored.embeddings)
     for cache in (None, work / "pets.h5"):
         out = tmp_path / f"p{cache is None}.jsonl"
-        counts = run_classify(work / "pets", work / "classifiers" / "resnet50-logreg.skops", out, top_k=1,
+        counts = run_classify(work / "pets", work / "classifiers" / "resnet50-logreg.skops", output=out, top_k=1,
                               models_dir=models_dir, cache=cache, progress=False)
         assert counts["cached"] == (16 if cache else 0) and counts["labelled"] == 16
         rows = {json.loads(line)["path"]: json.loads(line) for line in out.read_text().splitlines()}
@@ -121,7 +122,7 @@ def test_predictions_equal_the_bundle_on_stored_embeddings_and_reuse_them(fitted
 def test_a_pixel_baseline_bundle_classifies_and_jsonl_rows_carry_errors(fitted, tmp_path):
     work, models_dir, _ = fitted
     folder = new_folder(tmp_path / "new")
-    counts = run_classify(folder, work / "classifiers" / "pixels-logreg.skops", tmp_path / "p.jsonl", top_k=5,
+    counts = run_classify(folder, work / "classifiers" / "pixels-logreg.skops", output=tmp_path / "p.jsonl", top_k=5,
                           models_dir=tmp_path / "no-models-needed", cache=work / "pets.h5", progress=False)
     assert counts["classified"] == 3 and counts["unreadable"] == 2
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -160,7 +161,8 @@ def test_a_bundle_of_another_model_file_is_refused_naming_both(fitted, tmp_path)
     bundle.save(tmp_path / "other.skops")
     with pytest.raises(UserError, match="was fitted on resnet50 embeddings of ONNX sha256 000000000000 .* "
                        "but .*resnet50.onnx has sha256"):
-        run_classify(work / "pets", tmp_path / "other.skops", None, models_dir=models_dir, cache=None, trust=True)
+        run_classify(work / "pets", tmp_path / "other.skops", output=None, models_dir=models_dir, cache=None,
+                     trust=True)
 
 
 def test_unlisted_or_changed_bundles_are_not_loaded_unless_trusted(fitted, tmp_path):
@@ -169,15 +171,15 @@ def test_unlisted_or_changed_bundles_are_not_loaded_unless_trusted(fitted, tmp_p
     shutil.copy(work / "classifiers" / "resnet50-logreg.skops", stranger)
     with pytest.raises(UserError,
                        match=r"stranger.skops is not beside a report.json \(none at .*\), so it is not known"):
-        run_classify(work / "pets", stranger, None, models_dir=models_dir, cache=None)
-    assert run_classify(work / "pets", stranger, tmp_path / "p.csv", models_dir=models_dir, cache=None,
+        run_classify(work / "pets", stranger, output=None, models_dir=models_dir, cache=None)
+    assert run_classify(work / "pets", stranger, output=tmp_path / "p.csv", models_dir=models_dir, cache=None,
                         trust=True)["images"]
     listed = tmp_path / "listed"
     shutil.copytree(work / "classifiers", listed)
     with open(listed / "resnet50-logreg.skops", "ab") as stream:
         stream.write(b"\0")  # changed since fit listed it
     with pytest.raises(UserError, match="is not the file .*report.json lists .*sha256 changed"):
-        run_classify(work / "pets", listed / "resnet50-logreg.skops", None, models_dir=models_dir, cache=None)
+        run_classify(work / "pets", listed / "resnet50-logreg.skops", output=None, models_dir=models_dir, cache=None)
 
 
 def run(*args, cwd):
@@ -214,9 +216,9 @@ def test_another_precision_is_refused_unless_allowed(fitted, tmp_path):
     folder = new_folder(tmp_path / "new", with_bad=False)
     bundle = work / "classifiers" / "resnet50-logreg.skops"
     with pytest.raises(UserError, match="fitted on fp32 embeddings.*not int8.*--allow-precision-change"):
-        run_classify(folder, bundle, None, models_dir=private, cache=None, precision="int8", progress=False)
-    fp32 = run_classify(folder, bundle, tmp_path / "fp32.csv", models_dir=private, cache=None, progress=False)
-    int8 = run_classify(folder, bundle, tmp_path / "int8.csv", models_dir=private, cache=None, precision="int8",
+        run_classify(folder, bundle, output=None, models_dir=private, cache=None, precision="int8", progress=False)
+    fp32 = run_classify(folder, bundle, output=tmp_path / "fp32.csv", models_dir=private, cache=None, progress=False)
+    int8 = run_classify(folder, bundle, output=tmp_path / "int8.csv", models_dir=private, cache=None, precision="int8",
                         allow_precision_change=True, progress=False)
     assert fp32["classified"] == int8["classified"] == 3
     rows = []
@@ -234,13 +236,13 @@ def test_a_folder_whose_classes_the_classifier_does_not_know_gets_one_warning(fi
     for name in ("cat", "dog"):  # class folders of another dataset
         save(tmp_path / "other" / name / "0.png", photo(50, 44, seed=7))
     bundle = work / "classifiers" / "resnet50-logreg.skops"
-    counts = run_classify(tmp_path / "other", bundle, tmp_path / "p.csv", models_dir=models_dir, cache=None,
+    counts = run_classify(tmp_path / "other", bundle, output=tmp_path / "p.csv", models_dir=models_dir, cache=None,
                           progress=False)
     assert counts["labelled"] == 2 and counts["correct"] == 0
     (warning,) = [line for line in messages().splitlines() if line.startswith("none of")]
     assert "(cat, dog) is a class of" in warning and "(bright, dark)" in warning
     caplog.clear()
-    run_classify(work / "pets", bundle, tmp_path / "q.csv", models_dir=models_dir, cache=None, progress=False)
+    run_classify(work / "pets", bundle, output=tmp_path / "q.csv", models_dir=models_dir, cache=None, progress=False)
     assert "none of" not in messages()  # its own classes: no warning
 
 
@@ -279,7 +281,7 @@ def test_a_crafted_bundle_listed_in_its_own_report_runs_nothing(fitted, tmp_path
     bundle = crafted_folder(tmp_path / "received", marker)
     assert choose_bundle(None, None, None, tmp_path / "received") == bundle
     with pytest.raises(UserError, match="is a joblib pickle .* pass --trust"):
-        run_classify(work / "pets", bundle, None, models_dir=models_dir, cache=None, progress=False)
+        run_classify(work / "pets", bundle, output=None, models_dir=models_dir, cache=None, progress=False)
     done = run("pets", "--classifiers-dir", tmp_path / "received", "--models-dir", models_dir, cwd=work)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "joblib pickle" in done.stderr
     assert not marker.exists()
@@ -303,11 +305,13 @@ def test_bundles_of_the_landed_version_are_rewritten_once_as_skops(fitted, tmp_p
     (folder / "report.json").write_text(json.dumps(report))
     legacy = folder / "resnet50-logreg.joblib"
     with pytest.raises(UserError, match="joblib pickle"):
-        run_classify(work / "pets", legacy, None, models_dir=models_dir, cache=None, progress=False)
-    trusted = run_classify(work / "pets", legacy, None, models_dir=models_dir, cache=None, progress=False, trust=True)
+        run_classify(work / "pets", legacy, output=None, models_dir=models_dir, cache=None, progress=False)
+    trusted = run_classify(work / "pets", legacy, output=None, models_dir=models_dir, cache=None, progress=False,
+                           trust=True)
     written = upgrade_bundles(folder)
     assert sorted(p.name for p in written) == ["pixels-logreg.skops", "resnet50-logreg.skops"]
     assert choose_bundle(None, "resnet50", None, folder).name == "resnet50-logreg.skops"
-    upgraded = run_classify(work / "pets", folder / "resnet50-logreg.skops", None, models_dir=models_dir, cache=None,
+    upgraded = run_classify(work / "pets", folder / "resnet50-logreg.skops", output=None, models_dir=models_dir,
+                            cache=None,
                             progress=False)
     assert upgraded["correct"] == trusted["correct"] and upgraded["classified"] == trusted["classified"]

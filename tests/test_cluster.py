@@ -26,7 +26,7 @@ from pipeline.extract.cluster import EmbedActor, ShardOutput, decode_batch, embe
 from pipeline.extract.decode import MAX_PIXELS  # noqa: E402
 from pipeline.extract.discover import ImageRecord  # noqa: E402
 from pipeline.extract.features import feature_specs  # noqa: E402
-from pipeline.extract.run import WorkItem  # noqa: E402
+from pipeline.extract.plan import ExtractRun, WorkItem  # noqa: E402
 from pipeline.models import DEFAULT_BACKBONES, ModelRepository  # noqa: E402
 from pipeline.store import PIXELS, EmbeddingStore, FileState  # noqa: E402
 from pipeline.store.shards import ShardEntry  # noqa: E402
@@ -118,7 +118,8 @@ def test_a_worker_killed_mid_run_changes_nothing(tmp_path, small_models, extract
 KILLED_DRIVER = """
 import sys
 from pipeline.extract.run import run_extract
-run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=4, models_dir=sys.argv[3], weights=sys.argv[4],
+run_extract(sys.argv[1], models=["resnet50"], cache=sys.argv[2], batch_size=4, models_dir=sys.argv[3],
+            weights=sys.argv[4],
             progress=False, journal_rows=8, backend="ray")
 """
 
@@ -144,7 +145,7 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_store(
     settled = None  # an actor may outlive the driver for a moment and finish its shard: wait until none changes
     while settled != (settled := sorted(shards.glob("*"))):
         time.sleep(2)
-    done = len(EmbeddingStore(cache).known(
+    done = len(EmbeddingStore(cache).writer().known(
         "resnet50", EmbeddingStore(tmp_path / "local.h5").load_attrs("resnet50")["fingerprint"]))
     assert 0 < done < 200  # rows in the shards the actors had written
 
@@ -171,9 +172,9 @@ def test_actors_refuse_a_model_file_other_than_the_drivers_in_one_sentence(tmp_p
     session.model = replace(session.model, manifest=replace(session.manifest, onnx_sha256="0" * 64))
     specs, preprocessings = feature_specs([session])
     items = [WorkItem(ImageRecord("a/0.jpg"), FileState("", 1, 1), [spec.name for spec in specs])]
-    output = ShardOutput(EmbeddingStore(tmp_path / "e.h5"), str(tmp_path / "one"), 8)
-    outcomes = embed_on_ray(items, [str(image)], specs, preprocessings, "cpu", 4, plan_workers("cpu", 1), MAX_PIXELS,
-                            output)
+    output = ShardOutput(EmbeddingStore(tmp_path / "e.h5").writer(), str(tmp_path / "one"), 8)
+    outcomes = embed_on_ray(ExtractRun(specs, preprocessings, 4, items), [str(image)], plan_workers("cpu", 1), output,
+                            "cpu", MAX_PIXELS)
     with pytest.raises(UserError,
                        match=r"^on a Ray worker: .*resnet50.onnx on this node .* is not the model the driver"):
         list(outcomes)
@@ -201,7 +202,8 @@ def test_decode_tasks_record_failures_in_their_row(tmp_path):
 def test_an_actor_writes_its_rows_as_pending_shards_and_returns_only_their_metadata(tmp_path, small_models):
     data = pets(tmp_path / "pets")
     store = EmbeddingStore(tmp_path / "e.h5")
-    target = ShardOutput(store, str(data), 8).target()
+    writer = store.writer()
+    target = writer.target(str(data))
     session = ModelRepository(small_models).load("resnet50").open("cpu")
     actor = EmbedActor([session.model], "cpu", 1, 2, target)
     names = ["cat/0.jpg", "cat/1.jpg", "dog/corrupt.jpg"]
@@ -212,7 +214,7 @@ def test_an_actor_writes_its_rows_as_pending_shards_and_returns_only_their_metad
     assert [e.file.split("/")[0] for e in written] == ["resnet50", PIXELS] and [e.rows for e in written] == [2, 2]
     assert all(e.failures == 1 and (store.shards / e.file).stat().st_size == e.bytes for e in written)
     assert list(columns["shards"][1:]) == ["", ""]
-    store.commit(data, [ImageRecord(name, name.split("/")[0]) for name in names], {})  # the driver's commit
+    writer.commit(data, [ImageRecord(name, name.split("/")[0]) for name in names], {})  # the driver's commit
     features = store.load("resnet50")
     assert list(features.paths) == names[:2] and list(store.failures("resnet50").paths) == ["dog/corrupt.jpg"]
     np.testing.assert_allclose(features.embeddings, session.embed(crops["crop0"][:2]), rtol=1e-5, atol=1e-5)
@@ -222,7 +224,7 @@ def test_the_driver_refuses_shards_it_cannot_see(tmp_path):
     store = EmbeddingStore(tmp_path / "e.h5")
     with pytest.raises(UserError,
                        match="a Ray worker wrote .*, which this machine cannot see: put --cache on a filesystem"):
-        cluster._check_driver_sees_the_shard(store, ShardEntry("resnet50/000000-x.h5", "", 10, 1, 0))
+        cluster._check_driver_sees_the_shard(store.writer(), ShardEntry("resnet50/000000-x.h5", "", 10, 1, 0))
 
 
 def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):

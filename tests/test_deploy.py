@@ -75,7 +75,8 @@ def fitted(tmp_path_factory, exported, state_dict_file):
     for c, (name, brightness) in enumerate((("bright", 1.0), ("dim", 0.6), ("dark", 0.25))):
         for i in range(6):
             save(data / name / f"{i}.png", (photo(48 + i, 40, seed=i + 100 * c) * brightness).astype(np.uint8))
-    run_extract(data, ["resnet50"], work / "pets.h5", models_dir=models_dir, weights=str(state_dict_file("resnet50")),
+    run_extract(data, models=["resnet50"], cache=work / "pets.h5", models_dir=models_dir,
+                weights=str(state_dict_file("resnet50")),
                 progress=False)
     run_fit(work / "pets.h5", out=work / "classifiers", n_jobs=1, curve=False)
     return work, models_dir
@@ -106,13 +107,15 @@ def test_a_deployed_classifier_predicts_what_its_bundle_predicts_without_unpickl
     assert [(i.name, i.type) for i in session.get_inputs()] == [("images", "tensor(uint8)")]
     assert [(o.name, o.shape) for o in session.get_outputs()] == [(OUTPUT_NAME, ["batch", 3])]
 
-    run_classify(work / "pets", bundle_path, tmp_path / "bundle.csv", models_dir=models_dir, cache=None, progress=False)
+    run_classify(work / "pets", bundle_path, output=tmp_path / "bundle.csv", models_dir=models_dir, cache=None,
+                 progress=False)
 
     def no_unpickling(*args, **kwargs):
         raise AssertionError("a deployed classifier must not load a pickle")
 
     monkeypatch.setattr(joblib, "load", no_unpickling)
-    counts = run_classify(work / "pets", tmp_path / "svm.onnx", tmp_path / "onnx.csv", models_dir=tmp_path / "nothing",
+    counts = run_classify(work / "pets", tmp_path / "svm.onnx", output=tmp_path / "onnx.csv",
+                          models_dir=tmp_path / "nothing",
                           cache=work / "pets.h5", progress=False)
     assert counts["classified"] == 18 and counts["cached"] == 0
     want, got = rows(tmp_path / "bundle.csv"), rows(tmp_path / "onnx.csv")
@@ -181,15 +184,15 @@ def test_classify_refuses_a_changed_deployed_file_a_backbone_and_another_precisi
     work, models_dir = fitted
     deployed = deploy_classifier(work / "classifiers" / "resnet50-logreg.skops", models_dir, out=tmp_path / "d.onnx")
     with pytest.raises(UserError, match="runs its backbone at fp32, merged into the file"):
-        run_classify(work / "pets", deployed.onnx_path, None, precision="int8", cache=None)
+        run_classify(work / "pets", deployed.onnx_path, output=None, precision="int8", cache=None)
     with pytest.raises(UserError, match="resnet50.json describes a backbone, not a classifier"):
-        run_classify(work / "pets", models_dir / "resnet50.onnx", None, cache=None)
+        run_classify(work / "pets", models_dir / "resnet50.onnx", output=None, cache=None)
     with open(deployed.onnx_path, "ab") as stream:
         stream.write(b"\0")
     with pytest.raises(UserError, match=r"d.onnx does not match its manifest .*d.json .* "
                        r"deploy it again: .*resnet50-logreg"
                        r".skops --out .*d.onnx\."):
-        run_classify(work / "pets", deployed.onnx_path, None, cache=None)
+        run_classify(work / "pets", deployed.onnx_path, output=None, cache=None)
     (tmp_path / "d.json").write_text("{}")
     with pytest.raises(UserError, match="d.json is not the manifest of a deployed classifier"):
         DeployedManifest.load(tmp_path / "d.json")

@@ -32,7 +32,8 @@ def project(tmp_path_factory, exported, state_dict_file) -> Path:
     root = tmp_path_factory.mktemp("project")
     class_folders(root / "data", {"cat": 6, "dog": 6}, size=(90, 120))
     shutil.copytree(exported("resnet50", 64).onnx_path.parent, root / "models")
-    run_extract(root / "data", ["resnet50"], root / "features" / "embeddings.h5", models_dir=root / "models",
+    run_extract(root / "data", models=["resnet50"], cache=root / "features" / "embeddings.h5",
+                models_dir=root / "models",
                 weights=str(state_dict_file("resnet50")), progress=False)
     run_fit(root / "features" / "embeddings.h5", classifiers=["logreg"],
             out=root / "models" / "classifiers" / "embeddings", n_jobs=1, curve=False)

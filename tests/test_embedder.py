@@ -31,7 +31,7 @@ def pets(tmp_path_factory, models_dir, state_dict_file):
     root = class_folders(tmp_path_factory.mktemp("pets"), {"cat": 5, "dog": 5})
     cache = root.parent / "pets.h5"
     weights = str(state_dict_file("resnet50"))  # what the exported test model has, so nothing is exported again
-    run_extract(root, ["resnet50"], cache, models_dir=models_dir, weights=weights, progress=False)
+    run_extract(root, models=["resnet50"], cache=cache, models_dir=models_dir, weights=weights, progress=False)
     return root, cache
 
 

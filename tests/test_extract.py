@@ -222,7 +222,8 @@ def test_ctrl_c_keeps_finished_batches(tmp_path, small_models, monkeypatch, extr
         extract_quietly(data, cache, small_models, batch_size=2)
     monkeypatch.setattr(extract, "record_batch", real)
     fingerprint = EmbeddingStore(tmp_path / "other.h5").load_attrs("resnet50")["fingerprint"]
-    assert len(EmbeddingStore(cache).known("resnet50", fingerprint)) == 4  # two batches of two, in pending shards
+    # two batches of two, in pending shards
+    assert len(EmbeddingStore(cache).writer().known("resnet50", fingerprint)) == 4
     specs = extract_quietly(data, cache, small_models, batch_size=2)
     assert specs[0].embedded == 5 and specs[0].skipped == 1
     assert len(set(EmbeddingStore(cache).load("resnet50").paths)) == 9
@@ -255,7 +256,8 @@ in any order."""
 KILLED_RUN = """
 import sys
 from pipeline.extract.run import run_extract
-run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=2, models_dir=sys.argv[3], weights=sys.argv[4],
+run_extract(sys.argv[1], models=["resnet50"], cache=sys.argv[2], batch_size=2, models_dir=sys.argv[3],
+            weights=sys.argv[4],
             progress=False, journal_rows=2)
 """
 
@@ -323,8 +325,8 @@ COMMIT_KILLED_AT = """
 import sys, time
 from pathlib import Path
 import pipeline.store.compact as compact
-import pipeline.store.embedding_store as embedding_store
 import pipeline.store.index as index
+import pipeline.store.writer as store_writer
 from pipeline.extract.run import run_extract
 
 marker, where = Path(sys.argv[5]), sys.argv[6]
@@ -333,7 +335,7 @@ def stop_here():
     marker.touch()
     time.sleep(300)  # the test kills the process here
 
-write_view, write_index, write_shard = index._write_view, embedding_store.write_index, compact.write_shard_blocks
+write_view, write_index, write_shard = index._write_view, store_writer.write_index, compact.write_shard_blocks
 
 def view_then_stop(group, *args):  # the new index half-written: one feature set's group, not the next
     write_view(group, *args)
@@ -358,8 +360,9 @@ if where == "writing":
 elif where == "compacting":
     compact.write_shard_blocks = shard_then_stop
 else:
-    embedding_store.write_index = second_index_then_stop
-run_extract(sys.argv[1], ["resnet50"], sys.argv[2], batch_size=2, models_dir=sys.argv[3], weights=sys.argv[4],
+    store_writer.write_index = second_index_then_stop
+run_extract(sys.argv[1], models=["resnet50"], cache=sys.argv[2], batch_size=2, models_dir=sys.argv[3],
+            weights=sys.argv[4],
             progress=False, journal_rows=2)
 """
 
@@ -433,8 +436,8 @@ def test_missing_models_are_exported_first(tmp_path, state_dict_file):
     data = class_folders(tmp_path / "pets", {"cat": 1})
     models_dir = tmp_path / "models"
     specs = run_extract(
-        data, ["resnet50"], tmp_path / "e.h5", models_dir=models_dir, weights=str(state_dict_file("resnet50")),
-        progress=False,
+        data, models=["resnet50"], cache=tmp_path / "e.h5", models_dir=models_dir,
+        weights=str(state_dict_file("resnet50")), progress=False,
     )
     assert (models_dir / "resnet50.onnx").exists() and specs[0].embedded == 1
     assert EmbeddingStore(tmp_path / "e.h5").load("resnet50").attrs["weights_source"] == "file"
@@ -444,7 +447,8 @@ def test_models_with_other_weights_are_exported_again_not_used(tmp_path, small_m
     models_dir = tmp_path / "models"
     shutil.copytree(small_models, models_dir)
     data = class_folders(tmp_path / "pets", {"cat": 1})
-    specs = run_extract(data, ["resnet50"], tmp_path / "e.h5", models_dir=models_dir, weights="random", progress=False)
+    specs = run_extract(data, models=["resnet50"], cache=tmp_path / "e.h5", models_dir=models_dir, weights="random",
+                        progress=False)
     err = messages()
     assert "has weights file:" in err and "kept the export being replaced as" in err
     attrs = EmbeddingStore(tmp_path / "e.h5").load("resnet50").attrs
@@ -459,14 +463,16 @@ def test_exported_models_are_used_as_they_are_and_weights_can_differ_per_model(t
     shutil.copytree(small_models, models_dir)  # exported from a weights file, as make models WEIGHTS=PATH does
     data = class_folders(tmp_path / "pets", {"cat": 1})
     before = (models_dir / "resnet50.onnx").stat().st_mtime_ns
-    specs = run_extract(data, ["resnet50"], tmp_path / "e.h5", models_dir=models_dir, progress=False)  # no --weights
+    specs = run_extract(data, models=["resnet50"], cache=tmp_path / "e.h5", models_dir=models_dir,
+                        progress=False)  # no --weights
     assert specs[0].embedded == 1 and specs[0].attrs["weights_source"] == "file"
     assert (models_dir / "resnet50.onnx").stat().st_mtime_ns == before and "exporting" not in messages()
-    specs = run_extract(data, ["resnet50"], tmp_path / "f.h5", models_dir=models_dir, weights=["resnet50=random"],
+    specs = run_extract(data, models=["resnet50"], cache=tmp_path / "f.h5", models_dir=models_dir,
+                        weights=["resnet50=random"],
                         progress=False)
     assert specs[0].attrs["weights_id"] == "random:seed=0"
     with pytest.raises(UserError, match="names vgg16, which is not among --models"):
-        run_extract(data, ["resnet50"], tmp_path / "g.h5", models_dir=models_dir, weights=["vgg16=random"])
+        run_extract(data, models=["resnet50"], cache=tmp_path / "g.h5", models_dir=models_dir, weights=["vgg16=random"])
 
 
 def test_unreadable_files_are_failures_and_tried_again(tmp_path, small_models, extract_quietly):
@@ -532,7 +538,7 @@ def test_full_size_embeddings_equal_torchvision(tmp_path, exported, state_dict_f
         shutil.copy(photos / name, data / "cat" / name)
     models_dir = exported(model, 224).onnx_path.parent
     weights = str(state_dict_file(model))
-    run_extract(data, [model], tmp_path / "e.h5", models_dir=models_dir, weights=weights, progress=False)
+    run_extract(data, models=[model], cache=tmp_path / "e.h5", models_dir=models_dir, weights=weights, progress=False)
     features = EmbeddingStore(tmp_path / "e.h5").load(model)
     want = reference_embeddings(model, data, features.paths, 224)
     assert features.embeddings.shape == (11, DEFAULT_BACKBONES[model].embedding_dim)
@@ -548,7 +554,7 @@ def test_journal_of_another_folder_is_not_mixed_in(tmp_path, small_models, extra
     leftover.records.append(ImageRecord("cat/0.jpg"))
     leftover.states.append(FileState("x", 1, 1))
     leftover.embeddings.append(np.zeros(2048, np.float32))
-    EmbeddingStore(cache).append(leftover)
+    EmbeddingStore(cache).writer().append(leftover)
     data = class_folders(tmp_path / "pets", {"cat": 1})
     with pytest.raises(UserError, match="interrupted run on /some/other/folder"):
         extract_quietly(data, cache, small_models)

@@ -72,7 +72,7 @@ def photos_fit(tmp_path_factory, exported, state_dict_file):
     original.resize((int(original.width * 0.7), int(original.height * 0.7)), Image.BICUBIC).save(
         buffer, "JPEG", quality=60)
     (data / "test" / "dark" / "near-copy.jpg").write_bytes(buffer.getvalue())
-    run_extract(data, ["resnet50"], root / "e.h5", models_dir=exported("resnet50", 64).onnx_path.parent,
+    run_extract(data, models=["resnet50"], cache=root / "e.h5", models_dir=exported("resnet50", 64).onnx_path.parent,
                 weights=str(state_dict_file("resnet50")), progress=False)
     report = run_fit(root / "e.h5", out=root / "out", n_jobs=1, classifiers=["logreg"], curve=False,
                      page=PageOptions(thumbnails=3))

@@ -127,15 +127,16 @@ def test_exports_stores_bundles_and_deployments_of_the_landed_version_keep_worki
     cache = tmp_path / "store.h5"
     from pipeline.extract.run import run_extract
 
-    run_extract(data, ["resnet50"], cache, models_dir=repository.folder, progress=False)
+    run_extract(data, models=["resnet50"], cache=cache, models_dir=repository.folder, progress=False)
     landed_store(cache)
     assert "weights_license" not in EmbeddingStore(cache).load_attrs("resnet50")
     report = run_fit(cache, out=tmp_path / "classifiers", reuse=False)
     assert {row["features"] for row in report["results"]} == {"resnet50", "pixels"}
     bundle = tmp_path / "classifiers" / "resnet50-logreg.skops"
-    counts = run_classify(data, bundle, None, models_dir=repository.folder, cache=cache, progress=False)
+    counts = run_classify(data, bundle, output=None, models_dir=repository.folder, cache=cache, progress=False)
     assert counts["classified"] == 12 and counts["cached"] == 12
     deployed = deploy_classifier(bundle, repository.folder, out=tmp_path / "deployed.onnx")
-    counts = run_classify(data, deployed.onnx_path, None, models_dir=repository.folder, cache=None, progress=False)
+    counts = run_classify(data, deployed.onnx_path, output=None, models_dir=repository.folder, cache=None,
+                          progress=False)
     assert counts["classified"] == 12
     assert np.isfinite(EmbeddingStore(cache).load("resnet50").embeddings).all()

@@ -21,9 +21,10 @@ def cli(*arguments: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def cache(tmp_path):
     store = EmbeddingStore(tmp_path / "e.h5")
-    store.append(segment({"cat/a.jpg": 1}, {"dog/b.jpg": "truncated file"}))
-    store.append(segment({"c.jpg": 2}))
-    store.commit(ROOT, DATASET, {"m": "f1"})
+    writer = store.writer()
+    writer.append(segment({"cat/a.jpg": 1}, {"dog/b.jpg": "truncated file"}))
+    writer.append(segment({"c.jpg": 2}))
+    writer.commit(ROOT, DATASET, {"m": "f1"})
     return store.path
 
 

@@ -28,9 +28,10 @@ def test_the_listing_is_sorted_by_key_and_keeps_class_indices():
 
 def test_pending_shards_are_in_run_order_and_only_those_of_this_version(tmp_path):
     store = EmbeddingStore(tmp_path / "e.h5")
-    store.append(segment({"cat/a.jpg": 1}))
-    store.commit(ROOT, DATASET[:1], {"m": "f1"})  # version 1
-    later = EmbeddingStore(store.path)
+    writer = store.writer()
+    writer.append(segment({"cat/a.jpg": 1}))
+    writer.commit(ROOT, DATASET[:1], {"m": "f1"})  # version 1
+    later = EmbeddingStore(store.path).writer()
     later.append(segment({"dog/b.jpg": 2}))
     later.append(segment({"c.jpg": 3}))
     index = store.index()
@@ -45,9 +46,10 @@ def test_pending_shards_are_in_run_order_and_only_those_of_this_version(tmp_path
 def test_duplicate_rows_in_pending_shards_are_listed_once(tmp_path):
     # A Ray batch retried after its worker wrote the shard: the same rows twice, under two writer names.
     store = EmbeddingStore(tmp_path / "e.h5")
-    store.append(segment({"cat/a.jpg": 1, "dog/b.jpg": 2}))
-    store.append(segment({"cat/a.jpg": 1, "dog/b.jpg": 2}))
-    store.commit(ROOT, DATASET[:2], {"m": "f1"})
+    writer = store.writer()
+    writer.append(segment({"cat/a.jpg": 1, "dog/b.jpg": 2}))
+    writer.append(segment({"cat/a.jpg": 1, "dog/b.jpg": 2}))
+    writer.commit(ROOT, DATASET[:2], {"m": "f1"})
     loaded = store.load("m")
     assert sorted(loaded.paths) == ["cat/a.jpg", "dog/b.jpg"] and store.counts("m") == (2, 0)
     assert len(shard_files(store)) == 1  # the superseded copy is retired
@@ -55,24 +57,26 @@ def test_duplicate_rows_in_pending_shards_are_listed_once(tmp_path):
 
 def test_carried_shards_stay_pending_on_the_next_version(tmp_path):
     store = EmbeddingStore(tmp_path / "e.h5")
-    store.append(segment({"cat/a.jpg": 1}))
-    store.commit(ROOT, DATASET[:1], {"m": "f1"})
-    store.append(segment({"dog/b.jpg": 2}))
+    writer = store.writer()
+    writer.append(segment({"cat/a.jpg": 1}))
+    writer.commit(ROOT, DATASET[:1], {"m": "f1"})
+    writer.append(segment({"dog/b.jpg": 2}))
     index = store.index()
     pending = pending_shards(store.shards, index)
     carry(store.shards, pending, index.version + 1)  # as a drop or a compaction does before its index
     assert [p.name.split("-")[0] for p in pending_shards(store.shards, index)] == ["m/000002"]
-    EmbeddingStore(store.path).commit(ROOT, DATASET[:2], {"m": "f1"})
+    EmbeddingStore(store.path).writer().commit(ROOT, DATASET[:2], {"m": "f1"})
     assert by_path(store) == {"cat/a.jpg": 1, "dog/b.jpg": 2}
 
 
 def test_labels_and_splits_follow_the_listing_without_new_shards(tmp_path):
     store = EmbeddingStore(tmp_path / "e.h5")
-    store.append(segment({"cat/a.jpg": 1, "dog/b.jpg": 2}))
-    store.commit(ROOT, DATASET[:2], {"m": "f1"})
+    writer = store.writer()
+    writer.append(segment({"cat/a.jpg": 1, "dog/b.jpg": 2}))
+    writer.commit(ROOT, DATASET[:2], {"m": "f1"})
     before = shard_files(store)
-    store.commit(ROOT, [ImageRecord("cat/a.jpg", "lynx", "validation"), ImageRecord("dog/b.jpg", "dog", "test")],
-                 {"m": "f1"})
+    writer.commit(ROOT, [ImageRecord("cat/a.jpg", "lynx", "validation"), ImageRecord("dog/b.jpg", "dog", "test")],
+                  {"m": "f1"})
     loaded = store.load("m")
     assert shard_files(store) == before
     assert [loaded.classes[i] for i in loaded.labels] == ["lynx", "dog"] and list(loaded.splits) == [

@@ -26,10 +26,11 @@ def small_full_shards(monkeypatch):
 
 def store_of_small_shards(tmp_path, rows_per_shard: int = 1, failed: str = "") -> EmbeddingStore:
     store = EmbeddingStore(tmp_path / "e.h5")
+    writer = store.writer()
     for start in range(0, len(PATHS), rows_per_shard):
         part = {p: float(i) for i, p in enumerate(PATHS[start : start + rows_per_shard], start)}
-        store.append(segment(part, {failed: "broken"} if failed and start == 0 else {}))
-    store.commit(ROOT, LISTING + ([ImageRecord(failed)] if failed else []), {"m": "f1"})
+        writer.append(segment(part, {failed: "broken"} if failed and start == 0 else {}))
+    writer.commit(ROOT, LISTING + ([ImageRecord(failed)] if failed else []), {"m": "f1"})
     return store
 
 
@@ -43,42 +44,45 @@ def test_compaction_keeps_every_row_in_order_and_rewrites_into_full_shards(tmp_p
     store = store_of_small_shards(tmp_path, failed="bad.jpg")
     assert len(shard_files(store)) == 40
     before = snapshot(store)
-    with store.lock():
-        done = store.compact()
+    with store.writer() as writer:
+        done = writer.compact()
     assert done.rewritten == {"m": 40} and done.written == {"m": 5}
     assert snapshot(store) == before and len(shard_files(store)) == 5
     assert [e.rows for e in store.index().sets["m"].shards] == [8] * 5
-    assert not store.compact()  # nothing left to do
+    assert not writer.compact()  # nothing left to do
 
 
 def test_deleted_rows_are_dropped_by_compaction_and_deletion_lists_renumbered(tmp_path, small_full_shards):
     store = store_of_small_shards(tmp_path, rows_per_shard=8)  # five full shards
+    writer = store.writer()
     kept = [r for i, r in enumerate(LISTING) if i not in (9, 10, 33)]  # one row gone in shards 1, 4; one more in 1
-    store.commit(ROOT, kept, {"m": "f1"})
+    writer.commit(ROOT, kept, {"m": "f1"})
     assert list(store.index().sets["m"].deleted) == [9, 10, 33]  # under the automatic threshold (a quarter)
     before = snapshot(store)
-    with store.lock():
-        assert store.compact().rewritten == {"m": 2}  # only the two shards with deleted rows
+    with store.writer() as writer:
+        assert writer.compact().rewritten == {"m": 2}  # only the two shards with deleted rows
     assert snapshot(store) == before and not len(store.index().sets["m"].deleted)
 
 
 def test_a_commit_compacts_by_itself_past_the_thresholds(tmp_path, small_full_shards, monkeypatch):
     monkeypatch.setattr(compact, "SMALL_SHARDS", 64)
     store = store_of_small_shards(tmp_path)  # 40 small shards: under the limit
+    writer = store.writer()
     assert len(shard_files(store)) == 40
     monkeypatch.setattr(compact, "SMALL_SHARDS", 30)
-    store.append(segment({"new.jpg": 7}))
-    store.commit(ROOT, LISTING + [ImageRecord("new.jpg")], {"m": "f1"})  # 41 small shards: past it
+    writer.append(segment({"new.jpg": 7}))
+    writer.commit(ROOT, LISTING + [ImageRecord("new.jpg")], {"m": "f1"})  # 41 small shards: past it
     assert len(shard_files(store)) == 6 and store.counts("m") == (41, 0)
     half = [r for i, r in enumerate(LISTING) if i >= 5] + [ImageRecord("new.jpg")]
-    store.commit(ROOT, half, {"m": "f1"})  # the first full shard 5/8 deleted: more than a quarter
+    writer.commit(ROOT, half, {"m": "f1"})  # the first full shard 5/8 deleted: more than a quarter
     assert [e.rows for e in store.index().sets["m"].shards][0] < 8 and not len(store.index().sets["m"].deleted)
 
 
 def test_the_plan_only_rewrites_what_pays(tmp_path, small_full_shards):
     store = store_of_small_shards(tmp_path, rows_per_shard=8)
+    writer = store.writer()
     assert plan_compaction(store.index(), force=True) == []  # full, nothing deleted
-    store.commit(ROOT, LISTING[1:], {"m": "f1"})  # one row of 8 deleted: under a quarter
+    writer.commit(ROOT, LISTING[1:], {"m": "f1"})  # one row of 8 deleted: under a quarter
     assert plan_compaction(store.index(), force=False) == []
     assert [(r.first, r.stop) for r in plan_compaction(store.index(), force=True)] == [(0, 1)]
 

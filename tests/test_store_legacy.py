@@ -46,7 +46,7 @@ def test_the_first_write_converts_it_once_and_says_so(tmp_path, caplog, messages
     path = tmp_path / "old.h5"
     expected = format1_store(path)
     store = EmbeddingStore(path)
-    with store.lock():
+    with store.writer():
         pass
     assert "converting the store to format 2, once" in messages()
     caplog.clear()
@@ -54,7 +54,7 @@ def test_the_first_write_converts_it_once_and_says_so(tmp_path, caplog, messages
         assert index.attrs["format_version"] == 2 and index.attrs["version"] == 1
     assert_holds(store, expected)
     assert all(name.endswith("-conversion.h5") for name in (p.name for p in store.shards.glob("*/*.h5")))
-    with store.lock():
+    with store.writer():
         pass
     assert "converting" not in messages()  # once
 
@@ -64,11 +64,11 @@ def test_an_interrupted_format1_run_becomes_pending_shards(tmp_path):
     expected = format1_store(path)
     format1_journal_segment(path, "resnet50", {"bird/0.jpg": 5.0})
     store = EmbeddingStore(path)
-    with store.lock():
-        assert len(store.known("resnet50", expected["resnet50"]["attrs"]["fingerprint"])) == 13 + 1
+    with store.writer() as writer:
+        assert len(writer.known("resnet50", expected["resnet50"]["attrs"]["fingerprint"])) == 13 + 1
         records = [ImageRecord(p, p.split("/")[0], s) for p, s in zip(expected["resnet50"]["paths"],
                                                                        expected["resnet50"]["splits"])]
-        store.commit(ROOT, records + [ImageRecord("bird/0.jpg", "bird"), ImageRecord("dog/broken.jpg", "dog")], {})
+        writer.commit(ROOT, records + [ImageRecord("bird/0.jpg", "bird"), ImageRecord("dog/broken.jpg", "dog")], {})
     assert not store.journal.exists()
     loaded = store.load("resnet50")
     assert loaded.paths[-1] == "bird/0.jpg" and loaded.classes[loaded.labels[-1]] == "bird"
@@ -88,7 +88,7 @@ def one_shard_then_stop(*args):
     time.sleep(300)
 
 legacy.write_shard_blocks = one_shard_then_stop
-with EmbeddingStore(sys.argv[1]).lock():
+with EmbeddingStore(sys.argv[1]).writer():
     pass
 """
 
@@ -104,7 +104,7 @@ def test_a_conversion_killed_midway_leaves_the_format1_store_whole(tmp_path):
     process.wait()
     assert path.read_bytes() == before  # still the format-1 file, whole
     assert_holds(EmbeddingStore(path), expected)
-    with EmbeddingStore(path).lock():  # converted this time; the killed attempt's shard is deleted
+    with EmbeddingStore(path).writer():  # converted this time; the killed attempt's shard is deleted
         pass
     assert_holds(EmbeddingStore(path), expected)
     assert len(list((tmp_path / "old.h5.shards").glob("*/*.h5"))) == 2

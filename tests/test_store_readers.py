@@ -19,10 +19,11 @@ PATHS = [f"c{i % 3}/{i:04d}.jpg" for i in range(700)]
 def store(tmp_path) -> EmbeddingStore:
     """700 rows of 1024 floats (256 rows per 1 MB chunk) in three shards, every seventh deleted."""
     store = EmbeddingStore(tmp_path / "e.h5")
+    writer = store.writer()
     for start, stop in ((0, 250), (250, 600), (600, 700)):
-        store.append(segment({p: float(i) for i, p in enumerate(PATHS[start:stop], start)}, dim=1024))
+        writer.append(segment({p: float(i) for i, p in enumerate(PATHS[start:stop], start)}, dim=1024))
     keep = [ImageRecord(p, p[:2]) for i, p in enumerate(PATHS) if i % 7]  # every seventh file is gone
-    store.commit(ROOT, keep, {"m": "f1"})
+    writer.commit(ROOT, keep, {"m": "f1"})
     return store
 
 
@@ -74,7 +75,7 @@ def test_hashes_are_held_as_their_32_bytes():
 
 def test_a_reader_whose_shard_a_compaction_replaced_is_told_to_run_again(store):
     with store.rows("m") as rows:  # opened on the index before the compaction
-        with store.lock():
-            store.compact()
+        with store.writer() as writer:
+            writer.compact()
         with pytest.raises(UserError, match="changed while this was reading it .* run it again"):
             rows.read(0, 10)

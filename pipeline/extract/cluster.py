@@ -15,22 +15,21 @@ import json
 import logging
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.extract.decode import MAX_PIXELS, PIXELS_SIZE, DecodedImage, decode_file
 from pipeline.extract.discover import ImageRecord
-from pipeline.extract.features import BatchOutcome, FeatureSpec, embed_batch, feature_specs, record_outcomes
+from pipeline.extract.features import BatchOutcome, embed_batch, feature_specs, record_outcomes
+from pipeline.extract.plan import ExtractRun
 from pipeline.models import ExportedModel, Preprocessing
 from pipeline.models.session import CPU_BATCH, CUDA_BATCH
-from pipeline.store import EmbeddingStore, FileState, Segment
-from pipeline.store.commit import RunName, write_segment
-from pipeline.store.shards import ShardEntry
+from pipeline.store import FileState, Segment, ShardEntry, ShardTarget, StoreWriter
 
 RAY_MISSING = "the ray backend needs Ray: pip install -e '.[ray]' (Ray Data and its dependencies)."
 CONNECT_SECONDS = 5.0
@@ -38,17 +37,11 @@ CONNECT_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class ShardOutput:
-    """Where the actors write their rows: the store's shards folder, as pending shards of this run."""
+    """Where the actors write their rows: pending shards of the writer's run, which it registers and commits."""
 
-    store: EmbeddingStore
+    writer: StoreWriter
     dataset_root: str
     rows: int  # rows per actor call, so per shard at most
-
-    def target(self) -> dict:
-        """What an actor needs to name and write its shards (plain values: it crosses to the workers)."""
-        run = self.store.run_name()
-        return {"folder": str(self.store.shards.resolve()), "base_version": run.base_version, "run": run.run,
-                "dataset_root": self.dataset_root}
 
 
 @dataclass(frozen=True)
@@ -100,6 +93,7 @@ def connect() -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
+    _quiet_ray()
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -115,6 +109,27 @@ def connect() -> bool:
             f"cannot start a local Ray instance ({error}); see `ray status`, or use --backend local."
         ) from None
     return True
+
+
+def _quiet_ray() -> None:
+    """Ray's own messages down to what a user of the run needs; each is the user's to turn back on.
+
+    Ray's notice that a local instance enables token authentication is dropped (its warning that one runs
+    without it is kept), and the workers' lines are not wrapped in colour codes where stderr is not a terminal
+    (``RAY_COLOR_PREFIX``). One line stays: Ray's native code writes ``core_worker.cc ... E ... has
+    constructor arguments in the object store`` for every Ray Data actor pool (ray-project/ray#57733); the
+    run does not suffer it, and only a log level that also hides Ray's real errors would remove it.
+    """
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    token_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _token_notice not in token_setup.filters:
+        token_setup.addFilter(_token_notice)
+
+
+def _token_notice(record: logging.LogRecord) -> bool:
+    """False for Ray's notice that token authentication is enabled (a filter of its logger)."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def _check_reachable(address: str) -> None:
@@ -177,41 +192,33 @@ def plan_workers(device: str, requested: int | None) -> Workers:
     return Workers(actors, max(1, cpus // actors), 0.0)
 
 
-def embed_on_ray(
-    items: Sequence, paths: Sequence[str], specs: Sequence[FeatureSpec], preprocessings: Sequence[Preprocessing],
-    device: str, batch_size: int, workers: Workers, max_pixels: int, output: ShardOutput,
-) -> Iterator[BatchOutcome]:
-    """Decode, embed and store ``items`` on the cluster; yield each batch's outcome, in the order of ``items``.
+def embed_on_ray(run: ExtractRun, paths: Sequence[str], workers: Workers, output: ShardOutput, device: str,
+                 max_pixels: int) -> Iterator[BatchOutcome]:
+    """Decode, embed and store the run's work items on the cluster; yield each batch's outcome, in work order.
 
     Parameters
     ----------
-    items : sequence of WorkItem
-        The work items (their records, listed file states and needed feature sets go to the workers).
+    run : ExtractRun
+        The work items (their records, listed file states and needed feature sets go to the workers), the
+        feature sets (from sessions the driver opened: actors open the same exported models, at the same path
+        on every node, and refuse to run when a node's file is not the driver's), their crops and the batch size.
     paths : sequence of str
         Each item's absolute file path, as every worker sees it (a shared filesystem on a multi-node cluster).
-    specs : sequence of FeatureSpec
-        The feature sets, from sessions the driver opened; actors open the same exported models (at the same
-        path on every node) and refuse to run when a node's file is not the driver's.
-    preprocessings : sequence of Preprocessing
-        The crops the specs need.
-    device : {"auto", "cuda", "cpu"}
-    batch_size : int
-        Images per inference batch.
     workers : Workers
         The actor pool (see :func:`plan_workers`).
-    max_pixels : int
-        Images above it are failures (see :func:`pipeline.decode.decode_file`).
     output : ShardOutput
-        The store the actors write pending shards to (``output.rows`` images per actor call), on a filesystem
-        the driver sees too; each shard they report is registered with the store for the commit.
+        Where the actors write pending shards (``output.rows`` images per actor call), on a filesystem the driver
+        sees too; each shard they report is registered with the writer for the commit.
+    device : {"auto", "cuda", "cpu"}
+    max_pixels : int
+        Images above it are failures (see :func:`pipeline.extract.decode.decode_file`).
 
     Yields
     ------
     tuple
-        ``(items, sha256s, errors, None)`` as :func:`pipeline.extract.record_batch` takes them: the rows are
+        ``(items, sha256s, errors, None)`` as :func:`pipeline.extract.run.record_batch` takes them: the rows are
         in shards already.
     """
-    import pyarrow
     import ray
     import ray.data
 
@@ -221,10 +228,50 @@ def embed_on_ray(
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # ...so Ray's notice that its are off is noise
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    needed = [sum(1 << bit for bit, spec in enumerate(specs) if spec.name in item.needed) for item in items]
     # A shard's rows per block (few blocks: less scheduling on the driver), but two blocks per actor at least.
-    block = max(batch_size, min(output.rows, len(items) // (2 * workers.actors)))
-    blocks = [
+    block = max(run.batch_size, min(output.rows, len(run.work) // (2 * workers.actors)))
+    backbones = [spec for spec in run.specs if spec.session is not None]
+    dataset = ray.data.from_arrow(_work_blocks(run, paths, block)).map_batches(
+        decode_batch, batch_size=run.batch_size,
+        fn_kwargs={"preprocessings": list(run.preprocessings), "max_pixels": max_pixels},
+        num_cpus=1,
+    ).map_batches(
+        EmbedActor, batch_size=max(output.rows, 1), compute=ray.data.ActorPoolStrategy(size=workers.actors),
+        fn_constructor_kwargs={
+            "models": [spec.session.model for spec in backbones], "device": device, "threads": workers.threads,
+            "batch_size": run.batch_size, "target": output.writer.target(output.dataset_root),
+        },
+        **workers.remote_args,
+    )
+    providers: set[str] = set()
+    first = True
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        if batch["fatal"][0]:
+            raise UserError(f"on a Ray worker: {batch['fatal'][0]}")
+        rows = [run.work[i] for i in batch["index"]]
+        hashes, errors = [str(s) for s in batch["sha256"]], [str(e) for e in batch["error"]]
+        if first:
+            _check_workers_see_the_files([paths[i] for i in batch["index"]], errors)
+            first = False
+        for reported in batch["shards"]:
+            for entry in json.loads(str(reported) or "[]"):
+                shard = ShardEntry(**entry)
+                _check_driver_sees_the_shard(output.writer, shard)
+                output.writer.register(shard)
+        providers.add(str(batch["providers"][0]))
+        for number, spec in enumerate(backbones):
+            spec.attrs["provider"] = ",".join(sorted({p.split(",")[number] for p in providers}))
+        yield rows, hashes, errors, None
+
+
+def _work_blocks(run: ExtractRun, paths: Sequence[str], block: int) -> list:
+    """The work items as Arrow tables of ``block`` rows: index, path, record, listed size and mtime, and a bit mask
+    of the feature sets each needs."""
+    import pyarrow
+
+    items = run.work
+    needed = [sum(1 << bit for bit, spec in enumerate(run.specs) if spec.name in item.needed) for item in items]
+    return [
         pyarrow.table({
             "index": np.arange(start, min(start + block, len(items)), dtype=np.int64),
             "path": list(paths[start : start + block]),
@@ -235,37 +282,6 @@ def embed_on_ray(
         })
         for start in range(0, len(items), block)
     ]
-    backbones = [spec for spec in specs if spec.session is not None]
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        decode_batch, batch_size=batch_size,
-        fn_kwargs={"preprocessings": list(preprocessings), "max_pixels": max_pixels},
-        num_cpus=1,
-    ).map_batches(
-        EmbedActor, batch_size=max(output.rows, 1), compute=ray.data.ActorPoolStrategy(size=workers.actors),
-        fn_constructor_kwargs={
-            "models": [spec.session.model for spec in backbones], "device": device, "threads": workers.threads,
-            "batch_size": batch_size, "target": output.target(),
-        },
-        **workers.remote_args,
-    )
-    providers: set[str] = set()
-    first = True
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        if batch["fatal"][0]:
-            raise UserError(f"on a Ray worker: {batch['fatal'][0]}")
-        rows = [items[i] for i in batch["index"]]
-        hashes, errors = [str(s) for s in batch["sha256"]], [str(e) for e in batch["error"]]
-        if first:
-            _check_workers_see_the_files([paths[i] for i in batch["index"]], errors)
-            first = False
-        for reported in batch["shards"]:
-            for entry in json.loads(str(reported) or "[]"):
-                _check_driver_sees_the_shard(output.store, ShardEntry(**entry))
-                output.store.register(ShardEntry(**entry))
-        providers.add(str(batch["providers"][0]))
-        for number, spec in enumerate(backbones):
-            spec.attrs["provider"] = ",".join(sorted({p.split(",")[number] for p in providers}))
-        yield rows, hashes, errors, None
 
 
 def map_on_ray(function: Callable, jobs: Iterable) -> list:
@@ -286,9 +302,9 @@ def _check_workers_see_the_files(paths: Sequence[str], errors: Sequence[str]) ->
         )
 
 
-def _check_driver_sees_the_shard(store: EmbeddingStore, entry: ShardEntry) -> None:
+def _check_driver_sees_the_shard(writer: StoreWriter, entry: ShardEntry) -> None:
     """Stop when a shard a worker wrote is not where this machine looks for it (no shared filesystem)."""
-    path = store.shards / entry.file
+    path = writer.store.shards / entry.file
     if not path.exists() or path.stat().st_size != entry.bytes:
         raise UserError(
             f"a Ray worker wrote {path}, which this machine cannot see: put --cache on a filesystem every node "
@@ -323,11 +339,12 @@ def decode_batch(
 class EmbedActor:
     """Ray Data actor: the backbone sessions of one worker, embedding decoded batches and writing their shards."""
 
-    def __init__(self, models: list[ExportedModel], device: str, threads: int, batch_size: int, target: dict) -> None:
+    def __init__(self, models: list[ExportedModel], device: str, threads: int, batch_size: int,
+                 target: ShardTarget) -> None:
         self.fatal = ""  # a problem the user must fix, sent to the driver instead of crashing the actor in a loop
         self.batch_size, self.target = batch_size, target
         # Shards a retried batch writes again get another writer name; the commit lists one of each row.
-        self.run = RunName(target["base_version"], target["run"], uuid.uuid4().hex[:12])
+        self.name = uuid.uuid4().hex[:12]
         for model in models:  # this node's copy of each file must be the driver's
             try:
                 model.verify()
@@ -359,7 +376,7 @@ class EmbedActor:
             part = slice(start, start + self.batch_size)
             for name, rows in embed_batch(decoded[part], needed[part], self.specs).items():
                 features.setdefault(name, []).append(rows)
-        root = self.target["dataset_root"]
+        root = self.target.dataset_root
         segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs, root) for spec in self.specs}
         record_outcomes(
             [ImageRecord(str(path)) for path in batch["record"]],
@@ -368,11 +385,7 @@ class EmbedActor:
             {name: np.concatenate(rows) for name, rows in features.items()}, self.specs, segments,
         )
         order = int(batch["index"][0])
-        folder = Path(self.target["folder"])
-        written = [
-            asdict(write_segment(folder, segment, self.run.shard(name, order), self.run.base_version))
-            for name, segment in segments.items() if len(segment)
-        ]
+        written = [asdict(self.target.write(part, order, self.name)) for part in segments.values() if len(part)]
         columns = {key: batch[key] for key in ("index", "needed", "sha256", "error")}
         columns["shards"] = np.array([json.dumps(written)] + [""] * (len(decoded) - 1), dtype=object)
         columns["providers"] = np.array([self.providers] * len(decoded), dtype=object)

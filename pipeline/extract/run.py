@@ -8,190 +8,83 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.errors import Interrupted, UserError, command, counted
+from pipeline.errors import Interrupted, command, counted
 from pipeline.extract import cluster
-from pipeline.extract.decode import (
-    EARLIER_PIXELS_FINGERPRINTS,
-    MAX_PIXELS,
-    batches,
-    calibration_crops,
-    decode_file,
-    map_ordered,
-)
-from pipeline.extract.discover import Dataset, ImageRecord, discover
-from pipeline.extract.features import (
-    BatchOutcome,
-    FeatureSpec,
-    count_outcomes,
-    describe_features,
-    embed_batch,
-    feature_specs,
-    record_outcomes,
-)
+from pipeline.extract.decode import MAX_PIXELS, batches, decode_file, map_ordered
+from pipeline.extract.discover import Dataset, discover
+from pipeline.extract.features import BatchOutcome, FeatureSpec, count_outcomes, embed_batch, record_outcomes
+from pipeline.extract.options import BACKENDS, ExtractOptions
+from pipeline.extract.plan import ExtractRun, WorkItem, plan_run
 from pipeline.files import available_cores
-from pipeline.models import (
-    DEFAULT_BACKBONES,
-    PRECISIONS,
-    BackboneSession,
-    ExportedModel,
-    ModelRepository,
-    Preprocessing,
-    parse_model_name,
-)
-from pipeline.models.quantize import CALIBRATION_IMAGES, check_calibration_images, describe
-from pipeline.models.session import CUDA, DEVICES
-from pipeline.models.weights import weights_per_model
-from pipeline.store import PIXELS, EmbeddingStore, FileState, Segment
+from pipeline.models import DEFAULT_BACKBONES, PRECISIONS, Preprocessing
+from pipeline.models.quantize import CALIBRATION_IMAGES
+from pipeline.models.session import DEVICES
+from pipeline.store import EmbeddingStore, Segment, StoreWriter
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("local", "ray")
 EXIT_SKIPPED = 1  # with --strict: the run finished but some files could not be decoded
-UNREADABLE = FileState("", -1, -1)
-JOURNAL_ROWS = 512  # results are written as pending shards at least every this many images...
-JOURNAL_SECONDS = 30.0  # ...or this many seconds, so a kill loses at most that much work
+JOURNAL_SECONDS = 30.0  # results are written as pending shards at least this often (or every journal_rows images)
 
 
-@dataclass
-class WorkItem:
-    """An image that at least one feature set still needs, with the file state it had when listed."""
+def run_extract(data: str | os.PathLike, options: ExtractOptions | None = None, **settings: Any) -> list[FeatureSpec]:
+    """Embed every image of ``data`` with each model (and the pixel baseline) into the store.
 
-    record: ImageRecord
-    state: FileState  # UNREADABLE when the file vanished or cannot be stat'ed
-    needed: list[str] = field(default_factory=list)
-
-
-def open_sessions(
-    repository: ModelRepository, exports: Sequence[ExportedModel], device: str, precision: str, dataset: Dataset,
-    calibration_images: int, stored: Collection[str] = (), workers_on_cuda: bool | None = None,
-) -> list[BackboneSession]:
-    """Open a session per model at ``precision``, making fp16 / int8 variants first where missing or stale.
+    Already stored images are not computed again; new and changed ones are; a killed run resumes.
 
     Parameters
     ----------
-    repository : ModelRepository
-        The models folder; variants are written there.
-    exports : sequence of ExportedModel
-        The models' fp32 exports.
-    device : {"auto", "cuda", "cpu"}
-    precision : {"auto", "fp32", "fp16", "int8"}
-        ``auto``: the precision the store already holds for that model when it holds exactly one,
-        otherwise fp16 where the model runs on CUDA and fp32 on the CPU.
-    dataset : Dataset
-        int8 variants are calibrated on a sample of its images outside its test split.
-    calibration_images : int
-        Size of that sample.
-    stored : collection of str
-        Feature sets the store holds already.
-    workers_on_cuda : bool, optional
-        Whether the models will run on CUDA elsewhere (Ray actors); ``auto`` then follows it instead of
-        probing this machine.
+    data : path-like
+        An image folder or a CSV manifest (see :func:`pipeline.extract.discover.discover`).
+    options : ExtractOptions, optional
+        What to embed, where and how.
+    **settings
+        Or some of :class:`ExtractOptions`' fields by name (``models=["resnet50"], cache=...``).
 
     Returns
     -------
-    list of BackboneSession
+    list of FeatureSpec
+        Per feature set: images embedded and skipped in this run, and inference seconds.
+
+    Raises
+    ------
+    UserError
+        Bad options, no images, a store of another dataset or model, a model that cannot be exported.
     """
-    sessions = []
-    for export in exports:
-        wanted = precision
-        if precision == "auto":
-            held = [p for p in PRECISIONS if export.feature_set(p) in stored]
-            if len(held) == 1:
-                wanted = held[0]
-                if wanted != "fp32":
-                    logger.info(f"notice: {export.manifest.model}: the store holds its {wanted} embeddings, so "
-                                f"--precision auto embeds at {wanted} (--precision fp32 makes the fp32 set beside it).")
-            elif workers_on_cuda is not None:
-                wanted = "fp16" if workers_on_cuda else "fp32"
-            else:
-                session = export.open(device)
-                if session.provider != CUDA:
-                    sessions.append(session)
-                    continue
-                wanted = "fp16"
-        model = repository.current_variant(export, wanted) if wanted != "fp32" else export
-        if model is None:
-            logger.info(f"{export.manifest.model}: making its {wanted} variant first.")
-            crops = calibration_crops(dataset, export.preprocessing)
-            model = repository.variant(export, wanted, crops, calibration_images)
-            logger.info(describe(model.manifest))
-        sessions.append(model.open(device))
-    return sessions
+    options = ExtractOptions.of(options, settings)
+    dataset = discover(data, options.root)
+    store = EmbeddingStore(options.cache)
+    ray = contextlib.nullcontext() if options.backend == "local" else cluster.actor_pool(options.device,
+                                                                                       options.workers)
+    with store.writer() as writer, ray as pool:
+        run = plan_run(options, dataset, writer, pool)
+        root = str(dataset.root)
+        journal(embed(run, dataset, options, pool, cluster.ShardOutput(writer, root, options.journal_rows)), run,
+                writer, root, options)
+        fingerprints = {spec.name: spec.fingerprint for spec in run.specs}
+        dropped = writer.commit(dataset.root, dataset.records, fingerprints, cluster.map_on_ray if pool else map)
+    for name, count in dropped.items():
+        if count:
+            logger.info(f"notice: {name}: dropped {counted(count, 'image')} no longer in {dataset.root}.")
+    return run.specs
 
 
-def check_store(store: EmbeddingStore, dataset: Dataset, specs: Sequence[FeatureSpec], overwrite: bool) -> None:
-    """Refuse to mix another dataset or other models' embeddings into the store, unless ``overwrite``."""
-    root = store.root_attrs().get("dataset_root")
-    if root and root != str(dataset.root):
-        if not overwrite:
-            raise UserError(
-                f"{store.path} holds images of {root}, not {dataset.root}; use another --cache, "
-                "or --overwrite to replace it."
-            )
-        store.remove()
-    others = store.pending_roots() - {str(dataset.root)}
-    if others:
-        if not overwrite:
-            raise UserError(
-                f"{store.shards} holds results of an interrupted run on {sorted(others)[0]}; run extract on that "
-                "folder again to finish it, or pass --overwrite to discard them."
-            )
-        store.discard_pending()
-    for spec in specs:
-        if spec.name not in store.feature_sets():
-            continue
-        attrs = store.load_attrs(spec.name)
-        if spec.name == PIXELS and attrs.get("fingerprint") in EARLIER_PIXELS_FINGERPRINTS:
-            # The baseline is ours, not the user's model: a new recipe replaces an earlier one without asking.
-            logger.info(f"notice: {store.path} holds pixel-baseline features of an earlier recipe "
-                        f"({attrs.get('fingerprint')}); this run makes them again ({spec.fingerprint}), "
-                        "once for the store.")
-        elif attrs.get("fingerprint") != spec.fingerprint and not overwrite:
-            raise UserError(
-                f"{store.path} holds {spec.name} features from another "
-                f"{'recipe' if spec.name == PIXELS else 'model file'} "
-                f"({describe_features(attrs)}; now {describe_features(spec.attrs)}); pass --overwrite to replace them, "
-                "or use another --cache."
-            )
-
-
-def plan(dataset: Dataset, store: EmbeddingStore, specs: Sequence[FeatureSpec]) -> list[WorkItem]:
-    """The images some feature set still lacks: new files, changed files (size or mtime) and unseen ones."""
-    sizes, mtimes = np.full(len(dataset.records), -1, np.int64), np.full(len(dataset.records), -1, np.int64)
-    for number, record in enumerate(dataset.records):
-        try:
-            stat = os.stat(dataset.absolute(record))
-        except OSError:
-            continue  # unreadable: tried on every run, recorded as such
-        sizes[number], mtimes[number] = stat.st_size, stat.st_mtime_ns
-    return needed_work(dataset.records, sizes, mtimes, store, specs)
-
-
-def needed_work(records: Sequence[ImageRecord], sizes: np.ndarray, mtimes: np.ndarray, store: EmbeddingStore,
-                specs: Sequence[FeatureSpec]) -> list[WorkItem]:
-    """The work items of ``records`` (with their files' ``sizes`` and ``mtimes``, -1 when unreadable).
-
-    What the store holds is matched by path key in sorted arrays (:class:`pipeline.store.Known`), so the
-    bookkeeping costs a few dozen bytes per image, whatever the store's size (``make bench-store``).
-    """
-    listing = store.listing(records)  # sorted by path key; the commit reuses it
-    sizes, mtimes = sizes[listing.order], mtimes[listing.order]
-    needed = np.stack([store.known(s.name, s.fingerprint).needed(listing.keys, sizes, mtimes) for s in specs])
-    wanted = np.flatnonzero(needed.any(axis=0))
-    work = []
-    for position in wanted[np.argsort(listing.order[wanted])]:  # in the records' order
-        size, mtime = int(sizes[position]), int(mtimes[position])
-        state = FileState("", size, mtime) if size >= 0 else UNREADABLE
-        names = [s.name for s, n in zip(specs, needed[:, position]) if n]
-        work.append(WorkItem(records[int(listing.order[position])], state, names))
-    return work
+def embed(run: ExtractRun, dataset: Dataset, options: ExtractOptions, pool: cluster.Workers | None,
+          output: cluster.ShardOutput) -> Iterator[BatchOutcome]:
+    """The run's batches embedded here in threads, or on the Ray ``pool`` (whose actors write to ``output``)."""
+    if not pool or not run.work:
+        return embed_locally(run.work, dataset, run.specs, run.preprocessings, options.workers or available_cores(),
+                             run.batch_size, options.max_pixels)
+    logger.info(f"ray: {pool.describe()} for {counted(len(run.work), 'image')}.")
+    paths = [str(dataset.absolute(item.record)) for item in run.work]
+    return cluster.embed_on_ray(run, paths, pool, output, options.device, options.max_pixels)
 
 
 def embed_locally(
@@ -209,6 +102,35 @@ def embed_locally(
         yield batch_items, [d.sha256 for d in decoded], [d.error for d in decoded], features
 
 
+def journal(outcomes: Iterator[BatchOutcome], run: ExtractRun, writer: StoreWriter, dataset_root: str,
+            options: ExtractOptions) -> None:
+    """Record the batches' outcomes, writing them as pending shards every ``journal_rows`` images or
+    ``JOURNAL_SECONDS``, and at the end whatever ends it (so a kill loses at most that much work)."""
+    specs = run.specs
+    segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs, dataset_root) for spec in specs}
+    last_journal = time.monotonic()
+    shown = None if options.progress is None else not options.progress
+    bar = tqdm(total=len(run.work), unit="img", desc="extract", disable=shown)
+    with bar, contextlib.closing(outcomes):  # closed before Ray stops, whatever ends the loop
+        try:
+            for items, hashes, errors, features in outcomes:
+                record_batch(items, hashes, errors, features, specs, segments)
+                bar.update(len(items))
+                if (max(map(len, segments.values())) >= options.journal_rows
+                        or time.monotonic() - last_journal > JOURNAL_SECONDS):
+                    for segment in segments.values():
+                        writer.append(segment)
+                    last_journal = time.monotonic()
+        except KeyboardInterrupt:
+            done = max(spec.embedded + spec.skipped for spec in specs)
+            if not done:
+                raise
+            raise Interrupted(f"the {counted(done, 'image')} done so far are kept in {writer.store.shards}") from None
+        finally:
+            for segment in segments.values():  # on Ctrl-C or an error too: the next run commits it
+                writer.append(segment)
+
+
 def record_batch(
     items: Sequence[WorkItem], hashes: Sequence[str], errors: Sequence[str], features: dict[str, np.ndarray] | None,
     specs: Sequence[FeatureSpec], segments: dict[str, Segment],
@@ -221,120 +143,6 @@ def record_batch(
         return
     record_outcomes([i.record for i in items], [i.state for i in items], needed, hashes, errors, features, specs,
                     segments)
-
-
-def run_extract(
-    data: str | os.PathLike,
-    models: Sequence[str] = tuple(DEFAULT_BACKBONES),
-    cache: str | os.PathLike = "features/embeddings.h5",
-    batch_size: int | None = None,
-    device: str = "auto",
-    workers: int | None = None,
-    models_dir: str | os.PathLike = "models",
-    weights: str | Sequence[str] | None = None,
-    overwrite: bool = False,
-    progress: bool | None = None,
-    journal_rows: int = JOURNAL_ROWS,
-    precision: str = "auto",
-    calibration_images: int = CALIBRATION_IMAGES,
-    backend: str = "local",
-    max_pixels: int = MAX_PIXELS,
-    root: str | os.PathLike | None = None,
-) -> list[FeatureSpec]:
-    """Embed every image of ``data`` with each model (and the pixel baseline) into the store at ``cache``.
-
-    Already stored images are not computed again; new and changed ones are; a killed run resumes.
-    ``models`` are named as :func:`pipeline.models.parse_model_name` reads them (``timm/<name>[.<tag>]``...).
-    ``weights`` (see :func:`pipeline.models.weights.weights_per_model`): None uses each model as it is exported.
-    Results are written as pending shards every ``journal_rows`` images or 30 seconds, whichever comes first
-    (on Ray, by the workers, every ``journal_rows`` images each).
-    ``precision`` (auto, fp32, fp16, int8) picks the model variant; each precision is its own feature set
-    (``resnet50``, ``resnet50-int8``) with its own fingerprint, so precisions never mix.
-    ``backend`` ``ray`` decodes and embeds on a Ray cluster (``RAY_ADDRESS``, or a local Ray instance) with
-    ``workers`` actors, which write their rows' shards themselves (this process commits the index); ``local``
-    uses ``workers`` decoding threads here. Images above ``max_pixels`` are recorded as too large, and tried
-    again next run. ``root`` is a CSV manifest's dataset root (see :func:`pipeline.discover.discover`).
-
-    Returns
-    -------
-    list of FeatureSpec
-        Per feature set: images embedded and skipped in this run, and inference seconds.
-
-    Raises
-    ------
-    UserError
-        Bad arguments, no images, a store of another dataset or model, a model that cannot be exported.
-    """
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size {batch_size} must be at least 1.")
-    if max_pixels < 1:
-        raise UserError(f"--max-pixels {max_pixels} must be at least 1.")
-    if device not in DEVICES:
-        raise UserError(f"--device {device} is not one of {', '.join(DEVICES)}.")
-    if backend not in BACKENDS:
-        raise UserError(f"--backend {backend} is not one of {', '.join(BACKENDS)}.")
-    if precision not in ("auto", *PRECISIONS):
-        raise UserError(f"--precision {precision} is not one of auto, {', '.join(PRECISIONS)}.")
-    check_calibration_images(calibration_images)
-    models = list(dict.fromkeys(parse_model_name(model).name for model in models))
-    chosen = weights_per_model(weights, models)
-    dataset = discover(data, root)
-    repository = ModelRepository(models_dir)
-    store = EmbeddingStore(cache)
-    ray_pool = contextlib.nullcontext() if backend == "local" else cluster.actor_pool(device, workers)
-    with store.lock(), ray_pool as pool:
-        setup_started = time.perf_counter()
-        exports = [repository.get(model, chosen[model]) for model in models]  # exported first when they must be
-        # With Ray the driver's sessions only describe the models (the actors run them): on the CPU here.
-        sessions = open_sessions(
-            repository, exports, "cpu" if pool else device, precision, dataset, calibration_images,
-            store.feature_sets(), workers_on_cuda=bool(pool.gpus) if pool else None,
-        )
-        specs, preprocessings = feature_specs(sessions)
-        for spec in specs:
-            spec.setup_seconds = time.perf_counter() - setup_started
-        batch_size = batch_size or (pool.batch_size if pool else min(s.default_batch_size for s in sessions))
-        check_store(store, dataset, specs, overwrite)
-        fingerprints = {spec.name: spec.fingerprint for spec in specs}
-        work = plan(dataset, store, specs)
-        root = str(dataset.root)
-        segments = {spec.name: Segment(spec.name, spec.fingerprint, spec.attrs, root) for spec in specs}
-        if pool and work:
-            logger.info(f"ray: {pool.describe()} for {counted(len(work), 'image')}.")
-            paths = [str(dataset.absolute(item.record)) for item in work]
-            outcomes = cluster.embed_on_ray(
-                work, paths, specs, preprocessings, device, batch_size, pool, max_pixels,
-                cluster.ShardOutput(store, root, journal_rows),
-            )
-        else:
-            outcomes = embed_locally(
-                work, dataset, specs, preprocessings, workers or available_cores(), batch_size, max_pixels
-            )
-        last_journal = time.monotonic()
-        bar = tqdm(total=len(work), unit="img", desc="extract", disable=None if progress is None else not progress)
-        with bar, contextlib.closing(outcomes):  # closed before Ray stops, whatever ends the loop
-            try:
-                for items, hashes, errors, features in outcomes:
-                    record_batch(items, hashes, errors, features, specs, segments)
-                    bar.update(len(items))
-                    if (max(map(len, segments.values())) >= journal_rows
-                            or time.monotonic() - last_journal > JOURNAL_SECONDS):
-                        for segment in segments.values():
-                            store.append(segment)
-                        last_journal = time.monotonic()
-            except KeyboardInterrupt:
-                done = max(spec.embedded + spec.skipped for spec in specs)
-                if not done:
-                    raise
-                raise Interrupted(f"the {counted(done, 'image')} done so far are kept in {store.shards}") from None
-            finally:
-                for segment in segments.values():  # on Ctrl-C or an error too: the next run commits it
-                    store.append(segment)
-        dropped = store.commit(dataset.root, dataset.records, fingerprints, cluster.map_on_ray if pool else map)
-        for name, count in dropped.items():
-            if count:
-                logger.info(f"notice: {name}: dropped {counted(count, 'image')} no longer in {dataset.root}.")
-    return specs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,16 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the extraction and print one summary line per feature set."""
     args = build_parser().parse_args(argv)
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers {args.workers} must be at least 1.")
-    started = time.perf_counter()
-    specs = run_extract(
-        args.data, args.models, args.cache, args.batch_size, args.device, args.workers, args.models_dir,
-        args.weights, args.overwrite, precision=args.precision, calibration_images=args.calibration_images,
-        backend=args.backend, max_pixels=args.max_pixels, root=args.root,
+    options = ExtractOptions(
+        models=args.models, cache=args.cache, batch_size=args.batch_size, device=args.device, workers=args.workers,
+        models_dir=args.models_dir, weights=args.weights, overwrite=args.overwrite, precision=args.precision,
+        calibration_images=args.calibration_images, backend=args.backend, max_pixels=args.max_pixels, root=args.root,
     )
-    wall = time.perf_counter() - started
-    store = EmbeddingStore(args.cache)
+    started = time.perf_counter()
+    specs = run_extract(args.data, options=options)
+    failed_sets = print_summary(specs, EmbeddingStore(args.cache), time.perf_counter() - started)
+    if failed_sets:
+        print_failures(EmbeddingStore(args.cache), *failed_sets[0])
+    return EXIT_SKIPPED if args.strict and failed_sets else 0
+
+
+def print_summary(specs: Sequence[FeatureSpec], store: EmbeddingStore, wall: float) -> list[tuple[str, int]]:
+    """Print a line per feature set and the run's closing line; return the sets with failures, and how many."""
     if not any(spec.embedded or spec.skipped for spec in specs):
         print("nothing to do: every image is already in the store.")
     failed_sets = []
@@ -451,17 +264,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     once = f", after {setup:.1f} s of one-time work (exports, precision variants)" if setup >= 1.0 else ""
     embedding = max(wall - setup, 1e-9)
     print(f"extract: {counted(images, 'image')} in {embedding:.1f} s ({images / embedding:.1f} images/s){once}; "
-          f"store: {args.cache}")
-    if failed_sets:
-        name, failures = failed_sets[0]
-        missing = sum(reason.startswith("missing") for reason in store.failures(name).reasons)
-        listed = f"paths and reasons: {command('store')} failures {name} --cache {args.cache}"
-        if missing:
-            print(f"{counted(missing, 'image')} of the dataset {'is' if missing == 1 else 'are'} missing "
-                  f"(listed, but no such file); {listed}", file=sys.stderr)
-        if failures > missing:
-            bad = failures - missing
-            print(f"{counted(bad, 'image')} of the dataset could not be decoded or {'was' if bad == 1 else 'were'} too "
-                  f"large; {listed}", file=sys.stderr)
-    return EXIT_SKIPPED if args.strict and failed_sets else 0
+          f"store: {store.path}")
+    return failed_sets
 
+
+def print_failures(store: EmbeddingStore, name: str, failures: int) -> None:
+    """Say on stderr how many files of the dataset are missing or could not be decoded, and where they are listed."""
+    missing = sum(reason.startswith("missing") for reason in store.failures(name).reasons)
+    listed = f"paths and reasons: {command('store')} failures {name} --cache {store.path}"
+    if missing:
+        print(f"{counted(missing, 'image')} of the dataset {'is' if missing == 1 else 'are'} missing "
+              f"(listed, but no such file); {listed}", file=sys.stderr)
+    if failures > missing:
+        bad = failures - missing
+        print(f"{counted(bad, 'image')} of the dataset could not be decoded or {'was' if bad == 1 else 'were'} too "
+              f"large; {listed}", file=sys.stderr)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from sklearn.base import clone
 
 from pipeline.fit.heads import FittedHead, describe_classifier, fit_head
 from pipeline.fit.streaming import (
@@ -19,6 +20,9 @@ from pipeline.fit.streaming import (
     streamed_scaler,
 )
 from pipeline.store import EmbeddingStore, FeatureSet
+
+CURVE_PER_CLASS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+CURVE_REPEATS = 3  # random draws averaged per point of the learning curve
 
 
 @dataclass(frozen=True)
@@ -127,3 +131,22 @@ def training_rows(store: EmbeddingStore, name: str, feature_set: FeatureSet, row
     stream = RowStream(store, name, rows, labels, out_of_core.chunk_rows)
     return StreamedRows(stream.subset(train), stream.subset(~train), out_of_core.epochs)
 
+
+def learning_curve(
+    head: FittedHead, X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, seed: int
+) -> dict[str, list]:
+    """Test accuracy of ``head``'s chosen pipeline trained on 1, 2, 5, ... images per class, then on all."""
+    smallest = int(np.bincount(y).min())
+    rng = np.random.default_rng(seed)
+    per_class, accuracy = [], []
+    for n in [n for n in CURVE_PER_CLASS if n < smallest]:
+        scores = []
+        for _ in range(CURVE_REPEATS):
+            rows = np.concatenate([rng.choice(np.flatnonzero(y == c), n, replace=False) for c in np.unique(y)])
+            model = clone(head.pipeline).fit(X[rows], y[rows])
+            scores.append(float((model.predict(X_test) == y_test).mean()))
+        per_class.append(n)
+        accuracy.append(float(np.mean(scores)))
+    per_class.append(round(len(y) / len(np.unique(y)), 1))
+    accuracy.append(float((head.pipeline.predict(X_test) == y_test).mean()))
+    return {"per_class": per_class, "accuracy": accuracy}

@@ -12,18 +12,19 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
 from pipeline.errors import Interrupted, UserError, counted
 from pipeline.extract.decode import MAX_PIXELS, PIXELS_FINGERPRINT, batches
-from pipeline.extract.discover import discover
+from pipeline.extract.discover import Dataset, discover
 from pipeline.files import classifiers_dir, sha256_file
 from pipeline.fit.bundle import BUNDLE_SUFFIX, ClassifierBundle
 from pipeline.fit.heads import CLASSIFIERS
 from pipeline.models import PRECISIONS, BackboneSession, ModelRepository, feature_set_name, open_deployed
 from pipeline.models.session import DEVICES
+from pipeline.options import AtLeast, OneOf, Options, Suffix
 from pipeline.report.results import Report
 from pipeline.serve.bundles import check_listed, open_fitted_backbone
 from pipeline.serve.embedder import Embedded, embed_files, stored_features
@@ -34,6 +35,61 @@ logger = logging.getLogger(__name__)
 EXIT_UNREADABLE = 1  # every image got a row, but some could not be decoded (their rows hold the error)
 OUTPUT_FORMATS = (".csv", ".jsonl")
 PARTIAL = ".partial"
+
+
+@dataclass(frozen=True)
+class ClassifyOptions(Options):
+    """How :func:`run_classify` classifies: ``python -m pipeline.classify``'s options, one field each.
+
+    Attributes
+    ----------
+    output : path-like, optional
+        A ``.csv`` or ``.jsonl`` file for the rows (default: a table on stdout).
+    top_k : int, optional
+        Classes per image, most probable first (default: 3, or every class when fewer).
+    batch_size : int, optional
+        Images per inference batch (default: the device's).
+    device : {"auto", "cuda", "cpu"}
+    models_dir : path-like
+        The exported models.
+    cache : path-like, optional
+        A store whose embeddings are reused by content hash (not with a deployed ``.onnx``).
+    workers : int, optional
+        Decoding threads (default: the available cores).
+    progress : bool, optional
+        Draw a progress bar (default: when stderr is a terminal).
+    precision : {"auto", "fp32", "fp16", "int8"}
+        ``auto`` runs the backbone at the precision the classifier was fitted on.
+    allow_precision_change : bool
+        Run a classifier at another precision than it was fitted on.
+    trust : bool
+        Load a bundle that no ``report.json`` beside it lists, or a joblib bundle of an earlier version.
+    max_pixels : int
+        Images that would decode to more pixels get a "too large" error row.
+    """
+
+    output: Path | None = None
+    top_k: int | None = None
+    batch_size: int | None = None
+    device: str = "auto"
+    models_dir: Path = Path("models")
+    cache: Path | None = Path("features/embeddings.h5")
+    workers: int | None = None
+    progress: bool | None = None
+    precision: str = "auto"
+    allow_precision_change: bool = False
+    trust: bool = False
+    max_pixels: int = MAX_PIXELS
+
+    constraints: ClassVar = {
+        "output": [None, Suffix(OUTPUT_FORMATS)],
+        "top_k": [None, AtLeast(1)],
+        "batch_size": [None, AtLeast(1)],
+        "device": [OneOf(DEVICES)],
+        "workers": [None, AtLeast(1)],
+        "precision": [OneOf(("auto", *PRECISIONS))],
+        "max_pixels": [AtLeast(1)],
+    }
 
 
 @dataclass
@@ -111,35 +167,34 @@ class Classifier:
         return f"{manifest.model} {manifest.precision}, weights {manifest.weights_id}, licence {manifest.license}"
 
 
-def open_classifier(
-    path: Path, models_dir: Path, cache: Path | None, device: str = "auto", precision: str = "auto",
-    allow_precision_change: bool = False, trust: bool = False,
-) -> Classifier:
+def open_classifier(path: Path, options: ClassifyOptions) -> Classifier:
     """A bundle with the backbone it was fitted on, or a deployed ``.onnx`` classifier (no pickle loaded).
 
     Raises
     ------
     UserError
-        An unlisted bundle (unless ``trust``), a backbone or precision that does not match, or a changed file.
+        An unlisted bundle (unless ``options.trust``), a backbone or precision that does not match, or a changed
+        file.
     """
     if path.suffix == ".onnx":
         deployed = open_deployed(path)
-        if precision not in ("auto", deployed.precision):
+        if options.precision not in ("auto", deployed.precision):
             raise UserError(
                 f"{path} runs its backbone at {deployed.precision}, merged into the file; classify without "
-                f"--precision {precision}, or deploy a classifier fitted on {precision} features."
+                f"--precision {options.precision}, or deploy a classifier fitted on {options.precision} features."
             )
-        session = deployed.open(device)
+        session = deployed.open(options.device)
         return Classifier(deployed.manifest.classes, session, lambda probabilities: probabilities, {},
                           deployed.untrained)
-    if not trust:
+    if not options.trust:
         check_listed(path)
-    bundle = ClassifierBundle.load(path, trust)
-    session = open_fitted_backbone(bundle, path, ModelRepository(models_dir), device, precision, allow_precision_change)
+    bundle = ClassifierBundle.load(path, options.trust)
+    session = open_fitted_backbone(bundle, path, ModelRepository(options.models_dir), options.device,
+                                   options.precision, options.allow_precision_change)
     if session is None:
-        known = stored_features(cache, PIXELS, PIXELS_FINGERPRINT)
+        known = stored_features(options.cache, PIXELS, PIXELS_FINGERPRINT)
     else:
-        known = stored_features(cache, session.manifest.name, session.manifest.onnx_sha256)
+        known = stored_features(options.cache, session.manifest.name, session.manifest.onnx_sha256)
     return Classifier(bundle.classes, session, bundle.pipeline.predict_proba, known,
                       bool(bundle.provenance.get("untrained")))
 
@@ -212,28 +267,21 @@ def table_writer(stream: TextIO, top_k: int, labelled: bool) -> Any:
     return write
 
 
-def run_classify(
-    folder: str | os.PathLike,
-    bundle_path: Path,
-    output: Path | None,
-    top_k: int | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    models_dir: Path = Path("models"),
-    cache: Path | None = Path("features/embeddings.h5"),
-    workers: int | None = None,
-    progress: bool | None = None,
-    precision: str = "auto",
-    allow_precision_change: bool = False,
-    trust: bool = False,
-    max_pixels: int = MAX_PIXELS,
-) -> dict[str, Any]:
-    """Classify every image of ``folder`` and write the rows to ``output`` (or print them).
+def run_classify(folder: str | os.PathLike, bundle_path: Path, options: ClassifyOptions | None = None,
+                 **settings: Any) -> dict[str, Any]:
+    """Classify every image of ``folder`` and write the rows to ``options.output`` (or print them).
 
-    ``bundle_path`` is a bundle written by fit, or a ``.onnx`` classifier written by deploy (which loads
-    no pickle and reuses no stored embeddings). ``precision`` ``auto`` runs the backbone at the precision
-    the classifier was fitted on. A bundle must be listed, with its sha256, in the ``report.json`` beside it
-    (loading it runs code), unless ``trust``.
+    Parameters
+    ----------
+    folder : path-like
+        An image folder (any layout extract accepts) or a CSV manifest.
+    bundle_path : Path
+        A bundle written by fit, or a ``.onnx`` classifier written by deploy (which loads no pickle and reuses
+        no stored embeddings). A bundle must be listed, with its sha256, in the ``report.json`` beside it,
+        unless ``options.trust``.
+    options : ClassifyOptions, optional
+    **settings
+        Or some of :class:`ClassifyOptions`' fields by name (``output=..., cache=None``).
 
     Returns
     -------
@@ -241,31 +289,13 @@ def run_classify(
         ``images``, ``classified``, ``unreadable``, ``cached`` counts, and ``correct`` / ``labelled`` when
         the folder has class sub-folders.
     """
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size {batch_size} must be at least 1.")
-    if output is not None and output.suffix not in OUTPUT_FORMATS:
-        raise UserError(f"--output {output} must end in {' or '.join(OUTPUT_FORMATS)}.")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k {top_k} must be at least 1.")
-    if max_pixels < 1:
-        raise UserError(f"--max-pixels {max_pixels} must be at least 1.")
+    options = ClassifyOptions.of(options, settings)
     dataset = discover(folder)
-    classifier = open_classifier(bundle_path, models_dir, cache, device, precision, allow_precision_change, trust)
-    top_k = min(top_k or 3, len(classifier.classes))
-    if classifier.untrained:
-        logger.warning(f"{bundle_path} was fitted on UNTRAINED random-weight features; its predictions show the "
-                       "pipeline works, not what transfer learning can do.")
-    session = classifier.session
-    batch_size = batch_size or (session.default_batch_size if session else 16)
+    classifier = open_classifier(bundle_path, options)
+    check_fits(classifier, dataset, folder, bundle_path)
     shown = [os.path.join(os.fspath(folder), r.path) if dataset.layout != "csv" else str(dataset.absolute(r))
              for r in dataset.records]
     labels = {path: r.label for path, r in zip(shown, dataset.records)}
-    labelled = any(label is not None for label in labels.values())
-    if dataset.classes and not set(dataset.classes) & set(classifier.classes):
-        logger.warning(f"none of {folder}'s class names ({_few(dataset.classes)}) is a class of {bundle_path} "
-                       f"({_few(classifier.classes)}): it was fitted on other images; the classifiers fitted on "
-                       "a store are in models/classifiers/<store name> (classify --cache STORE picks them).")
-    logger.info(f"{bundle_path}: features {classifier.features}.")
     counts = {"images": len(shown), "classified": 0, "unreadable": 0, "cached": 0, "labelled": 0, "correct": 0}
 
     def tally(stream: Iterator[Embedded]) -> Iterator[Embedded]:
@@ -273,29 +303,56 @@ def run_classify(
             counts["cached"] += item.cached
             yield item
 
-    embedded = tally(embed_files(shown, session, classifier.known, batch_size, workers, progress, max_pixels))
+    session = classifier.session
+    batch_size = options.batch_size or (session.default_batch_size if session else 16)
+    embedded = tally(embed_files(shown, session, classifier.known, batch_size, options.workers, options.progress,
+                                 options.max_pixels))
+    top_k = min(options.top_k or 3, len(classifier.classes))
+    write_predictions(predict(classifier, embedded, top_k, batch_size), labels, top_k, options.output, counts)
+    return counts
+
+
+def check_fits(classifier: Classifier, dataset: Dataset, folder: str | os.PathLike, bundle_path: Path) -> None:
+    """Say what the classifier's features are, and warn when they are untrained or its classes are not the
+    folder's."""
+    if classifier.untrained:
+        logger.warning(f"{bundle_path} was fitted on UNTRAINED random-weight features; its predictions show the "
+                       "pipeline works, not what transfer learning can do.")
+    if dataset.classes and not set(dataset.classes) & set(classifier.classes):
+        logger.warning(f"none of {folder}'s class names ({_few(dataset.classes)}) is a class of {bundle_path} "
+                       f"({_few(classifier.classes)}): it was fitted on other images; the classifiers fitted on "
+                       "a store are in models/classifiers/<store name> (classify --cache STORE picks them).")
+    logger.info(f"{bundle_path}: features {classifier.features}.")
+
+
+def write_predictions(rows: Iterator[Prediction], labels: Mapping[str, str | None], top_k: int, output: Path | None,
+                      counts: dict[str, int]) -> None:
+    """Write ``rows`` (``top_k`` classes each) with their folder's labels to ``output`` in its format, or as a
+    table on stdout, counting them into ``counts``.
+
+    Raises
+    ------
+    Interrupted
+        On Ctrl-C once rows were written to a file: they are kept in its ``.partial`` file.
+    """
+    labelled = any(label is not None for label in labels.values())
+    writer = {".csv": csv_writer, ".jsonl": jsonl_writer}.get(output.suffix if output else "", table_writer)
     try:
         with _destination(output) as stream:
-            write = {".csv": csv_writer, ".jsonl": jsonl_writer}.get(output.suffix if output else "", table_writer)(
-                stream, top_k, labelled)
-            for row in predict(classifier, embedded, top_k, batch_size):
+            write = writer(stream, top_k, labelled)
+            for row in rows:
                 row.label = labels[row.path]
                 write(row)
-                if row.error:
-                    counts["unreadable"] += 1
-                    continue
-                counts["classified"] += 1
-                if row.label is not None:
+                counts["unreadable" if row.error else "classified"] += 1
+                if not row.error and row.label is not None:
                     counts["labelled"] += 1
                     counts["correct"] += row.label == row.prediction
     except KeyboardInterrupt:
-        if output is None or not counts["classified"] + counts["unreadable"]:
+        written = counts["classified"] + counts["unreadable"]
+        if output is None or not written:
             raise
-        partial = output.with_name(output.name + PARTIAL)
-        raise Interrupted(
-            f"the {counts['classified'] + counts['unreadable']} rows written so far are in {partial}"
-        ) from None
-    return counts
+        raise Interrupted(f"the {written} rows written so far are in {output.with_name(output.name + PARTIAL)}") \
+            from None
 
 
 @contextlib.contextmanager
@@ -370,30 +427,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.classifier is not None and (args.model or args.classifier_name):
         raise UserError("pass either --classifier PATH or --model / --classifier-name, not both.")
+    options = ClassifyOptions(
+        output=args.output, top_k=args.top_k, batch_size=args.batch_size, device=args.device,
+        models_dir=args.models_dir, cache=args.cache, workers=args.workers, precision=args.precision,
+        allow_precision_change=args.allow_precision_change, trust=args.trust, max_pixels=args.max_pixels,
+    )
     folder = args.classifiers_dir or classifiers_dir(args.cache)
     if args.classifier is None and args.classifiers_dir is None and not args.cache.exists() and not folder.exists():
         raise UserError(f"no store at --cache {args.cache}, and no classifiers fitted on it in {folder}; check --cache "
                         "(the store you fitted), or run fit on it first.")
     bundle_path = choose_bundle(args.classifier, args.model, args.classifier_name, folder)
-    counts = run_classify(args.folder, bundle_path, args.output, args.top_k, args.batch_size, args.device,
-                          args.models_dir, args.cache, args.workers, precision=args.precision,
-                          allow_precision_change=args.allow_precision_change, trust=args.trust,
-                          max_pixels=args.max_pixels)
-    accuracy = f"; {counts['correct']}/{counts['labelled']} match their folder's label" if counts["labelled"] else ""
-    where = f" into {args.output}" if args.output else ""
-    if bundle_path.suffix == ".onnx":
-        reused = "a deployed classifier embeds every image"
-    elif args.cache.exists():
-        reused = f"{counts['cached']} embeddings reused from {args.cache}"
-    else:
-        reused = f"no store at {args.cache} to reuse embeddings from"
-    print(f"classified {counts['classified']} of {counts['images']} images with {bundle_path}{where} "
-          f"({reused}){accuracy}.", file=sys.stderr)
+    counts = run_classify(args.folder, bundle_path, options=options)
+    print_summary(counts, bundle_path, options)
     if counts["unreadable"]:
         print(f"{counted(counts['unreadable'], 'file')} could not be decoded; their rows hold the reason.",
               file=sys.stderr)
         return EXIT_UNREADABLE
     return 0
+
+
+def print_summary(counts: dict[str, int], bundle_path: Path, options: ClassifyOptions) -> None:
+    """One line on stderr: how many images were classified, with what, into where, and how many matched."""
+    accuracy = f"; {counts['correct']}/{counts['labelled']} match their folder's label" if counts["labelled"] else ""
+    where = f" into {options.output}" if options.output else ""
+    if bundle_path.suffix == ".onnx":
+        reused = "a deployed classifier embeds every image"
+    elif options.cache.exists():
+        reused = f"{counts['cached']} embeddings reused from {options.cache}"
+    else:
+        reused = f"no store at {options.cache} to reuse embeddings from"
+    print(f"classified {counts['classified']} of {counts['images']} images with {bundle_path}{where} "
+          f"({reused}){accuracy}.", file=sys.stderr)
 
 
 def _features(text: str) -> str:

@@ -4,15 +4,18 @@ Modules, one role each: :mod:`~pipeline.store.spec` (the format and its written 
 :mod:`~pipeline.store.shards` (shard files), :mod:`~pipeline.store.index` (the index file),
 :mod:`~pipeline.store.commit` (pending shards, planning state, commit), :mod:`~pipeline.store.compact`
 (compaction), :mod:`~pipeline.store.readers` (loading, streaming, lookup by hash),
-:mod:`~pipeline.store.legacy` (format 1), :mod:`~pipeline.store.embedding_store` (the public class).
+:mod:`~pipeline.store.legacy` (format 1), :mod:`~pipeline.store.embedding_store` (the public class, which reads),
+:mod:`~pipeline.store.writer` (the one object that writes: appends, workers' shards, commits, compaction).
 """
 
 from pipeline.store.commit import Known, Segment
-from pipeline.store.embedding_store import Compaction, EmbeddingStore
+from pipeline.store.embedding_store import EmbeddingStore
 from pipeline.store.readers import Failures, FeatureSet, RowReader
+from pipeline.store.shards import ShardEntry
 from pipeline.store.spec import FORMAT_VERSION, PIXELS, FileState
+from pipeline.store.writer import Compaction, ShardTarget, StoreWriter
 
 __all__ = [
     "FORMAT_VERSION", "PIXELS", "Compaction", "EmbeddingStore", "Failures", "FeatureSet", "FileState", "Known",
-    "RowReader", "Segment",
+    "RowReader", "Segment", "ShardEntry", "ShardTarget", "StoreWriter",
 ]

@@ -55,10 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "verify":
         print(f"{store.path}: {store.verify()} shards checked, each of the listed size and sha256.")
     else:
-        with store.lock():  # converts a format-1 store on the way
+        with store.writer() as writer:  # converts a format-1 store on the way
             if args.command == "drop":
-                store.drop(args.feature_set)
-            compaction = store.compact() if args.command == "compact" else None
+                writer.drop(args.feature_set)
+            compaction = writer.compact() if args.command == "compact" else None
         if compaction:
             for name in compaction.rewritten:
                 print(f"{name}: rewrote {compaction.rewritten[name]} shards as {compaction.written[name]}.")
