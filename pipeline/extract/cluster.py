@@ -26,9 +26,8 @@ from pipeline.errors import UserError
 from pipeline.extract.decode import MAX_PIXELS, PIXELS_SIZE, DecodedImage, decode_file
 from pipeline.extract.discover import ImageRecord
 from pipeline.extract.features import BatchOutcome, embed_batch, feature_specs, record_outcomes
-from pipeline.extract.plan import ExtractRun
+from pipeline.extract.plan import ExtractRun, Workers
 from pipeline.models import ExportedModel, Preprocessing
-from pipeline.models.session import CPU_BATCH, CUDA_BATCH
 from pipeline.store import FileState, Segment, ShardEntry, ShardTarget, StoreWriter
 
 RAY_MISSING = "the ray backend needs Ray: pip install -e '.[ray]' (Ray Data and its dependencies)."
@@ -42,32 +41,6 @@ class ShardOutput:
     writer: StoreWriter
     dataset_root: str
     rows: int  # rows per actor call, so per shard at most
-
-
-@dataclass(frozen=True)
-class Workers:
-    """The actor pool: how many embedding actors, and what each one reserves of the cluster."""
-
-    actors: int
-    threads: int  # onnxruntime threads per actor on CPUs
-    gpus: float  # GPUs per actor (a share when there are more actors than GPUs)
-
-    @property
-    def batch_size(self) -> int:
-        """The default images per batch on these actors' device."""
-        return CUDA_BATCH if self.gpus else CPU_BATCH
-
-    @property
-    def remote_args(self) -> dict[str, float]:
-        """What each actor reserves. GPU actors reserve no CPU, so that every CPU is left to the decoding
-        tasks; CPU actors reserve one, the same as a decoding task, so that Ray fuses decoding into them
-        (no crops through the object store) and nothing waits for a CPU an actor holds."""
-        return {"num_cpus": 0.0, "num_gpus": self.gpus} if self.gpus else {"num_cpus": 1.0}
-
-    def describe(self) -> str:
-        """The pool in words, e.g. ``2 embedding actors (1 thread each)``."""
-        each = f"{self.gpus:g} GPU" if self.gpus else f"{self.threads} thread{'s' if self.threads != 1 else ''}"
-        return f"{self.actors} embedding actor{'s' if self.actors != 1 else ''} ({each} each)"
 
 
 def connect() -> bool:
@@ -304,7 +277,7 @@ def _check_workers_see_the_files(paths: Sequence[str], errors: Sequence[str]) ->
 
 def _check_driver_sees_the_shard(writer: StoreWriter, entry: ShardEntry) -> None:
     """Stop when a shard a worker wrote is not where this machine looks for it (no shared filesystem)."""
-    path = writer.store.shards / entry.file
+    path = writer.location.shards / entry.file
     if not path.exists() or path.stat().st_size != entry.bytes:
         raise UserError(
             f"a Ray worker wrote {path}, which this machine cannot see: put --cache on a filesystem every node "

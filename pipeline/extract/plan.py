@@ -8,7 +8,6 @@ import os
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,16 +18,39 @@ from pipeline.extract.features import FeatureSpec, describe_features, feature_sp
 from pipeline.extract.options import ExtractOptions
 from pipeline.models import PRECISIONS, BackboneSession, ExportedModel, ModelRepository, Preprocessing, parse_model_name
 from pipeline.models.quantize import describe
-from pipeline.models.session import CUDA
+from pipeline.models.session import CPU_BATCH, CUDA, CUDA_BATCH
 from pipeline.models.weights import weights_per_model
-from pipeline.store import PIXELS, FileState, StoreWriter
-
-if TYPE_CHECKING:
-    from pipeline.extract.cluster import Workers
+from pipeline.store import PIXELS, EmbeddingStore, FileState, StoreWriter
 
 logger = logging.getLogger(__name__)
 
 UNREADABLE = FileState("", -1, -1)
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The actor pool: how many embedding actors, and what each one reserves of the cluster."""
+
+    actors: int
+    threads: int  # onnxruntime threads per actor on CPUs
+    gpus: float  # GPUs per actor (a share when there are more actors than GPUs)
+
+    @property
+    def batch_size(self) -> int:
+        """The default images per batch on these actors' device."""
+        return CUDA_BATCH if self.gpus else CPU_BATCH
+
+    @property
+    def remote_args(self) -> dict[str, float]:
+        """What each actor reserves. GPU actors reserve no CPU, so that every CPU is left to the decoding
+        tasks; CPU actors reserve one, the same as a decoding task, so that Ray fuses decoding into them
+        (no crops through the object store) and nothing waits for a CPU an actor holds."""
+        return {"num_cpus": 0.0, "num_gpus": self.gpus} if self.gpus else {"num_cpus": 1.0}
+
+    def describe(self) -> str:
+        """The pool in words, e.g. ``2 embedding actors (1 thread each)``."""
+        each = f"{self.gpus:g} GPU" if self.gpus else f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+        return f"{self.actors} embedding actor{'s' if self.actors != 1 else ''} ({each} each)"
 
 
 @dataclass
@@ -50,7 +72,7 @@ class ExtractRun:
     work: list[WorkItem]
 
 
-def plan_run(options: ExtractOptions, dataset: Dataset, writer: StoreWriter,
+def plan_run(options: ExtractOptions, dataset: Dataset, store: EmbeddingStore, writer: StoreWriter,
              pool: Workers | None) -> ExtractRun:
     """Export and open the models (at the precision asked), check the store holds what they make, and list the
     images some feature set lacks."""
@@ -62,13 +84,13 @@ def plan_run(options: ExtractOptions, dataset: Dataset, writer: StoreWriter,
     # With Ray the driver's sessions only describe the models (the actors run them): on the CPU here.
     sessions = open_sessions(
         repository, exports, "cpu" if pool else options.device, options.precision, dataset,
-        options.calibration_images, writer.store.feature_sets(), workers_on_cuda=bool(pool.gpus) if pool else None,
+        options.calibration_images, store.feature_sets(), workers_on_cuda=bool(pool.gpus) if pool else None,
     )
     specs, preprocessings = feature_specs(sessions)
     for spec in specs:
         spec.setup_seconds = time.perf_counter() - started
     batch_size = options.batch_size or (pool.batch_size if pool else min(s.default_batch_size for s in sessions))
-    check_store(writer, dataset, specs, options.overwrite)
+    check_store(store, writer, dataset, specs, options.overwrite)
     return ExtractRun(specs, preprocessings, batch_size, plan(dataset, writer, specs))
 
 
@@ -130,9 +152,10 @@ def open_sessions(
     return sessions
 
 
-def check_store(writer: StoreWriter, dataset: Dataset, specs: Sequence[FeatureSpec], overwrite: bool) -> None:
-    """Refuse to mix another dataset or other models' embeddings into the store, unless ``overwrite``."""
-    store = writer.store
+def check_store(store: EmbeddingStore, writer: StoreWriter, dataset: Dataset, specs: Sequence[FeatureSpec],
+                overwrite: bool) -> None:
+    """Refuse to mix another dataset or other models' embeddings into the store, unless ``overwrite`` (then
+    ``writer`` empties it, or discards another dataset's pending results)."""
     root = store.root_attrs().get("dataset_root")
     if root and root != str(dataset.root):
         if not overwrite:

@@ -21,7 +21,7 @@ from pipeline.extract.decode import MAX_PIXELS, batches, decode_file, map_ordere
 from pipeline.extract.discover import Dataset, discover
 from pipeline.extract.features import BatchOutcome, FeatureSpec, count_outcomes, embed_batch, record_outcomes
 from pipeline.extract.options import BACKENDS, ExtractOptions
-from pipeline.extract.plan import ExtractRun, WorkItem, plan_run
+from pipeline.extract.plan import ExtractRun, Workers, WorkItem, plan_run
 from pipeline.files import available_cores
 from pipeline.models import DEFAULT_BACKBONES, PRECISIONS, Preprocessing
 from pipeline.models.quantize import CALIBRATION_IMAGES
@@ -64,7 +64,7 @@ def run_extract(data: str | os.PathLike, options: ExtractOptions | None = None, 
     ray = contextlib.nullcontext() if options.backend == "local" else cluster.actor_pool(options.device,
                                                                                        options.workers)
     with store.writer() as writer, ray as pool:
-        run = plan_run(options, dataset, writer, pool)
+        run = plan_run(options, dataset, store, writer, pool)
         root = str(dataset.root)
         journal(embed(run, dataset, options, pool, cluster.ShardOutput(writer, root, options.journal_rows)), run,
                 writer, root, options)
@@ -76,7 +76,7 @@ def run_extract(data: str | os.PathLike, options: ExtractOptions | None = None, 
     return run.specs
 
 
-def embed(run: ExtractRun, dataset: Dataset, options: ExtractOptions, pool: cluster.Workers | None,
+def embed(run: ExtractRun, dataset: Dataset, options: ExtractOptions, pool: Workers | None,
           output: cluster.ShardOutput) -> Iterator[BatchOutcome]:
     """The run's batches embedded here in threads, or on the Ray ``pool`` (whose actors write to ``output``)."""
     if not pool or not run.work:
@@ -125,7 +125,8 @@ def journal(outcomes: Iterator[BatchOutcome], run: ExtractRun, writer: StoreWrit
             done = max(spec.embedded + spec.skipped for spec in specs)
             if not done:
                 raise
-            raise Interrupted(f"the {counted(done, 'image')} done so far are kept in {writer.store.shards}") from None
+            kept = f"the {counted(done, 'image')} done so far are kept in {writer.location.shards}"
+            raise Interrupted(kept) from None
         finally:
             for segment in segments.values():  # on Ctrl-C or an error too: the next run commits it
                 writer.append(segment)

@@ -4,7 +4,8 @@ Modules, one role each: :mod:`~pipeline.store.spec` (the format and its written 
 :mod:`~pipeline.store.shards` (shard files), :mod:`~pipeline.store.index` (the index file),
 :mod:`~pipeline.store.commit` (pending shards, planning state, commit), :mod:`~pipeline.store.compact`
 (compaction), :mod:`~pipeline.store.readers` (loading, streaming, lookup by hash),
-:mod:`~pipeline.store.legacy` (format 1), :mod:`~pipeline.store.embedding_store` (the public class, which reads),
+:mod:`~pipeline.store.legacy` (format 1), :mod:`~pipeline.store.location` (a store's files and current
+index), :mod:`~pipeline.store.embedding_store` (the public class, which reads),
 :mod:`~pipeline.store.writer` (the one object that writes: appends, workers' shards, commits, compaction).
 """
 

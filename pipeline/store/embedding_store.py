@@ -12,17 +12,16 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.store.commit import pending_shards
-from pipeline.store.index import Index, open_store_file, read_index
-from pipeline.store.legacy import legacy_index
+from pipeline.store.index import Index, open_store_file
+from pipeline.store.location import StoreLocation
 from pipeline.store.readers import Failures, FeatureSet, RowReader, StoredEmbeddings, load_failures, load_set
 from pipeline.store.shards import ShardReader
-from pipeline.store.spec import LEGACY_VERSION
 from pipeline.store.writer import StoreWriter
 
 logger = logging.getLogger(__name__)
 
 
-class EmbeddingStore:
+class EmbeddingStore(StoreLocation):
     """Embeddings per feature set (one per backbone and precision, plus ``pixels``): an index file and shards.
 
     The index at ``path`` lists immutable shard files in the folder ``<path>.shards/`` beside it. A run
@@ -45,29 +44,10 @@ class EmbeddingStore:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if self.path.is_dir():
-            raise UserError(
-                f"--cache {path} is a folder; name the store file, e.g. --cache {self.path / 'embeddings.h5'}."
-            )
-        self.shards = self.path.with_name(self.path.name + ".shards")
-        self.journal = self.path.with_name(self.path.name + ".journal")  # format 1's: converted by the first write
+        super().__init__(path)
         self._verified: set[str] = set()  # sha256 of the shards whose bytes this process has checked
 
     # ---- reading -------------------------------------------------------------------------------------------
-
-    def exists(self) -> bool:
-        """True when the index file exists."""
-        return self.path.exists()
-
-    def index(self, arrays: bool = True) -> Index:
-        """The current index (a format-1 file as one of one shard per set); an empty one when there is none."""
-        if not self.exists():
-            return Index.empty()
-        with open_store_file(self.path) as store:
-            if store.attrs["format_version"] == LEGACY_VERSION:
-                return legacy_index(store, self.path)
-            return read_index(store, arrays)
 
     def feature_sets(self) -> list[str]:
         """Names of the feature sets in the store."""

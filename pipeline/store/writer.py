@@ -13,7 +13,6 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
 from pipeline.files import exclusive
@@ -33,11 +32,9 @@ from pipeline.store.commit import (
 from pipeline.store.compact import JobRunner, compact_index, plan_compaction
 from pipeline.store.index import Index, write_index
 from pipeline.store.legacy import adopt_journal, convert
+from pipeline.store.location import StoreLocation
 from pipeline.store.shards import ShardEntry
 from pipeline.store.spec import LEGACY_VERSION, ImageRecord, shard_rows
-
-if TYPE_CHECKING:
-    from pipeline.store.embedding_store import EmbeddingStore
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +87,8 @@ class StoreWriter:
 
     Parameters
     ----------
-    store : EmbeddingStore
-        The store to write.
+    location : StoreLocation
+        The store to write (an :class:`~pipeline.store.EmbeddingStore` is one).
 
     Examples
     --------
@@ -100,8 +97,8 @@ class StoreWriter:
     ...     writer.commit(dataset_root, records, {"resnet50": fingerprint})
     """
 
-    def __init__(self, store: EmbeddingStore) -> None:
-        self.store = store
+    def __init__(self, location: StoreLocation) -> None:
+        self.location = location
         self._run: RunName | None = None
         self._order = 0
         self._written: dict[str, ShardEntry] = {}
@@ -122,13 +119,13 @@ class StoreWriter:
         On taking it, leftovers of killed writers are removed (unfinished shards, shards no index will list),
         and a format-1 store is converted to format 2.
         """
-        path = self.store.path
+        path = self.location.path
         busy = f"another run is writing {path}; wait for it to finish, or use another --cache."
         with exclusive(path.with_name(path.name + ".lock"), busy):
             for stale in path.parent.glob(f".{path.name}.*.tmp"):  # an index killed mid-write
                 stale.unlink(missing_ok=True)
             index = self._writable_index(arrays=False)
-            for leftover in garbage(self.store.shards, index, [p.name for p in pending_shards(self.store.shards,
+            for leftover in garbage(self.location.shards, index, [p.name for p in pending_shards(self.location.shards,
                                                                                              index)]):
                 leftover.unlink(missing_ok=True)
             yield
@@ -145,14 +142,14 @@ class StoreWriter:
                             segment.records[start : start + full], segment.states[start : start + full],
                             segment.embeddings[start : start + full], segment.failures if start == 0 else [])
             self._order += 1
-            entry = write_segment(self.store.shards, piece, run.shard(segment.name, self._order), run.base_version)
+            entry = write_segment(self.location.shards, piece, run.shard(segment.name, self._order), run.base_version)
             self._written[entry.file] = entry
         segment.records, segment.states, segment.embeddings, segment.failures = [], [], [], []
 
     def target(self, dataset_root: str) -> ShardTarget:
         """Where worker processes write this run's pending shards (see :class:`ShardTarget`)."""
         run = self._run_name()
-        return ShardTarget(str(self.store.shards.resolve()), run.base_version, run.run, dataset_root)
+        return ShardTarget(str(self.location.shards.resolve()), run.base_version, run.run, dataset_root)
 
     def register(self, entry: ShardEntry) -> None:
         """A pending shard a worker wrote for this run, as it reported it (its sha256 is not recomputed)."""
@@ -166,14 +163,14 @@ class StoreWriter:
 
     def known(self, name: str, fingerprint: str) -> Known:
         """What feature set ``name`` holds of each file, committed or pending, when computed with ``fingerprint``."""
-        shards = self.store.shards
-        index = self.store.index(arrays=False)
+        shards = self.location.shards
+        index = self.location.index(arrays=False)
         listed = index.sets.get(name)
         listed = listed if listed is not None and listed.fingerprint == fingerprint else None
         pending = [p for p in pending_shards(shards, index)
                    if p.header.feature_set == name and p.header.fingerprint == fingerprint]
         entries = [pending_entry(shards, p, self._written) for p in pending]
-        return known_files(shards, self.store.path, listed, entries)
+        return known_files(shards, self.location.path, listed, entries)
 
     def commit(self, dataset_root: Path, records: Sequence[ImageRecord], fingerprints: dict[str, str],
                run_jobs: JobRunner = map) -> dict[str, int]:
@@ -192,16 +189,16 @@ class StoreWriter:
         dict
             Per feature set, how many rows were deleted because their files left the dataset.
         """
-        shards = self.store.shards
+        shards = self.location.shards
         index = self._writable_index()
         pending = pending_shards(shards, index)
-        result = commit_sets(shards, self.store.path, index, pending, str(dataset_root), self.listing(records),
+        result = commit_sets(shards, self.location.path, index, pending, str(dataset_root), self.listing(records),
                              fingerprints, self._written)
         if result.index is not None:
             self._replace(result.index, result.retired)
             rewrites = plan_compaction(result.index, force=False)
             if rewrites:
-                self._replace(*compact_index(shards, self.store.path, result.index, rewrites, run_jobs))
+                self._replace(*compact_index(shards, self.location.path, result.index, rewrites, run_jobs))
         self._run, self._written, self._listing = None, {}, None  # the next shards are written on the new index
         return result.dropped
 
@@ -216,7 +213,7 @@ class StoreWriter:
         index = self._writable_index()
         if name not in index.sets:
             raise UserError(
-                f"{self.store.path} has no {name!r} features (it has: {', '.join(sorted(index.sets)) or 'none'})."
+                f"{self.location.path} has no {name!r} features (it has: {', '.join(sorted(index.sets)) or 'none'})."
             )
         retired = [entry.file for entry in index.sets[name].shards]
         sets = {other: set_index for other, set_index in index.sets.items() if other != name}
@@ -231,7 +228,7 @@ class StoreWriter:
         rewrites = plan_compaction(index, force)
         if not rewrites:
             return Compaction({}, {})
-        new, retired = compact_index(self.store.shards, self.store.path, index, rewrites)
+        new, retired = compact_index(self.location.shards, self.location.path, index, rewrites)
         self._replace(new, retired, carried=True)
         before = {name: len(s.shards) for name, s in index.sets.items()}
         rewritten = {r.feature_set: 0 for r in rewrites}
@@ -242,12 +239,12 @@ class StoreWriter:
 
     def discard_pending(self) -> None:
         """Forget the results of interrupted runs (used with ``--overwrite``)."""
-        for shard in pending_shards(self.store.shards, self.store.index(arrays=False)):
-            (self.store.shards / shard.name).unlink(missing_ok=True)
+        for shard in pending_shards(self.location.shards, self.location.index(arrays=False)):
+            (self.location.shards / shard.name).unlink(missing_ok=True)
 
     def remove(self) -> None:
         """Empty the store, crash-safely: an index listing nothing replaces it, then the shards are deleted."""
-        store = self.store
+        store = self.location
         version = store.index(arrays=False).version if store.exists() else 0
         write_index(store.path, Index(version + 1, "", [], {}), store.shards)
         shutil.rmtree(store.shards, ignore_errors=True)
@@ -262,7 +259,7 @@ class StoreWriter:
 
     def _writable_index(self, arrays: bool = True) -> Index:
         """The index, after converting a format-1 store to format 2 (and a format-1 journal to pending shards)."""
-        store = self.store
+        store = self.location
         index = store.index(arrays)
         if index.format_version == LEGACY_VERSION:
             logger.info(f"{store.path}: converting the store to format 2, once (the old file stays until the new "
@@ -278,10 +275,10 @@ class StoreWriter:
         With ``carried``, pending shards stay pending on the new version (for index writes that are not
         commits); otherwise the unlisted ones are garbage once it is in place.
         """
-        shards = self.store.shards
+        shards = self.location.shards
         if carried:
-            carry(shards, pending_shards(shards, self.store.index(arrays=False)), index.version)
-        write_index(self.store.path, index, shards)
+            carry(shards, pending_shards(shards, self.location.index(arrays=False)), index.version)
+        write_index(self.location.path, index, shards)
         for name in retired:
             (shards / name).unlink(missing_ok=True)
         keep = [p.name for p in pending_shards(shards, index)] if carried else ()
