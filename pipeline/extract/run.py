@@ -136,7 +136,7 @@ def record_batch(
     items: Sequence[WorkItem], hashes: Sequence[str], errors: Sequence[str], features: dict[str, np.ndarray] | None,
     specs: Sequence[FeatureSpec], segments: dict[str, Segment],
 ) -> None:
-    """Add a batch's outcomes to the segments (see :func:`pipeline.features.record_outcomes`); with ``features``
+    """Add a batch's outcomes to the segments (see :func:`pipeline.extract.features.record_outcomes`); with ``features``
     None, the batch's shards were written where it was embedded (on Ray), and its outcomes are only counted."""
     needed = [item.needed for item in items]
     if features is None:

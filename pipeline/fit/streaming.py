@@ -168,7 +168,7 @@ def fit_streaming(
     validation : numpy.ndarray of bool, optional
         Which training samples form a recorded validation split.
     seed, folds, n_jobs, class_weight
-        As for :func:`pipeline.heads.fit_head`.
+        As for :func:`pipeline.fit.heads.fit_head`.
     epochs : int
         Passes over the training stream.
 

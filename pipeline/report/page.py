@@ -92,7 +92,7 @@ def render_page(report: dict[str, Any], data: dict[str, np.ndarray], out: Path, 
     out : Path
         The output folder (its PNG figures are embedded).
     rows : sequence of sequences of str
-        The comparison table, header first (:func:`pipeline.report.comparison_rows`).
+        The comparison table, header first (:func:`pipeline.report.build.comparison_rows`).
     thumbnails : int
         Images per section.
     every : bool

@@ -15,7 +15,7 @@ from pipeline.store.spec import DEAD_SHARE, SMALL_SHARDS, SMALL_SHARE, shard_row
 
 READ_CHUNKS = 4  # HDF5 chunks read at once while rewriting: about 4 MB in memory per block
 
-# How rewrite jobs run: the built-in ``map`` here, or tasks on a Ray cluster (see pipeline.cluster).
+# How rewrite jobs run: the built-in ``map`` here, or tasks on a Ray cluster (extract's Ray backend).
 JobRunner = Callable[[Callable, Iterable], Iterable]
 
 
