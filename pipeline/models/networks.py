@@ -177,7 +177,7 @@ def _timm_network(model: ModelName, request: WeightsRequest, image_size: int | N
         preprocessing = timm_recipe(data_config)
     except UserError as error:
         raise UserError(f"{model.name}: {error}") from None
-    recipe = {"library": "timm", "data_config": {k: _plain(v) for k, v in data_config.items()}}
+    recipe = {"library": "timm", "data_config": {k: _listed(v) for k, v in data_config.items()}}
     return Network(network.eval(), preprocessing, "pooled pre-logits (timm num_classes=0)", provenance, recipe)
 
 
@@ -230,5 +230,6 @@ def _create_timm(timm: Any, full_name: str, options: dict, state_dict: Mapping |
                         f"({str(error).splitlines()[0][:200]}).") from None
 
 
-def _plain(value: Any) -> Any:
+def _listed(value: Any) -> Any:
+    """A tuple of timm's data config (mean, std, input size) as the list JSON reads back."""
     return list(value) if isinstance(value, tuple) else value
