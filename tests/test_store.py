@@ -53,6 +53,11 @@ def shard_files(store: EmbeddingStore) -> dict[str, int]:
     return {p.relative_to(store.shards).as_posix(): p.stat().st_mtime_ns for p in store.shards.glob("*/*.h5")}
 
 
+def listed_files(store: EmbeddingStore) -> set[str]:
+    """The shard files the current version lists (earlier versions' may be kept beside them)."""
+    return store.current_index(arrays=False).listed()
+
+
 DATASET = records(("cat/a.jpg", "cat", "train"), ("dog/b.jpg", "dog", "test"), ("c.jpg", None, ""))
 
 
@@ -166,7 +171,8 @@ def test_other_fingerprints_are_not_counted_and_untouched_sets_are_kept(tmp_path
     assert by_path(store) == {"cat/a.jpg": 7} and by_path(store, "pixels") == {"cat/a.jpg": 9}
     assert store.load_attrs("m")["fingerprint"] == "f2"
     assert store.feature_sets() == ["m", "pixels"]
-    assert len(shard_files(store)) == 2  # the f1 shard, no longer listed, was deleted
+    assert len(listed_files(store)) == 2  # the f1 shard, no longer listed...
+    assert len(shard_files(store)) == 3  # ...is kept while the version before, which lists it, is kept
 
 
 def test_an_uncommitted_run_leaves_the_index_whole_and_a_commit_that_changes_nothing_writes_nothing(tmp_path, messages):

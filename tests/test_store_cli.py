@@ -10,7 +10,7 @@ import pytest
 from pipeline.errors import command
 from pipeline.store import EmbeddingStore
 from tests.stores import format1_store
-from tests.test_store import DATASET, ROOT, segment, shard_files
+from tests.test_store import DATASET, ROOT, listed_files, segment, shard_files
 
 
 def cli(*arguments: str) -> subprocess.CompletedProcess:
@@ -40,10 +40,10 @@ def test_info_failures_and_verify(cache):
 def test_compact_and_drop(cache):
     compacted = cli("compact", "--cache", str(cache))
     assert compacted.returncode == 0 and "m: rewrote 2 shards as 1" in compacted.stdout
-    assert len(shard_files(EmbeddingStore(cache))) == 1
+    assert len(listed_files(EmbeddingStore(cache))) == 1
     assert "no shard needs rewriting" in cli("compact", "--cache", str(cache)).stdout
     assert cli("drop", "m", "--cache", str(cache)).returncode == 0
-    assert EmbeddingStore(cache).feature_sets() == [] and not shard_files(EmbeddingStore(cache))
+    assert EmbeddingStore(cache).feature_sets() == [] and not listed_files(EmbeddingStore(cache))
 
 
 def test_convert_a_format1_store(tmp_path):

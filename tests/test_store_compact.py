@@ -12,7 +12,7 @@ import pipeline.store.spec as spec
 from pipeline.extract.discover import ImageRecord
 from pipeline.store import EmbeddingStore
 from pipeline.store.compact import _jobs, plan_compaction
-from tests.test_store import ROOT, segment, shard_files
+from tests.test_store import ROOT, listed_files, segment, shard_files
 
 PATHS = [f"{'cat' if i % 2 else 'dog'}/{i:03d}.jpg" for i in range(40)]
 LISTING = [ImageRecord(p, p.split("/")[0], "test" if i % 5 == 0 else "train") for i, p in enumerate(PATHS)]
@@ -47,7 +47,7 @@ def test_compaction_keeps_every_row_in_order_and_rewrites_into_full_shards(tmp_p
     with store.writer() as writer:
         done = writer.compact()
     assert done.rewritten == {"m": 40} and done.written == {"m": 5}
-    assert snapshot(store) == before and len(shard_files(store)) == 5
+    assert snapshot(store) == before and len(listed_files(store)) == 5
     assert [e.rows for e in store.index().sets["m"].shards] == [8] * 5
     assert not writer.compact()  # nothing left to do
 
@@ -72,7 +72,7 @@ def test_a_commit_compacts_by_itself_past_the_thresholds(tmp_path, small_full_sh
     monkeypatch.setattr(compact, "SMALL_SHARDS", 30)
     writer.append(segment({"new.jpg": 7}))
     writer.commit(ROOT, LISTING + [ImageRecord("new.jpg")], {"m": "f1"})  # 41 small shards: past it
-    assert len(shard_files(store)) == 6 and store.counts("m") == (41, 0)
+    assert len(listed_files(store)) == 6 and store.counts("m") == (41, 0)
     half = [r for i, r in enumerate(LISTING) if i >= 5] + [ImageRecord("new.jpg")]
     writer.commit(ROOT, half, {"m": "f1"})  # the first full shard 5/8 deleted: more than a quarter
     assert [e.rows for e in store.index().sets["m"].shards][0] < 8 and not len(store.index().sets["m"].deleted)

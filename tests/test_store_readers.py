@@ -73,9 +73,21 @@ def test_hashes_are_held_as_their_32_bytes():
         hash_digests(np.array(["z" * 64]))
 
 
-def test_a_reader_whose_shard_a_compaction_replaced_is_told_to_run_again(store):
+def test_a_reader_reads_its_version_whole_while_a_compaction_replaces_its_shards(store):
     with store.rows("m") as rows:  # opened on the index before the compaction
+        first = rows.read(0, 10).copy()
         with store.writer() as writer:
-            writer.compact()
-        with pytest.raises(UserError, match="changed while this was reading it .* run it again"):
-            rows.read(0, 10)
+            writer.compact(force=True)
+        assert store.index().version == 2 and np.array_equal(rows.read(0, 10), first)
+        assert rows.read(0, 600).shape[0] == 600  # every shard of version 1 is kept
+
+
+def test_a_reader_whose_version_a_cleanup_removed_is_told_to_run_again(store):
+    with store.rows("m") as rows:  # version 1
+        with store.writer() as writer:
+            writer.compact(force=True)  # version 2: version 1 is the previous one, kept whatever its age
+            writer.drop("m")  # version 3
+            assert writer.cleanup(older_than=0) == [1]
+        with pytest.raises(UserError, match="changed while this was reading it: the version it read is past the "
+                                            "store's retention, and a writer removed .*; run it again"):
+            rows.read(0, 600)

@@ -81,7 +81,8 @@ def assemble_report(fitted: Fitted, seed: int, out: Path) -> dict[str, Any]:
     store, features, split, results, curves = fitted.store, fitted.features, fitted.split, fitted.results, fitted.curves
     report: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "store": str(store.path),
+        "store": store.described,
+        "store_version": store.pinned,
         "seed": seed,
         "versions": library_versions(),
         "features": {

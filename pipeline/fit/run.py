@@ -155,7 +155,7 @@ def run_fit(cache: str | Path = "features/embeddings.h5", options: FitOptions | 
         backbone missing from the store; non-finite embeddings.
     """
     options = FitOptions.of(options, settings)
-    store = EmbeddingStore(cache)
+    store = EmbeddingStore(cache).snapshot()  # one version for every read of the run, whatever commits meanwhile
     features = load_features(store, options.models, embeddings=not options.out_of_core)
     out = Path(options.out) if options.out is not None else classifiers_dir(cache)
     inputs = fit_inputs(store, list(features), options)
@@ -178,7 +178,8 @@ def run_fit(cache: str | Path = "features/embeddings.h5", options: FitOptions | 
 def fit_inputs(store: EmbeddingStore, names: list[str], options: FitOptions) -> dict[str, Any]:
     """What a report is made from, recorded in it: the store's bytes and the options that change the results."""
     inputs = {
-        "store_sha256": sha256_file(store.path), "models": names, "classifiers": list(options.classifiers),
+        "store_sha256": sha256_file(store.index_file()), "store_version": store.pinned, "models": names,
+        "classifiers": list(options.classifiers),
         "test_size": options.test_size, "seed": options.seed, "folds": options.folds,
         "class_weight": options.class_weight, "learning_curve": options.curve, "report_html": options.page.html,
     }
@@ -231,7 +232,8 @@ def fit_feature_set(fitted: Fitted, name: str, options: FitOptions, settings: Fi
         result = result_row(name, classifier, feature_set.attrs, head, split, rows.describe(classifier, head.params))
         score(fitted, rows, head, result, out)
         bundle = ClassifierBundle(
-            head.pipeline, split.classes, name, classifier, provenance_of(feature_set.attrs), head.params,
+            head.pipeline, split.classes, name, classifier,
+            {**provenance_of(feature_set.attrs), "store": fitted.store.described}, head.params,
             {"validation_score": head.validation_score, "test": result["test"]}, settings.seed,
         )
         bundle_path = out / f"{name}-{classifier}{BUNDLE_SUFFIX}"

@@ -26,7 +26,7 @@ from pipeline.report.results import Report
 from pipeline.serve.bundles import check_listed, open_fitted_backbone
 from pipeline.serve.embedder import Embedded, embed_files, stored_features
 from pipeline.serve.predictions import OUTPUT_FORMATS, Prediction, write_predictions
-from pipeline.store import PIXELS
+from pipeline.store import PIXELS, StoreLocation
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_precision_change=args.allow_precision_change, trust=args.trust, max_pixels=args.max_pixels,
     )
     folder = args.classifiers_dir or classifiers_dir(args.cache)
-    if args.classifier is None and args.classifiers_dir is None and not args.cache.exists() and not folder.exists():
+    chosen_by_store = args.classifier is None and args.classifiers_dir is None
+    if chosen_by_store and not StoreLocation(args.cache).exists() and not folder.exists():
         raise UserError(f"no store at --cache {args.cache}, and no classifiers fitted on it in {folder}; check --cache "
                         "(the store you fitted), or run fit on it first.")
     bundle_path = choose_bundle(args.classifier, args.model, args.classifier_name, folder)
@@ -331,7 +332,7 @@ def print_summary(counts: dict[str, int], bundle_path: Path, options: ClassifyOp
     where = f" into {options.output}" if options.output else ""
     if bundle_path.suffix == ".onnx":
         reused = "a deployed classifier embeds every image"
-    elif options.cache.exists():
+    elif StoreLocation(options.cache).exists():
         reused = f"{counts['cached']} embeddings reused from {options.cache}"
     else:
         reused = f"no store at {options.cache} to reuse embeddings from"

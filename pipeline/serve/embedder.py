@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -51,9 +50,10 @@ def stored_features(cache: str | os.PathLike | None, name: str, fingerprint: str
 
     Only the hashes are read up front; an embedding is read from its shard when it is asked for.
     """
-    if cache is None or not Path(cache).exists():
+    if cache is None:
         return {}
-    return EmbeddingStore(cache).lookup(name, fingerprint)
+    store = EmbeddingStore(cache)
+    return store.lookup(name, fingerprint) if store.exists() else {}
 
 
 def embed_files(

@@ -11,6 +11,7 @@ index), :mod:`~pipeline.store.embedding_store` (the public class, which reads),
 
 from pipeline.store.commit import Known, Segment
 from pipeline.store.embedding_store import EmbeddingStore
+from pipeline.store.location import StoreLocation
 from pipeline.store.readers import Failures, FeatureSet, RowReader
 from pipeline.store.shards import ShardEntry
 from pipeline.store.spec import FORMAT_VERSION, PIXELS, FileState
@@ -18,5 +19,5 @@ from pipeline.store.writer import Compaction, ShardTarget, StoreWriter
 
 __all__ = [
     "FORMAT_VERSION", "PIXELS", "Compaction", "EmbeddingStore", "Failures", "FeatureSet", "FileState", "Known",
-    "RowReader", "Segment", "ShardEntry", "ShardTarget", "StoreWriter",
+    "RowReader", "Segment", "ShardEntry", "ShardTarget", "StoreLocation", "StoreWriter",
 ]

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from pipeline.errors import UserError, command, counted, run_cli
 from pipeline.store.embedding_store import EmbeddingStore
+from pipeline.store.spec import RETENTION_SECONDS, duration_text, parse_duration
 
-COMMANDS = ("info", "failures", "verify", "convert", "compact", "drop")
+COMMANDS = ("info", "failures", "verify", "versions", "cleanup", "convert", "compact", "drop")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,17 +20,23 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "info: the store's format, version and, per feature set, rows, failures, shards and deleted rows. "
             "failures SET: each file of SET that could not be decoded, and why (tab-separated). verify: check the "
-            "size and sha256 of every shard. convert: convert a format-1 store to format 2 (any run that writes "
-            "does it too). compact: rewrite small and partly deleted shards into full ones (commits do it by "
-            "themselves past the thresholds in docs/store.md). drop SET: remove a feature set, so that the next "
-            "extract computes it anew (the recovery from a lost shard)."
+            "size and sha256 of every shard. versions: the versions kept (when, which run, rows per set, rows "
+            "added and deleted); any of them can be read as --cache PATH@N. cleanup: remove the versions "
+            "superseded more than --older-than ago (never the previous one), and the shards only they list "
+            "(every writer does it with the default retention). convert: convert a format-1 store to format 2 "
+            "(any run that writes does it too). compact: rewrite small and partly deleted shards into full ones "
+            "(commits do it by themselves past the thresholds in docs/store.md). drop SET: remove a feature set, "
+            "so that the next extract computes it anew (the recovery from a lost shard)."
         ),
         epilog="Exit status: 0 when done; 2 for an error you can fix (no store, a missing or altered shard): one line.",
     )
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("feature_set", nargs="?", help="for failures and drop: the feature set, e.g. resnet50")
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"),
-                        help="the store's index file (default: features/embeddings.h5)")
+                        help="the store's index file, or PATH@N for its version N (default: features/embeddings.h5)")
+    parser.add_argument("--older-than", type=_duration, default=RETENTION_SECONDS, metavar="DURATION",
+                        help=f"for cleanup: how long superseded versions are kept, e.g. 30m, 24h, 7d, 0 "
+                        f"(default: {duration_text(RETENTION_SECONDS)})")
     return parser
 
 
@@ -52,12 +59,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "info":
         print(_info(store))
+    elif args.command == "versions":
+        print(_versions(store))
     elif args.command == "verify":
         print(f"{store.path}: {store.verify()} shards checked, each of the listed size and sha256.")
     else:
         with store.writer() as writer:  # converts a format-1 store on the way
             if args.command == "drop":
                 writer.drop(args.feature_set)
+            if args.command == "cleanup":
+                removed = writer.cleanup(args.older_than)
+                print(f"{store.path}: removed {counted(len(removed), 'version')} superseded more than "
+                      f"{duration_text(args.older_than)} ago{' (' + _few(removed) + ')' if removed else ''}; "
+                      f"{store.kept_text()}")
+                return 0
             compaction = writer.compact() if args.command == "compact" else None
         if compaction:
             for name in compaction.rewritten:
@@ -71,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _info(store: EmbeddingStore) -> str:
     attrs = store.root_attrs()
     index = store.index(arrays=False)
-    lines = [f"{store.path}: format {attrs.get('format_version')}, version {index.version}, "
+    lines = [f"{store.described}: format {attrs.get('format_version')}, version {index.version}, "
              f"dataset {index.dataset_root}"]
     for name, set_index in sorted(index.sets.items()):
         rows, failures = set_index.counts()
@@ -82,6 +97,43 @@ def _info(store: EmbeddingStore) -> str:
             f"{len(set_index.deleted) + len(set_index.deleted_failures)} deleted rows not yet compacted"
         )
     return "\n".join(lines)
+
+
+def _versions(store: EmbeddingStore) -> str:
+    """A line per kept version, oldest first: when, which run, rows per set, what the commit changed."""
+    lines = []
+    current = store.current_index(arrays=False)
+    for version in [*store.kept_versions(), current.version]:
+        index = current if version == current.version else store.version_index(version, arrays=False)
+        rows = ", ".join(f"{name} {s.counts()[0]}" for name, s in sorted(index.sets.items())) or "no sets"
+        lines.append(f"{version:>6}  {index.committed or 'before history was kept':25}  run {index.run or '-':16}  "
+                     f"{rows}; {_changes(index.changes)}" + ("  (current)" if version == current.version else ""))
+    return "\n".join([f"{store.path}: {counted(len(lines), 'version')} kept", *lines])
+
+
+def _changes(changes: dict[str, dict[str, int]]) -> str:
+    """What a commit changed, in words: ``resnet50 +120 -3, pixels +120`` or ``resnet50 compacted``."""
+    if not changes:
+        return "changes not recorded"
+    words = []
+    for name, change in sorted(changes.items()):
+        if change.get("compacted"):
+            words.append(f"{name} compacted ({counted(change['compacted'], 'shard')})")
+        elif change.get("added") or change.get("deleted"):
+            words.append(f"{name} +{change.get('added', 0)} -{change.get('deleted', 0)}")
+    return ", ".join(words) or "no rows changed"
+
+
+def _duration(text: str) -> float:
+    """argparse's type for --older-than."""
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _few(numbers: Sequence[int]) -> str:
+    return ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
 
 
 def _pending(store: EmbeddingStore) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from pipeline.store.index import Index, open_store_file
 from pipeline.store.location import StoreLocation
 from pipeline.store.readers import Failures, FeatureSet, RowReader, StoredEmbeddings, load_failures, load_set
 from pipeline.store.shards import ShardReader
+from pipeline.store.spec import PIXELS
 from pipeline.store.writer import StoreWriter
 
 logger = logging.getLogger(__name__)
@@ -32,10 +34,17 @@ class EmbeddingStore(StoreLocation):
     rewrites shards once they are small or mostly deleted. A format-1 store (one file) is read as it is and
     converted by the first write.
 
+    Every commit is a version. Each read (a load, a stream of rows, a lookup) reads one version whole, the
+    current one when it starts, even while other processes commit and compact: the versions a commit
+    supersedes, and their shards, are kept for a retention period (see :meth:`StoreWriter.cleanup`). A
+    store opened at a ``version`` (or ``PATH@N``), or :meth:`snapshot`, reads that version at every call.
+
     Parameters
     ----------
     path : path-like
-        The index file, e.g. ``features/embeddings.h5``.
+        The index file, e.g. ``features/embeddings.h5``; ``features/embeddings.h5@12`` reads version 12.
+    version : int, optional
+        The version to read (default: the current one at each read).
 
     Examples
     --------
@@ -43,11 +52,43 @@ class EmbeddingStore(StoreLocation):
     >>> features.embeddings.shape, features.classes  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, version: int | None = None) -> None:
         super().__init__(path)
+        if version is not None:
+            self.pinned = version
         self._verified: set[str] = set()  # sha256 of the shards whose bytes this process has checked
 
     # ---- reading -------------------------------------------------------------------------------------------
+
+    def index(self, arrays: bool = True) -> Index:
+        """The index of the version this reads: the one it was opened at, else the current one."""
+        if self.pinned is None:
+            return self.current_index(arrays)
+        return self.version_index(self.pinned, arrays)
+
+    def snapshot(self) -> EmbeddingStore:
+        """This store at the version it reads now, for reads that must all see the same rows (fit, a report).
+
+        Raises
+        ------
+        UserError
+            When there is no store (see :meth:`load`).
+        """
+        if not self.exists():
+            self._set_index(PIXELS)  # the store's own "run extract first" error
+        return EmbeddingStore(self.path, self.index(arrays=False).version)
+
+    def index_file(self) -> Path:
+        """The file that holds the index of the version this reads (the store's own file for the current one)."""
+        if self.pinned is None or self.current_index(arrays=False).version == self.pinned:
+            return self.path
+        self.version_index(self.pinned, arrays=False)  # one sentence when it is not kept
+        return self.version_file(self.pinned)
+
+    @property
+    def described(self) -> str:
+        """The store as a command names it: its path, and ``@N`` when opened at a version."""
+        return f"{self.path}@{self.pinned}" if self.pinned is not None else str(self.path)
 
     def feature_sets(self) -> list[str]:
         """Names of the feature sets in the store."""
@@ -57,7 +98,7 @@ class EmbeddingStore(StoreLocation):
         """The index's root attributes (``format_version``, ``dataset_root``, ...); empty if there is none."""
         if not self.exists():
             return {}
-        with open_store_file(self.path) as store:
+        with open_store_file(self.index_file()) as store:
             return dict(store.attrs)
 
     def load(self, name: str, embeddings: bool = True) -> FeatureSet:
@@ -73,8 +114,9 @@ class EmbeddingStore(StoreLocation):
         """
         index = self._set_index(name)
         self._warn_if_pending(index)
-        return load_set(self.shards, self.path, index.sets[name], index.classes, index.dataset_root, embeddings,
-                        self._verified)
+        loaded = load_set(self.shards, self.path, index.sets[name], index.classes, index.dataset_root, embeddings,
+                          self._verified)
+        return dataclasses.replace(loaded, version=index.version)
 
     def failures(self, name: str) -> Failures:
         """The files of feature set ``name`` that could not be decoded, with their reasons."""
@@ -137,13 +179,13 @@ class EmbeddingStore(StoreLocation):
     def pending_sets(self) -> dict[str, int]:
         """Shards per feature set that interrupted runs wrote and no commit has listed yet."""
         counts: dict[str, int] = {}
-        for shard in pending_shards(self.shards, self.index(arrays=False)):
+        for shard in pending_shards(self.shards, self.current_index(arrays=False)):
             counts[shard.header.feature_set] = counts.get(shard.header.feature_set, 0) + 1
         return counts
 
     def pending_roots(self) -> set[str]:
         """Dataset roots of the results interrupted runs left pending."""
-        return {p.header.dataset_root for p in pending_shards(self.shards, self.index(arrays=False))}
+        return {p.header.dataset_root for p in pending_shards(self.shards, self.current_index(arrays=False))}
 
     # ---- internals -----------------------------------------------------------------------------------------
 
@@ -154,10 +196,12 @@ class EmbeddingStore(StoreLocation):
         index = self.index(arrays)
         if name not in index.sets:
             present = ", ".join(sorted(index.sets)) or "none"
-            raise UserError(f"{self.path} has no {name!r} features (it has: {present}); extract them first.")
+            raise UserError(f"{self.described} has no {name!r} features (it has: {present}); extract them first.")
         return index
 
     def _warn_if_pending(self, index: Index) -> None:
+        if self.pinned is not None:
+            return  # a version's rows, whatever came after it
         if (self.journal.is_dir() and any(self.journal.iterdir())) or pending_shards(self.shards, index):
             logger.warning(
                 f"{self.path} has results of an interrupted run that are not committed yet; run extract again to "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +69,25 @@ class SetIndex:
 
 @dataclass
 class Index:
-    """A whole index in memory: what one version of the store is."""
+    """A whole index in memory: what one version of the store is.
+
+    ``committed`` (ISO 8601, UTC), ``run`` (the writer's run name) and ``changes`` (per feature set, rows
+    ``added`` and ``deleted`` by the commit that made it, or ``compacted``) describe how the version came to
+    be; they are empty for versions written before history was kept.
+    """
 
     version: int
     dataset_root: str
     classes: list[str]
     sets: dict[str, SetIndex]
     format_version: int = FORMAT_VERSION
+    committed: str = ""
+    run: str = ""
+    changes: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def listed(self) -> set[str]:
+        """The shard files this version lists, relative to the shards folder."""
+        return {entry.file for set_index in self.sets.values() for entry in set_index.shards}
 
     @staticmethod
     def empty() -> Index:
@@ -129,7 +143,8 @@ def read_index(store: h5py.File, arrays: bool = True) -> Index:
             group["deleted"][()], group["deleted_failures"][()],
         )
     return Index(int(store.attrs["version"]), str(store.attrs["dataset_root"]), list(read_strings(store["classes"])),
-                 sets)
+                 sets, committed=str(store.attrs.get("committed", "")), run=str(store.attrs.get("run", "")),
+                 changes=json.loads(store.attrs.get("changes", "{}")))
 
 
 def write_index(path: Path, index: Index, shards_folder: Path) -> None:
@@ -138,6 +153,8 @@ def write_index(path: Path, index: Index, shards_folder: Path) -> None:
         store.attrs.update({
             "encoding": ENCODING, "format_version": FORMAT_VERSION, "version": index.version,
             "dataset_root": index.dataset_root, "shards_folder": shards_folder.name, "spec": SPEC,
+            "committed": index.committed or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "run": index.run, "changes": json.dumps(index.changes),
         })
         store.create_dataset("classes", data=np.array(index.classes, dtype=object), dtype=STRING)
         store.create_dataset("split_names", data=np.array(SPLITS, dtype=object), dtype=STRING)

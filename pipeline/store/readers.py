@@ -41,6 +41,8 @@ class FeatureSet:
         The set's attributes: how the embeddings were computed.
     root : str
         The dataset root the paths are relative to.
+    version : int
+        The store version these rows are.
     """
 
     embeddings: np.ndarray | None
@@ -51,6 +53,7 @@ class FeatureSet:
     sha256: np.ndarray
     attrs: dict[str, Any]
     root: str = ""
+    version: int = 0
 
     def files(self) -> list[Path]:
         """The images' absolute paths, row by row."""
@@ -131,7 +134,8 @@ class Shards:
             return
         if entry.file not in listed:
             raise UserError(
-                f"{self.index_path} changed while this was reading it (a commit replaced {entry.file}); run it again."
+                f"{self.index_path} changed while this was reading it: the version it read is past the store's "
+                f"retention, and a writer removed {entry.file}; run it again."
             ) from None
 
 

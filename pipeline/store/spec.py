@@ -4,6 +4,7 @@ path keys runs plan with."""
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,6 +28,32 @@ SMALL_SHARE = 0.25
 SMALL_SHARDS = 64
 DEAD_SHARE = 0.25
 VIEW_PIECES = 65_536  # the index's virtual-dataset view is left out beyond this many pieces
+# Versions: the index of every version, and the shards it lists, are kept this long after a commit supersedes
+# it (and the previous version always), so that a reader that opened it reads it whole.
+RETENTION_SECONDS = 24 * 3600
+
+
+def duration_text(seconds: float) -> str:
+    """A duration as people say it: ``24 hours``, ``90 minutes``, ``30 seconds``, ``2 days``."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds and seconds % size == 0 and (unit != "day" or seconds >= 2 * size):
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds:g} second{'s' if seconds != 1 else ''}"
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``90m``, ``24h``, ``7d`` (or a number of seconds) in seconds.
+
+    Raises
+    ------
+    ValueError
+        For any other text.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration such as 30s, 90m, 24h or 7d")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
 
 @dataclass(frozen=True, slots=True)  # slots: a listing of 100M images holds 100M of these
 class ImageRecord:

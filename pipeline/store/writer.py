@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.files import exclusive
+from pipeline.files import atomic_path, exclusive
 from pipeline.store.commit import (
     Known,
     Listing,
@@ -34,7 +37,7 @@ from pipeline.store.index import Index, write_index
 from pipeline.store.legacy import adopt_journal, convert
 from pipeline.store.location import StoreLocation
 from pipeline.store.shards import ShardEntry
-from pipeline.store.spec import LEGACY_VERSION, ImageRecord, shard_rows
+from pipeline.store.spec import LEGACY_VERSION, RETENTION_SECONDS, ImageRecord, shard_rows
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,9 @@ class StoreWriter:
     """
 
     def __init__(self, location: StoreLocation) -> None:
+        if location.pinned is not None:
+            raise UserError(f"{location.path}@{location.pinned} names a version to read; a run writes the next "
+                            f"version: use --cache {location.path}.")
         self.location = location
         self._run: RunName | None = None
         self._order = 0
@@ -116,18 +122,16 @@ class StoreWriter:
     def lock(self) -> Iterator[None]:
         """Hold the store's lock; a second writer on the same store gets a clear error.
 
-        On taking it, leftovers of killed writers are removed (unfinished shards, shards no index will list),
-        and a format-1 store is converted to format 2.
+        On taking it, a format-1 store is converted to format 2, and what killed writers left is cleaned up:
+        unfinished files, and versions past the retention with the shards only they listed (see :meth:`cleanup`).
         """
         path = self.location.path
         busy = f"another run is writing {path}; wait for it to finish, or use another --cache."
         with exclusive(path.with_name(path.name + ".lock"), busy):
-            for stale in path.parent.glob(f".{path.name}.*.tmp"):  # an index killed mid-write
-                stale.unlink(missing_ok=True)
-            index = self._writable_index(arrays=False)
-            for leftover in garbage(self.location.shards, index, [p.name for p in pending_shards(self.location.shards,
-                                                                                             index)]):
-                leftover.unlink(missing_ok=True)
+            for stale in [*path.parent.glob(f".{path.name}.*.tmp"), *self.location.versions.glob(".*.tmp")]:
+                stale.unlink(missing_ok=True)  # an index killed mid-write
+            self._writable_index(arrays=False)
+            self.cleanup()
             yield
 
     def append(self, segment: Segment) -> None:
@@ -164,7 +168,7 @@ class StoreWriter:
     def known(self, name: str, fingerprint: str) -> Known:
         """What feature set ``name`` holds of each file, committed or pending, when computed with ``fingerprint``."""
         shards = self.location.shards
-        index = self.location.index(arrays=False)
+        index = self.location.current_index(arrays=False)
         listed = index.sets.get(name)
         listed = listed if listed is not None and listed.fingerprint == fingerprint else None
         pending = [p for p in pending_shards(shards, index)
@@ -195,15 +199,18 @@ class StoreWriter:
         result = commit_sets(shards, self.location.path, index, pending, str(dataset_root), self.listing(records),
                              fingerprints, self._written)
         if result.index is not None:
-            self._replace(result.index, result.retired)
+            result.index.run = self._run_name().run
+            result.index.changes = changes(index, result.index)
+            self._replace(result.index)
             rewrites = plan_compaction(result.index, force=False)
             if rewrites:
-                self._replace(*compact_index(shards, self.location.path, result.index, rewrites, run_jobs))
+                compacted, _ = compact_index(shards, self.location.path, result.index, rewrites, run_jobs)
+                self._replace(compacted, note=_compacted(rewrites))
         self._run, self._written, self._listing = None, {}, None  # the next shards are written on the new index
         return result.dropped
 
     def drop(self, name: str) -> None:
-        """Remove feature set ``name`` (its shards are deleted once the index no longer lists them).
+        """Remove feature set ``name`` in a new version (its shards are deleted once no kept version lists them).
 
         Raises
         ------
@@ -215,9 +222,9 @@ class StoreWriter:
             raise UserError(
                 f"{self.location.path} has no {name!r} features (it has: {', '.join(sorted(index.sets)) or 'none'})."
             )
-        retired = [entry.file for entry in index.sets[name].shards]
         sets = {other: set_index for other, set_index in index.sets.items() if other != name}
-        self._replace(Index(index.version + 1, index.dataset_root, index.classes, sets), retired, carried=True)
+        self._replace(Index(index.version + 1, index.dataset_root, index.classes, sets),
+                      note={name: {"added": 0, "deleted": index.sets[name].counts()[0]}}, carried=True)
 
     def compact(self, force: bool = True) -> Compaction:
         """Rewrite the shards that need it (see :func:`pipeline.store.compact.plan_compaction`), crash-safely.
@@ -228,8 +235,8 @@ class StoreWriter:
         rewrites = plan_compaction(index, force)
         if not rewrites:
             return Compaction({}, {})
-        new, retired = compact_index(self.location.shards, self.location.path, index, rewrites)
-        self._replace(new, retired, carried=True)
+        new, _ = compact_index(self.location.shards, self.location.path, index, rewrites)
+        self._replace(new, note=_compacted(rewrites), carried=True)
         before = {name: len(s.shards) for name, s in index.sets.items()}
         rewritten = {r.feature_set: 0 for r in rewrites}
         for rewrite in rewrites:
@@ -239,16 +246,42 @@ class StoreWriter:
 
     def discard_pending(self) -> None:
         """Forget the results of interrupted runs (used with ``--overwrite``)."""
-        for shard in pending_shards(self.location.shards, self.location.index(arrays=False)):
+        for shard in pending_shards(self.location.shards, self.location.current_index(arrays=False)):
             (self.location.shards / shard.name).unlink(missing_ok=True)
 
     def remove(self) -> None:
-        """Empty the store, crash-safely: an index listing nothing replaces it, then the shards are deleted."""
-        store = self.location
-        version = store.index(arrays=False).version if store.exists() else 0
-        write_index(store.path, Index(version + 1, "", [], {}), store.shards)
-        shutil.rmtree(store.shards, ignore_errors=True)
-        shutil.rmtree(store.journal, ignore_errors=True)
+        """Empty the store in a new version (the earlier ones kept as :meth:`cleanup` says), and format 1's
+        journal."""
+        index = self.location.current_index(arrays=False)
+        self._replace(Index(index.version + 1, "", [], {}),
+                      note={name: {"added": 0, "deleted": s.counts()[0]} for name, s in index.sets.items()})
+        shutil.rmtree(self.location.journal, ignore_errors=True)
+
+    def cleanup(self, older_than: float = RETENTION_SECONDS) -> list[int]:
+        """Remove the earlier versions superseded more than ``older_than`` seconds ago (never the previous one),
+        then the shards that no kept version lists and no commit will, crash-safely.
+
+        Version indexes go first, oldest first, and a shard only once no remaining index lists it: a kill at
+        any point leaves every kept version whole, and the next writer finishes the work.
+
+        Returns
+        -------
+        list of int
+            The versions removed.
+        """
+        location = self.location
+        current = location.current_index(arrays=False)
+        kept = location.kept_versions()
+        superseded = _superseded_times(location, kept, current)
+        removed = [v for v in kept[:-1] if time.time() - superseded[v] > older_than]  # kept[-1]: the previous one
+        for version in removed:
+            location.version_file(version).unlink(missing_ok=True)
+        listed = current.listed().union(*(location.version_index(v, arrays=False).listed()
+                                          for v in location.kept_versions()))
+        pending = [p.name for p in pending_shards(location.shards, current)]
+        for path in garbage(location.shards, current, [*listed, *pending]):
+            path.unlink(missing_ok=True)
+        return removed
 
     # ---- internals -----------------------------------------------------------------------------------------
 
@@ -260,7 +293,7 @@ class StoreWriter:
     def _writable_index(self, arrays: bool = True) -> Index:
         """The index, after converting a format-1 store to format 2 (and a format-1 journal to pending shards)."""
         store = self.location
-        index = store.index(arrays)
+        index = store.current_index(arrays)
         if index.format_version == LEGACY_VERSION:
             logger.info(f"{store.path}: converting the store to format 2, once (the old file stays until the new "
                         "index is complete).")
@@ -269,18 +302,78 @@ class StoreWriter:
             adopt_journal(store.journal, store.shards, index.version)
         return index
 
-    def _replace(self, index: Index, retired: Sequence[str], carried: bool = False) -> None:
-        """Put ``index`` in place, then delete the shards it no longer lists (never before).
+    def _replace(self, index: Index, note: dict[str, dict[str, int]] | None = None, carried: bool = False) -> None:
+        """Put ``index`` in place as the next version, keeping the one it supersedes, then clean up.
 
         With ``carried``, pending shards stay pending on the new version (for index writes that are not
-        commits); otherwise the unlisted ones are garbage once it is in place.
+        commits); otherwise the unlisted ones are garbage once it is in place. ``note`` replaces the changes
+        recorded in the version (a compaction's, a drop's).
         """
-        shards = self.location.shards
+        location = self.location
+        if note is not None:
+            index.changes = note
         if carried:
-            carry(shards, pending_shards(shards, self.location.index(arrays=False)), index.version)
-        write_index(self.location.path, index, shards)
-        for name in retired:
-            (shards / name).unlink(missing_ok=True)
-        keep = [p.name for p in pending_shards(shards, index)] if carried else ()
-        for path in garbage(shards, index, keep):
-            path.unlink(missing_ok=True)
+            carry(location.shards, pending_shards(location.shards, location.current_index(arrays=False)), index.version)
+        self._keep_current()
+        write_index(location.path, index, location.shards)
+        self.cleanup()
+
+    def _keep_current(self) -> None:
+        """Keep the current index as its version's file before a new one replaces it (a hard link: no copy)."""
+        location = self.location
+        if not location.exists():
+            return
+        current = location.current_index(arrays=False)
+        if current.format_version == LEGACY_VERSION:
+            return  # format 1 is converted, never kept as a version
+        kept = location.version_file(current.version)
+        location.versions.mkdir(exist_ok=True)
+        try:
+            os.link(location.path, kept)  # a name for a whole file, made at once
+        except FileExistsError:
+            return
+        except OSError:  # a filesystem without hard links
+            with atomic_path(kept) as tmp:
+                shutil.copy2(location.path, tmp)
+
+
+def changes(before: Index, after: Index) -> dict[str, dict[str, int]]:
+    """Per feature set, the live rows a commit added (in shards ``before`` did not list) and deleted."""
+    result = {}
+    for name in sorted(set(before.sets) | set(after.sets)):
+        old, new = before.sets.get(name), after.sets.get(name)
+        had = old.counts()[0] if old is not None else 0
+        if new is None:
+            result[name] = {"added": 0, "deleted": had}
+            continue
+        listed_before = {entry.file for entry in old.shards} if old is not None else set()
+        live, offsets = new.live(), new.offsets()
+        added = sum(int(live[offsets[n] : offsets[n + 1]].sum()) for n, entry in enumerate(new.shards)
+                    if entry.file not in listed_before)
+        result[name] = {"added": added, "deleted": had + added - new.counts()[0]}
+    return result
+
+
+def _compacted(rewrites: Sequence) -> dict[str, dict[str, int]]:
+    """A compaction's changes: no row added or deleted, shards rewritten per set."""
+    shards: dict[str, int] = {}
+    for rewrite in rewrites:
+        shards[rewrite.feature_set] = shards.get(rewrite.feature_set, 0) + rewrite.stop - rewrite.first
+    return {name: {"added": 0, "deleted": 0, "compacted": count} for name, count in shards.items()}
+
+
+def _superseded_times(location: StoreLocation, kept: Sequence[int], current: Index) -> dict[int, float]:
+    """When each kept version was superseded: the commit time of the next version still there (a version whose
+    successor is gone counts as superseded no earlier than the next one kept)."""
+    times = {}
+    for version, following in zip(kept, [*kept[1:], None]):
+        later = current if following is None else location.version_index(following, arrays=False)
+        times[version] = _committed_at(later, location.path if following is None else location.version_file(following))
+    return times
+
+
+def _committed_at(index: Index, path: Path) -> float:
+    """A version's commit time, or its file's modification time for versions written before history was kept."""
+    if index.committed:
+        return datetime.fromisoformat(index.committed).timestamp()
+    return path.stat().st_mtime
