@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 import pipeline.store.index as index_module
+from pipeline.store import EmbeddingStore
 from pipeline.store.index import Index, SetIndex, open_store_file, read_index, write_index
 from pipeline.store.shards import ShardHeader, ShardTable, write_shard
+from tests.test_store import ROOT, records, segment
 
 ATTRS = {"kind": "onnx", "fingerprint": "f1", "embedding_dim": 3}
 
@@ -78,3 +85,40 @@ def _back_to_the_start():
     where = os.getcwd()
     yield
     os.chdir(where)
+
+
+def docs_snippet(marker: str) -> str:
+    """The Python block of docs/store.md that holds ``marker``."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "store.md").read_text(encoding="utf-8")
+    return next(code for code in re.findall(r"^```python\n(.*?)^```", page, re.S | re.M) if marker in code)
+
+
+def test_every_live_row_is_named_in_the_index_for_h5py_alone_as_docs_store_md_shows(tmp_path):
+    store = EmbeddingStore(tmp_path / "features" / "embeddings.h5")
+    with store.writer() as writer:  # three shards, then deletions, a changed file and a compaction
+        writer.append(segment({"cat/a.jpg": 1, "dog/b.jpg": 2}, name="resnet50"))
+        writer.append(segment({"c.jpg": 3, "cat/d.jpg": 4}, name="resnet50"))
+        writer.commit(ROOT, records(("cat/a.jpg", "cat", "train"), ("dog/b.jpg", "dog", "test"), ("c.jpg", None, ""),
+                                    ("cat/d.jpg", "cat", "validation")), {"resnet50": "f1"})
+        writer.append(segment({"dog/b.jpg": 20, "e.jpg": 5}, name="resnet50"))
+        writer.commit(ROOT, records(("dog/b.jpg", "dog", "test"), ("c.jpg", None, ""), ("cat/d.jpg", "cat", "train"),
+                                    ("e.jpg", "dog", "train")), {"resnet50": "f1"})
+    expected = store.load("resnet50")
+    code = docs_snippet('index["resnet50"]') + (
+        "\nimport json, sys\n"
+        "assert sys.modules['pipeline'] is None and not [m for m in sys.modules if m.startswith('pipeline.')]\n"
+        "print(json.dumps([paths.tolist(), labels.tolist(), splits.tolist(), sha256.tolist(), "
+        "embeddings[:, 0].tolist(), named]))"
+    )
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.modules['pipeline'] = None\n" + code],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    paths, labels, splits, sha256, first, named = json.loads(done.stdout)
+    assert paths == expected.paths.tolist() == ["c.jpg", "cat/d.jpg", "dog/b.jpg", "e.jpg"]
+    assert labels == expected.labels.tolist() and splits == expected.splits.tolist()
+    assert sha256 == expected.sha256.tolist() and first == expected.embeddings[:, 0].tolist()
+    assert named == {"cat/d.jpg": "cat", "dog/b.jpg": "dog", "e.jpg": "dog"}
+    with store.writer() as writer:
+        writer.compact(force=True)  # rewritten shards: the rows read from them, in the same order
+    with h5py.File(store.path) as index:
+        assert index["resnet50/rows/path"].asstr()[()].tolist() == paths

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
-from pipeline.store.shards import ShardEntry, read_strings
+from pipeline.store.shards import ShardEntry, ShardReader, read_strings
 from pipeline.store.spec import ENCODING, FORMAT_VERSION, LEGACY_VERSION, SPEC, SPLITS, STRING, VIEW_PIECES
 
 
@@ -126,29 +126,34 @@ def open_store_file(path: Path) -> h5py.File:
 
 def read_index(store: h5py.File, arrays: bool = True) -> Index:
     """The format-2 index in an open file; without ``arrays``, labels and splits are left empty."""
-    sets = {}
-    for name in sorted(n for n in store if isinstance(store[n], h5py.Group)):
-        group = store[name]
-        table = group["shards"]
-        files = read_strings(table["file"])
-        shards = [
-            ShardEntry(str(f), str(s), int(b), int(r), int(x))
-            for f, s, b, r, x in zip(files, read_strings(table["sha256"]), table["bytes"][()], table["rows"][()],
-                                     table["failures"][()])
-        ]
-        sets[name] = SetIndex(
-            dict(group.attrs), shards,
-            group["labels"][()] if arrays else np.zeros(0, np.int32),
-            group["split"][()] if arrays else np.zeros(0, np.uint8),
-            group["deleted"][()], group["deleted_failures"][()],
-        )
+    sets = {name: read_index_set(store[name], arrays) for name in sorted(n for n in store
+                                                                            if isinstance(store[n], h5py.Group))}
     return Index(int(store.attrs["version"]), str(store.attrs["dataset_root"]), list(read_strings(store["classes"])),
                  sets, committed=str(store.attrs.get("committed", "")), run=str(store.attrs.get("run", "")),
                  changes=json.loads(store.attrs.get("changes", "{}")))
 
 
+def read_index_set(group: h5py.Group, arrays: bool = False) -> SetIndex:
+    """One feature set's group of a format-2 index; without ``arrays``, labels and splits are left empty."""
+    table = group["shards"]
+    shards = [
+        ShardEntry(str(f), str(s), int(b), int(r), int(x))
+        for f, s, b, r, x in zip(read_strings(table["file"]), read_strings(table["sha256"]), table["bytes"][()],
+                                 table["rows"][()], table["failures"][()])
+    ]
+    return SetIndex(
+        dict(group.attrs), shards,
+        group["labels"][()] if arrays else np.zeros(0, np.int32),
+        group["split"][()] if arrays else np.zeros(0, np.uint8),
+        group["deleted"][()], group["deleted_failures"][()],
+    )
+
+
 def write_index(path: Path, index: Index, shards_folder: Path) -> None:
-    """Write ``index`` to ``path`` atomically, with a virtual-dataset view of each set's live embeddings."""
+    """Write ``index`` to ``path`` atomically, with each set's live rows as any HDF5 tool reads them: the
+    embeddings and their files' sha256 as virtual datasets over the shards, their paths, labels and splits as
+    copies (see :func:`_write_rows`)."""
+    previous = _previous_paths(path)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as store:
         store.attrs.update({
             "encoding": ENCODING, "format_version": FORMAT_VERSION, "version": index.version,
@@ -170,14 +175,20 @@ def write_index(path: Path, index: Index, shards_folder: Path) -> None:
             _compressed(group, "split", np.asarray(entry.splits, np.uint8))
             _compressed(group, "deleted", np.asarray(entry.deleted, np.int64))
             _compressed(group, "deleted_failures", np.asarray(entry.deleted_failures, np.int64))
-            _write_view(group, entry, shards_folder.name)
+            pieces = _write_view(group, entry, shards_folder.name)
+            _write_rows(group, entry, pieces, previous.get(name, {}), shards_folder, path)
 
 
-def _write_view(group: h5py.Group, entry: SetIndex, folder: str) -> None:
+def _write_view(group: h5py.Group, entry: SetIndex, folder: str) -> list[tuple[int, int, int]] | None:
     """``embeddings``: the live rows of every shard in order, as an HDF5 virtual dataset over the shard files.
 
     Source files are named relative to the index, which HDF5 resolves from the index's own folder. A view
     of more than :data:`VIEW_PIECES` pieces (runs of live rows) is left out: opening it would be slow.
+
+    Returns
+    -------
+    list of tuple or None
+        The pieces ``(shard number, first row, stop row)``; None when the view was left out.
     """
     pieces = []
     live = entry.live()
@@ -188,22 +199,83 @@ def _write_view(group: h5py.Group, entry: SetIndex, folder: str) -> None:
         pieces += [(number, int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
         if len(pieces) > VIEW_PIECES:
             group.attrs["view"] = f"left out: more than {VIEW_PIECES} pieces; python -m pipeline.store compact makes it"
-            return
+            return None
+    _virtual(group, "embeddings", entry, pieces, folder, (entry.dim,), np.float32)
+    return pieces
+
+
+def _virtual(group: h5py.Group, name: str, entry: SetIndex, pieces: list[tuple[int, int, int]], folder: str,
+             row_shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+    """Dataset ``name`` of the shards at ``pieces``, one after the other, as a virtual dataset of the index."""
     if not pieces:
-        group.create_dataset("embeddings", shape=(0, entry.dim), dtype=np.float32)
+        group.create_dataset(name, shape=(0, *row_shape), dtype=dtype)
         return
-    layout = h5py.VirtualLayout(shape=(sum(b - a for _, a, b in pieces), entry.dim), dtype=np.float32)
+    layout = h5py.VirtualLayout(shape=(sum(b - a for _, a, b in pieces), *row_shape), dtype=dtype)
     sources = {}
     position = 0
     for number, start, stop in pieces:
         shard = entry.shards[number]
         if number not in sources:
-            sources[number] = h5py.VirtualSource(f"{folder}/{shard.file}", "embeddings", shape=(shard.rows, entry.dim))
+            sources[number] = h5py.VirtualSource(f"{folder}/{shard.file}", name, shape=(shard.rows, *row_shape),
+                                                 dtype=dtype)
         layout[position : position + stop - start] = sources[number][start:stop]
         position += stop - start
-    group.create_virtual_dataset("embeddings", layout, fillvalue=np.float32(np.nan))
+    fill = np.float32(np.nan) if name == "embeddings" else None
+    group.create_virtual_dataset(name, layout, fillvalue=fill)
 
 
-def _compressed(group: h5py.Group, name: str, data: np.ndarray) -> None:
+def _write_rows(group: h5py.Group, entry: SetIndex, pieces: list[tuple[int, int, int]] | None,
+                previous: dict[str, tuple[np.ndarray, np.ndarray]], folder: Path, index_path: Path) -> None:
+    """``rows/``: per live row, aligned with ``embeddings``: ``path`` (a copy: HDF5 cannot map variable-length
+    strings), ``label`` and ``split`` (copies, from the index's own arrays) and ``sha256`` (a virtual dataset
+    over the shards, left out with the view).
+
+    Paths of shards the replaced index listed are carried from it (a deleted row never lives again), so a
+    commit reads the paths of its new shards only.
+    """
+    rows = group.create_group("rows")
+    live, offsets = entry.live(), entry.offsets()
+    paths = []
+    for number, shard in enumerate(entry.shards):
+        alive = live[offsets[number] : offsets[number + 1]]
+        carried = previous.get(shard.file)
+        if carried is not None and not (alive & ~carried[0]).any():
+            paths.append(carried[1][alive[carried[0]]])
+        elif alive.any():
+            with ShardReader(folder, shard, index_path) as reader:
+                paths.append(reader.table(rows=np.flatnonzero(alive)).paths)
+    _compressed(rows, "path", np.array(np.concatenate(paths) if paths else [], dtype=object), STRING)
+    if len(entry.labels) == len(live):
+        _compressed(rows, "label", np.asarray(entry.labels[live], np.int32))
+        _compressed(rows, "split", np.asarray(entry.splits[live], np.uint8))
+    if pieces is not None:
+        _virtual(rows, "sha256", entry, pieces, folder.name, (), "S64")
+
+
+def _previous_paths(path: Path) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per set and shard of the index at ``path`` (about to be replaced): which rows were live, and their paths."""
+    try:
+        store = h5py.File(path, "r")
+    except OSError:
+        return {}
+    with store:
+        if store.attrs.get("format_version") != FORMAT_VERSION:
+            return {}
+        carried = {}
+        for name in (n for n in store if isinstance(store[n], h5py.Group) and "rows" in store[n]):
+            group = store[name]
+            entry = read_index_set(group)
+            live, offsets = entry.live(), entry.offsets()
+            paths = read_strings(group["rows"]["path"])
+            starts = np.concatenate([[0], np.cumsum([live[offsets[n] : offsets[n + 1]].sum()
+                                                     for n in range(len(entry.shards))])]).astype(np.int64)
+            carried[name] = {
+                shard.file: (live[offsets[n] : offsets[n + 1]], paths[starts[n] : starts[n + 1]])
+                for n, shard in enumerate(entry.shards)
+            }
+        return carried
+
+
+def _compressed(group: h5py.Group, name: str, data: np.ndarray, dtype: object = None) -> None:
     options = {"chunks": True, "compression": "gzip", "compression_opts": 4, "shuffle": True} if len(data) else {}
-    group.create_dataset(name, data=data, **options)
+    group.create_dataset(name, data=data, dtype=dtype, **options)
