@@ -163,6 +163,64 @@ def size_row(work: Path, images: int) -> dict:
     return row
 
 
+# ---- what the index's aligned rows (rows/path, label, split, sha256) cost ------------------------------------
+
+
+def rows_row(work: Path, images: int) -> dict:
+    """The index with and without its per-row names at ``images`` rows (of 4 floats: the index does not depend on
+    the embedding size): bytes, the time to write it, a +1% commit's time, and reading the names with h5py."""
+    import h5py
+
+    import pipeline.store.index as index_module
+
+    folder = work / "rows"
+    shutil.rmtree(folder, ignore_errors=True)
+    store = EmbeddingStore(folder / "embeddings.h5")
+    attrs = {**ATTRS, "embedding_dim": 4}
+    numbers = np.arange(images)
+    with store.writer() as writer:
+        for start in range(0, images, 65_536):
+            part = numbers[start : start + 65_536]
+            segment = Segment(NAME, "synthetic", attrs, str(ROOT), records_for(part), [state_of(n) for n in part],
+                              list(np.ones((len(part), 4), np.float32)))
+            writer.append(segment)
+        writer.commit(ROOT, records_for(numbers), {NAME: "synthetic"})
+    index = store.current_index()
+    timings = {}
+    for named in (True, False):
+        real = index_module._write_rows
+        if not named:
+            index_module._write_rows = lambda *args: None
+        try:
+            started = time.perf_counter()
+            index_module.write_index(folder / f"named-{named}.h5", index, store.shards)
+            timings[named] = time.perf_counter() - started
+        finally:
+            index_module._write_rows = real
+    with h5py.File(folder / "named-True.h5") as named:
+        started = time.perf_counter()
+        paths = named[f"{NAME}/rows/path"].asstr()[()]
+        sha256 = named[f"{NAME}/rows/sha256"][()]
+        read = time.perf_counter() - started
+    assert len(paths) == len(sha256) == images
+    extra = np.arange(images, images + images // 100)
+    with store.writer() as writer:
+        started = time.perf_counter()
+        segment = Segment(NAME, "synthetic", attrs, str(ROOT), records_for(extra), [state_of(n) for n in extra],
+                          list(np.ones((len(extra), 4), np.float32)))
+        writer.append(segment)
+        writer.commit(ROOT, records_for(np.concatenate([numbers, extra])), {NAME: "synthetic"})
+        commit = time.perf_counter() - started
+    row = {"images": images,
+           "index_mb_with_rows": round((folder / "named-True.h5").stat().st_size / 2**20, 1),
+           "index_mb_without": round((folder / "named-False.h5").stat().st_size / 2**20, 1),
+           "write_seconds_with_rows": round(timings[True], 2), "write_seconds_without": round(timings[False], 2),
+           "add_1_percent_commit_seconds": round(commit, 2), "read_paths_and_sha256_seconds": round(read, 2)}
+    shutil.rmtree(folder, ignore_errors=True)
+    print(json.dumps({"rows": row}), flush=True)
+    return row
+
+
 # ---- the commit path with Ray actors writing the shards ------------------------------------------------------
 
 
@@ -274,12 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--ray-images", type=int, default=100_000, help="0: skip the Ray row")
+    parser.add_argument("--rows-images", type=int, default=1_000_000, help="0: skip the aligned rows' row")
     parser.add_argument("--work", type=Path, default=Path("build/bench-store"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/bench_store.json"))
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     result: dict = {"cores": available_cores(), "dim": DIM, "segment_rows": SEGMENT_ROWS,
                     "sizes": [size_row(args.work, images) for images in sorted(args.sizes)]}
+    if args.rows_images:
+        result["rows"] = rows_row(args.work, args.rows_images)
     if args.ray_images:
         result["ray"] = ray_intake(args.work, args.ray_images)
     result["targets"] = targets(result)

@@ -100,9 +100,9 @@ def test_every_live_row_is_named_in_the_index_for_h5py_alone_as_docs_store_md_sh
         writer.append(segment({"c.jpg": 3, "cat/d.jpg": 4}, name="resnet50"))
         writer.commit(ROOT, records(("cat/a.jpg", "cat", "train"), ("dog/b.jpg", "dog", "test"), ("c.jpg", None, ""),
                                     ("cat/d.jpg", "cat", "validation")), {"resnet50": "f1"})
-        writer.append(segment({"dog/b.jpg": 20, "e.jpg": 5}, name="resnet50"))
+        writer.append(segment({"dog/b.jpg": 20, "chien/été.jpg": 5}, name="resnet50"))
         writer.commit(ROOT, records(("dog/b.jpg", "dog", "test"), ("c.jpg", None, ""), ("cat/d.jpg", "cat", "train"),
-                                    ("e.jpg", "dog", "train")), {"resnet50": "f1"})
+                                    ("chien/été.jpg", "dog", "train")), {"resnet50": "f1"})
     expected = store.load("resnet50")
     code = docs_snippet('index["resnet50"]') + (
         "\nimport json, sys\n"
@@ -114,11 +114,14 @@ def test_every_live_row_is_named_in_the_index_for_h5py_alone_as_docs_store_md_sh
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     paths, labels, splits, sha256, first, named = json.loads(done.stdout)
-    assert paths == expected.paths.tolist() == ["c.jpg", "cat/d.jpg", "dog/b.jpg", "e.jpg"]
+    assert paths == expected.paths.tolist() == ["c.jpg", "cat/d.jpg", "dog/b.jpg", "chien/été.jpg"]
     assert labels == expected.labels.tolist() and splits == expected.splits.tolist()
     assert sha256 == expected.sha256.tolist() and first == expected.embeddings[:, 0].tolist()
-    assert named == {"cat/d.jpg": "cat", "dog/b.jpg": "dog", "e.jpg": "dog"}
+    assert named == {"cat/d.jpg": "cat", "dog/b.jpg": "dog", "chien/été.jpg": "dog"}
     with store.writer() as writer:
+        writer.append(segment({"new.jpg": 6}, name="resnet50"))  # carried from the index it replaces, plus its own
+        writer.commit(ROOT, records(("dog/b.jpg", "dog", "test"), ("c.jpg", None, ""), ("cat/d.jpg", "cat", "train"),
+                                    ("chien/été.jpg", "dog", "train"), ("new.jpg", None, "")), {"resnet50": "f1"})
         writer.compact(force=True)  # rewritten shards: the rows read from them, in the same order
     with h5py.File(store.path) as index:
-        assert index["resnet50/rows/path"].asstr()[()].tolist() == paths
+        assert index["resnet50/rows/path"].asstr()[()].tolist() == [*paths, "new.jpg"]

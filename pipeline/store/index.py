@@ -244,7 +244,10 @@ def _write_rows(group: h5py.Group, entry: SetIndex, pieces: list[tuple[int, int,
         elif alive.any():
             with ShardReader(folder, shard, index_path) as reader:
                 paths.append(reader.table(rows=np.flatnonzero(alive)).paths)
-    _compressed(rows, "path", np.array(np.concatenate(paths) if paths else [], dtype=object), STRING)
+    encoded = np.char.encode(np.concatenate(paths).astype(str), "utf-8") if paths else np.zeros(0, "S1")
+    # Fixed-length UTF-8: compressed with the rest (variable-length strings sit uncompressed in HDF5's heap).
+    utf8 = h5py.string_dtype("utf-8", max(encoded.dtype.itemsize, 1))
+    _compressed(rows, "path", encoded.astype(utf8), utf8)
     if len(entry.labels) == len(live):
         _compressed(rows, "label", np.asarray(entry.labels[live], np.int32))
         _compressed(rows, "split", np.asarray(entry.splits[live], np.uint8))

@@ -286,10 +286,11 @@ def _objects(values: Sequence[str] | np.ndarray) -> np.ndarray:
 
 
 def read_strings(dataset: h5py.Dataset) -> np.ndarray:
-    """A string dataset (UTF-8 variable length, or fixed-length ASCII) as a numpy ``str`` array."""
+    """A string dataset (UTF-8 of variable or fixed length, or fixed-length ASCII) as a numpy ``str`` array."""
     if not dataset.shape[0]:
         return np.array([], dtype=str)
-    if h5py.check_string_dtype(dataset.dtype) and h5py.check_string_dtype(dataset.dtype).length is None:
+    info = h5py.check_string_dtype(dataset.dtype)
+    if info is not None and (info.length is None or info.encoding == "utf-8"):
         return dataset.asstr()[()].astype(str)
     return dataset[()].astype(str)
 
