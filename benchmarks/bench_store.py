@@ -221,6 +221,42 @@ def rows_row(work: Path, images: int) -> dict:
     return row
 
 
+# ---- export: memory bounded by a block ---------------------------------------------------------------------------
+
+
+def export_row(work: Path, images: int, dim: int = 256) -> dict:
+    """``transfer store export`` of ``images`` rows of ``dim`` floats to each format: seconds, file size and the peak
+    resident memory above what the process held (a block is 8,192 rows: 8 MiB at 256-d)."""
+    import pyarrow.parquet  # noqa: F401  (loaded before the measurements: the library's own memory is not the export's)
+
+    from pipeline.store.export import BLOCK_ROWS, EXPORT_FORMATS, export_set
+
+    folder = work / "export"
+    shutil.rmtree(folder, ignore_errors=True)
+    store = EmbeddingStore(folder / "embeddings.h5")
+    attrs = {**ATTRS, "embedding_dim": dim}
+    numbers = np.arange(images)
+    with store.writer() as writer:
+        for start in range(0, images, 16_384):
+            part = numbers[start : start + 16_384]
+            writer.append(Segment(NAME, "synthetic", attrs, str(ROOT), records_for(part), [state_of(n) for n in part],
+                                  list(POOL[part % len(POOL), :dim])))
+        writer.commit(ROOT, records_for(numbers), {NAME: "synthetic"})
+    row = {"images": images, "dim": dim, "block_mb": round(BLOCK_ROWS * dim * 4 / 2**20, 1),
+           "store_mb": round(sum(e.bytes for e in store.index().sets[NAME].shards) / 2**20, 1)}
+    for file_format in EXPORT_FORMATS:
+        out = folder / f"out.{file_format}"
+        started = time.perf_counter()
+        with Memory() as memory:
+            assert export_set(store, NAME, out, file_format) == images
+        row[file_format] = {"seconds": round(time.perf_counter() - started, 1),
+                            "peak_mb": round(memory.peak / 2**20, 1), "file_mb": round(out.stat().st_size / 2**20, 1)}
+        out.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+    print(json.dumps({"export": row}), flush=True)
+    return row
+
+
 # ---- the commit path with Ray actors writing the shards ------------------------------------------------------
 
 
@@ -333,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--ray-images", type=int, default=100_000, help="0: skip the Ray row")
     parser.add_argument("--rows-images", type=int, default=1_000_000, help="0: skip the aligned rows' row")
+    parser.add_argument("--export-images", type=int, default=1_000_000, help="0: skip the export row")
     parser.add_argument("--work", type=Path, default=Path("build/bench-store"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/bench_store.json"))
     args = parser.parse_args(argv)
@@ -341,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                     "sizes": [size_row(args.work, images) for images in sorted(args.sizes)]}
     if args.rows_images:
         result["rows"] = rows_row(args.work, args.rows_images)
+    if args.export_images:
+        result["export"] = export_row(args.work, args.export_images)
     if args.ray_images:
         result["ray"] = ray_intake(args.work, args.ray_images)
     result["targets"] = targets(result)

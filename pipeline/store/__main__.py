@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.errors import UserError, command, counted, run_cli
 from pipeline.store.embedding_store import EmbeddingStore
+from pipeline.store.export import EXPORT_FORMATS, export_set
 from pipeline.store.spec import RETENTION_SECONDS, duration_text, parse_duration
 
-COMMANDS = ("info", "failures", "verify", "versions", "cleanup", "convert", "compact", "drop")
+COMMANDS = ("info", "failures", "verify", "versions", "cleanup", "export", "convert", "compact", "drop")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,26 +25,37 @@ def build_parser() -> argparse.ArgumentParser:
             "size and sha256 of every shard. versions: the versions kept (when, which run, rows per set, rows "
             "added and deleted); any of them can be read as --cache PATH@N. cleanup: remove the versions "
             "superseded more than --older-than ago (never the previous one), and the shards only they list "
-            "(every writer does it with the default retention). convert: convert a format-1 store to format 2 "
-            "(any run that writes does it too). compact: rewrite small and partly deleted shards into full ones "
-            "(commits do it by themselves past the thresholds in docs/store.md). drop SET: remove a feature set, "
-            "so that the next extract computes it anew (the recovery from a lost shard)."
+            "(every writer does it with the default retention). export [CACHE] --set SET --format FORMAT --out "
+            "FILE: one flat file of SET's live rows (path, label, split, sha256, embedding), written a block at "
+            "a time. convert: convert a format-1 store to format 2 (any run that writes does it too). compact: "
+            "rewrite small and partly deleted shards into full ones (commits do it by themselves past the "
+            "thresholds in docs/store.md). drop SET: remove a feature set, so that the next extract computes it "
+            "anew (the recovery from a lost shard)."
         ),
         epilog="Exit status: 0 when done; 2 for an error you can fix (no store, a missing or altered shard): one line.",
     )
     parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("feature_set", nargs="?", help="for failures and drop: the feature set, e.g. resnet50")
+    parser.add_argument("feature_set", nargs="?",
+                        help="for failures and drop: the feature set, e.g. resnet50; for export: the store "
+                        "(or --cache)")
     parser.add_argument("--cache", type=Path, default=Path("features/embeddings.h5"),
                         help="the store's index file, or PATH@N for its version N (default: features/embeddings.h5)")
     parser.add_argument("--older-than", type=_duration, default=RETENTION_SECONDS, metavar="DURATION",
                         help=f"for cleanup: how long superseded versions are kept, e.g. 30m, 24h, 7d, 0 "
                         f"(default: {duration_text(RETENTION_SECONDS)})")
+    parser.add_argument("--set", dest="export_set", metavar="SET", help="for export: the feature set to write")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="parquet",
+                        help="for export: parquet (pandas, polars, DuckDB, Lance; needs pip install -e '.[parquet]'), "
+                        "hdf5 or npz (default: parquet)")
+    parser.add_argument("--out", type=Path, help="for export: the file to write")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command on the store and print what it found or did."""
     args = build_parser().parse_args(argv)
+    if args.command == "export":
+        return export(args)
     store = EmbeddingStore(args.cache)
     if not store.exists():
         pending = _pending(store)
@@ -80,6 +93,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "compact":
             print(f"{store.path}: no shard needs rewriting.")
         print(_info(store))
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """``store export``: a feature set's live rows as one flat file."""
+    store = EmbeddingStore(args.feature_set or args.cache)
+    if not args.export_set or not args.out:
+        sets = _sets(store) if store.exists() else "none"
+        raise UserError(f"say which set and where: {command('store')} export {store.described} --set SET --format "
+                        f"{args.format} --out FILE (SET one of: {sets}).")
+    if not store.exists():
+        raise UserError(f"no embedding store at {store.described}; run extract first (make extract DATA=...).")
+    started = time.perf_counter()
+    rows = export_set(store, args.export_set, args.out, args.format)
+    print(f"{args.out}: {counted(rows, 'row')} of {args.export_set} from {store.described} "
+          f"({args.out.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - started:.1f} s).")
     return 0
 
 
