@@ -604,3 +604,25 @@ def test_pixels_of_an_unknown_recipe_are_kept_unless_overwrite(tmp_path, small_m
     specs = extract_quietly(data, cache, small_models, overwrite=True)
     assert [(s.name, s.embedded) for s in specs] == [("resnet50", 0), (PIXELS, 9)]
     assert EmbeddingStore(cache).load_attrs(PIXELS)["fingerprint"] == PIXELS_FINGERPRINT
+
+
+def test_float16_storage_halves_the_bytes_reads_as_float32_and_a_set_keeps_one_storage(tmp_path, small_models,
+                                                                                        extract_quietly):
+    data = pets(tmp_path / "pets")
+    full, half = tmp_path / "full.h5", tmp_path / "half.h5"
+    extract_quietly(data, full, small_models)
+    extract_quietly(data, half, small_models, storage="float16")
+    exact, stored = EmbeddingStore(full).load("resnet50"), EmbeddingStore(half).load("resnet50")
+    assert stored.attrs["storage"] == "float16" and stored.embeddings.dtype == np.float32
+    assert np.array_equal(stored.embeddings, exact.embeddings.astype(np.float16).astype(np.float32))
+    shards = lambda cache: sum(p.stat().st_size for p in Path(f"{cache}.shards").glob("resnet50/*.h5"))  # noqa: E731
+    assert shards(half) < 0.7 * shards(full)
+    with pytest.raises(UserError, match=r"half.h5 holds resnet50 as float16, and a set keeps one storage; extract "
+                                        r"with --storage float16 to add to it, or --overwrite to make it again as "
+                                        r"float32"):
+        extract_quietly(data, half, small_models, storage="float32")
+    (data / "cat" / "new.jpg").write_bytes((data / "cat" / "0.jpg").read_bytes())
+    specs = extract_quietly(data, half, small_models)  # not asked: as the store holds each set
+    assert specs[0].embedded == 1 and EmbeddingStore(half).load_attrs("resnet50")["storage"] == "float16"
+    specs = extract_quietly(data, half, small_models, storage="float32", overwrite=True)
+    assert specs[0].embedded == 10 and EmbeddingStore(half).load("resnet50").attrs["storage"] == "float32"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import h5py
 import numpy as np
 import pytest
 
@@ -94,3 +95,21 @@ def test_rewrite_jobs_cross_to_other_processes(tmp_path, small_full_shards):
     copy = pickle.loads(pickle.dumps(jobs))  # what Ray sends to a task
     assert [j.sizes for j in copy] == [(8, 8, 8, 8, 8)] and copy[0].folder == str(store.shards.resolve())
     np.testing.assert_array_equal(copy[0].sources[3][1], [0])
+
+
+def test_a_float16_set_stays_float16_through_compaction_and_in_the_view(tmp_path):
+    store = EmbeddingStore(tmp_path / "e.h5")
+    with store.writer() as writer:
+        for start in range(0, len(PATHS), 10):
+            part = segment({p: i + 0.1 for i, p in enumerate(PATHS[start : start + 10], start)})
+            part.attrs["storage"] = "float16"
+            writer.append(part)
+        writer.commit(ROOT, LISTING, {"m": "f1"})
+        before = snapshot(store)
+        assert writer.compact(force=True).rewritten == {"m": 4}
+    assert snapshot(store) == before and before[1][1][0] == np.float32(np.float16(1.1))
+    for name in listed_files(store):
+        with h5py.File(store.shards / name) as shard:
+            assert shard["embeddings"].dtype == np.float16
+    with h5py.File(store.path) as index:
+        assert index["m/embeddings"].dtype == np.float16 and index["m/embeddings"][1, 0] == np.float16(1.1)

@@ -213,6 +213,7 @@ def embed_on_ray(run: ExtractRun, paths: Sequence[str], workers: Workers, output
         fn_constructor_kwargs={
             "models": [spec.session.model for spec in backbones], "device": device, "threads": workers.threads,
             "batch_size": run.batch_size, "target": output.writer.target(output.dataset_root),
+            "storages": {spec.name: spec.attrs["storage"] for spec in run.specs if "storage" in spec.attrs},
         },
         **workers.remote_args,
     )
@@ -313,7 +314,7 @@ class EmbedActor:
     """Ray Data actor: the backbone sessions of one worker, embedding decoded batches and writing their shards."""
 
     def __init__(self, models: list[ExportedModel], device: str, threads: int, batch_size: int,
-                 target: ShardTarget) -> None:
+                 target: ShardTarget, storages: dict[str, str] | None = None) -> None:
         self.fatal = ""  # a problem the user must fix, sent to the driver instead of crashing the actor in a loop
         self.batch_size, self.target = batch_size, target
         # Shards a retried batch writes again get another writer name; the commit lists one of each row.
@@ -331,6 +332,9 @@ class EmbedActor:
             self.fatal = str(error)
             return
         self.specs, _ = feature_specs(sessions)
+        for spec in self.specs:  # each set as the driver keeps it
+            if spec.name in (storages or {}):
+                spec.attrs["storage"] = storages[spec.name]
         self.providers = ",".join(session.provider for session in sessions)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -44,9 +44,11 @@ class FeatureSpec:
         return result
 
 
-def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec], list[Preprocessing]]:
+def feature_specs(sessions: Sequence[BackboneSession],
+                  storage: str | None = None) -> tuple[list[FeatureSpec], list[Preprocessing]]:
     """Feature sets for the sessions plus the pixel baseline, and the distinct crops they need: models whose
-    recipes differ only in their normalisation (done in the graph) share one crop."""
+    recipes differ only in their normalisation (done in the graph) share one crop. A ``storage`` asked for is
+    recorded in every set's attributes (the store keeps the rows so)."""
     preprocessings: list[Preprocessing] = []
     specs = []
     for session in sessions:
@@ -95,6 +97,9 @@ def feature_specs(sessions: Sequence[BackboneSession]) -> tuple[list[FeatureSpec
                        "in [0, 1]",
     }
     specs.append(FeatureSpec(PIXELS, PIXELS_FINGERPRINT, pixel_attrs))
+    if storage is not None:
+        for spec in specs:
+            spec.attrs["storage"] = storage
     return specs, preprocessings
 
 

@@ -12,6 +12,7 @@ from pipeline.models import DEFAULT_BACKBONES, PRECISIONS
 from pipeline.models.quantize import CALIBRATION_IMAGES
 from pipeline.models.session import DEVICES
 from pipeline.options import AtLeast, OneOf, Options
+from pipeline.store.spec import STORAGES
 
 BACKENDS = ("local", "ray")
 JOURNAL_ROWS = 512  # results are written as pending shards at least every this many images (or 30 seconds)
@@ -55,6 +56,10 @@ class ExtractOptions(Options):
         Images above it are recorded as too large, and tried again next run.
     root : path-like, optional
         A CSV manifest's dataset root (see :func:`pipeline.extract.discover.discover`).
+    storage : {"float32", "float16"}, optional
+        How the run's feature sets keep their embeddings (readers return float32 either way); None: as the
+        store holds each set, float32 for a new one. A set keeps one storage; ``overwrite`` makes it again in
+        another.
     """
 
     models: Sequence[str] = tuple(DEFAULT_BACKBONES)
@@ -72,6 +77,7 @@ class ExtractOptions(Options):
     backend: str = "local"
     max_pixels: int = MAX_PIXELS
     root: str | os.PathLike | None = None
+    storage: str | None = None
 
     constraints: ClassVar = {
         "batch_size": [None, AtLeast(1)],
@@ -82,4 +88,5 @@ class ExtractOptions(Options):
         "calibration_images": [AtLeast(1)],
         "backend": [OneOf(BACKENDS)],
         "max_pixels": [AtLeast(1)],
+        "storage": [None, OneOf(STORAGES)],
     }

@@ -86,7 +86,7 @@ def plan_run(options: ExtractOptions, dataset: Dataset, store: EmbeddingStore, w
         repository, exports, "cpu" if pool else options.device, options.precision, dataset,
         options.calibration_images, store.feature_sets(), workers_on_cuda=bool(pool.gpus) if pool else None,
     )
-    specs, preprocessings = feature_specs(sessions)
+    specs, preprocessings = feature_specs(sessions, options.storage)
     for spec in specs:
         spec.setup_seconds = time.perf_counter() - started
     batch_size = options.batch_size or (pool.batch_size if pool else min(s.default_batch_size for s in sessions))
@@ -176,6 +176,17 @@ def check_store(store: EmbeddingStore, writer: StoreWriter, dataset: Dataset, sp
         if spec.name not in store.feature_sets():
             continue
         attrs = store.load_attrs(spec.name)
+        held, wanted = attrs.get("storage", "float32"), spec.attrs.get("storage")
+        if wanted is None and held != "float32":
+            spec.attrs["storage"] = held  # not asked for: as the store holds it
+        elif wanted is not None and held != wanted and attrs.get("fingerprint") == spec.fingerprint:
+            if not overwrite:
+                raise UserError(
+                    f"{store.path} holds {spec.name} as {held}, and a set keeps one storage; extract with --storage "
+                    f"{held} to add to it, or --overwrite to make it again as {wanted}."
+                )
+            writer.drop(spec.name)  # made again whole, in the new storage
+            continue
         if spec.name == PIXELS and attrs.get("fingerprint") in EARLIER_PIXELS_FINGERPRINTS:
             # The baseline is ours, not the user's model: a new recipe replaces an earlier one without asking.
             logger.info(f"notice: {store.path} holds pixel-baseline features of an earlier recipe "

@@ -27,6 +27,7 @@ from pipeline.models import DEFAULT_BACKBONES, PRECISIONS, Preprocessing
 from pipeline.models.quantize import CALIBRATION_IMAGES
 from pipeline.models.session import DEVICES
 from pipeline.store import EmbeddingStore, Segment, StoreWriter
+from pipeline.store.spec import STORAGES
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"they are tried again on the next run (default: {MAX_PIXELS:,}, Pillow's warning threshold)",
     )
     parser.add_argument(
+        "--storage", choices=STORAGES, default=None,
+        help="how the store keeps the embeddings: float16 takes half the bytes (docs/store.md measures what it "
+        "changes); readers return float32 either way. A feature set keeps one storage: --overwrite makes it again "
+        "in another (default: as the store holds each set, float32 for a new one)",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true",
         help="replace features of another model file or dataset in the store",
     )
@@ -237,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models=args.models, cache=args.cache, batch_size=args.batch_size, device=args.device, workers=args.workers,
         models_dir=args.models_dir, weights=args.weights, overwrite=args.overwrite, precision=args.precision,
         calibration_images=args.calibration_images, backend=args.backend, max_pixels=args.max_pixels, root=args.root,
+        storage=args.storage,
     )
     started = time.perf_counter()
     specs = run_extract(args.data, options=options)

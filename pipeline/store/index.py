@@ -14,7 +14,16 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
 from pipeline.store.shards import ShardEntry, ShardReader, read_strings
-from pipeline.store.spec import ENCODING, FORMAT_VERSION, LEGACY_VERSION, SPEC, SPLITS, STRING, VIEW_PIECES
+from pipeline.store.spec import (
+    ENCODING,
+    FORMAT_VERSION,
+    LEGACY_VERSION,
+    SPEC,
+    SPLITS,
+    STRING,
+    VIEW_PIECES,
+    storage_dtype,
+)
 
 
 @dataclass
@@ -200,7 +209,7 @@ def _write_view(group: h5py.Group, entry: SetIndex, folder: str) -> list[tuple[i
         if len(pieces) > VIEW_PIECES:
             group.attrs["view"] = f"left out: more than {VIEW_PIECES} pieces; python -m pipeline.store compact makes it"
             return None
-    _virtual(group, "embeddings", entry, pieces, folder, (entry.dim,), np.float32)
+    _virtual(group, "embeddings", entry, pieces, folder, (entry.dim,), storage_dtype(entry.attrs))
     return pieces
 
 
@@ -220,7 +229,7 @@ def _virtual(group: h5py.Group, name: str, entry: SetIndex, pieces: list[tuple[i
                                                  dtype=dtype)
         layout[position : position + stop - start] = sources[number][start:stop]
         position += stop - start
-    fill = np.float32(np.nan) if name == "embeddings" else None
+    fill = np.array(np.nan, dtype) if name == "embeddings" else None
     group.create_virtual_dataset(name, layout, fillvalue=fill)
 
 

@@ -94,7 +94,8 @@ SPEC = (
     "shards, absent when embeddings is). SHARD: root "
     "attributes encoding = 'pipeline.embedding-shard', format_version = 2, feature_set, fingerprint, "
     "dataset_root, base_version (the index version it was written on), origin (extract, compaction or "
-    "conversion), set_attrs (the set's attributes as JSON); datasets embeddings float32 [n, D] (gzip + shuffle), "
+    "conversion), set_attrs (the set's attributes as JSON); datasets embeddings float32 [n, D] (float16 where the "
+    "set's storage attribute says float16; gzip + shuffle), "
     "paths UTF-8 [n] (POSIX, relative to dataset_root), path_key uint8 [n, 16] (BLAKE2b-128 of each path's "
     "UTF-8 bytes), sha256 ASCII [n] (hex sha256 of each file's bytes), file_size and file_mtime_ns int64 [n] "
     "(the file as read); failures/ with paths, path_key, sha256 ('' when unreadable), file_size, file_mtime_ns "
@@ -148,6 +149,14 @@ def split_codes(splits: Iterable[str]) -> np.ndarray:
     """Split names as uint8 codes into :data:`SPLITS`."""
     code = {name: number for number, name in enumerate(SPLITS)}
     return np.array([code[s] for s in splits], dtype=np.uint8)
+
+
+STORAGES = ("float32", "float16")  # how a feature set's embeddings are kept; readers return float32 either way
+
+
+def storage_dtype(attrs: dict) -> np.dtype:
+    """The dtype a feature set's embeddings are stored as: its ``storage`` attribute, float32 without one."""
+    return np.dtype(str(attrs.get("storage", "float32")))
 
 
 def shard_rows(dim: int) -> int:
