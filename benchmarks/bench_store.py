@@ -257,6 +257,54 @@ def export_row(work: Path, images: int, dim: int = 256) -> dict:
     return row
 
 
+# ---- float16 storage: bytes, read speed, fidelity, and what a classifier sees ---------------------------------
+
+
+def float16_row(work: Path, images: int) -> dict:
+    """float32 against float16 storage: shard bytes per row and load speed on ``images`` synthetic 2,048-d rows,
+    the cosine of every stored row to its float32 value, and fit's test accuracy on the digit scans scikit-learn
+    ships (real images, extracted with the demo's resnet50 at 64 px: random weights, no download) from each."""
+    from pipeline.demo import demo_models, write_digits
+    from pipeline.extract.run import run_extract
+    from pipeline.fit.run import PageOptions, run_fit
+    from pipeline.models import ModelRepository
+
+    folder = work / "float16"
+    shutil.rmtree(folder, ignore_errors=True)
+    numbers = np.arange(images)
+    row: dict = {"images": images, "dim": DIM}
+    loaded = {}
+    for storage in ("float32", "float16"):
+        store = EmbeddingStore(folder / f"{storage}.h5")
+        attrs = {**ATTRS, "storage": storage}
+        with store.writer() as writer:
+            for start in range(0, images, SEGMENT_ROWS):
+                part = numbers[start : start + SEGMENT_ROWS]
+                writer.append(Segment(NAME, "synthetic", attrs, str(ROOT), records_for(part),
+                                      [state_of(n) for n in part], list(POOL[part % len(POOL)])))
+            writer.commit(ROOT, records_for(numbers), {NAME: "synthetic"})
+        started = time.perf_counter()
+        loaded[storage] = store.load(NAME).embeddings
+        seconds = time.perf_counter() - started
+        shard_bytes = sum(e.bytes for e in store.index().sets[NAME].shards)
+        row[storage] = {"bytes_per_row": round(shard_bytes / images), "load_rows_per_s": round(images / seconds)}
+    exact, half = loaded["float32"], loaded["float16"]
+    cosine = (exact * half).sum(axis=1) / (np.linalg.norm(exact, axis=1) * np.linalg.norm(half, axis=1))
+    row["cosine"] = {"min": float(cosine.min()), "mean": float(cosine.mean())}
+    data, models = folder / "digits", folder / "models"
+    row["digits"] = {"images": write_digits(data, per_class=1000)}
+    demo_models(ModelRepository(models), 64)
+    for storage in ("float32", "float16"):
+        cache = folder / f"digits-{storage}.h5"
+        run_extract(data, models=["resnet50"], cache=cache, models_dir=models, storage=storage, progress=False)
+        report = run_fit(cache, out=folder / f"fit-{storage}", classifiers=["logreg"], curve=False, n_jobs=1,
+                         page=PageOptions(html=False))
+        row["digits"][storage] = {r["features"]: r["test"]["accuracy"] for r in report["results"]}
+    shutil.rmtree(folder, ignore_errors=True)
+    print(json.dumps({"float16": row}), flush=True)
+    return row
+
+
 # ---- the commit path with Ray actors writing the shards ------------------------------------------------------
 
 
@@ -370,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-images", type=int, default=100_000, help="0: skip the Ray row")
     parser.add_argument("--rows-images", type=int, default=1_000_000, help="0: skip the aligned rows' row")
     parser.add_argument("--export-images", type=int, default=1_000_000, help="0: skip the export row")
+    parser.add_argument("--float16-images", type=int, default=100_000, help="0: skip the float16 row")
     parser.add_argument("--work", type=Path, default=Path("build/bench-store"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/bench_store.json"))
     args = parser.parse_args(argv)
@@ -380,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"] = rows_row(args.work, args.rows_images)
     if args.export_images:
         result["export"] = export_row(args.work, args.export_images)
+    if args.float16_images:
+        result["float16"] = float16_row(args.work, args.float16_images)
     if args.ray_images:
         result["ray"] = ray_intake(args.work, args.ray_images)
     result["targets"] = targets(result)
