@@ -133,27 +133,47 @@ def out_of_fold_probabilities(pipeline: Pipeline, X: np.ndarray, y: np.ndarray, 
 
 
 def label_issues(probabilities: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose given label looks wrong, by the confident-learning rule (Northcutt et al., 2021).
+    """Images whose given label looks wrong, by confident learning as cleanlab's ``find_label_issues`` does it
+    (Northcutt et al., 2021; ``filter_by="prune_by_noise_rate"``).
 
-    A class's threshold is the mean out-of-fold probability of that class over the images labelled with
-    it. An image is an issue when its given label's probability is below that label's threshold while
-    another class is at or above its own; the suggested label is the most probable such class.
+    A class's threshold is the mean out-of-fold probability of that class over the images labelled with it.
+    The confident joint counts, per given label ``i``, the images whose most probable class at or above its
+    own threshold is ``j``; calibrated to the class sizes, its off-diagonal cell ``(i, j)`` estimates how many
+    images labelled ``i`` belong to ``j``. That many of them, those with the largest margin
+    ``p(j) - p(i)``, are issues, unless the classifier agrees with their given label: so an image whose
+    given label is the least probable of all is found even when no class reaches its threshold.
 
     Returns
     -------
     rows, suggested : numpy.ndarray
-        The issues' rows (worst first: the given label least probable) and their suggested labels.
+        The issues' rows, ranked by self-confidence (the given label's probability, lowest first), and
+        their suggested labels (the most probable other class).
     """
-    classes = probabilities.shape[1]
-    thresholds = np.array([probabilities[y == c, c].mean() if (y == c).any() else 1.0 for c in range(classes)])
-    confident = probabilities >= thresholds
-    confident[np.arange(len(y)), y] = False
-    given = probabilities[np.arange(len(y)), y]
-    issue = confident.any(axis=1) & (given < thresholds[y])
+    count, classes = probabilities.shape
+    given = probabilities[np.arange(count), y]
+    members = [np.flatnonzero(y == c) for c in range(classes)]
+    thresholds = np.array([probabilities[m, c].mean() if len(m) else 1.0 for c, m in enumerate(members)])
+    above = probabilities >= thresholds
+    counted = above.any(axis=1)
+    guess = np.where(above, probabilities, -np.inf).argmax(axis=1)
+    joint = np.zeros((classes, classes))
+    np.add.at(joint, (y[counted], guess[counted]), 1)
+    sizes = np.array([len(m) for m in members], float)
+    totals = joint.sum(axis=1)
+    estimated = np.rint(joint * np.divide(sizes, totals, out=np.zeros(classes), where=totals > 0)[:, None])
+    issue = np.zeros(count, bool)
+    for i in range(classes):
+        for j in np.flatnonzero(estimated[i] > 0):
+            if j == i:
+                continue
+            margin = probabilities[members[i], j] - given[members[i]]
+            issue[members[i][np.argsort(-margin, kind="stable")[: int(estimated[i, j])]]] = True
+    issue &= probabilities.argmax(axis=1) != y  # the classifier agrees with the given label: not an issue
     rows = np.flatnonzero(issue)
     rows = rows[np.argsort(given[rows], kind="stable")]
-    suggested = np.where(confident[rows], probabilities[rows], -1.0).argmax(axis=1)
-    return rows, suggested
+    others = probabilities[rows].copy()
+    others[np.arange(len(rows)), y[rows]] = -1.0
+    return rows, others.argmax(axis=1)
 
 
 def embedding_map(X: np.ndarray, seed: int, points: int = MAP_POINTS) -> tuple[np.ndarray, np.ndarray]:

@@ -184,9 +184,9 @@ class StoreWriter:
         ``records`` are deleted, labels and splits follow ``records``, and a pending row or failure
         supersedes an older one of the same path. Sets whose fingerprint differs from ``fingerprints``
         (other models, after ``--overwrite``) are replaced by the pending shards of the new one. A commit
-        that would change nothing writes nothing. Afterwards, shards no longer listed are deleted, and sets
-        past the thresholds of :mod:`pipeline.store.compact` compacted by ``run_jobs`` (``map`` here, or
-        tasks on the cluster whose workers wrote the shards).
+        that would change nothing writes nothing. The version it supersedes is kept with its shards (see
+        :meth:`cleanup`), and sets past the thresholds of :mod:`pipeline.store.compact` are compacted by
+        ``run_jobs`` (``map`` here, or tasks on the cluster whose workers wrote the shards).
 
         Returns
         -------
