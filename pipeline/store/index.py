@@ -252,11 +252,12 @@ def _write_rows(group: h5py.Group, entry: SetIndex, pieces: list[tuple[int, int,
             paths.append(carried[1][alive[carried[0]]])
         elif alive.any():
             with ShardReader(folder, shard, index_path) as reader:
-                paths.append(reader.table(rows=np.flatnonzero(alive)).paths)
-    encoded = np.char.encode(np.concatenate(paths).astype(str), "utf-8") if paths else np.zeros(0, "S1")
-    # Fixed-length UTF-8: compressed with the rest (variable-length strings sit uncompressed in HDF5's heap).
+                paths.append(np.char.encode(reader.table(rows=np.flatnonzero(alive)).paths, "utf-8"))
+    # UTF-8 bytes all the way (a str array would take 4 bytes a character), of fixed length so that gzip
+    # compresses them with the rest (HDF5 keeps variable-length strings uncompressed in its heap).
+    encoded = np.concatenate(paths) if paths else np.zeros(0, "S1")
     utf8 = h5py.string_dtype("utf-8", max(encoded.dtype.itemsize, 1))
-    _compressed(rows, "path", encoded.astype(utf8), utf8)
+    _compressed(rows, "path", encoded.astype(f"S{utf8.itemsize}", copy=False).view(utf8), utf8)
     if len(entry.labels) == len(live):
         _compressed(rows, "label", np.asarray(entry.labels[live], np.int32))
         _compressed(rows, "split", np.asarray(entry.splits[live], np.uint8))
@@ -278,7 +279,7 @@ def _previous_paths(path: Path) -> dict[str, dict[str, tuple[np.ndarray, np.ndar
             group = store[name]
             entry = read_index_set(group)
             live, offsets = entry.live(), entry.offsets()
-            paths = read_strings(group["rows"]["path"])
+            paths = np.asarray(group["rows"]["path"][()], dtype="S")  # UTF-8 bytes, as written
             starts = np.concatenate([[0], np.cumsum([live[offsets[n] : offsets[n + 1]].sum()
                                                      for n in range(len(entry.shards))])]).astype(np.int64)
             carried[name] = {
