@@ -32,7 +32,7 @@ class AtLeast:
     minimum: int
 
     def problem(self, option: str, value: Any) -> str | None:
-        if isinstance(value, int | float) and not isinstance(value, bool) and value >= self.minimum:
+        if _number(value) and value >= self.minimum:
             return None
         return f"{option} {value} must be at least {self.minimum}."
 
@@ -42,7 +42,7 @@ class Fraction:
     """A share: at least 0 and below 1."""
 
     def problem(self, option: str, value: Any) -> str | None:
-        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1:
+        if _number(value) and 0 <= value < 1:
             return None
         return f"{option} {value} must be at least 0 and below 1."
 
@@ -139,3 +139,7 @@ class Options:
             raise TypeError(f"{cls.__name__} has no field {sorted(unknown)[0]!r}")
         return cls(**settings)
 
+
+def _number(value: Any) -> bool:
+    """An int or a float (a bool is neither here: ``--folds True`` is a mistake)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

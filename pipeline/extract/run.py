@@ -248,9 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     started = time.perf_counter()
     specs = run_extract(args.data, options=options)
-    failed_sets = print_summary(specs, EmbeddingStore(args.cache), time.perf_counter() - started)
+    store = EmbeddingStore(args.cache)
+    failed_sets = print_summary(specs, store, time.perf_counter() - started)
     if failed_sets:
-        print_failures(EmbeddingStore(args.cache), *failed_sets[0])
+        print_failures(store, *failed_sets[0])
     return EXIT_SKIPPED if args.strict and failed_sets else 0
 
 

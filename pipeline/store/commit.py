@@ -88,7 +88,7 @@ def shard_files(folder: Path) -> list[str]:
 def pending_shards(folder: Path, index: Index) -> list[Pending]:
     """The shards runs wrote on this index version (or carried to a later one) that no commit has listed yet,
     in run order (by file name)."""
-    listed = {entry.file for entry in _all_shards(index)}
+    listed = index.listed()
     pending = []
     for name in sorted(shard_files(folder), key=lambda n: Path(n).name):
         match = _NAME.match(Path(name).name)
@@ -110,13 +110,9 @@ def carry(folder: Path, pending: Sequence[Pending], version: int) -> None:
 
 def garbage(folder: Path, index: Index, keep: Collection[str]) -> list[Path]:
     """Files in the shards folder that no index lists and no commit will: safe to delete under the lock."""
-    listed = {entry.file for entry in _all_shards(index)} | set(keep)
+    listed = index.listed() | set(keep)
     found = [p for p in folder.glob("*/.*.tmp")] if folder.is_dir() else []
     return found + [folder / name for name in shard_files(folder) if name not in listed]
-
-
-def _all_shards(index: Index) -> list[ShardEntry]:
-    return [entry for set_index in index.sets.values() for entry in set_index.shards]
 
 
 @dataclass
@@ -261,10 +257,9 @@ class Listing:
 
 @dataclass
 class SetMerge:
-    """A feature set after a commit: its new index entry, the shards it no longer lists, what changed."""
+    """A feature set after a commit: its new index entry, what changed."""
 
     set_index: SetIndex | None
-    retired: list[str]
     dropped: int  # rows removed because their files left the dataset
     changed: bool
 
@@ -294,7 +289,7 @@ def merge_set(folder: Path, index_path: Path, listed: SetIndex | None, pending: 
     gone = outcomes.winner & ~found & ~outcomes.failure & (outcomes.position < listed_count)
     attrs = _attrs(listed, [p.header.set_attrs for p, _ in pending], rows_alive[:listed_count].any())
     if attrs is None:
-        return SetMerge(None, [], 0, False)
+        return SetMerge(None, 0, False)
     # Shards with nothing live left are retired; the others keep their order.
     row_ends, failure_ends = np.cumsum([e.rows for e in entries]), np.cumsum([e.failures for e in entries])
     kept_shards, row_mask, failure_mask, retired = [], np.zeros(total_rows, bool), np.zeros(total_failures, bool), []
@@ -312,7 +307,7 @@ def merge_set(folder: Path, index_path: Path, listed: SetIndex | None, pending: 
         np.flatnonzero(~failures_alive[failure_mask]).astype(np.int64),
     )
     changed = listed is None or bool(pending) or bool(retired) or not _same(listed, new)
-    return SetMerge(new, retired, int(gone.sum()), changed)
+    return SetMerge(new, int(gone.sum()), changed)
 
 
 def _same(old: SetIndex, new: SetIndex) -> bool:
@@ -350,11 +345,11 @@ def pending_entry(folder: Path, pending: Pending, written: dict[str, ShardEntry]
 
 @dataclass
 class Commit:
-    """What a commit makes of the store: the new index (None when nothing changed) and the files it frees."""
+    """What a commit makes of the store: the new index (None when nothing changed), and per feature set the rows
+    deleted because their files left the dataset."""
 
     index: Index | None
     dropped: dict[str, int]
-    retired: list[str]
 
 
 def commit_sets(folder: Path, index_path: Path, index: Index, pending: Sequence[Pending], dataset_root: str,
@@ -385,23 +380,21 @@ def commit_sets(folder: Path, index_path: Path, index: Index, pending: Sequence[
         if shard.header.dataset_root == dataset_root:
             by_set.setdefault(shard.header.feature_set, []).append(shard)
     changed = classes != index.classes or dataset_root != index.dataset_root
-    sets, dropped, retired = {}, {}, []
+    sets, dropped = {}, {}
     for name in sorted(set(fingerprints) | set(index.sets) | set(by_set)):
         listed, candidates = index.sets.get(name), by_set.get(name, [])
         fingerprint = fingerprints.get(name) or (
             listed.fingerprint if listed else candidates[-1].header.fingerprint if candidates else ""
         )
         if listed is not None and listed.fingerprint != fingerprint:
-            retired += [entry.file for entry in listed.shards]
             listed, changed = None, True
         mine = [p for p in candidates if p.header.fingerprint == fingerprint]
         mine = [(p, pending_entry(folder, p, written)) for p in mine]
         merged = merge_set(folder, index_path, listed, mine, listing, labels_of)
-        retired += merged.retired
         changed |= merged.changed
         if merged.set_index is not None:
             sets[name] = merged.set_index
             dropped[name] = merged.dropped
     if not changed:
-        return Commit(None, dropped, [])
-    return Commit(Index(index.version + 1, dataset_root, classes, sets), dropped, retired)
+        return Commit(None, dropped)
+    return Commit(Index(index.version + 1, dataset_root, classes, sets), dropped)

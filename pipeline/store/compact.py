@@ -85,22 +85,19 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
 
 
 def compact_index(folder: Path, index_path: Path, index: Index, rewrites: Sequence[Rewrite],
-                  run: JobRunner = map) -> tuple[Index, list[str]]:
-    """Rewrite the ``rewrites`` (as jobs, by ``run``) and return the index listing the new shards, and the
-    shard files it retires.
+                  run: JobRunner = map) -> Index:
+    """Rewrite the ``rewrites`` (as jobs, by ``run``) and return the index listing the new shards.
 
     The new shards are unlisted until the returned index replaces the old one (a crash before leaves them
-    as garbage the next writer deletes); the old ones must be deleted only after that.
+    as garbage the next writer deletes); the old ones stay while a kept version lists them.
     """
     jobs = _jobs(folder, index_path, index, rewrites)
     written = list(run(rewrite_shards, jobs))
     sets = dict(index.sets)
-    retired: list[str] = []
     for rewrite, entries in sorted(zip(rewrites, written), key=lambda r: (r[0].feature_set, -r[0].first)):
-        set_index = sets[rewrite.feature_set]  # from the back of each set: earlier positions hold
-        retired += [e.file for e in set_index.shards[rewrite.first : rewrite.stop]]
-        sets[rewrite.feature_set] = _replaced(set_index, rewrite, entries)
-    return Index(index.version + 1, index.dataset_root, index.classes, sets), retired
+        # from the back of each set: earlier positions hold
+        sets[rewrite.feature_set] = _replaced(sets[rewrite.feature_set], rewrite, entries)
+    return Index(index.version + 1, index.dataset_root, index.classes, sets)
 
 
 def _jobs(folder: Path, index_path: Path, index: Index, rewrites: Sequence[Rewrite]) -> list[RewriteJob]:

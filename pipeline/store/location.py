@@ -57,15 +57,18 @@ class StoreLocation:
         UserError
             When the store never had that version, or no longer keeps it.
         """
-        current = self.current_index(arrays)
-        if current.version == version:
-            return current
         kept = self.version_file(version)
+        if not kept.exists():  # the current version, or one gone
+            current = self.current_index(arrays)
+            if current.version == version:
+                return current
+            # superseded since: a version's file is made before the index that supersedes it
         try:
             return self._read(kept, arrays)
         except UserError:
             if kept.exists():
                 raise
+        current = self.current_index(arrays=False)
         if version > current.version:
             raise UserError(f"{self.path} has no version {version} (its current version is {current.version}).")
         raise UserError(

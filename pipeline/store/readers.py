@@ -129,7 +129,7 @@ class Shards:
         """A shard gone because a commit compacted it while this reader ran is not a lost file: say so."""
         try:
             with open_store_file(self.index_path) as store:
-                listed = {e.file for s in read_index(store, arrays=False).sets.values() for e in s.shards}
+                listed = read_index(store, arrays=False).listed()
         except UserError:
             return
         if entry.file not in listed:

@@ -204,7 +204,7 @@ class StoreWriter:
             self._replace(result.index)
             rewrites = plan_compaction(result.index, force=False)
             if rewrites:
-                compacted, _ = compact_index(shards, self.location.path, result.index, rewrites, run_jobs)
+                compacted = compact_index(shards, self.location.path, result.index, rewrites, run_jobs)
                 self._replace(compacted, note=_compacted(rewrites))
         self._run, self._written, self._listing = None, {}, None  # the next shards are written on the new index
         return result.dropped
@@ -235,7 +235,7 @@ class StoreWriter:
         rewrites = plan_compaction(index, force)
         if not rewrites:
             return Compaction({}, {})
-        new, _ = compact_index(self.location.shards, self.location.path, index, rewrites)
+        new = compact_index(self.location.shards, self.location.path, index, rewrites)
         self._replace(new, note=_compacted(rewrites), carried=True)
         before = {name: len(s.shards) for name, s in index.sets.items()}
         rewritten = {r.feature_set: 0 for r in rewrites}
@@ -271,13 +271,12 @@ class StoreWriter:
         """
         location = self.location
         current = location.current_index(arrays=False)
-        kept = location.kept_versions()
+        kept = {v: location.version_index(v, arrays=False) for v in location.kept_versions()}  # one read each
         superseded = _superseded_times(location, kept, current)
-        removed = [v for v in kept[:-1] if time.time() - superseded[v] > older_than]  # kept[-1]: the previous one
+        removed = [v for v in list(kept)[:-1] if time.time() - superseded[v] > older_than]  # the last: the previous
         for version in removed:
             location.version_file(version).unlink(missing_ok=True)
-        listed = current.listed().union(*(location.version_index(v, arrays=False).listed()
-                                          for v in location.kept_versions()))
+        listed = current.listed().union(*(index.listed() for v, index in kept.items() if v not in removed))
         pending = [p.name for p in pending_shards(location.shards, current)]
         for path in garbage(location.shards, current, [*listed, *pending]):
             path.unlink(missing_ok=True)
@@ -362,12 +361,13 @@ def _compacted(rewrites: Sequence) -> dict[str, dict[str, int]]:
     return {name: {"added": 0, "deleted": 0, "compacted": count} for name, count in shards.items()}
 
 
-def _superseded_times(location: StoreLocation, kept: Sequence[int], current: Index) -> dict[int, float]:
-    """When each kept version was superseded: the commit time of the next version still there (a version whose
-    successor is gone counts as superseded no earlier than the next one kept)."""
+def _superseded_times(location: StoreLocation, kept: dict[int, Index], current: Index) -> dict[int, float]:
+    """When each kept version (oldest first) was superseded: the commit time of the next version still there (a
+    version whose successor is gone counts as superseded no earlier than the next one kept)."""
+    versions = list(kept)
     times = {}
-    for version, following in zip(kept, [*kept[1:], None]):
-        later = current if following is None else location.version_index(following, arrays=False)
+    for version, following in zip(versions, [*versions[1:], None]):
+        later = current if following is None else kept[following]
         times[version] = _committed_at(later, location.path if following is None else location.version_file(following))
     return times
 
