@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -15,12 +16,28 @@ from pipeline.errors import UserError
 from pipeline.store.commit import pending_shards
 from pipeline.store.index import Index, open_store_file
 from pipeline.store.location import StoreLocation
-from pipeline.store.readers import Failures, FeatureSet, RowReader, StoredEmbeddings, load_failures, load_set
+from pipeline.store.neighbors import NeighborIndex, Pairs, neighbor_index
+from pipeline.store.readers import Failures, FeatureSet, RowReader, Shards, StoredEmbeddings, load_failures, load_set
 from pipeline.store.shards import ShardReader
 from pipeline.store.spec import PIXELS
 from pipeline.store.writer import StoreWriter
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """The stored images nearest to each query (see :meth:`EmbeddingStore.neighbors`); arrays ``[Q, k]``, most
+    similar first, ``rows`` -1 (and empty strings) where fewer than ``k`` rows are stored."""
+
+    similarity: np.ndarray
+    rows: np.ndarray
+    paths: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    root: str
+    version: int
+    exact: bool
 
 
 class EmbeddingStore(StoreLocation):
@@ -166,6 +183,57 @@ class EmbeddingStore(StoreLocation):
                 ShardReader(self.shards, entry, self.path, verify=True).close()
                 checked += 1
         return checked
+
+    # ---- neighbors -----------------------------------------------------------------------------------------
+
+    def neighbor_index(self, name: str, progress: bool = False) -> NeighborIndex:
+        """The FAISS index of feature set ``name``'s rows at the version this reads, kept in ``<path>.neighbors/``:
+        built on first use (streaming from the shards), then brought up to each later version by adding new
+        shards' rows and removing deleted ones (see :mod:`pipeline.store.neighbors`)."""
+        index = self._set_index(name)
+        shards = Shards(self.shards, self.path, index.sets[name], True, self._verified)
+        try:
+            return neighbor_index(self.neighbors_folder, name, shards, index.sets[name], index.version, progress)
+        finally:
+            shards.close()
+
+    def similar_pairs(self, name: str, threshold: float, progress: bool = False) -> tuple[Pairs, NeighborIndex]:
+        """Every pair of feature set ``name``'s rows (numbered as :meth:`load` gives them) whose cosine similarity
+        of centred, L2-normalised embeddings is at least ``threshold``, through its neighbor index; and the index
+        (its ``exact`` and ``method`` say which search ran)."""
+        snapshot = self if self.pinned is not None else self.snapshot()
+        found = snapshot.neighbor_index(name, progress)
+        set_index = snapshot._set_index(name).sets[name]
+        shards = Shards(self.shards, self.path, set_index, True, self._verified)
+        try:
+            return found.pairs(shards, set_index, threshold, progress), found
+        finally:
+            shards.close()
+
+    def neighbors(self, name: str, queries: np.ndarray, k: int = 10) -> Neighbors:
+        """The ``k`` stored images of feature set ``name`` most similar to each of the embeddings ``queries``
+        ``[Q, D]`` (computed with the set's model), by cosine similarity of centred, L2-normalised embeddings.
+
+        Examples
+        --------
+        >>> store = EmbeddingStore("features/embeddings.h5")  # doctest: +SKIP
+        >>> found = store.neighbors("resnet50", store.load("resnet50").embeddings[:1], k=5)  # doctest: +SKIP
+        >>> found.paths[0][0], found.similarity[0][0]  # the image itself, 1.0  # doctest: +SKIP
+        """
+        snapshot = self if self.pinned is not None else self.snapshot()
+        found = snapshot.neighbor_index(name)
+        similarity, rows = found.search(np.atleast_2d(np.asarray(queries, np.float32)), k)
+        stored = snapshot.load(name, embeddings=False)
+        label_names = np.append(stored.classes, "").astype(object)
+        pick = np.where(rows >= 0, rows, 0)
+        blank = rows < 0
+        return Neighbors(
+            similarity=similarity, rows=rows,
+            paths=np.where(blank, "", stored.paths[pick].astype(object)),
+            labels=np.where(blank | (stored.labels[pick] < 0), "", label_names[stored.labels[pick]]),
+            splits=np.where(blank, "", stored.splits[pick].astype(object)),
+            root=stored.root, version=stored.version, exact=found.exact,
+        )
 
     # ---- writing -------------------------------------------------------------------------------------------
 

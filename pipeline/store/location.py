@@ -16,7 +16,8 @@ _AT_VERSION = re.compile(r"^(.+)@(\d+)$")
 
 class StoreLocation:
     """A store's files: the index at ``path`` (the current version), its shards in ``<path>.shards/``, the indexes
-    of earlier versions kept in ``<path>.versions/<version>.h5``, format 1's ``<path>.journal/``.
+    of earlier versions kept in ``<path>.versions/<version>.h5``, the neighbor indexes derived from it in
+    ``<path>.neighbors/``, format 1's ``<path>.journal/``.
 
     Parameters
     ----------
@@ -37,6 +38,7 @@ class StoreLocation:
             )
         self.shards = self.path.with_name(self.path.name + ".shards")
         self.versions = self.path.with_name(self.path.name + ".versions")
+        self.neighbors_folder = self.path.with_name(self.path.name + ".neighbors")  # derived data, never the store's
         self.journal = self.path.with_name(self.path.name + ".journal")  # format 1's: converted by the first write
 
     def exists(self) -> bool:
