@@ -18,8 +18,8 @@ from PIL import Image
 from sklearn.datasets import load_digits, load_sample_image
 
 from pipeline.extract.decode import decode_file
-from pipeline.fit.findings import centred
 from pipeline.models import ModelRepository
+from pipeline.store.neighbors import centred
 
 THRESHOLDS = (0.9, 0.95, 0.97, 0.98, 0.99)
 

@@ -16,6 +16,8 @@ STAGES = {
     "fit": ("pipeline.fit.run", "fit and compare classifiers on the store"),
     "classify": ("pipeline.serve.classify", "predict a class for every image of a folder"),
     "report": ("pipeline.report.build", "make a fit's report.html again, without fitting"),
+    "duplicates": ("pipeline.report.duplicates", "find groups of the same or nearly the same image in a store"),
+    "neighbors": ("pipeline.serve.neighbors", "the stored images most like each query image"),
     "deploy": ("pipeline.serve.deploy", "merge a fitted classifier behind its backbone into one ONNX file"),
     "bundles": ("pipeline.fit.upgrade", "rewrite the joblib bundles of an earlier version as safe skops files"),
     "store": ("pipeline.store.__main__", "look into, check, convert or compact a store"),
@@ -26,7 +28,7 @@ STAGES = {
 
 def usage() -> str:
     lines = ["usage: transfer STAGE [options]   (transfer STAGE --help for the stage's options)", "", "stages:"]
-    lines += [f"  {name:9} {text}" for name, (_, text) in STAGES.items()]
+    lines += [f"  {name:10} {text}" for name, (_, text) in STAGES.items()]
     return "\n".join(lines)
 
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.extract.discover import ImageRecord
-from pipeline.store import EmbeddingStore, FileState, Segment
-from pipeline.store import neighbors
+from pipeline.store import EmbeddingStore, FileState, Segment, neighbors
 from tests.test_store import ATTRS, ROOT, sha
 
 DIM = 32

@@ -1,4 +1,5 @@
-"""What the report shows beyond scores: leaks across the split, likely label errors, a map of the embeddings."""
+"""What the report shows beyond scores: leaks across the split, likely label errors, a map of the embeddings
+(the pairs behind leaks come from the store's neighbor index: :mod:`pipeline.store.neighbors`)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,30 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import Pipeline
 
 from pipeline.fit.heads import stratified_folds
+from pipeline.store import Pairs
+from pipeline.store.duplicates import hash_pairs
 
-# Cosine similarity of centred, L2-normalised features at or above which two images count as near duplicates
-# (docs/report.md has the measurements). Exact duplicates (same sha256) are found first, by hash. On the 32x32
-# pixels, copies resized to 70% and re-saved as JPEG at quality 60 measured >= 0.999 and distinct images at
-# most 0.958 (99.9th percentile; 0.995 for overlapping crops of one photo); on a trained backbone's
-# embeddings the threshold is a documented guess: no ImageNet weights could be had to measure it.
-PIXEL_DUPLICATE = 0.99
-NEAR_DUPLICATE = 0.95
-LEAK_ROWS = 100_000  # above this many images, leaks are searched among a seeded sample of them
 MAP_POINTS = 3_000  # the 2-D map shows at most this many images
-BLOCK_ROWS = 256  # query rows per block of the similarity search: 256 x 100,000 float32 is 100 MB
-MAX_PAIRS = 100_000  # a threshold that lets more pairs through says more about the features than about leaks
+MAX_PAIRS = 100_000  # leaks kept (the closest); a threshold that lets more through says more about the features
+
+
+@dataclass
+class SplitPairs:
+    """Pairs of the split's rows that are the same image or nearly, each once (``first < second``), merged across
+    the searches: the highest similarity, and what found it (``sha256`` for an exact duplicate, else the feature
+    set)."""
+
+    first: np.ndarray
+    second: np.ndarray
+    similarity: np.ndarray
+    exact: np.ndarray
+    source: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def as_pairs(self) -> Pairs:
+        return Pairs(self.first, self.second, self.similarity)
 
 
 @dataclass
@@ -37,93 +50,50 @@ class Leaks:
     train: np.ndarray
     similarity: np.ndarray
     exact: np.ndarray
-    sampled: int = 0  # images searched when a sample was taken; 0 when all were
+    source: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # what found each pair
     truncated: bool = False  # more than MAX_PAIRS pairs passed the threshold; the closest are kept
-    source: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # features that found each pair
 
     def __len__(self) -> int:
         return len(self.held_out)
 
 
-def centred(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """Embeddings minus the training mean, L2-normalised. Post-ReLU embeddings all point into one orthant,
-    so their raw cosines are close to 1 for any two images; centred ones spread over [-1, 1]."""
-    Z = np.asarray(X, np.float32) - mean
-    return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
-
-
-def find_leaks(X: np.ndarray, sha256: np.ndarray, train: np.ndarray, threshold: float = NEAR_DUPLICATE,
-               seed: int = 0, limit: int = LEAK_ROWS) -> Leaks:
-    """Held-out images (validation or test) whose content also appears in the training part.
-
-    Exact duplicates by sha256; near duplicates by an exact search, in blocks, of the cosine similarity of
-    :func:`centred` embeddings: every pair at or above ``threshold``. Beyond ``limit`` images, a seeded
-    sample of ``limit`` of them (in proportion to each part) is searched, and ``sampled`` says so.
+def split_pairs(found: list[tuple[Pairs, np.ndarray, str]], sha256: np.ndarray) -> SplitPairs:
+    """The pairs each search found, in the split's rows, merged with the pairs of equal ``sha256`` (the split's).
 
     Parameters
     ----------
-    X : numpy.ndarray
-        float32 ``[N, D]``, the split's rows.
-    sha256 : numpy.ndarray
-        str ``[N]``, each file's content hash (``""`` when unknown).
-    train : numpy.ndarray
-        bool ``[N]``: the training part; the others are held out.
+    found : list of (Pairs, numpy.ndarray, str)
+        Per feature set searched: its pairs (its rows), the split row of each of its rows (-1 outside the
+        split), and its name.
     """
-    rows = np.arange(len(X))
-    sampled = 0
-    if len(rows) > limit:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
-        sampled = limit
-    base, queries = rows[train[rows]], rows[~train[rows]]
-    held, other, similarity, exact = [], [], [], []
-    by_hash: dict[str, list[int]] = {}
-    for row in base:
-        if sha256[row]:
-            by_hash.setdefault(str(sha256[row]), []).append(int(row))
-    for row in queries:
-        for match in by_hash.get(str(sha256[row]), []) if sha256[row] else []:
-            held.append(int(row))
-            other.append(match)
-            similarity.append(1.0)
-            exact.append(True)
-    if len(base) and len(queries):
-        mean = X[base].mean(axis=0)
-        Z_base = centred(X[base], mean)
-        seen = set(zip(held, other))
-        for start in range(0, len(queries), BLOCK_ROWS):
-            block = queries[start : start + BLOCK_ROWS]
-            scores = centred(X[block], mean) @ Z_base.T
-            for q, b in zip(*np.nonzero(scores >= threshold)):
-                pair = (int(block[q]), int(base[b]))
-                if pair not in seen:
-                    held.append(pair[0])
-                    other.append(pair[1])
-                    similarity.append(float(scores[q, b]))
-                    exact.append(False)
-            if len(held) > 2 * MAX_PAIRS:  # keep memory bounded; the closest are kept below
-                break
-    order = np.argsort(-np.array(similarity, float), kind="stable")[:MAX_PAIRS]
-    return Leaks(np.array(held, np.int64)[order], np.array(other, np.int64)[order],
-                 np.array(similarity, float)[order], np.array(exact, bool)[order], sampled,
+    same_first, same_second = hash_pairs(sha256)
+    parts = [(same_first, same_second, np.ones(len(same_first)), np.ones(len(same_first), bool),
+              np.full(len(same_first), "sha256", dtype=object))]
+    for pairs, split_row, source in found:
+        first, second = split_row[pairs.first], split_row[pairs.second]
+        inside = (first >= 0) & (second >= 0)
+        low, high = np.minimum(first, second)[inside], np.maximum(first, second)[inside]
+        parts.append((low, high, pairs.similarity[inside].astype(float), np.zeros(len(low), bool),
+                      np.full(len(low), source, dtype=object)))
+    first, second, similarity, exact, source = (np.concatenate(column) for column in zip(*parts))
+    order = np.lexsort((~exact, -similarity, second, first))  # per pair: exact first, then the most similar
+    first, second, similarity, exact, source = (a[order] for a in (first, second, similarity, exact, source))
+    keep = np.ones(len(first), bool)
+    keep[1:] = (first[1:] != first[:-1]) | (second[1:] != second[:-1])
+    return SplitPairs(first[keep].astype(np.int64), second[keep].astype(np.int64), similarity[keep], exact[keep],
+                      source[keep])
+
+
+def leaks_of(pairs: SplitPairs, train: np.ndarray) -> Leaks:
+    """The pairs with one image in the training part and one held out (validation or test), the closest first
+    (exact duplicates before near ones of the same similarity); at most :data:`MAX_PAIRS`."""
+    cross = train[pairs.first] != train[pairs.second]
+    held = np.where(train[pairs.first], pairs.second, pairs.first)[cross]
+    other = np.where(train[pairs.first], pairs.first, pairs.second)[cross]
+    similarity, exact, source = pairs.similarity[cross], pairs.exact[cross], pairs.source[cross]
+    order = np.lexsort((~exact, -similarity))[:MAX_PAIRS]
+    return Leaks(held[order], other[order], similarity[order], exact[order], source[order],
                  truncated=len(held) > MAX_PAIRS)
-
-
-def merged(found: list[tuple[Leaks, str]]) -> Leaks:
-    """Several searches' leaks as one: each pair once, with its highest similarity and the features that found it
-    (``sha256`` for exact duplicates)."""
-    best: dict[tuple[int, int], tuple[float, bool, str]] = {}
-    for leaks, source in found:
-        for held, train, similarity, exact in zip(leaks.held_out, leaks.train, leaks.similarity, leaks.exact):
-            key, value = (int(held), int(train)), (float(similarity), bool(exact), "sha256" if exact else source)
-            if key not in best or value[:2] > best[key][:2]:
-                best[key] = value
-    pairs = sorted(best.items(), key=lambda item: (-item[1][0], not item[1][1]))
-    return Leaks(
-        np.array([k[0] for k, _ in pairs], np.int64), np.array([k[1] for k, _ in pairs], np.int64),
-        np.array([v[0] for _, v in pairs], float), np.array([v[1] for _, v in pairs], bool),
-        max((leaks.sampled for leaks, _ in found), default=0), any(leaks.truncated for leaks, _ in found),
-        np.array([v[2] for _, v in pairs], dtype=object),
-    )
 
 
 def out_of_fold_probabilities(pipeline: Pipeline, X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:

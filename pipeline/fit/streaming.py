@@ -147,6 +147,7 @@ def fit_streaming(
     epochs: int = EPOCHS,
     n_jobs: int | None = None,
     class_weight: str | None = None,
+    alpha: float | None = None,
 ) -> FittedHead:
     """Fit classifier ``name`` as a linear model by SGD over ``train`` in chunks: log-loss for logreg, hinge for svm.
 
@@ -171,6 +172,8 @@ def fit_streaming(
         As for :func:`pipeline.fit.heads.fit_head`.
     epochs : int
         Passes over the training stream.
+    alpha : float, optional
+        The regularisation to use, chosen already (no search).
 
     Returns
     -------
@@ -188,7 +191,10 @@ def fit_streaming(
         held = calibration_rows(y, min(CALIBRATION_ROWS, train.chunk_rows, len(y) // 5), seed + 1)
         fitting = train.subset(np.setdiff1d(np.arange(len(y)), held))
         validation = None if validation is None else np.delete(validation, held)
-    alpha, score, selection = _choose_alpha(name, fitting, scaler, validation, seed, folds, epochs, n_jobs, weights)
+    score, selection = float("nan"), "alpha given"
+    if alpha is None:
+        alpha, score, selection = _choose_alpha(name, fitting, scaler, validation, seed, folds, epochs, n_jobs,
+                                                weights)
     sgd = SGDClassifier(loss=SGD_LOSS[name], alpha=alpha, class_weight=weights, random_state=seed)
     for _ in range(epochs):
         for _, X, labels in fitting.chunks(rng):
@@ -216,6 +222,27 @@ def fit_streaming(
 def predict_proba_streaming(head: FittedHead, stream: RowStream) -> np.ndarray:
     """``head.pipeline.predict_proba`` over the stream chunk by chunk, in sample order."""
     return stream.apply(head.pipeline.predict_proba)
+
+
+def out_of_fold_streaming(name: str, head: FittedHead, train: RowStream, folds: int, seed: int,
+                          epochs: int) -> np.ndarray:
+    """Class probabilities of each training row from a copy of the out-of-core classifier ``name`` (``head``'s
+    scaler and alpha) fitted by SGD on the other folds; out of core, as ``head`` was: memory holds a chunk.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[len(train), classes]``, in the stream's sample order.
+    """
+    y = train.labels
+    probabilities = np.zeros((len(y), len(np.unique(y))))
+    scaler = head.pipeline.named_steps["scale"]
+    weights = "balanced" if head.params.get("class_weight") == "balanced" else None
+    for fitting, held in stratified_folds(y, folds, seed).split(np.zeros(len(y)), y):
+        fold = fit_streaming(name, train.subset(fitting), scaler, seed=seed, epochs=epochs, class_weight=weights,
+                             alpha=head.params["alpha"])
+        probabilities[held] = predict_proba_streaming(fold, train.subset(held))
+    return probabilities
 
 
 def describe_streaming(name: str) -> str:

@@ -28,6 +28,7 @@ from sklearn.metrics import (
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, classifiers_dir, write_json_atomic
+from pipeline.report.duplicates import write_duplicates_csv
 from pipeline.report.page import render_page
 
 TOP_K = (3, 5)
@@ -138,7 +139,8 @@ def map_figure(coordinates: np.ndarray, labels: np.ndarray, wrong: np.ndarray, c
 
 
 def write_findings(out_dir: str | os.PathLike, data: dict[str, Any], classes: Sequence[str]) -> None:
-    """Write the page's data (``report-data.npz``), ``leaks.csv`` and ``label-issues.csv`` into ``out_dir``."""
+    """Write the page's data (``report-data.npz``), ``leaks.csv``, ``duplicates.csv`` and ``label-issues.csv`` into
+    ``out_dir``."""
     out_dir = Path(out_dir)
     with atomic_path(out_dir / PAGE_DATA) as tmp, open(tmp, "wb") as stream:
         np.savez_compressed(stream, **{key: np.asarray(value) for key, value in data.items()})
@@ -149,6 +151,11 @@ def write_findings(out_dir: str | os.PathLike, data: dict[str, Any], classes: Se
         for held, train, similarity, source in zip(data["leak_held_out"], data["leak_train"], data["leak_similarity"],
                                                    data["leak_source"]):
             writer.writerow([paths[held], paths[train], part[held], part[train], f"{similarity:.4f}", source])
+    members = data["duplicate_rows"]
+    label_names = np.array(classes, dtype=object)
+    write_duplicates_csv(out_dir / "duplicates.csv", data["duplicate_group"], paths[members],
+                         label_names[data["labels"][members]], part[members], data["duplicate_similarity"],
+                         data["duplicate_exact"])
     with atomic_path(out_dir / "label-issues.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["path", "given_label", "suggested_label", "probabilities"])

@@ -123,6 +123,7 @@ def render_page(report: dict[str, Any], data: dict[str, np.ndarray], out: Path, 
                      + embedded_png(out / report["learning_curve"]["figure"], "learning curve")
                      + f"<p>{html.escape(report['learning_curve']['description'])}</p>")
     parts.append(_leaks(report, data, thumbs, thumbnails))
+    parts.append(_duplicates(report, data, classes, thumbs, thumbnails))
     parts.append(_label_issues(report, data, classes, thumbs, thumbnails))
     body = "\n".join(part for part in parts if part)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Classifier report</title>'
@@ -217,16 +218,32 @@ def _mistakes(report: dict[str, Any], data: dict[str, np.ndarray], number: int, 
             f"<th>predicted</th><th>probability</th><th>path</th></tr>{''.join(lines)}</table>")
 
 
+def search_text(findings: dict[str, Any]) -> str:
+    """How the pairs behind leaks and duplicates were found, in words: per feature set its threshold, its search
+    and that search's measured recall."""
+    leaks = findings.get("leaks", {})
+    searches = []
+    for name, threshold in leaks.get("searched", {}).items():
+        search = leaks.get("search", {}).get(name, {})
+        recall = ""
+        if search.get("recall_pairs"):
+            recall = f", measured recall {search['recall']:.3f} on {counted(search['recall_pairs'], 'pair')}"
+        elif not search.get("method", "").startswith("exact") and search:
+            recall = ", recall not measured: its seeded sample met no pair"
+        searches.append(f"{name} at {threshold:.2f}: {search.get('method', 'exact')}{recall}")
+    return (
+        "Exact duplicates by sha256, then near duplicates: cosine similarity of embeddings centred on the feature "
+        f"set's mean and L2-normalised, at or above a threshold per feature set ({'; '.join(searches) or 'none'}), "
+        "through the set's neighbor index over every image of the store (an untrained backbone's embeddings are "
+        "not searched: they cannot tell near duplicates from other images)."
+    )
+
+
 def _leaks(report: dict[str, Any], data: dict[str, np.ndarray], thumbs: Thumbnails, count: int) -> str:
-    leaks = report.get("findings", {}).get("leaks", {})
+    findings = report.get("findings", {})
+    leaks = findings.get("leaks", {})
     head = "<h2>Leaks between the training and held-out parts</h2>"
-    searched = ", ".join(f"{html.escape(name)} {threshold:.2f}"
-                         for name, threshold in leaks.get("searched", {}).items())
-    rule = (f"<p>Exact duplicates by sha256, then near duplicates: cosine similarity of features centred on the "
-            f"training mean and normalised, at or above a threshold per feature set ({searched or 'none searched'}; "
-            "an untrained backbone's embeddings are not searched: they cannot tell near duplicates from other "
-            "images)" + (f"; among a seeded sample of {leaks['sampled']} images" if leaks.get("sampled") else "")
-            + ". Every pair is in leaks.csv beside this page.</p>")
+    rule = f"<p>{html.escape(search_text(findings))} Every pair is in leaks.csv beside this page.</p>"
     if not leaks.get("pairs"):
         return head + rule + '<p class="none">None found.</p>'
     lines = []
@@ -241,16 +258,58 @@ def _leaks(report: dict[str, Any], data: dict[str, np.ndarray], thumbs: Thumbnai
             f"<th>similarity</th><th>paths</th></tr>{''.join(lines)}</table>")
 
 
+def _duplicates(report: dict[str, Any], data: dict[str, np.ndarray], classes: list[str], thumbs: Thumbnails,
+                count: int) -> str:
+    findings = report.get("findings", {})
+    if "duplicates" not in findings or "duplicate_group" not in data:
+        return ""  # a fit of an earlier version
+    members = data["duplicate_rows"]
+    label_names = np.array(classes, dtype=object)
+    captions = captions_of(label_names[data["labels"][members]], data["part"][members], data["duplicate_similarity"],
+                           data["duplicate_exact"])
+    rule = ("<p>Groups of the same or nearly the same image among the split's images, any part: pairs found as for "
+            "leaks above, members linked by a chain of them; largest first. All of them are in duplicates.csv beside "
+            "this page.</p>")
+    return duplicates_section(data["duplicate_group"], data["paths"][members], captions, thumbs, max(count, 1) * 2,
+                              rule)
+
+
+def duplicates_section(group: np.ndarray, paths: np.ndarray, captions: Sequence[str], thumbs: Thumbnails,
+                       groups: int, rule: str) -> str:
+    """The page section: the first ``groups`` groups as rows of thumbnails, after ``rule`` (HTML) saying how they
+    were found."""
+    head = "<h2>Duplicates</h2>" + rule
+    if not len(group):
+        return head + '<p class="none">None found.</p>'
+    blocks = []
+    for number in range(min(int(group.max()) + 1, groups)):
+        members = np.flatnonzero(group == number)
+        pictures = "".join(thumbs(str(paths[m]), captions[m]) for m in members[:12])
+        more = " (the first 12 shown)" if len(members) > 12 else ""
+        blocks.append(f'<div class="cell"><h3>group {number}: {len(members)} images{more}</h3>'
+                      f'<div class="thumbs">{pictures}</div></div>')
+    total = int(group.max()) + 1
+    shown = f"; the {groups} largest shown" if total > groups else ""
+    return head + f"<p>{counted(total, 'group')} of {counted(len(group), 'image')}{shown}.</p>" + "".join(blocks)
+
+
+def captions_of(labels: np.ndarray, splits: np.ndarray, similarity: np.ndarray, exact: np.ndarray) -> list[str]:
+    """Each member's caption: its label and split, and how it joined the group."""
+    return [" ".join(filter(None, [str(label), str(split), "same file" if same else f"{score:.3f}"]))
+            for label, split, score, same in zip(labels, splits, similarity, exact)]
+
+
 def _label_issues(report: dict[str, Any], data: dict[str, np.ndarray], classes: list[str], thumbs: Thumbnails,
                   count: int) -> str:
     issues = report.get("findings", {}).get("label_issues", {})
     head = "<h2>Likely label errors</h2>"
     if "count" not in issues:
         return head + f'<p class="none">{html.escape(issues.get("note", "Not looked for."))}</p>'
-    rule = (f"<p>Out-of-fold probabilities of the training images ({html.escape(issues['method'])}); an image is "
-            "listed when its given label is less probable than that class's average over its own images while "
-            "another class is at least as probable as its own average (confident learning). All of them are in "
-            "label-issues.csv beside this page.</p>")
+    rule = (f"<p>Out-of-fold probabilities of the training images ({html.escape(issues['method'])}), by confident "
+            "learning as cleanlab's find_label_issues does it: the confident joint, calibrated to the class sizes, "
+            "estimates how many images of each given label belong to each other class; that many, those with the "
+            "largest margin for the other class, are listed, unless the classifier agrees with their given label; "
+            "lowest probability of the given label first. All of them are in label-issues.csv beside this page.</p>")
     if not issues["count"]:
         return head + rule + '<p class="none">None found.</p>'
     lines = []

@@ -21,5 +21,6 @@ from pipeline.store.writer import Compaction, ShardTarget, StoreWriter
 
 __all__ = [
     "FORMAT_VERSION", "PIXELS", "Compaction", "EmbeddingStore", "Failures", "FeatureSet", "FileState", "Known",
-    "NeighborIndex", "Neighbors", "Pairs", "RowReader", "Segment", "ShardEntry", "ShardTarget", "StoreLocation", "StoreWriter",
+    "NeighborIndex", "Neighbors", "Pairs", "RowReader", "Segment", "ShardEntry", "ShardTarget", "StoreLocation",
+    "StoreWriter",
 ]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass
 import logging
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +121,8 @@ class EmbeddingStore(StoreLocation):
     def load(self, name: str, embeddings: bool = True) -> FeatureSet:
         """Load one feature set (a backbone name or ``"pixels"``) into memory, rows in store order.
 
-        Without ``embeddings``, only paths, labels and splits are read (``embeddings`` None, ``sha256``
-        empty), for streaming the embeddings with :meth:`rows`.
+        Without ``embeddings``, only paths, hashes, labels and splits are read (``embeddings`` None), for
+        streaming the embeddings with :meth:`rows`.
 
         Raises
         ------

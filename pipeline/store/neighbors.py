@@ -43,6 +43,7 @@ KNN_PROBES = 16  # cells searched for the k nearest of a query
 TRAIN_PER_LIST = 40  # k-means training rows per cell (FAISS warns below 39)
 BLOCK_ROWS = 4096  # rows read, added or searched at a time
 MAX_PAIRS = 10_000_000  # pairs a threshold search keeps (200 MB); more says more about the threshold than the data
+RECALL_QUERIES = 256  # rows an approximate pair search also compares with every row, to measure its recall
 FORMAT = 1
 
 
@@ -52,17 +53,35 @@ def lists_for(rows: int) -> int:
     return int(2 ** round(np.log2(max(np.sqrt(rows), 16))))
 
 
+def centred(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Embeddings minus ``mean``, L2-normalised (float32, contiguous). Post-ReLU embeddings all point into one
+    orthant, so their raw cosines are close to 1 for any two images; centred ones spread over [-1, 1]."""
+    Z = np.asarray(X, np.float32) - mean
+    Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(Z, np.float32)
+
+
 @dataclass(frozen=True)
 class Pairs:
     """Pairs of rows at or above a similarity threshold; ``first < second``, row numbers of the version searched.
 
-    ``truncated``: more than :data:`MAX_PAIRS` passed and the most similar were kept.
+    Attributes
+    ----------
+    truncated : bool
+        More than :data:`MAX_PAIRS` passed; the most similar were kept.
+    recall : float
+        Of the pairs an exhaustive search finds for a seeded sample of :data:`RECALL_QUERIES` rows, the share this
+        search found (1.0 for an exact index; NaN when the sample has no pair to find).
+    recall_pairs : int
+        How many pairs that measure counts.
     """
 
     first: np.ndarray
     second: np.ndarray
     similarity: np.ndarray
     truncated: bool = False
+    recall: float = 1.0
+    recall_pairs: int = 0
 
     def __len__(self) -> int:
         return len(self.first)
@@ -103,10 +122,8 @@ class NeighborIndex:
         return int(self.index.ntotal)
 
     def centred(self, embeddings: np.ndarray) -> np.ndarray:
-        """``embeddings`` as the index holds them: minus the set's mean, L2-normalised (float32, contiguous)."""
-        Z = np.asarray(embeddings, np.float32) - self.mean
-        Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
-        return np.ascontiguousarray(Z, np.float32)
+        """``embeddings`` as the index holds them: :func:`centred` on the set's mean."""
+        return centred(embeddings, self.mean)
 
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` stored rows most similar to each of ``embeddings`` ``[Q, D]``.
@@ -124,40 +141,43 @@ class NeighborIndex:
 
     def pairs(self, store_shards: Shards, set_index: SetIndex, threshold: float, progress: bool = False) -> Pairs:
         """Every pair of the version's rows whose similarity is at least ``threshold``, each once; read from the
-        shards in blocks (memory: a block and the pairs found)."""
+        shards in blocks (memory: a block and the pairs found). An approximate index also measures its recall
+        (see :class:`Pairs`): a seeded sample of rows is compared with every block exhaustively on the way."""
         _set_probes(self.index, PAIR_PROBES)
-        first, second, similarity, kept = [], [], [], 0
-        truncated = False
-        with tqdm(total=int(set_index.counts()[0]), unit="row", desc="pairs", disable=not progress) as bar:
-            for rows, embeddings in _live_blocks(store_shards, set_index):
-                limits, scores, ids = self.index.range_search(self.centred(embeddings), threshold)
-                found = self._rows(ids)
-                query = np.repeat(rows, np.diff(limits).astype(np.int64))
-                other = (found >= 0) & (found != query)
-                low, high = np.minimum(query, found)[other], np.maximum(query, found)[other]
-                first.append(low)
-                second.append(high)
-                similarity.append(scores[other])
-                kept += int(other.sum())
+        rows = int(set_index.counts()[0])
+        sample = np.zeros(0, np.int64)
+        if not self.exact:
+            sample = np.sort(np.random.default_rng(0).choice(rows, min(RECALL_QUERIES, rows), replace=False))
+        checked = self.centred(_read_rows(store_shards, set_index, sample)) if len(sample) else None
+        found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        exhaustive: list[np.ndarray] = []  # pairs of sample rows found exhaustively, as low * rows + high
+        kept, truncated = 0, False
+        with tqdm(total=rows, unit="row", desc="pairs", disable=not progress) as bar:
+            for numbers, embeddings in _live_blocks(store_shards, set_index):
+                queries = self.centred(embeddings)
+                limits, scores, ids = self.index.range_search(queries, threshold)
+                found.append(_ordered(np.repeat(numbers, np.diff(limits).astype(np.int64)), self._rows(ids), scores))
+                kept += len(found[-1][0])
+                if checked is not None:
+                    block, column = np.nonzero(queries @ checked.T >= threshold)
+                    low, high, _ = _ordered(numbers[block], sample[column], np.zeros(len(block)))
+                    exhaustive.append(low * rows + high)
+                bar.update(len(numbers))
                 if kept > 2 * MAX_PAIRS:  # keep memory bounded; the most similar are kept below
                     truncated = True
                     break
-                bar.update(len(rows))
-        if not first:
-            nothing = np.zeros(0, np.int64)
-            return Pairs(nothing, nothing, np.zeros(0, np.float32))
-        low, high, score = np.concatenate(first), np.concatenate(second), np.concatenate(similarity)
-        # Each pair once (found from both sides, or once where the approximate search missed a side), its highest.
-        order = np.lexsort((-score, high, low))
-        low, high, score = low[order], high[order], score[order]
-        keep = np.ones(len(low), bool)
-        keep[1:] = (low[1:] != low[:-1]) | (high[1:] != high[:-1])
-        low, high, score = low[keep], high[keep], np.minimum(score[keep], 1.0)
+        low, high, score = (np.concatenate(part) for part in zip(*found)) if found else (np.zeros(0, np.int64),) * 3
+        low, high, score = _unique_pairs(low, high, score)
         if len(low) > MAX_PAIRS:
             truncated = True
             top = np.argsort(-score, kind="stable")[:MAX_PAIRS]
             low, high, score = low[top], high[top], score[top]
-        return Pairs(low, high, score, truncated)
+        recall, counted = 1.0, 0
+        if checked is not None and not truncated:
+            truth = np.unique(np.concatenate(exhaustive)) if exhaustive else np.zeros(0, np.int64)
+            counted = len(truth)
+            recall = float(np.isin(truth, low * rows + high).mean()) if counted else float("nan")
+        return Pairs(low, high, score, truncated, recall, counted)
 
     # ---- bringing it up to a version ---------------------------------------------------------------------------
 
@@ -281,6 +301,36 @@ def _live_blocks(store_shards: Shards, set_index: SetIndex):
             block = local[begin : begin + BLOCK_ROWS]
             yield np.arange(start, start + len(block), dtype=np.int64), reader.embeddings(block)
             start += len(block)
+
+
+def _read_rows(store_shards: Shards, set_index: SetIndex, rows: np.ndarray) -> np.ndarray:
+    """float32 embeddings of the set's live rows ``rows`` (sorted row numbers)."""
+    live, offsets = set_index.live(), set_index.offsets()
+    local = [np.flatnonzero(live[offsets[n] : offsets[n + 1]]) for n in range(len(set_index.shards))]
+    starts = np.concatenate([[0], np.cumsum([len(part) for part in local])])
+    parts = []
+    for number in range(len(set_index.shards)):
+        wanted = rows[(rows >= starts[number]) & (rows < starts[number + 1])] - starts[number]
+        if len(wanted):
+            parts.append(store_shards[number].embeddings(local[number][wanted]))
+    return np.concatenate(parts) if parts else np.zeros((0, set_index.dim), np.float32)
+
+
+def _ordered(query: np.ndarray, found: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs of a query row and a row found, as ``(lower, higher, score)``; a row with itself, or with none (-1),
+    left out."""
+    other = (found >= 0) & (found != query)
+    return np.minimum(query, found)[other], np.maximum(query, found)[other], scores[other]
+
+
+def _unique_pairs(low: np.ndarray, high: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each pair once (found from both sides, or once where an approximate search missed a side), its highest
+    score kept."""
+    order = np.lexsort((-score, high, low))
+    low, high, score = low[order].astype(np.int64), high[order].astype(np.int64), score[order].astype(np.float32)
+    keep = np.ones(len(low), bool)
+    keep[1:] = (low[1:] != low[:-1]) | (high[1:] != high[:-1])
+    return low[keep], high[keep], np.minimum(score[keep], 1.0)
 
 
 def _path(folder: Path, name: str) -> Path:

@@ -36,7 +36,7 @@ class FeatureSet:
     splits : numpy.ndarray
         str ``[N]``: ``train``, ``validation``, ``test`` or ``""``.
     sha256 : numpy.ndarray
-        str ``[N]``, hex sha256 of each file's bytes (empty when loaded without embeddings).
+        str ``[N]``, hex sha256 of each file's bytes.
     attrs : dict
         The set's attributes: how the embeddings were computed.
     root : str
@@ -154,8 +154,8 @@ def load_set(folder: Path, index_path: Path, set_index: SetIndex, classes: list[
             reader = shards[number]
             table = reader.table(rows=rows)
             paths.append(table.paths)
+            hashes.append(table.sha256)
             if embeddings:
-                hashes.append(table.sha256)
                 matrix[layout.starts[number] : layout.starts[number + 1]] = reader.embeddings(rows)
     finally:
         shards.close()
