@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipeline.fit import findings
+from pipeline.store import Pairs
 
 
 def clusters(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -13,35 +15,25 @@ def clusters(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return (rng.normal(size=(3, 32))[y] * 3 + rng.normal(size=(n, 32))).astype(np.float32), y
 
 
-def test_exact_duplicates_by_hash_and_near_ones_by_centred_cosine():
-    X, _ = clusters()
-    train = np.arange(len(X)) >= 12
-    sha = np.array([f"{i:064x}" for i in range(len(X))], dtype=object)
-    sha[3] = sha[40]  # an exact copy: held-out 3 is training 40
-    X[5] = X[50] + 0.01  # a near copy: held-out 5 is nearly training 50
-    leaks = findings.find_leaks(X, sha, train, threshold=0.99)
-    pairs = dict(zip(zip(leaks.held_out.tolist(), leaks.train.tolist()), leaks.exact.tolist()))
-    assert pairs[(3, 40)] is True and pairs[(5, 50)] is False
-    assert len(leaks) == 2 and leaks.similarity[0] >= leaks.similarity[1] and not leaks.sampled
-    # Raw cosines of post-ReLU features are all close to 1; centred ones tell images apart.
-    relu = np.maximum(X, 0) + 20
-    raw = relu / np.linalg.norm(relu, axis=1, keepdims=True)
-    assert (raw @ raw.T).min() > 0.9 and len(findings.find_leaks(relu, sha, train, threshold=0.99)) == 2
+def test_pairs_of_the_split_merge_the_searches_and_the_hashes():
+    # two searches over sets whose rows are the split's in another order, and one row outside the split
+    pixels = Pairs(np.array([0, 1]), np.array([4, 2]), np.array([0.999, 0.995], np.float32))
+    embeddings = Pairs(np.array([0, 2, 3]), np.array([4, 1, 5]), np.array([0.97, 0.99, 0.96], np.float32))
+    to_split = np.array([0, 1, 2, 3, 4, -1])  # store row 5 is not in the split
+    sha = np.array(["a", "b", "c", "d", "a"], dtype=object)  # split rows 0 and 4: the same file
+    merged = findings.split_pairs([(pixels, to_split, "pixels"), (embeddings, to_split, "resnet50")], sha)
+    assert list(zip(merged.first.tolist(), merged.second.tolist(), merged.source.tolist())) == [
+        (0, 4, "sha256"), (1, 2, "pixels")]
+    assert merged.exact.tolist() == [True, False] and merged.similarity[1] == pytest.approx(0.995)
 
 
-def test_a_large_split_is_searched_on_a_seeded_sample():
-    X, _ = clusters(200)
-    train = np.arange(200) >= 40
-    leaks = findings.find_leaks(X, np.full(200, "", dtype=object), train, threshold=0.999, limit=100)
-    assert leaks.sampled == 100 and not len(leaks)
-
-
-def test_merged_leaks_keep_each_pair_once_with_its_best_evidence():
-    one = findings.Leaks(np.array([1, 2]), np.array([9, 8]), np.array([1.0, 0.991]), np.array([True, False]))
-    two = findings.Leaks(np.array([2, 3]), np.array([8, 7]), np.array([0.97, 0.96]), np.array([False, False]))
-    merged = findings.merged([(one, "pixels"), (two, "resnet50")])
-    assert list(zip(merged.held_out, merged.train, merged.source)) == [
-        (1, 9, "sha256"), (2, 8, "pixels"), (3, 7, "resnet50")]
+def test_leaks_are_the_pairs_across_the_parts_closest_first():
+    merged = findings.SplitPairs(np.array([0, 1, 2, 3]), np.array([5, 4, 6, 7]), np.array([0.96, 1.0, 0.99, 0.98]),
+                                 np.array([False, True, False, False]), np.array(["r", "sha256", "r", "r"], object))
+    train = np.array([True, False, True, True, True, True, True, False])
+    leaks = findings.leaks_of(merged, train)
+    assert list(zip(leaks.held_out.tolist(), leaks.train.tolist())) == [(1, 4), (7, 3)]
+    assert leaks.exact.tolist() == [True, False] and not leaks.truncated
 
 
 def test_confident_learning_finds_a_mislabelled_image():

@@ -20,7 +20,7 @@ from tests.stores import blobs, synthetic_store
 
 SECTIONS = ("Where the features come from", "Comparison on the test part", "Confusions of",
             "Most confident mistakes of", "Map of the embeddings", "Leaks between the training and held-out parts",
-            "Likely label errors")
+            "Duplicates", "Likely label errors")
 
 
 class Page(HTMLParser):
@@ -92,6 +92,19 @@ def test_planted_exact_and_near_duplicates_across_the_split_are_found(photos_fit
     assert 0 <= leaks["accuracy_without"] <= 1
 
 
+def test_planted_copies_are_grouped_as_duplicates(photos_fit):
+    root, report = photos_fit
+    with open(root / "out" / "duplicates.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    groups: dict[str, dict[str, str]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], {})[row["path"]] = row["exact"]
+    assert {"test/bright/exact-copy.jpg": "1", "train/bright/3.jpg": "1"} in groups.values()
+    assert any({"test/dark/near-copy.jpg", "train/dark/5.jpg"} <= set(group) for group in groups.values())
+    assert report["findings"]["duplicates"]["groups"] == len(groups) >= 2
+    assert report["findings"]["leaks"]["search"]["pixels"]["method"].startswith("exact")
+
+
 def test_the_page_is_self_contained_and_has_every_section(photos_fit):
     root, report = photos_fit
     text = (root / "out" / "report.html").read_text(encoding="utf-8")
@@ -126,7 +139,8 @@ def test_a_moved_image_gets_a_placeholder_and_the_page_is_made_again_without_fit
     assert missing.returncode == 2 and missing.stderr.startswith("error: no finished fit in")
 
 
-def test_a_planted_mislabelled_image_is_a_label_issue(tmp_path):
+@pytest.mark.parametrize("out_of_core", [False, True], ids=["in-memory", "out-of-core"])
+def test_a_planted_mislabelled_image_is_a_label_issue(tmp_path, out_of_core):
     def mislabel(name, X):  # the first image of class0 looks exactly like class1's images
         labels = np.repeat(np.arange(3), 25)
         X[0] = blobs(labels, X.shape[1], 0.0, {"resnet50": 0, "pixels": 1}[name])[30]
@@ -134,12 +148,36 @@ def test_a_planted_mislabelled_image_is_a_label_issue(tmp_path):
 
     synthetic_store(tmp_path / "s.h5", per_class=25, classes=3, features={"resnet50": (8, 0.3), "pixels": (6, 3.0)},
                     edit=mislabel, split=lambda i, label: "test" if i % 5 == 4 else "train")
-    report = run_fit(tmp_path / "s.h5", out=tmp_path / "out", n_jobs=1, classifiers=["logreg"], curve=False)
+    report = run_fit(tmp_path / "s.h5", out=tmp_path / "out", n_jobs=1, classifiers=["logreg"], curve=False,
+                     out_of_core=out_of_core, chunk_rows=16)
     with open(tmp_path / "out" / "label-issues.csv", newline="") as stream:
         issues = {r["path"]: r for r in csv.DictReader(stream)}
     assert (issues["class0/0000.png"]["given_label"] == "class0"
             and issues["class0/0000.png"]["suggested_label"] == "class1")
     assert report["findings"]["label_issues"]["count"] == len(issues) <= 3
+
+
+def test_label_issues_out_of_core_are_those_found_in_memory(tmp_path):
+    planted = {0: 1, 30: 2, 55: 0}  # row: the class it looks like
+
+    def mislabel(name, X):
+        labels = np.repeat(np.arange(3), 25)
+        clean = blobs(labels, X.shape[1], 0.0, {"resnet50": 0, "pixels": 1}[name])
+        for row, looks_like in planted.items():
+            X[row] = clean[looks_like * 25 + 7] + 0.05 * (row % 3)
+        return X
+
+    synthetic_store(tmp_path / "s.h5", per_class=25, classes=3, features={"resnet50": (8, 0.4), "pixels": (6, 3.0)},
+                    edit=mislabel, split=lambda i, label: "test" if i % 5 == 4 else "train")
+    listed = {}
+    for out_of_core in (False, True):
+        out = tmp_path / f"out-{out_of_core}"
+        run_fit(tmp_path / "s.h5", out=out, n_jobs=1, classifiers=["logreg"], curve=False, out_of_core=out_of_core,
+                chunk_rows=16)
+        with open(out / "label-issues.csv", newline="") as stream:
+            listed[out_of_core] = [(r["path"], r["suggested_label"]) for r in csv.DictReader(stream)]
+    assert sorted(listed[True]) == sorted(listed[False]) == [
+        ("class0/0000.png", "class1"), ("class1/0005.png", "class2"), ("class2/0005.png", "class0")]
 
 
 def test_no_page_when_asked_for_none(tmp_path):
