@@ -8,11 +8,12 @@ INSTALLED := $(VENV)/.installed
 # Errors of a stage run by make name the make variables (CACHE=...) instead of the options they set (--cache ...).
 MAKE_NAMES := --models=MODELS --model=MODELS --cache=CACHE --weights=WEIGHTS --precision=PRECISION \
 	--backend=BACKEND --models-dir=MODELS_DIR --image-size=IMAGE_SIZE --calibration=DATA
-models quantize extract fit classify report deploy demo doctor: export PIPELINE_MAKE_NAMES = $(MAKE_NAMES)
+models quantize extract fit classify report duplicates neighbors deploy demo doctor: export PIPELINE_MAKE_NAMES = $(MAKE_NAMES)
 models: export PIPELINE_MAKE_NAMES += --out=MODELS_DIR
 fit: export PIPELINE_MAKE_NAMES += --out=CLASSIFIERS_DIR
 extract: export PIPELINE_MAKE_NAMES += @1=DATA
 classify: export PIPELINE_MAKE_NAMES += @1=FOLDER
+neighbors: export PIPELINE_MAKE_NAMES += @1=QUERY
 deploy: export PIPELINE_MAKE_NAMES += @1=BUNDLE
 
 MODELS ?= vgg16 resnet50
@@ -25,6 +26,7 @@ EXTRACT_ARGS ?=
 CLASSIFIERS_DIR ?=
 FIT_ARGS ?=
 FOLDER ?=
+QUERY ?=
 CLASSIFY_ARGS ?=
 BUNDLE ?=
 DEPLOY_ARGS ?=
@@ -33,7 +35,7 @@ BENCH_ARGS ?=
 PRECISION ?= auto
 BACKEND ?= local
 
-.PHONY: help install lint test test-fast backbones models quantize extract fit classify report deploy demo doctor bench bench-ray bench-store clean
+.PHONY: help install lint test test-fast backbones models quantize extract fit classify report duplicates neighbors deploy demo doctor bench bench-ray bench-store bench-findings clean
 
 help:
 	@echo "make demo        run the pipeline end to end on built-in data"
@@ -46,11 +48,14 @@ help:
 	@echo "make fit         fit and compare classifiers on CACHE=$(CACHE), into models/classifiers/<store name> (FIT_ARGS=...)"
 	@echo "make classify FOLDER=folder   predict every image with the best classifier fitted on CACHE=$(CACHE) (CLASSIFY_ARGS=...)"
 	@echo "make report      make report.html of the fit on CACHE=$(CACHE) again, without fitting"
+	@echo "make duplicates  groups of the same or nearly the same image in CACHE=$(CACHE): duplicates.html and .csv beside it"
+	@echo "make neighbors QUERY=image|folder|csv   the 10 stored images most like each query, from CACHE=$(CACHE)"
 	@echo "make deploy BUNDLE=models/classifiers/<store>/<model>-<classifier>.skops   one ONNX file, no pickle (DEPLOY_ARGS=...)"
 	@echo "make doctor      can onnxruntime run on CUDA here; if not, the first thing missing and its fix"
 	@echo "make bench       extraction speed and int8 fidelity side by side, writes benchmarks/bench.json (~25 min)"
 	@echo "make bench-ray   extract on a local Ray instance vs locally, 1M/100M-image estimates from bench and bench-store (~5 min)"
 	@echo "make bench-store what store runs cost at 10k, 100k and 1M images, and the driver's intake on Ray (~15 min, 15 GB disk)"
+	@echo "make bench-findings  neighbor index, leaks, duplicates and recall at 100k and 1M rows (~40 min, 9 GB disk)"
 	@echo "make install     only create $(VENV) and install the project"
 	@echo "make clean       remove $(VENV) (models/ and features/ are kept)"
 
@@ -94,6 +99,13 @@ classify: $(INSTALLED)
 report: $(INSTALLED)
 	$(PY) -m pipeline.report $(CACHE)
 
+duplicates: $(INSTALLED)
+	$(PY) -m pipeline.report.duplicates --cache $(CACHE)
+
+neighbors: $(INSTALLED)
+	@test -n "$(QUERY)" || { echo "error: say which images to search for: make neighbors QUERY=path/to/image (or a folder, or a CSV)."; exit 2; }
+	$(PY) -m pipeline.serve.neighbors "$(QUERY)" --cache $(CACHE) --models-dir $(MODELS_DIR)
+
 deploy: $(INSTALLED)
 	@test -n "$(BUNDLE)" || { echo "error: say which classifier: make deploy BUNDLE=models/classifiers/<store>/<model>-<classifier>.skops."; exit 2; }
 	$(PY) -m pipeline.deploy "$(BUNDLE)" --models-dir $(MODELS_DIR) $(DEPLOY_ARGS)
@@ -112,6 +124,9 @@ bench-ray: $(INSTALLED)
 
 bench-store: $(INSTALLED)
 	PYTHONPATH=benchmarks $(PY) benchmarks/bench_store.py $(BENCH_ARGS)
+
+bench-findings: $(INSTALLED)
+	PYTHONPATH=benchmarks $(PY) benchmarks/bench_findings.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError, counted
+from pipeline.errors import UserError, counted, run_cli
 from pipeline.files import atomic_path
 from pipeline.models.registry import feature_set_order
 from pipeline.report.page import STYLE, Thumbnails, captions_of, duplicates_section
@@ -118,3 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: {name}: {UNTRAINED_NOTE}.")
     print(f"page: {page} (open it in a browser); every image: {table}")
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
-from pipeline.errors import UserError, command, counted
+from pipeline.errors import UserError, command, counted, run_cli
 from pipeline.extract.decode import MAX_PIXELS, batches
 from pipeline.extract.discover import IMAGE_EXTENSIONS, discover
 from pipeline.files import atomic_path
@@ -283,3 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

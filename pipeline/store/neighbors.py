@@ -37,11 +37,12 @@ from pipeline.store.readers import Shards
 
 logger = logging.getLogger(__name__)
 
-EXACT_ROWS = 50_000  # up to this many rows the index is exact: a flat search costs N x D per query
+EXACT_ROWS = 50_000  # up to this many rows the index is exact: a flat search costs N x D per query (measured)
 PAIR_PROBES = 2  # cells searched for pairs at a threshold: near duplicates fall in the same cell or the next
 KNN_PROBES = 16  # cells searched for the k nearest of a query
 TRAIN_PER_LIST = 40  # k-means training rows per cell (FAISS warns below 39)
 BLOCK_ROWS = 4096  # rows read, added or searched at a time
+QUERY_BLOCK = 1024  # queries of an exact search per matrix product: 1,024 x 50,000 float32 is 200 MB
 MAX_PAIRS = 10_000_000  # pairs a threshold search keeps (200 MB); more says more about the threshold than the data
 RECALL_QUERIES = 256  # rows an approximate pair search also compares with every row, to measure its recall
 FORMAT = 1
@@ -134,8 +135,12 @@ class NeighborIndex:
             ``[Q, k]`` cosine similarities (highest first) and row numbers; -1 rows (similarity ``-inf``) where
             fewer than ``k`` were found.
         """
-        _set_probes(self.index, KNN_PROBES)
-        similarity, ids = self.index.search(self.centred(embeddings), k)
+        queries = self.centred(embeddings)
+        if self.exact:
+            similarity, ids = self._exact_search(queries, k)
+        else:
+            _set_probes(self.index, KNN_PROBES)
+            similarity, ids = self.index.search(queries, k)
         rows = self._rows(ids)
         return np.where(rows >= 0, similarity, -np.inf).astype(np.float32), rows
 
@@ -155,8 +160,8 @@ class NeighborIndex:
         with tqdm(total=rows, unit="row", desc="pairs", disable=not progress) as bar:
             for numbers, embeddings in _live_blocks(store_shards, set_index):
                 queries = self.centred(embeddings)
-                limits, scores, ids = self.index.range_search(queries, threshold)
-                found.append(_ordered(np.repeat(numbers, np.diff(limits).astype(np.int64)), self._rows(ids), scores))
+                query, ids, scores = self._range_search(queries, threshold)
+                found.append(_ordered(numbers[query], self._rows(ids), scores))
                 kept += len(found[-1][0])
                 if checked is not None:
                     block, column = np.nonzero(queries @ checked.T >= threshold)
@@ -178,6 +183,42 @@ class NeighborIndex:
             counted = len(truth)
             recall = float(np.isin(truth, low * rows + high).mean()) if counted else float("nan")
         return Pairs(low, high, score, truncated, recall, counted)
+
+    def _range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(query positions, ids, similarities)`` of every stored row at ``threshold`` or above. An exact index is
+        searched as matrix products (BLAS: 4x FAISS's flat range search here)."""
+        if not self.exact:
+            limits, scores, ids = self.index.range_search(queries, threshold)
+            return np.repeat(np.arange(len(queries)), np.diff(limits).astype(np.int64)), ids, scores
+        vectors, ids = self._flat()
+        parts = []
+        for start in range(0, len(queries), QUERY_BLOCK):
+            scores = queries[start : start + QUERY_BLOCK] @ vectors.T
+            query, column = np.nonzero(scores >= threshold)
+            parts.append((query + start, ids[column], scores[query, column]))
+        return tuple(np.concatenate(column) for column in zip(*parts)) if parts else (np.zeros(0, np.int64),) * 3
+
+    def _exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most similar stored rows of each query by matrix products: ``(similarities, ids)``."""
+        vectors, ids = self._flat()
+        similarity = np.full((len(queries), k), -np.inf, np.float32)
+        found = np.full((len(queries), k), -1, np.int64)
+        take = min(k, len(ids))
+        for start in range(0, len(queries) if take else 0, QUERY_BLOCK):
+            scores = queries[start : start + QUERY_BLOCK] @ vectors.T
+            top = np.argpartition(-scores, take - 1, axis=1)[:, :take] if take < len(ids) else \
+                np.broadcast_to(np.arange(take), (len(scores), take))
+            best = np.take_along_axis(scores, top, axis=1)
+            order = np.argsort(-best, axis=1, kind="stable")
+            similarity[start : start + len(scores), :take] = np.take_along_axis(best, order, axis=1)
+            found[start : start + len(scores), :take] = ids[np.take_along_axis(top, order, axis=1)]
+        return similarity, found
+
+    def _flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """The exact index's vectors ``[n, D]`` (a view of FAISS's own memory) and their ids."""
+        flat = faiss.downcast_index(self.index.index)
+        vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+        return vectors, faiss.vector_to_array(self.index.id_map)
 
     # ---- bringing it up to a version ---------------------------------------------------------------------------
 
