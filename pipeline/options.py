@@ -11,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from pipeline.errors import UserError
@@ -114,6 +115,9 @@ class Options:
         for field in dataclasses.fields(self):
             allowed = self.constraints.get(field.name)
             value = getattr(self, field.name)
+            if isinstance(value, str) and "Path" in str(field.type):  # a path given as text, as Python callers do
+                value = Path(value)
+                object.__setattr__(self, field.name, value)
             if allowed is None or (value is None and None in allowed):
                 continue
             option = self.flags.get(field.name, "--" + field.name.replace("_", "-"))

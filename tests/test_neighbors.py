@@ -18,6 +18,7 @@ from pipeline.errors import UserError
 from pipeline.extract.run import run_extract
 from pipeline.serve.neighbors import query_files, run_neighbors
 from tests.images import photo, save
+from tests.stores import synthetic_store
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,23 @@ def test_transfer_duplicates_writes_the_groups_as_a_page_and_csv(photos, tmp_pat
     wrong = subprocess.run([sys.executable, "-m", "pipeline.cli", "duplicates", "--cache", str(root / "e.h5"),
                             "--threshold", "2"], capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and wrong.stderr.startswith("error: --threshold 2.0 must be a cosine similarity")
+
+
+def test_a_model_that_did_not_compute_the_set_is_refused(tmp_path, small_models):
+    synthetic_store(tmp_path / "s.h5", per_class=4, classes=2, features={"resnet50": (2048, 0.5)})
+    save(tmp_path / "q.png", photo(40, 40))
+    with pytest.raises(UserError, match="is not the model .* resnet50 embeddings were computed with"):
+        run_neighbors(tmp_path / "q.png", cache=tmp_path / "s.h5", models_dir=small_models)
+
+
+def test_untrained_features_are_searched_and_every_output_says_so(tmp_path):
+    from pipeline.report.duplicates import write_duplicates
+    from pipeline.store import EmbeddingStore
+    from pipeline.store.duplicates import find_duplicates
+
+    store = synthetic_store(tmp_path / "s.h5", per_class=6, classes=2, features={"resnet50": (8, 0.0)},
+                            untrained=True)  # spread 0: every image of a class is the same point
+    found = find_duplicates(EmbeddingStore(store.path), "resnet50")
+    assert found.untrained and found.groups.count == 2 and found.groups.images() == 12
+    page, table = write_duplicates(found, tmp_path / "d")
+    assert "UNTRAINED" in page.read_text(encoding="utf-8") and table.read_text().count("\n") == 13

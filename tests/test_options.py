@@ -56,6 +56,13 @@ def test_none_passes_only_where_declared_and_good_values_pass():
         Example(mode=None)
 
 
+def test_a_path_given_as_text_becomes_a_path_and_text_stays_text():
+    made = Example(output="p.csv", models_dir="here")
+    assert made.output == Path("p.csv") and made.models_dir == "here"
+    with pytest.raises(UserError, match="--output p.txt must end in .csv"):
+        Example(output="p.txt")
+
+
 def test_of_takes_an_object_or_fields_by_name_never_both():
     made = Example(count=2)
     assert Example.of(made, {}) is made

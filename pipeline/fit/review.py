@@ -75,7 +75,7 @@ def search_pairs(fitted: Fitted, name: str) -> tuple[findings.SplitPairs, dict[s
         searches.append(name)
     found, method = [], {}
     for source in searches or [name]:
-        pairs, index = fitted.store.similar_pairs(source, threshold_for(source))
+        pairs, index = fitted.store.similar_pairs(source, threshold_for(source), progress=None)
         split_row = np.full(len(features[source].paths), -1, np.int64)
         split_row[row_indices(features[source], split.paths)] = np.arange(len(split.paths))
         found.append((pairs, split_row, source))

@@ -156,16 +156,16 @@ def run_neighbors(query: str | os.PathLike, options: NeighborsOptions | None = N
     embedded = embed_files(files, session, known, batch_size, options.workers, options.progress, options.max_pixels)
     counts = {"queries": len(files), "unreadable": 0, "cached": 0, "set": name,
               "untrained": bool(attrs.get("untrained")), "version": store.pinned, "exact": True}
-    rows = list(_search(store, name, embedded, options.k, batch_size, counts))
+    rows = list(_search(store, name, embedded, options.k, batch_size, counts, options.progress))
     write_rows(rows, options.output, store, name, counts)
     return counts
 
 
 def _search(store: EmbeddingStore, name: str, embedded: Iterator[Embedded], k: int, batch_size: int,
-            counts: dict[str, Any]) -> Iterator[NeighborRow]:
+            counts: dict[str, Any], progress: bool | None) -> Iterator[NeighborRow]:
     for batch in batches(embedded, max(batch_size, 256)):
         good = [item for item in batch if item.features is not None]
-        found = store.neighbors(name, np.stack([item.features for item in good]), k) if good else None
+        found = store.neighbors(name, np.stack([item.features for item in good]), k, progress) if good else None
         if found is not None:
             counts["exact"] = found.exact
         position = 0

@@ -117,7 +117,7 @@ class Duplicates:
 
 
 def find_duplicates(store: EmbeddingStore, name: str, threshold: float | None = None,
-                    progress: bool = False) -> Duplicates:
+                    progress: bool | None = False) -> Duplicates:
     """Groups of the same image (sha256) or nearly (similarity at least ``threshold``, default
     :func:`threshold_for`) among feature set ``name``'s rows, through its neighbor index."""
     snapshot = store if store.pinned is not None else store.snapshot()

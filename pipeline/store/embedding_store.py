@@ -186,7 +186,7 @@ class EmbeddingStore(StoreLocation):
 
     # ---- neighbors -----------------------------------------------------------------------------------------
 
-    def neighbor_index(self, name: str, progress: bool = False) -> NeighborIndex:
+    def neighbor_index(self, name: str, progress: bool | None = False) -> NeighborIndex:
         """The FAISS index of feature set ``name``'s rows at the version this reads, kept in ``<path>.neighbors/``:
         built on first use (streaming from the shards), then brought up to each later version by adding new
         shards' rows and removing deleted ones (see :mod:`pipeline.store.neighbors`)."""
@@ -197,7 +197,7 @@ class EmbeddingStore(StoreLocation):
         finally:
             shards.close()
 
-    def similar_pairs(self, name: str, threshold: float, progress: bool = False) -> tuple[Pairs, NeighborIndex]:
+    def similar_pairs(self, name: str, threshold: float, progress: bool | None = False) -> tuple[Pairs, NeighborIndex]:
         """Every pair of feature set ``name``'s rows (numbered as :meth:`load` gives them) whose cosine similarity
         of centred, L2-normalised embeddings is at least ``threshold``, through its neighbor index; and the index
         (its ``exact`` and ``method`` say which search ran)."""
@@ -210,9 +210,10 @@ class EmbeddingStore(StoreLocation):
         finally:
             shards.close()
 
-    def neighbors(self, name: str, queries: np.ndarray, k: int = 10) -> Neighbors:
+    def neighbors(self, name: str, queries: np.ndarray, k: int = 10, progress: bool | None = False) -> Neighbors:
         """The ``k`` stored images of feature set ``name`` most similar to each of the embeddings ``queries``
         ``[Q, D]`` (computed with the set's model), by cosine similarity of centred, L2-normalised embeddings.
+        The index is built on first use (``progress``: a bar while it is; None, when stderr is a terminal).
 
         Examples
         --------
@@ -221,7 +222,7 @@ class EmbeddingStore(StoreLocation):
         >>> found.paths[0][0], found.similarity[0][0]  # the image itself, 1.0  # doctest: +SKIP
         """
         snapshot = self if self.pinned is not None else self.snapshot()
-        found = snapshot.neighbor_index(name)
+        found = snapshot.neighbor_index(name, progress)
         similarity, rows = found.search(np.atleast_2d(np.asarray(queries, np.float32)), k)
         stored = snapshot.load(name, embeddings=False)
         label_names = np.append(stored.classes, "").astype(object)

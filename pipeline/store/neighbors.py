@@ -144,7 +144,8 @@ class NeighborIndex:
         rows = self._rows(ids)
         return np.where(rows >= 0, similarity, -np.inf).astype(np.float32), rows
 
-    def pairs(self, store_shards: Shards, set_index: SetIndex, threshold: float, progress: bool = False) -> Pairs:
+    def pairs(self, store_shards: Shards, set_index: SetIndex, threshold: float,
+              progress: bool | None = False) -> Pairs:
         """Every pair of the version's rows whose similarity is at least ``threshold``, each once; read from the
         shards in blocks (memory: a block and the pairs found). An approximate index also measures its recall
         (see :class:`Pairs`): a seeded sample of rows is compared with every block exhaustively on the way."""
@@ -157,7 +158,7 @@ class NeighborIndex:
         found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         exhaustive: list[np.ndarray] = []  # pairs of sample rows found exhaustively, as low * rows + high
         kept, truncated = 0, False
-        with tqdm(total=rows, unit="row", desc="pairs", disable=not progress) as bar:
+        with tqdm(total=rows, unit="row", desc="pairs", disable=_hidden(progress)) as bar:
             for numbers, embeddings in _live_blocks(store_shards, set_index):
                 queries = self.centred(embeddings)
                 query, ids, scores = self._range_search(queries, threshold)
@@ -222,7 +223,7 @@ class NeighborIndex:
 
     # ---- bringing it up to a version ---------------------------------------------------------------------------
 
-    def sync(self, store_shards: Shards, set_index: SetIndex, version: int, progress: bool = False) -> bool:
+    def sync(self, store_shards: Shards, set_index: SetIndex, version: int, progress: bool | None = False) -> bool:
         """Hold exactly the live rows of ``set_index`` (the store at ``version``): add new shards' rows, remove
         deleted ones. Returns whether anything changed."""
         expected = self._expected_ids(set_index)
@@ -242,6 +243,8 @@ class NeighborIndex:
     def _expected_ids(self, set_index: SetIndex) -> np.ndarray:
         """The ids of the set's live rows, in row order; shards new to the index get their blocks of ids."""
         live, offsets = set_index.live(), set_index.offsets()
+        listed = {_shard_key(entry.file, entry.group) for entry in set_index.shards}
+        self.shards = {key: block for key, block in self.shards.items() if key in listed}  # ids are never reused
         ids = []
         for number, entry in enumerate(set_index.shards):
             key = _shard_key(entry.file, entry.group)
@@ -252,12 +255,12 @@ class NeighborIndex:
             ids.append(first + np.flatnonzero(live[offsets[number] : offsets[number + 1]]))
         return np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
 
-    def _add(self, store_shards: Shards, set_index: SetIndex, ids: np.ndarray, progress: bool) -> None:
+    def _add(self, store_shards: Shards, set_index: SetIndex, ids: np.ndarray, progress: bool | None) -> None:
         by_shard = {first: number for number, (first, _) in enumerate(
             self.shards[_shard_key(e.file, e.group)] for e in set_index.shards)}
         firsts = np.array(sorted(by_shard), np.int64)
         shard_first = firsts[np.searchsorted(firsts, ids, side="right") - 1]
-        with tqdm(total=len(ids), unit="row", desc="neighbor index", disable=not progress) as bar:
+        with tqdm(total=len(ids), unit="row", desc="neighbor index", disable=_hidden(progress)) as bar:
             for first in np.unique(shard_first):
                 local = ids[shard_first == first] - first
                 reader = store_shards[by_shard[int(first)]]
@@ -276,10 +279,10 @@ class NeighborIndex:
 
 
 def neighbor_index(folder: Path, name: str, store_shards: Shards, set_index: SetIndex, version: int,
-                    progress: bool = False) -> NeighborIndex:
+                    progress: bool | None = False) -> NeighborIndex:
     """The neighbor index of feature set ``name`` at ``version``, up to date: loaded from ``folder`` (the store's
     ``.neighbors`` folder) and brought up to that version, or built (streaming from the shards) when there is
-    none or it must be rebuilt; saved again when it changed and ``version`` is not older than the one kept.
+    none or it must be rebuilt; saved again when it changed.
 
     Parameters
     ----------
@@ -293,9 +296,7 @@ def neighbor_index(folder: Path, name: str, store_shards: Shards, set_index: Set
         kept = None
     if kept is None:
         kept = _build(store_shards, set_index, rows, progress)
-    saved_version = kept.version
-    if (kept.sync(store_shards, set_index, version, progress) or not _path(folder, name).exists()) and \
-            version >= saved_version:
+    if kept.sync(store_shards, set_index, version, progress) or not _path(folder, name).exists():
         _save(kept, folder, name)
     return kept
 
@@ -305,7 +306,7 @@ def _must_rebuild(kept: NeighborIndex, set_index: SetIndex, rows: int) -> bool:
             or rows > 2 * max(kept.built_rows, 1) or kept.index.d != set_index.dim)
 
 
-def _build(store_shards: Shards, set_index: SetIndex, rows: int, progress: bool) -> NeighborIndex:
+def _build(store_shards: Shards, set_index: SetIndex, rows: int, progress: bool | None) -> NeighborIndex:
     """An empty index whose mean (and cells, for an approximate one) are fitted to the set's rows, read once."""
     dim = set_index.dim
     lists = lists_for(rows)
@@ -313,7 +314,7 @@ def _build(store_shards: Shards, set_index: SetIndex, rows: int, progress: bool)
     chosen = np.zeros(rows, bool)
     chosen[np.random.default_rng(0).choice(rows, sample_rows, replace=False)] = True
     total, sample = np.zeros(dim, np.float64), []
-    with tqdm(total=rows, unit="row", desc="neighbor index: mean", disable=not progress) as bar:
+    with tqdm(total=rows, unit="row", desc="neighbor index: mean", disable=_hidden(progress)) as bar:
         for numbers, embeddings in _live_blocks(store_shards, set_index):
             total += embeddings.sum(axis=0, dtype=np.float64)
             sample.append(embeddings[chosen[numbers]])
@@ -416,6 +417,11 @@ def _save(kept: NeighborIndex, folder: Path, name: str) -> None:
                 older.unlink(missing_ok=True)
     except OSError as error:
         logger.warning(f"the neighbor index could not be kept in {folder} ({error}); it is built again next time")
+
+
+def _hidden(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None hides the bar when stderr is not a terminal."""
+    return None if progress is None else not progress
 
 
 def _shard_key(file: str, group: str) -> str:
