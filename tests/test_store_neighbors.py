@@ -157,3 +157,13 @@ def test_fewer_rows_than_k_leave_empty_places(tmp_path):
 def test_lists_grow_with_the_rows():
     assert neighbors.lists_for(1_000_000) == 1024 and neighbors.lists_for(100_000) == 256
     assert neighbors.lists_for(10) == 16
+
+
+def test_queries_of_another_width_are_one_sentence(tmp_path):
+    from pipeline.errors import UserError
+
+    store = EmbeddingStore(tmp_path / "e.h5")
+    X = vectors(5)
+    commit(store, {f"c0/{i}.jpg": X[i] for i in range(5)}, [f"c0/{i}.jpg" for i in range(5)])
+    with pytest.raises(UserError, match="the queries have 8 values each and .*e.h5's m embeddings 32"):
+        store.neighbors("m", np.zeros((1, 8), np.float32))

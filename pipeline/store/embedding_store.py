@@ -223,16 +223,18 @@ class EmbeddingStore(StoreLocation):
         """
         snapshot = self if self.pinned is not None else self.snapshot()
         found = snapshot.neighbor_index(name, progress)
-        similarity, rows = found.search(np.atleast_2d(np.asarray(queries, np.float32)), k)
+        queries = np.atleast_2d(np.asarray(queries, np.float32))
+        if queries.shape[1] != found.index.d:
+            raise UserError(f"the queries have {queries.shape[1]} values each and {self.described}'s {name} "
+                            f"embeddings {found.index.d}; embed them with the model of that set.")
+        similarity, rows = found.search(queries, k)
         stored = snapshot.load(name, embeddings=False)
+        # -1 (no row) picks the empty string appended to each column
         label_names = np.append(stored.classes, "").astype(object)
-        pick = np.where(rows >= 0, rows, 0)
-        blank = rows < 0
         return Neighbors(
-            similarity=similarity, rows=rows,
-            paths=np.where(blank, "", stored.paths[pick].astype(object)),
-            labels=np.where(blank | (stored.labels[pick] < 0), "", label_names[stored.labels[pick]]),
-            splits=np.where(blank, "", stored.splits[pick].astype(object)),
+            similarity=similarity, rows=rows, paths=np.append(stored.paths, "").astype(object)[rows],
+            labels=label_names[np.append(stored.labels, -1)[rows]],
+            splits=np.append(stored.splits, "").astype(object)[rows],
             root=stored.root, version=stored.version, exact=found.exact,
         )
 
