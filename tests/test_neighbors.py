@@ -89,7 +89,7 @@ def test_mistakes_are_one_sentence(photos, tmp_path):
     root, data, models_dir = photos
     with pytest.raises(UserError, match="has no 'vgg16' features"):
         run_neighbors(data / "dark" / "1.jpg", cache=root / "e.h5", models_dir=models_dir, feature_set="vgg16")
-    with pytest.raises(UserError, match="-k 0 must be at least 1"):
+    with pytest.raises(UserError, match="^-k 0 must be at least 1"):
         run_neighbors(data / "dark" / "1.jpg", cache=root / "e.h5", models_dir=models_dir, k=0)
     with pytest.raises(UserError, match="resnet50 is not exported in"):
         run_neighbors(data / "dark" / "1.jpg", cache=root / "e.h5", models_dir=tmp_path / "none")

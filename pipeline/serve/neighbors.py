@@ -81,6 +81,7 @@ class NeighborsOptions(Options):
         "workers": [None, AtLeast(1)],
         "max_pixels": [AtLeast(1)],
     }
+    flags: ClassVar = {"k": "-k", "feature_set": "--set"}
 
 
 @dataclass(frozen=True)
