@@ -44,7 +44,7 @@ def search_rule(found: Duplicates) -> str:
     text = (f"Same file by sha256, or near duplicates of {found.name}: cosine similarity of embeddings centred on the "
             f"set's mean and L2-normalised at or above {found.threshold:.2f}, by an {found.method} search over "
             f"all {found.rows} stored images{recall}. Members of a group are linked by a chain of such pairs.")
-    return text + (f" {found.name}: {UNTRAINED_NOTE}." if found.untrained else "")
+    return text
 
 
 def write_duplicates(found: Duplicates, out: Path, groups: int = PAGE_GROUPS) -> tuple[Path, Path]:

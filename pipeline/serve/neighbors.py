@@ -98,12 +98,15 @@ class NeighborRow:
 
 
 def query_files(query: str | os.PathLike) -> list[str]:
-    """The image files of ``query``: one image, or the images of a folder or CSV (any layout extract accepts)."""
+    """The image files of ``query``: one image, or the images of a folder (joined to the folder as given) or of a
+    CSV (absolute), in any layout extract accepts."""
     path = Path(query).expanduser()
     if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
         return [str(path)]
     dataset = discover(path)
-    return [str(dataset.absolute(record)) for record in dataset.records]
+    if dataset.layout == "csv":
+        return [str(dataset.absolute(record)) for record in dataset.records]
+    return [os.path.join(os.fspath(query), record.path) for record in dataset.records]  # as classify shows them
 
 
 def open_set_model(store: EmbeddingStore, name: str, options: NeighborsOptions) -> BackboneSession | None:
