@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = f" into {args.output}" if args.output else ""
     search = "exact" if counts["exact"] else "approximate"
     print(f"searched {counts['queries'] - counts['unreadable']} of {counted(counts['queries'], 'query image')} in "
-          f"{counts['set']} ({search} search; {counts['cached']} embeddings reused from the store){where}.",
+          f"{counts['set']} ({search} search; {counted(counts['cached'], 'embedding')} reused from the store){where}.",
           file=sys.stderr)
     if counts["untrained"]:
         print(f"warning: {counts['set']}: {UNTRAINED_NOTE}.", file=sys.stderr)
