@@ -30,7 +30,7 @@ from pipeline.options import AtLeast, OneOf, Options, Suffix
 from pipeline.report.duplicates import default_set
 from pipeline.report.page import STYLE, Thumbnails
 from pipeline.serve.embedder import Embedded, embed_files
-from pipeline.store import PIXELS, EmbeddingStore
+from pipeline.store import PIXELS, EmbeddingStore, FeatureSet, NeighborIndex, Neighbors
 
 OUTPUT_FORMATS = (".csv", ".jsonl", ".html")
 COLUMNS = ["query", "rank", "path", "similarity", "label", "split", "error"]
@@ -158,20 +158,21 @@ def run_neighbors(query: str | os.PathLike, options: NeighborsOptions | None = N
     known = store.lookup(name, str(attrs.get("fingerprint", "")))
     batch_size = options.batch_size or (session.default_batch_size if session else 64)
     embedded = embed_files(files, session, known, batch_size, options.workers, options.progress, options.max_pixels)
+    index = store.neighbor_index(name, options.progress)  # loaded once, searched a batch at a time
+    stored = store.load(name, embeddings=False)
     counts = {"queries": len(files), "unreadable": 0, "cached": 0, "set": name,
-              "untrained": bool(attrs.get("untrained")), "version": store.pinned, "exact": True}
-    rows = list(_search(store, name, embedded, options.k, batch_size, counts, options.progress))
+              "untrained": bool(attrs.get("untrained")), "version": store.pinned, "exact": index.exact}
+    rows = list(_search(index, stored, embedded, options.k, batch_size, counts))
     write_rows(rows, options.output, store, name, counts)
     return counts
 
 
-def _search(store: EmbeddingStore, name: str, embedded: Iterator[Embedded], k: int, batch_size: int,
-            counts: dict[str, Any], progress: bool | None) -> Iterator[NeighborRow]:
+def _search(index: NeighborIndex, stored: FeatureSet, embedded: Iterator[Embedded], k: int, batch_size: int,
+            counts: dict[str, Any]) -> Iterator[NeighborRow]:
     for batch in batches(embedded, max(batch_size, 256)):
         good = [item for item in batch if item.features is not None]
-        found = store.neighbors(name, np.stack([item.features for item in good]), k, progress) if good else None
-        if found is not None:
-            counts["exact"] = found.exact
+        found = Neighbors.of(stored, *index.search(np.stack([item.features for item in good]), k), index.exact) \
+            if good else None
         position = 0
         for item in batch:
             if item.features is None:

@@ -39,6 +39,15 @@ class Neighbors:
     version: int
     exact: bool
 
+    @classmethod
+    def of(cls, stored: FeatureSet, similarity: np.ndarray, rows: np.ndarray, exact: bool) -> Neighbors:
+        """A search's ``similarity`` and ``rows`` (:meth:`NeighborIndex.search`) with what ``stored`` (the set
+        loaded without embeddings) says of each row."""
+        label_names = np.append(stored.classes, "").astype(object)  # -1 (no row, no label) picks the ""
+        return cls(similarity, rows, np.append(stored.paths, "").astype(object)[rows],
+                   label_names[np.append(stored.labels, -1)[rows]], np.append(stored.splits, "").astype(object)[rows],
+                   stored.root, stored.version, exact)
+
 
 class EmbeddingStore(StoreLocation):
     """Embeddings per feature set (one per backbone and precision, plus ``pixels``): an index file and shards.
@@ -227,16 +236,7 @@ class EmbeddingStore(StoreLocation):
         if queries.shape[1] != found.index.d:
             raise UserError(f"the queries have {queries.shape[1]} values each and {self.described}'s {name} "
                             f"embeddings {found.index.d}; embed them with the model of that set.")
-        similarity, rows = found.search(queries, k)
-        stored = snapshot.load(name, embeddings=False)
-        # -1 (no row) picks the empty string appended to each column
-        label_names = np.append(stored.classes, "").astype(object)
-        return Neighbors(
-            similarity=similarity, rows=rows, paths=np.append(stored.paths, "").astype(object)[rows],
-            labels=label_names[np.append(stored.labels, -1)[rows]],
-            splits=np.append(stored.splits, "").astype(object)[rows],
-            root=stored.root, version=stored.version, exact=found.exact,
-        )
+        return Neighbors.of(snapshot.load(name, embeddings=False), *found.search(queries, k), found.exact)
 
     # ---- writing -------------------------------------------------------------------------------------------
 
