@@ -64,6 +64,8 @@ class Synthetic:
         copies = rng.choice(np.arange(rows // 2, rows), int(rows * (NEAR_SHARE + EXACT_SHARE)), replace=False)
         self.exact_copies = np.sort(copies[: int(rows * EXACT_SHARE)])
         self.near_copies = np.sort(copies[int(rows * EXACT_SHARE) :])
+        self.is_exact = np.zeros(rows, bool)
+        self.is_exact[self.exact_copies] = True
         self.original = np.full(rows, -1, np.int64)  # a copy's original: a row before half the store, never a copy
         self.original[copies] = rng.integers(0, rows // 2, len(copies))
         # cosine of a near copy with its original: 0.96 to 0.995, by the noise added (|x|^2 is about 2 x DIM)
@@ -81,19 +83,13 @@ class Synthetic:
             rng = np.random.default_rng((self.seed, number))
             return self.centres[self.cluster[number]] + rng.standard_normal(DIM, dtype=np.float32)
         base = self.row(int(original))
-        if number in self._exact:
+        if self.is_exact[number]:
             return base
         rng = np.random.default_rng((self.seed, number, 1))
         return base + self.noise[number] * rng.standard_normal(DIM, dtype=np.float32)
 
-    @property
-    def _exact(self) -> set[int]:
-        if not hasattr(self, "_exact_set"):
-            self._exact_set = set(self.exact_copies.tolist())
-        return self._exact_set
-
     def sha256(self, number: int) -> str:
-        return f"{self.original[number] if number in self._exact else number:064x}"
+        return f"{self.original[number] if self.is_exact[number] else number:064x}"
 
     def path(self, number: int) -> str:
         return f"class{self.cluster[number] % 10}/{number:09d}.jpg"

@@ -32,10 +32,11 @@ def review(fitted: Fitted, settings: FitSettings, out: Path, out_of_core: OutOfC
     split = fitted.split
     best = best_index(fitted.results)
     name = fitted.results[best]["features"]
-    pairs, searched = search_pairs(fitted, name)
+    sha256 = split_hashes(fitted, name)
+    pairs, searched = search_pairs(fitted, name, sha256)
     leaks = findings.leaks_of(pairs, split.train)
     wrong, summary = leak_summary(fitted, best, leaks)
-    duplicates = group_duplicates(len(split.paths), pairs.as_pairs(), split_hashes(fitted, name))
+    duplicates = group_duplicates(len(split.paths), pairs.as_pairs(), sha256)
     map_rows = np.arange(len(split.paths))
     if len(map_rows) > findings.MAP_POINTS:
         map_rows = np.sort(np.random.default_rng(settings.seed).choice(map_rows, findings.MAP_POINTS, replace=False))
@@ -58,8 +59,9 @@ def review(fitted: Fitted, settings: FitSettings, out: Path, out_of_core: OutOfC
             "label_issues": issues, "map": "map.png", "page": PAGE}
 
 
-def search_pairs(fitted: Fitted, name: str) -> tuple[findings.SplitPairs, dict[str, Any]]:
-    """Pairs of the split's images that are the same file (sha256) or nearly the same image: on the 32x32 pixels
+def search_pairs(fitted: Fitted, name: str, sha256: np.ndarray) -> tuple[findings.SplitPairs, dict[str, Any]]:
+    """Pairs of the split's images that are the same file (equal ``sha256``, the split's) or nearly the same
+    image: on the 32x32 pixels
     (measured), and on ``name``'s embeddings when its model is trained; each through the feature set's neighbor
     index over every row of the store version fit reads.
 
@@ -81,7 +83,7 @@ def search_pairs(fitted: Fitted, name: str) -> tuple[findings.SplitPairs, dict[s
         found.append((pairs, split_row, source))
         method[source] = {"method": index.method, "recall": pairs.recall, "recall_pairs": pairs.recall_pairs,
                           "truncated": pairs.truncated}
-    merged = findings.split_pairs(found, split_hashes(fitted, name))
+    merged = findings.split_pairs(found, sha256)
     return merged, {"searched": {source: threshold_for(source) for source in searches}, "search": method}
 
 

@@ -86,7 +86,7 @@ def group_duplicates(rows: int, pairs: Pairs, sha256: np.ndarray) -> DuplicateGr
     np.maximum.at(linked, second, similarity)
     exact = np.zeros(rows, bool)
     exact[same_first] = exact[same_second] = True
-    members = np.flatnonzero(np.isin(np.arange(rows), np.concatenate([first, second])))
+    members = np.unique(np.concatenate([first, second]))
     sizes = np.bincount(component[members], minlength=rows)
     # largest group first; among equals, the one whose first row comes first
     first_row = np.full(rows, rows, np.int64)

@@ -210,11 +210,11 @@ class EmbeddingStore(StoreLocation):
         """Every pair of feature set ``name``'s rows (numbered as :meth:`load` gives them) whose cosine similarity
         of centred, L2-normalised embeddings is at least ``threshold``, through its neighbor index; and the index
         (its ``exact`` and ``method`` say which search ran)."""
-        snapshot = self if self.pinned is not None else self.snapshot()
-        found = snapshot.neighbor_index(name, progress)
-        set_index = snapshot._set_index(name).sets[name]
+        index = self._set_index(name)  # one version throughout: the one opened, else the current one now
+        set_index = index.sets[name]
         shards = Shards(self.shards, self.path, set_index, True, self._verified)
         try:
+            found = neighbor_index(self.neighbors_folder, name, shards, set_index, index.version, progress)
             return found.pairs(shards, set_index, threshold, progress), found
         finally:
             shards.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from pipeline.files import atomic_path
 from pipeline.store.index import SetIndex
-from pipeline.store.readers import Shards
+from pipeline.store.readers import Layout, Shards
 
 logger = logging.getLogger(__name__)
 
@@ -242,17 +243,15 @@ class NeighborIndex:
 
     def _expected_ids(self, set_index: SetIndex) -> np.ndarray:
         """The ids of the set's live rows, in row order; shards new to the index get their blocks of ids."""
-        live, offsets = set_index.live(), set_index.offsets()
         listed = {_shard_key(entry.file, entry.group) for entry in set_index.shards}
         self.shards = {key: block for key, block in self.shards.items() if key in listed}  # ids are never reused
         ids = []
-        for number, entry in enumerate(set_index.shards):
+        for entry, local in zip(set_index.shards, Layout(set_index).local):
             key = _shard_key(entry.file, entry.group)
             if key not in self.shards:
                 self.shards[key] = (len(self.present), entry.rows)
                 self.present = np.concatenate([self.present, np.zeros(entry.rows, bool)])
-            first = self.shards[key][0]
-            ids.append(first + np.flatnonzero(live[offsets[number] : offsets[number + 1]]))
+            ids.append(self.shards[key][0] + local)
         return np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
 
     def _add(self, store_shards: Shards, set_index: SetIndex, ids: np.ndarray, progress: bool | None) -> None:
@@ -324,37 +323,30 @@ def _build(store_shards: Shards, set_index: SetIndex, rows: int, progress: bool 
         faiss_index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     else:
         faiss_index = faiss.index_factory(dim, f"IVF{lists},SQ8", faiss.METRIC_INNER_PRODUCT)
-        built = NeighborIndex(faiss_index, mean, {}, np.zeros(0, bool), "", 0, rows)
         logger.info(f"training the neighbor index's {lists} cells on {sample_rows} rows")
-        faiss_index.train(built.centred(np.concatenate(sample)))
+        faiss_index.train(centred(np.concatenate(sample), mean))
     return NeighborIndex(faiss_index, mean, {}, np.zeros(0, bool), set_index.fingerprint, -1, rows)
 
 
-def _live_blocks(store_shards: Shards, set_index: SetIndex):
+def _live_blocks(store_shards: Shards, set_index: SetIndex) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(row numbers, float32 embeddings)`` of the set's live rows, a block at a time, in row order."""
-    live, offsets = set_index.live(), set_index.offsets()
-    start = 0
-    for number in range(len(set_index.shards)):
-        local = np.flatnonzero(live[offsets[number] : offsets[number + 1]])
-        if not len(local):
-            continue
-        reader = store_shards[number]
+    layout = Layout(set_index)
+    for number, local in enumerate(layout.local):
         for begin in range(0, len(local), BLOCK_ROWS):
             block = local[begin : begin + BLOCK_ROWS]
-            yield np.arange(start, start + len(block), dtype=np.int64), reader.embeddings(block)
-            start += len(block)
+            start = int(layout.starts[number]) + begin
+            yield np.arange(start, start + len(block), dtype=np.int64), store_shards[number].embeddings(block)
 
 
 def _read_rows(store_shards: Shards, set_index: SetIndex, rows: np.ndarray) -> np.ndarray:
     """float32 embeddings of the set's live rows ``rows`` (sorted row numbers)."""
-    live, offsets = set_index.live(), set_index.offsets()
-    local = [np.flatnonzero(live[offsets[n] : offsets[n + 1]]) for n in range(len(set_index.shards))]
-    starts = np.concatenate([[0], np.cumsum([len(part) for part in local])])
+    layout = Layout(set_index)
     parts = []
-    for number in range(len(set_index.shards)):
-        wanted = rows[(rows >= starts[number]) & (rows < starts[number + 1])] - starts[number]
+    for number, local in enumerate(layout.local):
+        start, stop = layout.starts[number], layout.starts[number + 1]
+        wanted = rows[(rows >= start) & (rows < stop)] - start
         if len(wanted):
-            parts.append(store_shards[number].embeddings(local[number][wanted]))
+            parts.append(store_shards[number].embeddings(local[wanted]))
     return np.concatenate(parts) if parts else np.zeros((0, set_index.dim), np.float32)
 
 

@@ -73,7 +73,7 @@ class Failures:
 
 
 @dataclass
-class _Layout:
+class Layout:
     """Where a set's live rows are: per shard, the local rows that are live, and where each shard starts."""
 
     set_index: SetIndex
@@ -142,7 +142,7 @@ class Shards:
 def load_set(folder: Path, index_path: Path, set_index: SetIndex, classes: list[str], root: str,
              embeddings: bool, verified: set[str] | None = None) -> FeatureSet:
     """A set's live rows in memory, in order; each shard whose embeddings are read is checked by sha256."""
-    layout = _Layout(set_index)
+    layout = Layout(set_index)
     total = int(layout.starts[-1])
     matrix = np.empty((total, set_index.dim), np.float32) if embeddings else None
     paths, hashes = [], []
@@ -175,7 +175,7 @@ def load_set(folder: Path, index_path: Path, set_index: SetIndex, classes: list[
 def load_failures(folder: Path, index_path: Path, set_index: SetIndex) -> Failures:
     """A set's live failures, in order."""
     tables = []
-    for entry, rows in zip(set_index.shards, _Layout(set_index).live_failures()):
+    for entry, rows in zip(set_index.shards, Layout(set_index).live_failures()):
         if len(rows):
             with ShardReader(folder, entry, index_path) as reader:
                 tables.append(reader.table(True, rows))
@@ -192,7 +192,7 @@ class RowReader:
     """
 
     def __init__(self, folder: Path, index_path: Path, set_index: SetIndex, verified: set[str] | None = None) -> None:
-        self.layout = _Layout(set_index)
+        self.layout = Layout(set_index)
         self.shards = Shards(folder, index_path, set_index, True, verified)
         self.dim = set_index.dim
 
@@ -237,7 +237,7 @@ class StoredEmbeddings(Mapping):
     def __init__(self, folder: Path, index_path: Path, set_index: SetIndex, verified: set[str] | None = None) -> None:
         self.shards = Shards(folder, index_path, set_index, True, verified)
         digests, numbers, rows = [], [], []
-        for number, local in enumerate(_Layout(set_index).local):
+        for number, local in enumerate(Layout(set_index).local):
             if len(local):
                 with ShardReader(folder, set_index.shards[number], index_path) as reader:
                     digests.append(hash_digests(reader.sha256_of(local)))
